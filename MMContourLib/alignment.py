@@ -1,0 +1,81 @@
+"""SAM-style two-way attention that aligns clinical-note tokens with image tokens.
+
+Follows segment-anything's ``TwoWayTransformer``: the sparse tokens (here the N context
+embeddings of the note) self-attend, attend to the image, pass an MLP, and the image tokens
+then attend back to the updated text tokens. The updated image tokens replace the skip features.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class Attention(nn.Module):
+    """Multi-head attention with an optional down-projection of the internal width (SAM's ``downsample_rate``)."""
+
+    def __init__(self, dim: int, heads: int, downsample_rate: int = 1):
+        super().__init__()
+        inner = dim // downsample_rate
+        if inner % heads:
+            raise ValueError(f"attention width {inner} is not divisible by {heads} heads")
+        self.heads = heads
+        self.q_proj = nn.Linear(dim, inner)
+        self.k_proj = nn.Linear(dim, inner)
+        self.v_proj = nn.Linear(dim, inner)
+        self.out_proj = nn.Linear(inner, dim)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        return x.reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: (B, Nq, C), k/v: (B, Nk, C) -> (B, Nq, C)."""
+        q, k, v = self._split(self.q_proj(q)), self._split(self.k_proj(k)), self._split(self.v_proj(v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        b, h, n, c = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, h * c))
+
+
+class TwoWayBlock(nn.Module):
+    """Text self-attention -> text-to-image attention -> MLP -> image-to-text attention."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int, downsample_rate: int = 2):
+        super().__init__()
+        self.self_attn = Attention(dim, heads)
+        self.norm1 = nn.LayerNorm(dim)
+        self.text_to_image = Attention(dim, heads, downsample_rate)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
+        self.norm3 = nn.LayerNorm(dim)
+        self.image_to_text = Attention(dim, heads, downsample_rate)
+        self.norm4 = nn.LayerNorm(dim)
+
+    def forward(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """text: (B, N, C), image: (B, L, C) -> both updated."""
+        text = self.norm1(text + self.self_attn(text, text, text))
+        text = self.norm2(text + self.text_to_image(text, image, image))
+        text = self.norm3(text + self.mlp(text))
+        image = self.norm4(image + self.image_to_text(image, text, text))
+        return text, image
+
+
+class TextImageAlignment(nn.Module):
+    """Projects the note embedding g (B, N, D) to C channels and aligns it with a feature map (B, C, *S).
+
+    Returns the feature map with the same shape, updated by ``depth`` two-way blocks.
+    """
+
+    def __init__(self, text_dim: int, channels: int, depth: int = 2, heads: int = 8, mlp_dim: int | None = None):
+        super().__init__()
+        self.project = nn.Linear(text_dim, channels)
+        self.blocks = nn.ModuleList(TwoWayBlock(channels, heads, mlp_dim or 2 * channels) for _ in range(depth))
+
+    def forward(self, features: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        b, c = features.shape[:2]
+        spatial = features.shape[2:]
+        image = features.flatten(2).transpose(1, 2)  # (B, L, C)
+        text = self.project(g.to(image.dtype))
+        for block in self.blocks:
+            text, image = block(text, image)
+        return image.transpose(1, 2).reshape(b, c, *spatial)

