@@ -1,0 +1,91 @@
+"""The mmcontour command end to end on files, and its refusals (clear message, nothing written)."""
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import make_ct
+
+from MMContourLib.cli import main
+from MMContourLib.imageio import read_segmentation
+
+
+@pytest.fixture()
+def ct_file(tmp_path):
+    path = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(make_ct(size=(48, 40, 24)), str(path))
+    return path
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_predict_writes_slicer_segmentation_on_ct_grid(tiny_bundle, ct_file, tmp_path, capsys):
+    out = tmp_path / "ctv.seg.nrrd"
+    code, stdout, err = run(capsys, "predict", "--ct", ct_file, "--note", "N1, BCS, Lt", "--bundle", tiny_bundle,
+                            "--out", out, "--device", "cpu", "--json")
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["prompt"] == "N1, breast conserving surgery, left side" and summary["llm_calls"] == 1
+    assert set(summary["timings_s"]) >= {"preprocess", "encode_note", "windows", "postprocess", "total"}
+    segs = read_segmentation(out)
+    assert list(segs) == ["CTV"]
+    ct = sitk.ReadImage(str(ct_file))
+    mask = segs["CTV"]
+    assert mask.GetSize() == ct.GetSize() and np.allclose(mask.GetOrigin(), ct.GetOrigin())
+    assert int(sitk.GetArrayFromImage(mask).sum()) == summary["voxels"]
+    header = sitk.ReadImage(str(out))
+    assert "228792002" in header.GetMetaData("Segment0_Tags")  # SNOMED CT: clinical target volume
+    assert header.GetMetaData("MMContour_prompt") == summary["prompt"]
+
+
+def test_predict_structured_fields_and_nifti_labelmap(tiny_bundle, ct_file, tmp_path, capsys):
+    out = tmp_path / "ctv.nii.gz"
+    code, _, err = run(capsys, "predict", "--ct", ct_file, "--side", "right", "--n", "ypN2", "--surgery", "MRM",
+                       "--chemotherapy", "neoadjuvant", "--bundle", tiny_bundle, "--out", out, "--device", "cpu")
+    assert code == 0, err
+    assert sitk.ReadImage(str(out)).GetSize() == (48, 40, 24)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--note", "N7, BCS, left"], "n_stage"),
+    (["--note", "ypN1, BCS, left, adjuvant"], "neoadjuvant"),
+    (["--side", "left"], "n_stage"),
+])
+def test_bad_notes_fail_before_loading_and_write_nothing(tiny_bundle, ct_file, tmp_path, capsys, args, message):
+    out = tmp_path / "x.seg.nrrd"
+    code, _, err = run(capsys, "predict", "--ct", ct_file, *args, "--bundle", tiny_bundle, "--out", out)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == [ct_file]
+
+
+def test_bad_images_and_bundles_write_nothing(tiny_bundle, tmp_path, capsys):
+    mr = tmp_path / "mr.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).uniform(0, 1, (24, 40, 48)).astype(np.float32)),
+                    str(mr))
+    flat = tmp_path / "flat.nii.gz"
+    sitk.WriteImage(sitk.Image([40, 40], sitk.sitkInt16), str(flat))
+    for ct, message in ((mr, "Hounsfield"), (flat, "3D"), (tmp_path / "missing.nii.gz", "not found")):
+        out = tmp_path / "o.seg.nrrd"
+        code, _, err = run(capsys, "predict", "--ct", ct, "--note", "N0, BCS, left", "--bundle", tiny_bundle,
+                           "--out", out, "--device", "cpu")
+        assert code == 2 and message in err, err
+        assert not out.exists()
+    code, _, err = run(capsys, "predict", "--ct", mr, "--note", "N0, BCS, left", "--bundle", tmp_path / "nobundle",
+                       "--out", tmp_path / "o.seg.nrrd")
+    assert code == 2 and "bundle" in err
+    assert not any(p.name.startswith((".o", "o.")) for p in tmp_path.iterdir())
+
+
+def test_existing_output_is_never_overwritten_without_asking(tiny_bundle, ct_file, tmp_path, capsys):
+    out = tmp_path / "ctv.seg.nrrd"
+    out.write_text("the user's own file")
+    code, _, err = run(capsys, "predict", "--ct", ct_file, "--note", "N0, BCS, left", "--bundle", tiny_bundle,
+                       "--out", out, "--device", "cpu")
+    assert code == 2 and "--overwrite" in err and out.read_text() == "the user's own file"
+    code, _, err = run(capsys, "predict", "--ct", ct_file, "--note", "N0, BCS, left", "--bundle", tiny_bundle,
+                       "--out", out, "--device", "cpu", "--overwrite")
+    assert code == 0 and "CTV" in read_segmentation(out)
