@@ -129,20 +129,14 @@ def cmd_predict(args) -> dict:
     write_segmentation(out, {"CTV": result.mask}, attributes=result.provenance, sides=sides)
     summary = {"ct": str(args.ct), "out": str(out), **result.summary(), "llm_calls": contourer.llm_calls}
     if extra_outputs:
-        from . import dicomrt
+        from .dicomrt import export_prediction
 
         if not Path(args.ct).is_dir():
             raise UsageError("--out-rtstruct / --out-dicom-seg need --ct to be the CT's DICOM series folder")
-        name = f"{result.provenance['bundle_name']}"
-        if args.out_rtstruct:
-            dicomrt.write_rtstruct(result.mask, args.ct, args.out_rtstruct, roi_name=args.roi_name,
-                                   algorithm_name=f"MMContour {name}", algorithm_version=__version__,
-                                   description=result.prompt)
-            summary["rtstruct"] = str(args.out_rtstruct)
-        if args.out_dicom_seg:
-            dicomrt.write_dicom_seg(result.mask, args.ct, args.out_dicom_seg, segment_label=args.roi_name,
-                                    algorithm_name=f"MMContour {name}", algorithm_version=__version__)
-            summary["dicom_seg"] = str(args.out_dicom_seg)
+        written = export_prediction(result.mask, args.ct, out_rtstruct=args.out_rtstruct,
+                                    out_dicom_seg=args.out_dicom_seg, note=note, roi_template=args.roi_name,
+                                    color=args.roi_color, provenance=result.provenance)
+        summary.update({k: str(v) for k, v in written.items()})
     if not args.json:
         print(f"CTV: {summary['volume_cc']:.1f} cc, prompt '{result.prompt}', {result.timings['total']:.1f} s -> {out}")
     return summary
@@ -157,9 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ct", help="CT file (NIfTI, NRRD, MHA) or DICOM series folder")
     p.add_argument("--out", help="output .seg.nrrd (Slicer) or .nii.gz labelmap; with --manifest, a folder")
     p.add_argument("--manifest", help="CSV of cases (DESIGN.md columns) to contour in one run")
-    p.add_argument("--out-rtstruct", help="also write a DICOM RTSTRUCT referencing the CT series")
-    p.add_argument("--out-dicom-seg", help="also write a DICOM SEG referencing the CT series")
-    p.add_argument("--roi-name", default="CTV_Breast", help="ROI / segment name in DICOM outputs (TG-263 style)")
+    from .dicomrt import add_export_arguments
+
+    add_export_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--json", action="store_true", help="print one JSON summary")
     add_note_arguments(p)

@@ -97,6 +97,8 @@ def _dequantize_gguf(gguf: Path, target: Path, auto_class) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model.hf_quantizer = None  # save_pretrained refuses a "quantized" model; the weights are plain floats now
     model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # or a reload would route through the GGUF quantizer again
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     tmp.rename(target) if not target.exists() else None
@@ -150,6 +152,11 @@ def fingerprint(model: nn.Module, tokenizer) -> str:
         sample = flat[::step][:8192].float().cpu().numpy()
         h.update(np.packbits(sample > 0).tobytes())
     return "sha256:" + h.hexdigest()[:24]
+
+
+def _display_name(source: str) -> str:
+    path = resolve_source(source)
+    return path.stem if path.suffix == ".gguf" else (path.name if path.name != "model" else path.parent.name)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -350,7 +357,7 @@ class CausalLMPromptEncoder(_PromptTuned):
         dtype = parse_dtype(dtype, device)
         model, tokenizer, _ = load_hf_model(spec.source, "causal-lm", dtype, allow_download)
         if not spec.name:
-            spec.name = getattr(model.config, "_name_or_path", "") or Path(spec.source).name
+            spec.name = _display_name(spec.source)
         bos = tokenizer.bos_token_id
         self._prefix_ids = [bos] if bos is not None else []
         self._prefix_len = len(self._prefix_ids)
@@ -381,7 +388,7 @@ class SentenceEncoderPromptEncoder(_PromptTuned):
         dtype = parse_dtype(dtype, device)
         model, tokenizer, _ = load_hf_model(spec.source, "encoder", dtype, allow_download)
         if not spec.name:
-            spec.name = Path(spec.source).name
+            spec.name = _display_name(spec.source)
         cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
         self._prefix_ids = [cls_id] if cls_id is not None else []
         self._prefix_len = len(self._prefix_ids)

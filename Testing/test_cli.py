@@ -89,3 +89,22 @@ def test_existing_output_is_never_overwritten_without_asking(tiny_bundle, ct_fil
     code, _, err = run(capsys, "predict", "--ct", ct_file, "--note", "N0, BCS, left", "--bundle", tiny_bundle,
                        "--out", out, "--device", "cpu", "--overwrite")
     assert code == 0 and "CTV" in read_segmentation(out)
+
+
+def test_predict_from_dicom_series_writes_rtstruct_and_dicom_seg(tiny_bundle, tmp_path, capsys):
+    import pydicom
+    from test_dicomrt import Series, phantom
+
+    hu, _ = phantom(shape=(30, 80, 80))
+    series = Series(tmp_path / "ct", hu)
+    seg, rs, dseg = tmp_path / "ctv.seg.nrrd", tmp_path / "RS.dcm", tmp_path / "SEG.dcm"
+    code, stdout, err = run(capsys, "predict", "--ct", series.folder, "--note", "N2, total mastectomy, Rt",
+                            "--bundle", tiny_bundle, "--out", seg, "--out-rtstruct", rs, "--out-dicom-seg", dseg,
+                            "--device", "cpu", "--json")
+    assert code == 0, err
+    ds = pydicom.dcmread(rs)
+    assert ds.Modality == "RTSTRUCT" and ds.PatientID == "P001"
+    assert ds.StructureSetROISequence[0].ROIName == "CTV_R"
+    refs = ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    assert refs.SeriesInstanceUID == series.series_uid
+    assert pydicom.dcmread(dseg).Modality == "SEG"
