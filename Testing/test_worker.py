@@ -1,0 +1,272 @@
+"""The warm worker process: protocol, no reload on a note edit (measured), cancel, crash and restart.
+
+Real inference throughout: the tiny random Llama + tiny bundle from conftest.py, small synthetic CTs.
+The end-to-end test drives the worker from a real MRML scene exactly as the Slicer widget does.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import make_ct
+from MMContourLib.worker import WorkerClient, explain_exit, read_bundle_summary
+
+pytest.importorskip("torch")
+
+NOTE = "N1, breast conserving surgery, left side"
+THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # CI shares few cores
+
+
+@pytest.fixture(scope="module")
+def ct_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ct") / "ct.nrrd"
+    sitk.WriteImage(make_ct(size=(40, 40, 20)), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def big_ct_file(tmp_path_factory):
+    """Enough sliding windows (8 with the tiny bundle) to cancel in the middle of a run."""
+    path = tmp_path_factory.mktemp("ct") / "big.nrrd"
+    sitk.WriteImage(make_ct(size=(64, 64, 30)), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def client():
+    """One warm worker shared by the tests that keep it alive (in file order: the first loads the model)."""
+    c = WorkerClient(env=THREADS)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def fragile():
+    """A worker the tests kill; each kill is followed by a restart."""
+    c = WorkerClient(env=THREADS)
+    yield c
+    c.close()
+
+
+def _contour(client, ct, bundle, out, notes=(NOTE,), timeout=120, **extra):
+    return client.request("contour", ct=str(ct), notes=list(notes), bundle=str(bundle), device="cpu",
+                          out_dir=str(out), timeout=timeout, **extra)
+
+
+def _progress_until(client, rid, stage, done_at_least, timeout=60):
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        for event in client.poll():
+            seen.append(event)
+            if event.get("id") == rid and event.get("event") == "progress" and event.get("stage") == stage \
+                    and event.get("done", 0) >= done_at_least:
+                return seen
+            assert event.get("event") not in ("result", "error"), event
+        time.sleep(0.01)
+    raise AssertionError(f"no {stage} progress >= {done_at_least}: {seen}")
+
+
+def test_contour_then_edit_note_does_not_reload_and_is_fast(client, ct_file, tiny_bundle, tmp_path, record_property):
+    from MMContourLib.predict import Contourer
+
+    t0 = time.perf_counter()
+    first = _contour(client, ct_file, tiny_bundle, tmp_path)
+    first_s = time.perf_counter() - t0
+    assert first["event"] == "result", first
+    assert first["loaded_model"] is True and first["loads"] == 1 and first["llm_calls"] == 1
+    (result,) = first["results"]
+    assert result["prompt"] == NOTE and result["side"] == "left"
+    assert result["provenance"]["llm_fingerprint"].startswith("sha256:")
+    assert result["provenance"]["bundle"] == str(tiny_bundle.resolve())
+    mask = sitk.ReadImage(result["mask_path"])
+    ct = sitk.ReadImage(str(ct_file))
+    # the worker's mask is the in-process Contourer's mask, on the CT's own grid
+    expected = Contourer.from_bundle(tiny_bundle, device="cpu").contour(ct, NOTE).mask
+    assert mask.GetSize() == ct.GetSize() and np.allclose(mask.GetOrigin(), ct.GetOrigin())
+    assert np.array_equal(sitk.GetArrayViewFromImage(mask), sitk.GetArrayViewFromImage(expected))
+
+    pid = client.pid
+    t0 = time.perf_counter()
+    second = _contour(client, ct_file, tiny_bundle, tmp_path, notes=["N0, breast conserving surgery, right side"])
+    second_s = time.perf_counter() - t0
+    assert second["event"] == "result" and client.pid == pid
+    assert second["loaded_model"] is False and second["loads"] == 1  # the LLM and U-Net stayed loaded
+    assert second["llm_calls"] == 2  # one LLM pass for the new note, none for reloading
+    t0 = time.perf_counter()
+    third = _contour(client, ct_file, tiny_bundle, tmp_path)  # back to the first note: cached embedding
+    third_s = time.perf_counter() - t0
+    assert third["llm_calls"] == 2
+    print(f"\nfirst Apply {first_s:.2f} s (start worker + load model), edited note {second_s:.3f} s, "
+          f"same note again {third_s:.3f} s")
+    record_property("first_apply_s", round(first_s, 3))
+    record_property("edit_note_apply_s", round(second_s, 3))
+    assert second_s < first_s / 3
+
+
+def test_compare_notes_in_one_request(client, ct_file, tiny_bundle, tmp_path):
+    notes = [NOTE, "N1, breast conserving surgery, right side", "N0, breast conserving surgery, left side"]
+    calls_before = client.request("load", bundle=str(tiny_bundle), device="cpu", timeout=30)["llm_calls"]
+    event = _contour(client, ct_file, tiny_bundle, tmp_path, notes=notes)
+    assert [r["prompt"] for r in event["results"]] == notes
+    assert [r["side"] for r in event["results"]] == ["left", "right", "left"]
+    assert len({r["mask_path"] for r in event["results"]}) == 3
+    assert event["llm_calls"] - calls_before == 2  # the first note's embedding was cached
+
+
+def test_structured_note_fields_reach_the_model_unchanged(client, ct_file, tiny_bundle, tmp_path):
+    from MMContourLib.note import ClinicalNote
+
+    note = ClinicalNote.from_fields(side="both", n_stage="left:N0;right:N2", surgery="left:bcs;right:mastectomy",
+                                    age=58, pathology="IDC")
+    event = _contour(client, ct_file, tiny_bundle, tmp_path, notes=[note.to_fields()])
+    (result,) = event["results"]
+    assert result["prompt"] == note.to_prompt() and result["side"] == "both"
+    assert result["note"] == note.to_fields()
+
+
+def test_errors_are_reported_and_the_worker_stays_up(client, ct_file, tiny_bundle, tmp_path):
+    pid = client.pid
+    missing = client.request("load", bundle=str(tmp_path / "nope"), device="cpu", timeout=60)
+    assert missing["event"] == "error" and "bundle folder not found" in missing["message"]
+    bad_note = _contour(client, ct_file, tiny_bundle, tmp_path, notes=["N7, bcs, left side"])
+    assert bad_note["event"] == "error" and "n_stage" in bad_note["message"]
+    assert client.pid == pid and client.alive()
+    again = _contour(client, ct_file, tiny_bundle, tmp_path)
+    assert again["event"] == "result" and again["loaded_model"] is False  # a bad request did not cost the model
+
+
+def test_info_reports_devices(client):
+    info = client.request("info", timeout=60)
+    assert info["event"] == "info" and "torch" in info and isinstance(info["gpus"], list)
+
+
+def test_cancel_mid_run_keeps_the_model_warm_and_writes_nothing(client, big_ct_file, tiny_bundle, tmp_path):
+    loaded = client.request("load", bundle=str(tiny_bundle), device="cpu", timeout=60)
+    assert loaded["event"] == "loaded" and loaded["loaded_model"] is False
+    pid = client.pid
+    out = tmp_path / "out"
+    rid = client.send("contour", ct=str(big_ct_file), notes=[NOTE], bundle=str(tiny_bundle), device="cpu",
+                      out_dir=str(out), test_sleep_per_window_s=0.25)
+    _progress_until(client, rid, "windows", 2)  # of 8
+    t0 = time.perf_counter()
+    client.cancel(rid, grace_s=10)
+    event = client.wait(rid, timeout=30)
+    assert event["event"] == "cancelled" and not event.get("killed")
+    assert time.perf_counter() - t0 < 5
+    assert client.pid == pid and client.alive()
+    assert not list(out.glob("*.nrrd"))
+    again = _contour(client, big_ct_file, tiny_bundle, out)
+    assert again["event"] == "result" and again["loaded_model"] is False
+
+
+# -- end to end: MRML scene -> worker -> segmentation node (what the Slicer widget does) ------------
+
+def test_slicer_scene_to_segmentation_through_the_warm_worker(client, tiny_bundle, tmp_path):
+    slicer = pytest.importorskip("slicer")
+    from MMContourLib import slicer_io
+    from MMContourLib.predict import Contourer
+
+    scene = slicer.vtkMRMLScene()
+    slicer.vtkSlicerSegmentationsModuleLogic().SetMRMLScene(scene)
+    ct_node = slicer_io.image_to_volume_node(
+        scene, make_ct(size=(40, 40, 20), direction=(0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0)), "CT")
+    cache = slicer_io.CtFileCache(tmp_path)
+    job = slicer_io.ContourJob(client, scene, ct_node, [NOTE], bundle=str(tiny_bundle), device="cpu",
+                               ct_cache=cache, workdir=tmp_path).start()
+    stages = []
+    job.wait(timeout=120, on_event=lambda e: stages.append(e.get("stage")))
+    assert job.state == "done", job.error
+    assert {"read-ct", "encode-note", "windows", "postprocess"} <= set(stages)
+    node = job.segmentation_node
+    expected = Contourer.from_bundle(tiny_bundle, device="cpu").contour(slicer_io.volume_node_to_image(ct_node), NOTE)
+    got = slicer_io.segment_mask(node, "CTV", ct_node)
+    assert np.array_equal(sitk.GetArrayViewFromImage(got), sitk.GetArrayViewFromImage(expected.mask))
+    assert node.GetAttribute("MMContour.prompt") == NOTE
+    assert node.GetAttribute("MMContour.llm_fingerprint") == expected.provenance["llm_fingerprint"]
+    assert node.GetAttribute("MMContour.bundle") == str(tiny_bundle.resolve())
+
+    # edit the note, Apply again: same worker, no reload, a second node (the first is kept)
+    job2 = slicer_io.ContourJob(client, scene, ct_node, ["N0, breast conserving surgery, left side"],
+                                bundle=str(tiny_bundle), device="cpu", ct_cache=cache, workdir=tmp_path).start()
+    job2.wait(timeout=60)
+    assert job2.state == "done" and job2.loaded_model is False
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 2
+    assert json.loads(json.dumps(job2.results))[0]["prompt"].startswith("N0")
+
+
+def test_wrong_llm_is_refused_with_a_clear_message(client, tiny_bundle, other_llm_dir):
+    event = client.request("load", bundle=str(tiny_bundle), llm=str(other_llm_dir), device="cpu", timeout=60)
+    assert event["event"] == "error" and "fingerprint" in event["message"]
+
+
+# -- workers that get killed ------------------------------------------------------------
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups are POSIX; Windows uses taskkill /T")
+def test_hard_cancel_kills_the_whole_process_tree_and_next_request_restarts(fragile, big_ct_file, tiny_bundle,
+                                                                          tmp_path):
+    client = fragile
+    out = tmp_path / "out"
+    rid = client.send("contour", ct=str(big_ct_file), notes=[NOTE], bundle=str(tiny_bundle), device="cpu",
+                      out_dir=str(out), test_sleep_per_window_s=0.25)
+    _progress_until(client, rid, "windows", 1)
+    pgid = os.getpgid(client.pid)
+    assert pgid == client.pid  # the worker leads its own process group
+    client.cancel(rid, grace_s=0)
+    event = client.wait(rid, timeout=30)
+    assert event == {"id": rid, "event": "cancelled", "killed": True}
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pgid, 0)  # nothing of the tree is left
+    assert not client.alive() and not list(out.glob("*.nrrd"))
+    starts = client.starts
+    again = _contour(client, big_ct_file, tiny_bundle, out)
+    assert again["event"] == "result" and again["loaded_model"] is True and client.starts == starts + 1
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
+def test_worker_death_is_reported_and_the_next_request_starts_a_new_one(fragile, big_ct_file, tiny_bundle, tmp_path):
+    client = fragile
+    starts = client.starts
+    rid = client.send("contour", ct=str(big_ct_file), notes=[NOTE], bundle=str(tiny_bundle), device="cpu",
+                      out_dir=str(tmp_path), test_sleep_per_window_s=0.25)
+    _progress_until(client, rid, "windows", 1)
+    os.kill(client.pid, signal.SIGKILL)  # what the kernel's OOM killer does
+    events = []
+    event = client.wait(rid, timeout=30, on_event=events.append)
+    assert event["event"] == "error" and event["kind"] == "WorkerDied"
+    assert "killed" in event["message"] and "memory" in event["message"]
+    died = [e for e in events if e["event"] == "died"]
+    assert died and died[0]["returncode"] == -signal.SIGKILL and rid in died[0]["pending"]
+    assert not client.alive()
+    again = _contour(client, big_ct_file, tiny_bundle, tmp_path)
+    assert again["event"] == "result" and client.starts == starts + 1
+
+
+def test_worker_exits_when_its_client_goes_away(tiny_bundle):
+    client = WorkerClient(env=THREADS)
+    assert client.request("ping", timeout=60)["event"] == "pong"
+    process = client._process
+    process.stdin.close()  # Slicer quit or crashed
+    assert process.wait(timeout=30) == 0
+
+
+def test_exit_explanations_are_actionable():
+    assert "memory" in explain_exit(-9)
+    assert "memory" in explain_exit(1, "RuntimeError: CUDA out of memory. Tried to allocate 2 GiB")
+    assert "crashed" in explain_exit(-11)
+    assert "status 3" in explain_exit(3)
+
+
+def test_bundle_summary_names_the_llm_without_torch(tiny_bundle):
+    summary = read_bundle_summary(tiny_bundle)
+    assert summary["name"] == "tiny-test" and summary["llm_name"] == "tiny-llama"
+    assert summary["llm_fingerprint"].startswith("sha256:")
+    with pytest.raises(FileNotFoundError, match="no model bundle"):
+        read_bundle_summary(tiny_bundle.parent / "missing")
