@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -270,3 +271,77 @@ def test_bundle_summary_names_the_llm_without_torch(tiny_bundle):
     assert summary["llm_fingerprint"].startswith("sha256:")
     with pytest.raises(FileNotFoundError, match="no model bundle"):
         read_bundle_summary(tiny_bundle.parent / "missing")
+
+
+# -- headless batch: Resources/scripts/mmcontour_batch.py ----------------------------------------------
+
+BATCH = Path(__file__).resolve().parent.parent / "Resources" / "scripts" / "mmcontour_batch.py"
+
+
+def _batch(*args, timeout=180):
+    import subprocess
+
+    env = {**os.environ, **THREADS, "PYTHONPATH": ""}  # the script finds MMContourLib itself
+    return subprocess.run([sys.executable, str(BATCH), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def batch_manifest(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("batch")
+    (folder / "cts").mkdir()
+    sitk.WriteImage(make_ct(size=(40, 40, 20)), str(folder / "cts" / "a.nrrd"))
+    sitk.WriteImage(make_ct(size=(36, 40, 20), seed=1), str(folder / "cts" / "b.nrrd"))
+    ctv = sitk.Cast(sitk.ReadImage(str(folder / "cts" / "a.nrrd")) > 0, sitk.sitkUInt8)
+    sitk.WriteImage(ctv, str(folder / "cts" / "a_ctv.nrrd"))
+    (folder / "cts" / "broken.nrrd").write_text("this is not an image")
+    rows = ["case_id,ct,ctv,split,side,n_stage,surgery,age",
+            "a,cts/a.nrrd,cts/a_ctv.nrrd,test,left,N1,bcs,61",
+            "b,cts/b.nrrd,,test,both,left:N0;right:N2,left:bcs;right:mastectomy,",
+            "broken,cts/broken.nrrd,,later,left,N1,bcs,",
+            "c,cts/a.nrrd,,later,right,N0,bcs,"]
+    (folder / "cases.csv").write_text("\n".join(rows) + "\n")
+    return folder / "cases.csv"
+
+
+def test_batch_contours_every_case_writes_a_summary_and_resumes(batch_manifest, tiny_bundle, tmp_path):
+    from MMContourLib.imageio import read_segmentation
+    from MMContourLib.predict import Contourer
+
+    out = tmp_path / "out"
+    done = _batch("--", "--manifest", batch_manifest, "--bundle", tiny_bundle, "--out", out, "--device", "cpu",
+                  "--split", "test")  # the leading "--" is what Slicer passes through
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["contoured"] == 2 and summary["failed"] == []
+    assert [c["case_id"] for c in summary["cases"]] == ["a", "b"] and "dice" in summary["cases"][0]
+    assert summary["cases"][1]["prompt"] == ("N0, breast conserving surgery, left side; "
+                                             "N2, total mastectomy surgery, right side")
+    assert summary["model"]["llm_fingerprint"].startswith("sha256:") and summary["llm_calls"] == 2
+    segments = read_segmentation(out / "a.seg.nrrd")
+    expected = Contourer.from_bundle(tiny_bundle, device="cpu").contour(
+        sitk.ReadImage(str(batch_manifest.parent / "cts" / "a.nrrd")), "N1, breast conserving surgery, left side")
+    assert np.array_equal(sitk.GetArrayViewFromImage(segments["CTV"]), sitk.GetArrayViewFromImage(expected.mask))
+    header = sitk.ReadImage(str(out / "a.seg.nrrd"))
+    assert "228792002" in header.GetMetaData("Segment0_Tags")
+
+    # the whole manifest: a and b are kept, c is contoured, the broken CT fails without stopping the batch
+    again = _batch("--manifest", batch_manifest, "--bundle", tiny_bundle, "--out", out, "--device", "cpu")
+    assert again.returncode == 1 and "1 case(s) failed: broken" in again.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    status = {c["case_id"]: c["status"].split()[0] for c in summary["cases"]}
+    assert status == {"a": "skipped", "b": "skipped", "broken": "failed", "c": "ok"}
+    assert summary["status"] == "failed" and summary["failed"] == ["broken"]
+    assert (out / "c.seg.nrrd").exists() and not (out / "broken.seg.nrrd").exists()
+
+
+def test_batch_rejects_a_bad_manifest_before_loading_the_model(batch_manifest, tiny_bundle, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("case_id,ct,side,n_stage,surgery\nx,%s,left,N7,bcs\n" % (batch_manifest.parent / "cts" / "a.nrrd"))
+    done = _batch("--manifest", bad, "--bundle", tiny_bundle, "--out", tmp_path / "o", "--device", "cpu")
+    assert done.returncode == 2
+    assert "line 2" in done.stderr and "n_stage" in done.stderr and "loading" not in done.stderr
+    missing = _batch("--manifest", tmp_path / "none.csv", "--out", tmp_path / "o")
+    assert missing.returncode == 2 and "manifest not found" in missing.stderr
+    no_bundle = _batch("--manifest", batch_manifest, "--bundle", tmp_path / "nope", "--out", tmp_path / "o")
+    assert no_bundle.returncode == 2 and "cannot load the model" in no_bundle.stderr

@@ -1,0 +1,668 @@
+"""MMContour: contour the breast-cancer radiotherapy CTV on a planning CT from the patient's clinical note.
+
+The work happens in MMContourLib (plain Python): ``slicer_io`` moves data between the scene and
+images and writes the segmentation; ``worker`` runs inference in a separate, long-lived process so
+the GUI never freezes, Cancel always works and the model stays loaded between Applies.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import sys
+import tempfile
+import time
+from typing import Annotated
+
+
+def _find_root(here: str) -> str:
+    """The folder that holds Resources/ and MMContourLib/: beside this file in an extension build, one up
+    when MMContour/ is added from a source checkout through "Additional module paths"."""
+    for root in (here, os.path.dirname(here)):
+        if (os.path.isfile(os.path.join(root, "Resources", "UI", "MMContour.ui"))
+                and os.path.isfile(os.path.join(root, "MMContourLib", "__init__.py"))):
+            return root
+    raise ImportError(f"MMContour: Resources/ and MMContourLib/ not found next to {here} or one folder up")
+
+
+ROOT = _find_root(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import qt  # noqa: E402
+import vtk  # noqa: E402
+
+import slicer  # noqa: E402
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode  # noqa: E402
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper  # noqa: E402
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,  # noqa: E402
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin  # noqa: E402
+
+from MMContourLib import slicer_io  # noqa: E402
+from MMContourLib.note import ClinicalNote  # noqa: E402
+from MMContourLib.worker import STAGE_LABELS, WorkerClient, read_bundle_summary  # noqa: E402
+
+CITATION = ("Oh Y, Park S, et al. LLM-driven multimodal target volume contouring in radiation oncology. "
+            "Nat Commun 15, 2024. arXiv:2311.01908")
+_C = slicer_io.form_choices()
+NOT_STATED = slicer_io.NOT_STATED
+
+
+class MMContour(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "MMContour"
+        self.parent.categories = ["Radiotherapy"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["MMContour developers"]
+        self.parent.helpText = (
+            "Contours the clinical target volume (CTV) for breast-cancer radiotherapy on a planning CT, "
+            "conditioned on the patient's clinical note (side, N stage, surgery, ...): a frozen large language "
+            "model reads the note and steers a 3D U-Net. Fill in the note, press <b>Contour CTV</b>, edit the "
+            "note and press it again: the model stays loaded. <b>Compare notes</b> shows how the target changes "
+            "with the note. The result is a new segmentation (existing ones are never replaced without asking). "
+            "Documentation: docs/slicer.md in the MMContour repository.<br><br>"
+            f"If you use this module, please cite: {CITATION}.")
+        self.parent.acknowledgementText = (
+            "Reproduces and extends LLMSeg (Oh, Park et al., Nat. Commun. 2024). This is research software: "
+            "every contour must be reviewed by a qualified clinician.")
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """A phantom breast CT in Sample Data (category MMContour): try the module with one click."""
+    try:
+        import SampleData
+    except ImportError:
+        return
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="MMContour", sampleName="MMContourPhantomCT", uris=[], fileNames=[], nodeNames=[],
+        thumbnailFileName=os.path.join(ROOT, "Resources", "Icons", "MMContour.png"),
+        customDownloader=lambda source: loadPhantomSample())
+
+
+def _slicerPackaging():
+    """Slicer's package helper (pip_ensure, load_requirements) where this Slicer has one."""
+    import importlib
+
+    for name in ("slicer.pydeps", "slicer.packaging"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "pip_ensure") and hasattr(module, "load_requirements"):
+            return module
+    return None
+
+
+def loadPhantomSample():
+    """A synthetic breast planning CT (never used for training), generated once into Slicer's cache."""
+    from MMContourLib.demo import DEMO_NOTE, DEMO_SEED
+    from MMContourLib.imageio import write_image
+    from MMContourLib.phantom import PhantomConfig, generate_case
+
+    path = os.path.join(slicer.app.cachePath, "MMContour", f"phantom-{DEMO_SEED}.nrrd")
+    if not os.path.exists(path):
+        with slicer.util.WaitCursor():
+            case = generate_case(DEMO_SEED, PhantomConfig(), note=ClinicalNote.parse(DEMO_NOTE), case_id="phantom")
+            write_image(case.ct, path)
+    node = slicer.util.loadVolume(path, {"name": "MMContourPhantomCT"})
+    node.SetAttribute("MMContour.phantomNote", DEMO_NOTE)
+    return node
+
+
+@parameterNodeWrapper
+class MMContourParameterNode:
+    inputVolume: vtkMRMLScalarVolumeNode
+    outputSegmentation: vtkMRMLSegmentationNode  # None: create a new segmentation
+    side: Annotated[str, Choice(_C["side"])] = "left"
+    age: Annotated[int, WithinRange(0, 120)] = 0  # 0: not stated
+    leftNStage: Annotated[str, Choice(_C["n_stage"])] = "N0"
+    rightNStage: Annotated[str, Choice(_C["n_stage"])] = "N0"
+    leftSurgery: Annotated[str, Choice(_C["surgery"])] = _C["surgery"][0]
+    rightSurgery: Annotated[str, Choice(_C["surgery"])] = _C["surgery"][0]
+    leftTStage: Annotated[str, Choice(_C["t_stage"])] = NOT_STATED
+    rightTStage: Annotated[str, Choice(_C["t_stage"])] = NOT_STATED
+    mStage: Annotated[str, Choice(_C["m_stage"])] = NOT_STATED
+    chemotherapy: Annotated[str, Choice(_C["chemotherapy"])] = NOT_STATED
+    pathology: Annotated[str, Choice(_C["pathology"])] = NOT_STATED
+    device: Annotated[str, Choice(_C["device"])] = "auto"
+    bundlePath: str = ""  # "" = the shipped demo bundle
+    llmPath: str = ""  # "" = the LLM the bundle names
+    variant1: str = ""
+    variant2: str = ""
+    variant3: str = ""
+
+
+NOTE_PARAMETERS = ("side", "age", "leftNStage", "rightNStage", "leftSurgery", "rightSurgery", "leftTStage",
+                   "rightTStage", "mStage", "chemotherapy", "pathology")
+#: ClinicalNote field -> widgets to highlight when the note module rejects that field.
+FIELD_WIDGETS = {"age": ("ageSpinBox",), "side": ("sideComboBox",), "m_stage": ("mStageComboBox",),
+                 "chemotherapy": ("chemotherapyComboBox",), "pathology": ("pathologyComboBox",),
+                 "n_stage": ("leftNStageComboBox", "rightNStageComboBox"),
+                 "surgery": ("leftSurgeryComboBox", "rightSurgeryComboBox"),
+                 "t_stage": ("leftTStageComboBox", "rightTStageComboBox")}
+RIGHT_COLUMN = ("rightHeaderLabel", "rightNStageComboBox", "rightSurgeryComboBox", "rightTStageComboBox")
+LEFT_COLUMN = ("leftHeaderLabel", "leftNStageComboBox", "leftSurgeryComboBox", "leftTStageComboBox")
+OK_STYLE, BAD_STYLE, WARN_STYLE = "color: #1b7f3b;", "color: #b3261e;", "color: #9a6700;"
+
+
+class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._guiTag = None
+        self._note = None
+        self._variants = []
+        self._variantsValid = True
+        self._bundleValid = False
+        self._loadRequest = None
+        self._shownJob = None
+
+    # -- setup / lifecycle -------------------------------------------------------------------------
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(os.path.join(ROOT, "Resources", "UI", "MMContour.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = MMContourLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApply)
+        self.ui.compareButton.connect("clicked(bool)", self.onCompare)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.suggestVariantsButton.connect("clicked(bool)", self.onSuggestVariants)
+        self.ui.loadModelButton.connect("clicked(bool)", self.onLoadModel)
+        self.ui.loadPhantomButton.connect("clicked(bool)", self.onLoadPhantom)
+        self.ui.bundlePathLineEdit.connect("currentPathChanged(QString)", self.onBundlePathChanged)
+        self.ui.llmPathLineEdit.connect("currentPathChanged(QString)", self.onLlmPathChanged)
+        self.ui.promptPreviewLabel.setFont(qt.QFontDatabase.systemFont(qt.QFontDatabase.FixedFont))
+
+        self.timer = qt.QTimer()
+        self.timer.setInterval(100)
+        self.timer.connect("timeout()", self.onPoll)
+        self.initializeParameterNode()
+
+    def cleanup(self):
+        self.timer.stop()
+        self.removeObservers()
+        if self.logic is not None:
+            self.logic.shutdown()
+
+    def enter(self):
+        self.initializeParameterNode()
+        self.requestDeviceInfo()
+
+    def exit(self):
+        if self._parameterNode and self._guiTag is not None:
+            self._parameterNode.disconnectGui(self._guiTag)
+            self._guiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateForm)
+
+    def onSceneStartClose(self, caller, event):
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            volume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if volume:
+                self._parameterNode.inputVolume = volume
+        if not self._parameterNode.bundlePath:
+            self._parameterNode.bundlePath = MMContourLogic.defaultBundlePath()
+
+    def setParameterNode(self, parameterNode):
+        if self._parameterNode and self._guiTag is not None:
+            self._parameterNode.disconnectGui(self._guiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateForm)
+            self._guiTag = None
+        self._parameterNode = parameterNode
+        if self._parameterNode:
+            self._guiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateForm)
+            self.updateForm()
+
+    # -- the form ----------------------------------------------------------------------------------
+    def updateForm(self, caller=None, event=None):
+        p = self._parameterNode
+        if p is None:
+            return
+        for name in RIGHT_COLUMN:
+            getattr(self.ui, name).setVisible(p.side != "left")
+        for name in LEFT_COLUMN:
+            getattr(self.ui, name).setVisible(p.side != "right")
+        for widgets in FIELD_WIDGETS.values():
+            for name in widgets:
+                getattr(self.ui, name).setStyleSheet("")
+
+        self._note = None
+        try:
+            self._note = slicer_io.note_from_form({name: getattr(p, name) for name in NOTE_PARAMETERS})
+        except ValueError as exc:  # NoteError or ContradictionError: say which field, before Apply
+            for name in FIELD_WIDGETS.get(getattr(exc, "field", ""), ()):
+                getattr(self.ui, name).setStyleSheet("QComboBox, QSpinBox { border: 2px solid #b3261e; }")
+            self.ui.promptPreviewLabel.text = "—"
+            self.ui.noteStatusLabel.text = f"✗ {exc}"
+            self.ui.noteStatusLabel.setStyleSheet(BAD_STYLE)
+        if self._note is not None:
+            self.ui.promptPreviewLabel.text = self._note.to_prompt()
+            warnings = slicer_io.note_warnings(self._note)
+            self.ui.noteStatusLabel.text = ("⚠ " + "; ".join(warnings)) if warnings else "✓ Valid note"
+            self.ui.noteStatusLabel.setStyleSheet(WARN_STYLE if warnings else OK_STYLE)
+
+        for widget, value in ((self.ui.bundlePathLineEdit, p.bundlePath), (self.ui.llmPathLineEdit, p.llmPath)):
+            if widget.currentPath != value:
+                widget.currentPath = value
+        self.updateModelInfo()
+        self.updateVariants()
+        self.updateButtons()
+
+    def updateVariants(self):
+        p = self._parameterNode
+        self._variants, problems = [], []
+        for index, text in enumerate((p.variant1, p.variant2, p.variant3), start=1):
+            if not text.strip():
+                continue
+            try:
+                self._variants.append(ClinicalNote.parse(text))
+            except ValueError as exc:
+                problems.append(f"variant {index}: {exc}")
+        if problems:
+            self.ui.compareStatusLabel.text = "✗ " + "\n".join(problems)
+            self.ui.compareStatusLabel.setStyleSheet(BAD_STYLE)
+        elif self._variants:
+            self.ui.compareStatusLabel.text = f"✓ {len(self._variants) + 1} notes: the current one and " \
+                                              f"{len(self._variants)} variant(s)"
+            self.ui.compareStatusLabel.setStyleSheet(OK_STYLE)
+        else:
+            self.ui.compareStatusLabel.text = ""
+        self._variantsValid = not problems
+
+    def updateModelInfo(self):
+        p = self._parameterNode
+        try:
+            summary = read_bundle_summary(p.bundlePath)
+        except (OSError, ValueError) as exc:
+            self.ui.bundleInfoLabel.text = f"✗ {exc}"
+            self.ui.bundleInfoLabel.setStyleSheet(BAD_STYLE)
+            self.ui.llmStatusLabel.text = ""
+            self._bundleValid = False
+            return
+        self._bundleValid = True
+        self.ui.bundleInfoLabel.text = (f"{summary['name']} {summary['version']} · id {summary['bundle_id'][:12]} · "
+                                        f"text model: {summary['llm_name'] or summary['llm_kind']}")
+        self.ui.bundleInfoLabel.setStyleSheet("")
+        if summary["llm_kind"] == "none":
+            self.ui.llmStatusLabel.text = "This bundle does not use a language model."
+            self.ui.llmStatusLabel.setStyleSheet("")
+            return
+        status, ok = slicer_io.llm_location_status(summary, p.llmPath)
+        self.ui.llmStatusLabel.text = status
+        self.ui.llmStatusLabel.setStyleSheet(OK_STYLE if ok else (BAD_STYLE if ok is False else ""))
+
+    def updateButtons(self):
+        p = self._parameterNode
+        running = self.logic.busy()
+        ready = bool(p.inputVolume) and self._note is not None and self._bundleValid
+        self.ui.applyButton.enabled = ready and not running
+        self.ui.compareButton.enabled = ready and not running and bool(self._variants) and self._variantsValid
+        self.ui.cancelButton.enabled = running
+        self.ui.loadModelButton.enabled = self._bundleValid and not running
+        if not p.inputVolume:
+            self.ui.applyButton.toolTip = "Choose the planning CT first."
+        elif self._note is None:
+            self.ui.applyButton.toolTip = "Fix the clinical note first (see the message under the prompt)."
+        else:
+            self.ui.applyButton.toolTip = f"Contour the CTV for: {self._note.to_prompt()}"
+
+    def onBundlePathChanged(self, path):
+        if self._parameterNode and self._parameterNode.bundlePath != path:
+            self._parameterNode.bundlePath = path
+
+    def onLlmPathChanged(self, path):
+        if self._parameterNode and self._parameterNode.llmPath != path:
+            self._parameterNode.llmPath = path
+
+    def onSuggestVariants(self):
+        if self._note is None:
+            return
+        suggestions = [v.to_prompt() for v in slicer_io.suggest_variants(self._note)] + ["", "", ""]
+        with slicer.util.NodeModify(self._parameterNode):
+            self._parameterNode.variant1, self._parameterNode.variant2, self._parameterNode.variant3 = suggestions[:3]
+        self.ui.compareCollapsibleButton.collapsed = False
+
+    # -- running -----------------------------------------------------------------------------------
+    def onApply(self):
+        self.run([self._note])
+
+    def onCompare(self):
+        self.run([self._note, *self._variants])
+
+    def run(self, notes):
+        p = self._parameterNode
+        if any(note is None for note in notes):
+            return
+        target = p.outputSegmentation
+        replace = False
+        if target is not None and target.GetSegmentation().GetNumberOfSegments():
+            count = target.GetSegmentation().GetNumberOfSegments()
+            if not slicer.util.confirmOkCancelDisplay(
+                    f"'{target.GetName()}' already holds {count} segment(s). Replace them with the new contour?\n\n"
+                    "Choose Cancel and 'Create new segmentation' as output to keep them.", "Replace segmentation?"):
+                return
+            replace = True
+        try:
+            if not self.logic.ensureDependencies(interactive=True):
+                return
+            self.logic.startContour(p.inputVolume, notes, p.bundlePath, p.llmPath or None,
+                                    slicer_io.DEVICE_CHOICES[p.device], target, replace)
+        except Exception as exc:
+            slicer.util.errorDisplay(f"Cannot start contouring: {exc}")
+            return
+        self.log(f"Contouring {len(notes)} note(s): " + " | ".join(n.to_prompt() for n in notes))
+        self.ui.progressBar.setRange(0, 0)
+        self.ui.statusLabel.text = "Starting…"
+        self.ui.statusLabel.setStyleSheet("")
+        self.timer.start()
+        self.updateButtons()
+
+    def onCancel(self):
+        self.logic.cancel()
+        self.ui.statusLabel.text = "Cancelling… (nothing will be written)"
+
+    def onLoadModel(self):
+        p = self._parameterNode
+        if not self.logic.ensureDependencies(interactive=True):
+            return
+        self._loadRequest = self.logic.requestLoad(p.bundlePath, p.llmPath or None, slicer_io.DEVICE_CHOICES[p.device])
+        self.ui.llmStatusLabel.text = "Loading the model in the background…"
+        self.timer.start()
+
+    def requestDeviceInfo(self):
+        if self.logic.dependenciesInstalled():
+            self.logic.requestInfo()
+            self.timer.start()
+        else:
+            self.ui.deviceInfoLabel.text = "PyTorch is installed on first use"
+
+    def onLoadPhantom(self):
+        with slicer.util.tryWithErrorDisplay("Could not create the phantom CT.", waitCursor=True):
+            if self.logic.ensureDependencies(interactive=True):
+                self._parameterNode.inputVolume = self.logic.loadPhantomSample()
+
+    def onPoll(self):
+        for line in self.logic.drainLog():
+            self.ui.logTextEdit.appendPlainText(line)
+        for event in self.logic.poll():
+            self.onWorkerEvent(event)
+        job = self.logic.job
+        if job is not None and job.state == "running":
+            self.showProgress(job)
+        elif job is not None and job is not self._shownJob:
+            self._shownJob = job
+            self.showOutcome(job)
+        if not self.logic.busy():
+            self.timer.stop()
+        self.updateButtons()
+
+    def onWorkerEvent(self, event):
+        kind = event.get("event")
+        if kind == "info":
+            self.ui.deviceInfoLabel.text = slicer_io.describe_devices(event)
+        elif kind == "loaded":
+            self.ui.llmStatusLabel.text = (f"✓ Model loaded ({event.get('seconds', 0):.1f} s); its language model "
+                                           "matches the bundle's fingerprint")
+            self.ui.llmStatusLabel.setStyleSheet(OK_STYLE)
+        elif kind == "error" and event.get("id") == self._loadRequest:
+            self.ui.llmStatusLabel.text = f"✗ {event.get('message')}"
+            self.ui.llmStatusLabel.setStyleSheet(BAD_STYLE)
+        elif kind == "died":
+            self.log(f"Worker stopped: {event.get('message')}\n{event.get('stderr_tail', '')}")
+
+    def showProgress(self, job):
+        label = STAGE_LABELS.get(job.stage, job.stage or "Starting")
+        notes = f" (note {job.note_index + 1}/{job.note_count})" if job.note_count > 1 else ""
+        if job.stage == "windows" and job.total:
+            self.ui.progressBar.setRange(0, job.total)
+            self.ui.progressBar.setValue(job.done)
+            label = f"Contouring: window {job.done}/{job.total}"
+        else:
+            self.ui.progressBar.setRange(0, 0)
+        elapsed = time.perf_counter() - job._started
+        self.ui.statusLabel.text = f"{label}{notes}… {elapsed:.0f} s"
+
+    def showOutcome(self, job):
+        self.ui.progressBar.setRange(0, 1)
+        self.ui.progressBar.setValue(1 if job.state == "done" else 0)
+        if job.state == "done":
+            node = job.segmentation_node
+            loaded = " including loading the model" if job.loaded_model else " (model was already loaded)"
+            self.ui.statusLabel.text = f"✓ {node.GetName()}: done in {job.seconds:.1f} s{loaded}"
+            self.ui.statusLabel.setStyleSheet(OK_STYLE)
+            node.CreateClosedSurfaceRepresentation()
+            self.log(self.ui.statusLabel.text)
+        elif job.state == "cancelled":
+            self.ui.statusLabel.text = f"Cancelled after {job.seconds:.1f} s; nothing was written"
+            self.ui.statusLabel.setStyleSheet(WARN_STYLE)
+        else:
+            self.ui.statusLabel.text = f"✗ {job.error}"
+            self.ui.statusLabel.setStyleSheet(BAD_STYLE)
+            self.log(f"Failed: {job.error}\n{job.error_detail}")
+            if not slicer.app.testingEnabled():
+                slicer.util.errorDisplay(f"Contouring failed: {job.error}\n\nThe next Apply starts again; details "
+                                         "are in the Log section.", detailedText=job.error_detail)
+
+    def log(self, text):
+        logging.info(text)
+        self.ui.logTextEdit.appendPlainText(text)
+
+
+class MMContourLogic(ScriptedLoadableModuleLogic):
+    """Owns the warm worker and the current job. Usable without the widget (scripts, tests):
+    ``MMContourLogic().contour(ctNode, ["N1, breast conserving surgery, left side"])``."""
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._client = None
+        self.workdir = tempfile.mkdtemp(prefix="MMContour-")
+        self.ctCache = slicer_io.CtFileCache(self.workdir)
+        self.job = None
+        self._log = queue.Queue()
+        self._requests = set()
+
+    def getParameterNode(self):
+        return MMContourParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def defaultBundlePath() -> str:
+        return os.environ.get("MMCONTOUR_BUNDLE") or os.path.join(ROOT, "Resources", "Models", "demo")
+
+    def client(self) -> WorkerClient:
+        if self._client is None:
+            python = shutil.which("PythonSlicer") or sys.executable
+            self._client = WorkerClient(python=python, pythonpath=[ROOT], log=self._log.put)
+        return self._client
+
+    # -- dependencies ------------------------------------------------------------------------------
+    @staticmethod
+    def requirementsFile() -> str:
+        return os.path.join(ROOT, "Resources", "requirements-slicer.txt")
+
+    def dependenciesInstalled(self) -> bool:
+        return not slicer_io.missing_requirements(self.requirementsFile())
+
+    def ensureDependencies(self, interactive: bool = True) -> bool:
+        """Install PyTorch and the pinned requirements on first use, after the user agrees. Headless runs never
+        wait for a dialog: they install only if MMCONTOUR_INSTALL_DEPENDENCIES=1, else raise with instructions."""
+        missing = slicer_io.missing_requirements(self.requirementsFile())
+        if not missing:
+            return True
+        headless = slicer.app.commandOptions().noMainWindow or slicer.app.testingEnabled() or not interactive
+        if headless and os.environ.get("MMCONTOUR_INSTALL_DEPENDENCIES") != "1":
+            raise RuntimeError(f"MMContour needs Python packages that are not installed: {', '.join(missing)}. "
+                               "Open the module once in the Slicer GUI, or set MMCONTOUR_INSTALL_DEPENDENCIES=1, or run "
+                               f"PythonSlicer -m pip install -r {self.requirementsFile()}")
+        if not headless and not slicer.util.confirmOkCancelDisplay(
+                "MMContour needs Python packages that are not installed yet:\n  " + "\n  ".join(missing)
+                + "\n\nInstall them now? This downloads PyTorch and a few libraries (several minutes, ~2 GB).",
+                "Install Python packages"):
+            return False
+        with slicer.util.WaitCursor():
+            if any(m.split()[0].lower() == "torch" for m in missing):
+                try:
+                    import PyTorchUtils
+                    if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
+                                                                     torchVersionRequirement=">=2.4") is None:
+                        raise RuntimeError("PyTorch installation failed (see the PyTorch Utils module)")
+                except ImportError:
+                    slicer.util.pip_install("torch>=2.4")
+            pydeps = _slicerPackaging()
+            if pydeps is not None:  # Slicer >= 5.11: checks, installs and offers a restart if needed
+                pydeps.pip_ensure(pydeps.load_requirements(self.requirementsFile()), prompt_install=False,
+                                  requester="MMContour", skip_in_testing=False)
+            else:
+                slicer.util.pip_install([r for r in slicer_io.read_requirements(self.requirementsFile())
+                                         if slicer_io.requirement_name(r) != "torch"])
+        still = slicer_io.missing_requirements(self.requirementsFile())
+        if still:
+            raise RuntimeError(f"these packages could not be installed: {', '.join(still)}")
+        return True
+
+    # -- requests ----------------------------------------------------------------------------------
+    def busy(self) -> bool:
+        return (self.job is not None and self.job.state == "running") or bool(self._requests)
+
+    def startContour(self, ctNode, notes, bundle=None, llm=None, device="auto", outputNode=None,
+                     replaceConfirmed=False, name=None, requestOptions=None):
+        if self.job is not None and self.job.state == "running":
+            raise RuntimeError("a contour is already running; cancel it or wait")
+        if ctNode is None:
+            raise ValueError("choose the planning CT")
+        self.job = slicer_io.ContourJob(self.client(), slicer.mrmlScene, ctNode, notes, bundle or self.defaultBundlePath(),
+                                        llm, device, outputNode, replaceConfirmed, ct_cache=self.ctCache,
+                                        workdir=self.workdir, name=name, request_options=requestOptions).start()
+        return self.job
+
+    def requestLoad(self, bundle=None, llm=None, device="auto") -> str:
+        rid = self.client().send("load", bundle=bundle or self.defaultBundlePath(), llm=llm, device=device)
+        self._requests.add(rid)
+        return rid
+
+    def requestInfo(self) -> str:
+        rid = self.client().send("info")
+        self._requests.add(rid)
+        return rid
+
+    def cancel(self, graceSeconds: float = 3.0):
+        if self.job is not None:
+            self.job.cancel(grace_s=graceSeconds)
+
+    def poll(self) -> list:
+        """The worker's events since the last call; advances the current job (call from a timer)."""
+        if self._client is None:
+            return []
+        events = self._client.poll()
+        for event in events:
+            if event.get("event") in ("loaded", "info", "error", "cancelled", "pong") or event.get("event") == "died":
+                self._requests.discard(str(event.get("id", "")))
+                if event.get("event") == "died":
+                    self._requests.difference_update(event.get("pending") or [])
+        if self.job is not None and self.job.state == "running":
+            self.job.poll(events)
+        return events
+
+    def drainLog(self) -> list:
+        lines = []
+        while not self._log.empty():
+            lines.append(self._log.get_nowait())
+        return lines
+
+    def contour(self, ctNode, notes, bundle=None, llm=None, device="auto", outputNode=None, replaceConfirmed=False,
+                timeout=None):
+        """Blocking contour (scripts, tests): returns the segmentation node; raises on failure or cancel."""
+        job = self.startContour(ctNode, notes, bundle, llm, device, outputNode, replaceConfirmed)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while job.state == "running":
+            self.poll()
+            slicer.app.processEvents()
+            if deadline is not None and time.monotonic() > deadline:
+                job.cancel(grace_s=0)
+                raise TimeoutError(f"contouring did not finish within {timeout} s")
+            time.sleep(0.02)
+        if job.state != "done":
+            raise RuntimeError(job.error or f"contouring {job.state}")
+        return job.segmentation_node
+
+    # -- sample data -------------------------------------------------------------------------------
+    def loadPhantomSample(self):
+        return loadPhantomSample()
+
+    def shutdown(self):
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class MMContourTest(ScriptedLoadableModuleTest):
+    """Runs inside Slicer (Developer mode > Reload and Test, or ctest). CI without Slicer runs Testing/*.py."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_form_shows_the_exact_prompt_and_flags_contradictions()
+        self.setUp()
+        self.test_contour_the_phantom()
+
+    def test_form_shows_the_exact_prompt_and_flags_contradictions(self):
+        widget = slicer.modules.mmcontour.widgetRepresentation().self()
+        p = widget._parameterNode
+        p.side, p.leftNStage, p.leftSurgery = "left", "N1", _C["surgery"][0]
+        self.assertEqual(widget.ui.promptPreviewLabel.text, "N1, breast conserving surgery, left side")
+        self.assertTrue(widget.ui.rightNStageComboBox.isHidden())
+        p.side, p.rightNStage, p.rightSurgery = "both", "N2", _C["surgery"][1]
+        self.assertEqual(widget.ui.promptPreviewLabel.text,
+                         "N1, breast conserving surgery, left side; N2, total mastectomy surgery, right side")
+        self.assertFalse(widget.ui.rightNStageComboBox.isHidden())
+        p.side, p.leftTStage, p.pathology = "left", "Tis", "IDC"
+        self.assertIn("✗", widget.ui.noteStatusLabel.text)
+        self.assertFalse(widget.ui.applyButton.enabled)
+        p.leftTStage, p.pathology = NOT_STATED, NOT_STATED
+        self.assertIn("✓", widget.ui.noteStatusLabel.text)
+
+    def test_contour_the_phantom(self):
+        logic = MMContourLogic()
+        bundle = logic.defaultBundlePath()
+        if not os.path.isfile(os.path.join(bundle, "config.json")):
+            self.skipTest(f"no model bundle at {bundle}")
+        try:
+            logic.ensureDependencies(interactive=False)
+            ct = logic.loadPhantomSample()
+            note = "N2, breast conserving surgery, left side"
+            node = logic.contour(ct, [note], timeout=900)
+            self.assertEqual(slicer_io.segment_ids(node), ["CTV"])
+            self.assertEqual(node.GetAttribute("MMContour.prompt"), note)
+            self.assertTrue(node.GetAttribute("MMContour.llm_fingerprint"))
+            mask = slicer_io.segment_mask(node, "CTV", ct)
+            self.assertTrue(slicer_io.same_grid(mask, slicer_io.volume_node_to_image(ct)))
+            # a non-empty output is never replaced without confirmation
+            with self.assertRaises(slicer_io.SegmentationNotEmptyError):
+                logic.startContour(ct, [note], outputNode=node)
+            # edit the note, contour again: the model stays loaded
+            second = logic.contour(ct, ["N0, breast conserving surgery, left side"], timeout=300)
+            self.assertFalse(logic.job.loaded_model)
+            self.assertIsNot(second, node)
+        finally:
+            logic.shutdown()
