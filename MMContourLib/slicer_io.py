@@ -371,6 +371,15 @@ def result_colors(count: int) -> list[tuple[float, float, float]]:
     return [tuple(DEFAULT_COLORS[i % len(DEFAULT_COLORS)]) for i in range(count)]
 
 
+def short_note_label(note) -> str:
+    """A few words that tell results apart in the Data module: 'N2 BCS left', 'N0 BCS left + N2 TM right'."""
+    from .note import note_from_any
+
+    note = note_from_any(note)
+    surgery = {"bcs": "BCS", "mastectomy": "TM"}
+    return " + ".join(f"{s.n_stage} {surgery[s.surgery]} {s.side}" for s in note.sides)
+
+
 def masks_from_results(results: Sequence[Mapping], single_name: str = "CTV") -> dict[str, SegmentSpec]:
     """Worker results (``mask_path``, ``prompt``, ``side``, ``provenance``) -> segments: one result is
     'CTV'; several (compare notes) are named by their note so the legend reads like paper Fig. 5."""
@@ -528,8 +537,8 @@ class ContourJob:
             specs = masks_from_results(self.results)
             provenance = provenance_for(self.results)
             provenance.setdefault("bundle", self.bundle)
-            name = self.name or (f"{self.ct_node.GetName()} CTV" if len(specs) == 1
-                                 else f"{self.ct_node.GetName()} CTV by note")
+            name = self.name or (f"{self.ct_node.GetName()} CTV ({short_note_label(self.notes[0])})"
+                                 if len(specs) == 1 else f"{self.ct_node.GetName()} CTV by note")
             self.segmentation_node = write_mask_to_segmentation(
                 self.scene, self.ct_node, specs, provenance, target_node=self.target_node,
                 replace_confirmed=self.replace_confirmed, name=name)

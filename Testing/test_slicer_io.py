@@ -299,6 +299,7 @@ def test_contour_job_writes_one_node_when_the_result_arrives(scene, tmp_path):
     assert job.state == "done" and _node_count(scene) == 1
     node = job.segmentation_node
     assert segment_ids(node) == ["CTV"] and node.GetAttribute("MMContour.bundle") == "/b"
+    assert node.GetName() == "Planning CT CTV (N1 BCS left)"  # results of edited notes are told apart
     assert node.GetAttribute("MMContour.llm_fingerprint") == "sha256:ff"
     assert not list(tmp_path.glob("mask-*.nrrd"))  # temporary masks removed
 
