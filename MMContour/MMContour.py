@@ -161,6 +161,8 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._variantsValid = True
         self._bundleValid = False
         self._loadRequest = None
+        self._loadedModel = None  # (bundle, llm, device) the worker loaded, so the LLM fingerprint matched
+        self._loadingModel = None
         self._shownJob = None
 
     # -- setup / lifecycle -------------------------------------------------------------------------
@@ -307,12 +309,14 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.llmStatusLabel.setStyleSheet("")
             return
         status, ok = slicer_io.llm_location_status(summary, p.llmPath)
+        if self._loadedModel == self._modelKey():
+            status, ok = "✓ Loaded; the language model matches the bundle's fingerprint", True
         self.ui.llmStatusLabel.text = status
         self.ui.llmStatusLabel.setStyleSheet(OK_STYLE if ok else (BAD_STYLE if ok is False else ""))
 
     def updateButtons(self):
         p = self._parameterNode
-        running = self.logic.busy()
+        running = self.logic.job is not None and self.logic.job.state == "running"
         ready = bool(p.inputVolume) and self._note is not None and self._bundleValid
         self.ui.applyButton.enabled = ready and not running
         self.ui.compareButton.enabled = ready and not running and bool(self._variants) and self._variantsValid
@@ -324,6 +328,10 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.applyButton.toolTip = "Fix the clinical note first (see the message under the prompt)."
         else:
             self.ui.applyButton.toolTip = f"Contour the CTV for: {self._note.to_prompt()}"
+
+    def _modelKey(self):
+        p = self._parameterNode
+        return (p.bundlePath, p.llmPath or None, slicer_io.DEVICE_CHOICES[p.device])
 
     def onBundlePathChanged(self, path):
         if self._parameterNode and self._parameterNode.bundlePath != path:
@@ -385,6 +393,7 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.logic.ensureDependencies(interactive=True):
             return
         self._loadRequest = self.logic.requestLoad(p.bundlePath, p.llmPath or None, slicer_io.DEVICE_CHOICES[p.device])
+        self._loadingModel = self._modelKey()
         self.ui.llmStatusLabel.text = "Loading the model in the background…"
         self.timer.start()
 
@@ -419,10 +428,10 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         kind = event.get("event")
         if kind == "info":
             self.ui.deviceInfoLabel.text = slicer_io.describe_devices(event)
-        elif kind == "loaded":
-            self.ui.llmStatusLabel.text = (f"✓ Model loaded ({event.get('seconds', 0):.1f} s); its language model "
-                                           "matches the bundle's fingerprint")
-            self.ui.llmStatusLabel.setStyleSheet(OK_STYLE)
+        elif kind == "loaded" and event.get("id") == self._loadRequest:
+            self._loadedModel = self._loadingModel
+            self.log(f"Model loaded in {event.get('seconds', 0):.1f} s on {event.get('device')}")
+            self.updateModelInfo()
         elif kind == "error" and event.get("id") == self._loadRequest:
             self.ui.llmStatusLabel.text = f"✗ {event.get('message')}"
             self.ui.llmStatusLabel.setStyleSheet(BAD_STYLE)
@@ -446,11 +455,12 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.setValue(1 if job.state == "done" else 0)
         if job.state == "done":
             node = job.segmentation_node
+            self._loadedModel = (job.bundle, job.llm, job.device)
+            self.updateModelInfo()
             loaded = " including loading the model" if job.loaded_model else " (model was already loaded)"
             self.ui.statusLabel.text = f"✓ {node.GetName()}: done in {job.seconds:.1f} s{loaded}"
             self.ui.statusLabel.setStyleSheet(OK_STYLE)
-            node.CreateClosedSurfaceRepresentation()
-            self.log(self.ui.statusLabel.text)
+            self.log(self.ui.statusLabel.text)  # 3D: "Show 3D" in Segmentations (not here: it can take seconds)
         elif job.state == "cancelled":
             self.ui.statusLabel.text = f"Cancelled after {job.seconds:.1f} s; nothing was written"
             self.ui.statusLabel.setStyleSheet(WARN_STYLE)
@@ -647,6 +657,8 @@ class MMContourTest(ScriptedLoadableModuleTest):
         bundle = logic.defaultBundlePath()
         if not os.path.isfile(os.path.join(bundle, "config.json")):
             self.skipTest(f"no model bundle at {bundle}")
+        if not logic.dependenciesInstalled() and os.environ.get("MMCONTOUR_INSTALL_DEPENDENCIES") != "1":
+            self.skipTest("Python packages missing: install them (docs/slicer.md) or set MMCONTOUR_INSTALL_DEPENDENCIES=1")
         try:
             logic.ensureDependencies(interactive=False)
             ct = logic.loadPhantomSample()
