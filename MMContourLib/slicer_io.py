@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -470,10 +471,9 @@ class ContourJob:
         self._started = 0.0
         self.seconds = 0.0
         self._cancel_requested = False
+        self._result_ready = False
 
     def start(self) -> "ContourJob":
-        import time
-
         if self.target_node is not None and self.target_node.GetSegmentation().GetNumberOfSegments() \
                 and not self.replace_confirmed:
             raise SegmentationNotEmptyError(
@@ -498,9 +498,15 @@ class ContourJob:
     def poll(self, events: Sequence[dict] | None = None) -> list[dict]:
         """Advance with the worker's events (``events``: already polled by the caller, who may share the
         client with other requests; default: poll the client); returns the events that concerned this job."""
-        import time
-
         if self.state != "running":
+            return []
+        if self._result_ready:  # one poll after the result: the GUI has shown "Writing result" meanwhile
+            self._result_ready = False
+            if self._cancel_requested:
+                self.state = "cancelled"
+            else:
+                self._write()
+            self._finish()
             return []
         mine = []
         for event in (self.client.poll() if events is None else events):
@@ -517,22 +523,21 @@ class ContourJob:
             elif kind == "result":
                 self.results = list(event.get("results") or [])
                 self.loaded_model = event.get("loaded_model")
-                if self._cancel_requested:
-                    self.state = "cancelled"
-                else:
-                    self._write()
+                self.stage, self._result_ready = "write", True
             elif kind == "cancelled":
                 self.state = "cancelled"
             elif kind == "error":
                 self.state, self.error = "failed", event.get("message") or "contouring failed"
                 self.error_detail = event.get("stderr_tail") or event.get("traceback") or ""
+        self._finish()
+        return mine
+
+    def _finish(self) -> None:
         if self.finished:
             self.seconds = time.perf_counter() - self._started
             self._remove_masks()
-        return mine
 
     def _write(self) -> None:
-        self.stage = "write"
         try:
             specs = masks_from_results(self.results)
             provenance = provenance_for(self.results)
@@ -554,8 +559,6 @@ class ContourJob:
 
     def wait(self, timeout: float | None = None, on_event=None) -> "ContourJob":
         """Poll until finished (batch scripts and tests; a GUI polls from a timer instead)."""
-        import time
-
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.finished:
             for event in self.poll():
