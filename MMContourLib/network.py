@@ -56,6 +56,10 @@ class TextConditionedUNet(nn.Module):
                 for level, c in enumerate(ch))
         else:
             self.align = None
+        #: inference runs the alignment in its fused form (same result, no per-voxel q/k/v tensors)
+        self.fused_alignment = True
+        #: training recomputes each block's activations in the backward pass instead of keeping them
+        self.activation_checkpointing = False
 
     @property
     def downsample_factor(self) -> int:
@@ -65,9 +69,16 @@ class TextConditionedUNet(nn.Module):
         """x: (B, 1, X, Y, Z) with X, Y, Z multiples of 16 -> features of the five levels."""
         feats = []
         for enc in self.encoders:
-            x = enc(x)
+            x = self._run(enc, x)
             feats.append(x)
         return feats
+
+    def _run(self, block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     def decode(self, feats: list[torch.Tensor], g: torch.Tensor | None = None) -> torch.Tensor:
         """feats from ``encode``; g: (B, N, D) note embedding or None (vision-only) -> logits (B, 2, X, Y, Z)."""
@@ -76,14 +87,77 @@ class TextConditionedUNet(nn.Module):
                 raise ValueError("this network was trained with a text encoder: pass the note embedding")
             if g.shape[0] != feats[0].shape[0]:
                 g = g.expand(feats[0].shape[0], *g.shape[1:])
-            feats = [align(f, g) for align, f in zip(self.align, feats)]
+            fused = self.fused_alignment and not torch.is_grad_enabled()
+            feats = [fused_alignment(align, f, g) if fused else self._run(align, f, g)
+                     for align, f in zip(self.align, feats)]
         x = feats[-1]
         for dec, skip in zip(self.decoders, reversed(feats[:-1])):
-            x = dec(x, skip)
+            x = self._run(dec, x, skip)
         return self.out(x)
 
     def forward(self, x: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
         return self.decode(self.encode(x), g)
+
+
+def fused_alignment(align: TextImageAlignment, features: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``align(features, g)`` computed without per-voxel query/key/value tensors (inference).
+
+    With only N (= 2) text tokens, every attention that touches the image folds into two thin
+    matmuls over the voxels: scores = image @ U with U = W_k^T q (text->image) or W_q^T k
+    (image->text), and the attention output followed by ``out_proj`` is P @ M with M the
+    per-head, per-token rows W_o v. Same arithmetic up to float rounding, about a tenth of the
+    memory traffic. The result is channels-last in memory (the convolutions take either layout).
+    """
+    b, c = features.shape[:2]
+    spatial = features.shape[2:]
+    image = features.flatten(2).transpose(1, 2)  # (B, L, C); a free view for channels-last input
+    text = align.project(g.to(image.dtype))
+    for block in align.blocks:
+        text = block.norm1(text + block.self_attn(text, text, text))
+        text = block.norm2(text + _text_to_image(block.text_to_image, text, image))
+        text = block.norm3(text + block.mlp(text))
+        image = block.norm4(image + _image_to_text(block.image_to_text, image, text))
+    return image.reshape(b, *spatial, c).permute(0, 4, 1, 2, 3)
+
+
+def _head_weights(linear: nn.Linear, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inner, C) weight and (inner,) bias -> (H, d, C) and (H, d)."""
+    inner = linear.weight.shape[0]
+    return linear.weight.reshape(heads, inner // heads, -1), linear.bias.reshape(heads, inner // heads)
+
+
+def _text_to_image(attn, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """Text queries (B, N, C) over image keys/values (B, L, C) -> (B, N, C)."""
+    h = attn.heads
+    b, n, _ = text.shape
+    wk, _ = _head_weights(attn.k_proj, h)  # the key bias shifts all scores of a query alike: no effect
+    wv, bv = _head_weights(attn.v_proj, h)
+    q = attn.q_proj(text).reshape(b, n, h, -1)  # (B, N, H, d)
+    scale = q.shape[-1] ** -0.5
+    u = torch.einsum("bnhd,hdc->bhnc", q, wk.to(q.dtype)).reshape(b, h * n, -1) * scale  # (B, HN, C)
+    scores = torch.matmul(u.to(image.dtype), image.transpose(1, 2))  # (B, HN, L): softmax over contiguous rows
+    p = torch.softmax(scores.float(), dim=-1).to(image.dtype)
+    z = torch.matmul(p, image).reshape(b, h, n, -1)  # (B, H, N, C)
+    out = torch.einsum("bhnc,hdc->bnhd", z, wv.to(z.dtype)) + bv.to(z.dtype)
+    return attn.out_proj(out.reshape(b, n, -1))
+
+
+def _image_to_text(attn, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Image queries (B, L, C) over text keys/values (B, N, C) -> (B, L, C)."""
+    h = attn.heads
+    b, n, _ = text.shape
+    wq, bq = _head_weights(attn.q_proj, h)
+    k = attn.k_proj(text).reshape(b, n, h, -1)  # (B, N, H, d)
+    v = attn.v_proj(text).reshape(b, n, h, -1)
+    scale = k.shape[-1] ** -0.5
+    u = torch.einsum("hdc,bnhd->bchn", wq.to(k.dtype), k).reshape(b, -1, h * n) * scale  # (B, C, HN)
+    const = torch.einsum("hd,bnhd->bhn", bq.to(k.dtype), k).reshape(b, 1, h, n) * scale
+    scores = torch.matmul(image, u.to(image.dtype)).reshape(b, -1, h, n).float() + const.float()  # (B, L, H, N)
+    scores = (scores - scores.amax(-1, keepdim=True)).exp_()  # softmax over the N text tokens, written out:
+    p = (scores / scores.sum(-1, keepdim=True)).reshape(b, -1, h * n)  # elementwise ops vectorise over L
+    wo = attn.out_proj.weight.reshape(-1, h, v.shape[-1])  # (C, H, d)
+    m = torch.einsum("bnhd,chd->bhnc", v, wo.to(v.dtype)).reshape(b, h * n, -1)  # (B, HN, C)
+    return torch.matmul(p.to(image.dtype), m.to(image.dtype)) + attn.out_proj.bias.to(image.dtype)
 
 
 def _heads_for(channels: int, wanted: int) -> int:

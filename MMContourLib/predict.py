@@ -3,6 +3,12 @@
 One contour: CT -> model grid -> note embedding (the LLM runs once per new note, cached) ->
 sliding window over the U-Net (Gaussian blending) -> probabilities back on the CT's own grid ->
 threshold -> mask with exactly the CT's geometry.
+
+Speed and memory (docs/performance.md): the U-Net's encoder never sees the note, so its features
+per window are kept for the last CT (on the GPU when they fit, else in host memory, else not at
+all) and an edited note re-runs only alignment + decoder; the LLM can leave the GPU after
+encoding (``offload_llm``); running out of GPU memory halves the window batch, then drops the
+feature cache, then continues on the CPU, each time with a warning instead of a crash.
 """
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import contextlib
 import hashlib
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -39,6 +46,7 @@ class ContourResult:
     provenance: dict[str, str]
     timings: dict[str, float] = field(default_factory=dict)
     windows: int = 0
+    feature_cache: str = ""  # "hit", "device", "host" (stored there for the next note), "off" or "" (n/a)
 
     @property
     def voxels(self) -> int:
@@ -51,7 +59,7 @@ class ContourResult:
     def summary(self) -> dict:
         return {"prompt": self.prompt, "voxels": self.voxels, "volume_cc": round(self.volume_cc, 2),
                 "windows": self.windows, "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
-                "provenance": self.provenance}
+                "feature_cache": self.feature_cache, "provenance": self.provenance}
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -74,10 +82,26 @@ def count_windows(shape: Sequence[int], roi: Sequence[int], overlap: float) -> i
     return total
 
 
+FEATURE_CACHE_MODES = ("auto", "device", "host", "off")
+PRECISIONS = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class Contourer:
+    """Loads a bundle once and contours many CTs / notes.
+
+    Performance options (all keep the result; see docs/performance.md):
+    ``precision`` of the U-Net (auto: bf16/fp16 autocast on a GPU, fp32 on the CPU),
+    ``channels_last`` (3D channels-last memory layout), ``compile`` (``torch.compile`` the U-Net),
+    ``cache_features`` (keep the encoder features of the last CT for a note edit: auto | device |
+    host | off; ``feature_cache_bytes`` caps it), ``offload_llm`` (move the LLM to the CPU after
+    each encoding, back when a new note needs it; GPU only).
+    """
+
     def __init__(self, bundle: ModelBundle, llm: str | None = None, device: str = "auto", dtype: str = "auto",
                  roi_size: Sequence[int] | None = None, overlap: float | None = None, sw_batch_size: int = 1,
-                 allow_download: bool = False):
+                 allow_download: bool = False, precision: str = "auto", channels_last: bool = False,
+                 compile: bool = False, cache_features: str = "auto", feature_cache_bytes: int | None = None,
+                 offload_llm: bool = False):
         self.bundle = bundle
         self.device = resolve_device(device)
         self.network, self.text = bundle.build(self.device, llm=llm, dtype=dtype, allow_download=allow_download)
@@ -85,8 +109,27 @@ class Contourer:
         if any(v % self.network.downsample_factor for v in self.roi_size):
             raise ValueError(f"window size {self.roi_size} must be a multiple of {self.network.downsample_factor}")
         self.overlap = float(bundle.inference.overlap if overlap is None else overlap)
-        self.sw_batch_size = sw_batch_size
+        self.sw_batch_size = max(1, int(sw_batch_size))
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        if cache_features not in FEATURE_CACHE_MODES:
+            raise ValueError(f"cache_features {cache_features!r}: use one of {', '.join(FEATURE_CACHE_MODES)}")
+        self.precision = precision
+        self.channels_last = channels_last
+        self.cache_features = cache_features
+        self.feature_cache_bytes = feature_cache_bytes
+        self.offload_llm = offload_llm
+        self.fallbacks: list[str] = []  # what the out-of-memory handling had to do, in order
+        if channels_last:
+            self.network.to(memory_format=torch.channels_last_3d)
+        self._encode, self._decode = self.network.encode, self.network.decode
+        if compile:
+            self._encode, self._decode = torch.compile(self._encode), torch.compile(self._decode)
         self._last_input: tuple[str, ModelInput] | None = None
+        # (model input, settings, features per predictor call) of the last CT
+        self._features: tuple[ModelInput, tuple, list[list[torch.Tensor]]] | None = None
+        if offload_llm:
+            self._offload()
 
     @classmethod
     def from_bundle(cls, path, llm: str | None = None, device: str = "auto", **kwargs) -> "Contourer":
@@ -118,40 +161,146 @@ class Contourer:
 
     def encode_notes(self, notes: Sequence[ClinicalNote | str]) -> torch.Tensor | None:
         prompts = [note_from_any(n).to_prompt() for n in notes]
-        return self.text.encode(prompts)
+        if self.offload_llm and not self._cached(prompts):
+            self.text.move_llm(self.device)
+        g = self.text.encode(prompts)
+        if self.offload_llm:
+            self._offload()
+        return g
+
+    def _cached(self, prompts: Sequence[str]) -> bool:
+        cache = getattr(self.text, "_cache", None)
+        if self.text.dim is None or cache is None:
+            return True
+        pv = self.text.prompt_vector_hash()
+        return all((self.text.fingerprint, pv, p) in cache for p in prompts)
+
+    def _offload(self) -> None:
+        """The LLM off the GPU (between notes); a no-op on the CPU or for vision-only bundles."""
+        if self.device.type == "cuda" and hasattr(self.text, "move_llm"):
+            self.text.move_llm("cpu")
+            torch.cuda.empty_cache()
 
     def _autocast(self):
+        dtype = PRECISIONS[self.precision]
         if self.device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
+            if dtype is None:
+                dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+        if dtype in (torch.bfloat16, torch.float16):
+            return torch.autocast("cpu", dtype=dtype)
         return contextlib.nullcontext()
 
     def probabilities(self, model_input: ModelInput, g: torch.Tensor | None, progress: Progress | None = None,
                       cancel: Callable[[], bool] | None = None) -> tuple[np.ndarray, int]:
-        """Foreground probability (X, Y, Z) on the model grid, by MONAI sliding window."""
+        """Foreground probability (X, Y, Z) on the model grid, by MONAI sliding window. Out of GPU
+        memory: fewer windows per batch, then no feature cache, then the CPU (with a warning)."""
+        while True:
+            try:
+                return self._sliding_window(model_input, g, progress, cancel)
+            except torch.OutOfMemoryError as exc:
+                if self.device.type != "cuda":
+                    raise
+                self._features = None
+                torch.cuda.empty_cache()
+                if self.sw_batch_size > 1:
+                    self._fallback(f"out of GPU memory with {self.sw_batch_size} windows per batch; retrying with "
+                                   f"{self.sw_batch_size // 2}")
+                    self.sw_batch_size //= 2
+                elif self.cache_features != "off":
+                    self._fallback("out of GPU memory; retrying without the feature cache")
+                    self.cache_features = "off"
+                else:
+                    self._fallback(f"out of GPU memory even for one {self.roi_size} window ({exc.__class__.__name__})"
+                                   "; continuing on the CPU (slow). Use a smaller --roi, --offload-llm or a larger GPU")
+                    self.device = torch.device("cpu")
+                    self.network.to(self.device)
+
+    def _fallback(self, message: str) -> None:
+        self.fallbacks.append(message)
+        warnings.warn(f"MMContour: {message}", RuntimeWarning, stacklevel=3)
+
+    def _feature_budget(self, where: str) -> int:
+        if self.feature_cache_bytes is not None:
+            return int(self.feature_cache_bytes)
+        if where == "device":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            return int(free - 2 * 2**30)  # headroom for the decoder's own activations
+        try:
+            import psutil
+
+            available = psutil.virtual_memory().available
+        except ImportError:  # pragma: no cover - psutil comes with accelerate
+            available = 0
+        return int(available // 2)
+
+    def _cache_target(self, nbytes: int) -> str:
+        """Where the features of a whole CT (``nbytes``) are kept: device, host or off."""
+        mode = self.cache_features
+        if mode == "off" or self.network.align is None:  # vision-only: the note never changes the output
+            return "off"
+        if self.device.type == "cuda" and mode in ("auto", "device") and nbytes <= self._feature_budget("device"):
+            return "device"
+        if mode in ("auto", "host") and nbytes <= self._feature_budget("host"):
+            return "host" if self.device.type == "cuda" else "device"
+        return "off"
+
+    def _sliding_window(self, model_input: ModelInput, g: torch.Tensor | None, progress: Progress | None,
+                        cancel: Callable[[], bool] | None) -> tuple[np.ndarray, int]:
         from monai.inferers import sliding_window_inference
 
         x = torch.from_numpy(model_input.array)[None, None].to(self.device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         total = count_windows(x.shape[2:], self.roi_size, self.overlap)
+        calls = math.ceil(total / self.sw_batch_size)
         done = 0
         if g is not None:
             g = g.to(self.device)
+        # MONAI visits the windows in a fixed order for a given input, so predictor call i always
+        # sees the same windows: call i's encoder features are reused when only the note changed.
+        key = (self.roi_size, self.overlap, self.sw_batch_size, self.precision, self.channels_last, str(self.device))
+        hit = self._features is not None and self._features[0] is model_input and self._features[1] == key
+        cached = self._features[2] if hit else None
+        self._cache_state = "hit" if cached is not None else ""
+        store: list[list[torch.Tensor]] | None = None
+        target = "off"
 
         def predictor(window: torch.Tensor) -> torch.Tensor:
-            nonlocal done
+            nonlocal done, store, target
             if cancel is not None and cancel():
                 raise Cancelled("contouring cancelled")
+            call = done // self.sw_batch_size
             with self._autocast():
-                logits = self.network(window, g)
+                if cached is not None:
+                    feats = [f.to(self.device, non_blocking=True) for f in cached[call]]
+                else:
+                    feats = self._encode(window)
+                    if call == 0:
+                        nbytes = sum(f.numel() * f.element_size() for f in feats) * calls
+                        target = self._cache_target(nbytes)
+                        store = [] if target != "off" else None
+                    if store is not None:
+                        store.append([f if target == "device" else f.to("cpu", non_blocking=True) for f in feats])
+                logits = self._decode(feats, g)
             done += window.shape[0]
             if progress is not None:
                 progress("windows", done, total)
             return torch.softmax(logits.float(), 1)[:, 1:2]
 
+        if cached is None:
+            self._features = None  # free the last CT's features before this one's are made
         with torch.inference_mode():
             prob = sliding_window_inference(x, self.roi_size, self.sw_batch_size, predictor, self.overlap,
                                             mode="gaussian", padding_mode="constant", cval=0.0)
+        if cached is None:
+            self._cache_state = target if store is not None else ("off" if self.network.align is not None else "")
+            if store is not None:
+                self._features = (model_input, key, store)
         return prob[0, 0].float().cpu().numpy(), done
+
+    def clear_feature_cache(self) -> None:
+        self._features = None
 
     # -- the job ----------------------------------------------------------------------------------
     def contour(self, image: sitk.Image, note: ClinicalNote | str, progress: Progress | None = None,
@@ -184,7 +333,8 @@ class Contourer:
         timings["postprocess"] = time.perf_counter() - t
         timings["total"] = sum(timings.values())
         report("postprocess", 1, 1)
-        return ContourResult(mask, prob_img, note, prompt, self.provenance(prompt), timings, windows)
+        return ContourResult(mask, prob_img, note, prompt, self.provenance(prompt), timings, windows,
+                             getattr(self, "_cache_state", ""))
 
 
 def load_contourer(bundle: str | Path, **kwargs) -> Contourer:
