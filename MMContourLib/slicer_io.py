@@ -479,8 +479,8 @@ class ContourJob:
             raise SegmentationNotEmptyError(
                 f"segmentation '{self.target_node.GetName()}' already holds segments; confirm replacing them")
         self._started = time.perf_counter()
-        self.state, self.stage = "running", "export-ct"
-        ct_path = self.ct_cache.path_for(self.ct_node)
+        ct_path = self.ct_cache.path_for(self.ct_node)  # an unusable CT fails here, before the job counts as running
+        self.state, self.stage = "running", "read-ct"
         self.request_id = self.client.send("contour", ct=str(ct_path), notes=self.notes, bundle=self.bundle,
                                            llm=self.llm, device=self.device, out_dir=str(self.workdir),
                                            **self.request_options)
