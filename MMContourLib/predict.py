@@ -31,6 +31,8 @@ from .note import PROMPT_TEMPLATE_VERSION, ClinicalNote, note_from_any
 from .preprocess import ModelInput, probabilities_to_ct_grid, threshold, to_model_grid
 
 Progress = Callable[[str, int, int], None]
+FEATURE_CACHE_MODES = ("auto", "device", "host", "off")
+PRECISIONS = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Cancelled(RuntimeError):
@@ -72,6 +74,18 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+def autocast_context(device: torch.device, precision: str = "auto"):
+    """Mixed precision for the U-Net: auto is bf16 (fp16 where bf16 is missing) on a GPU, fp32 on the CPU."""
+    dtype = PRECISIONS[precision]
+    if device.type == "cuda":
+        if dtype is None:
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    if dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast("cpu", dtype=dtype)
+    return contextlib.nullcontext()
+
+
 def count_windows(shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
     """Windows MONAI's sliding_window_inference visits for an image of ``shape`` (after its padding)."""
     total = 1
@@ -80,10 +94,6 @@ def count_windows(shape: Sequence[int], roi: Sequence[int], overlap: float) -> i
         interval = max(int(r * (1 - overlap)), 1)
         total *= 1 if s <= r else math.ceil((s - r) / interval) + 1
     return total
-
-
-FEATURE_CACHE_MODES = ("auto", "device", "host", "off")
-PRECISIONS = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Contourer:
@@ -182,14 +192,7 @@ class Contourer:
             torch.cuda.empty_cache()
 
     def _autocast(self):
-        dtype = PRECISIONS[self.precision]
-        if self.device.type == "cuda":
-            if dtype is None:
-                dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-        if dtype in (torch.bfloat16, torch.float16):
-            return torch.autocast("cpu", dtype=dtype)
-        return contextlib.nullcontext()
+        return autocast_context(self.device, self.precision)
 
     def probabilities(self, model_input: ModelInput, g: torch.Tensor | None, progress: Progress | None = None,
                       cancel: Callable[[], bool] | None = None) -> tuple[np.ndarray, int]:
@@ -199,10 +202,9 @@ class Contourer:
             try:
                 return self._sliding_window(model_input, g, progress, cancel)
             except torch.OutOfMemoryError as exc:
-                if self.device.type != "cuda":
-                    raise
                 self._features = None
-                torch.cuda.empty_cache()
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
                 if self.sw_batch_size > 1:
                     self._fallback(f"out of GPU memory with {self.sw_batch_size} windows per batch; retrying with "
                                    f"{self.sw_batch_size // 2}")
@@ -210,6 +212,8 @@ class Contourer:
                 elif self.cache_features != "off":
                     self._fallback("out of GPU memory; retrying without the feature cache")
                     self.cache_features = "off"
+                elif self.device.type != "cuda":
+                    raise
                 else:
                     self._fallback(f"out of GPU memory even for one {self.roi_size} window ({exc.__class__.__name__})"
                                    "; continuing on the CPU (slow). Use a smaller --roi, --offload-llm or a larger GPU")

@@ -1,0 +1,801 @@
+"""``mmcontour bench``: speed and memory of contouring (and training) at a chosen scale.
+
+Presets (``--preset``):
+
+* ``tiny``: test-sized (random 2-layer Llama, feature size 4); seconds; what the tests run.
+* ``small``: demo-sized (a SmolLM2-135M-*shaped* random LLM, feature size 16, 2 x 2 x 6 mm).
+* ``cpu``: production-sized on the CPU: a Llama-2-7B-*shaped* random LLM in bf16 and the
+  feature-size-48 U-Net, with a CPU window chosen to stay within 16 GB of host memory.
+* ``gpu-7b``: production-sized on one GPU: 7B-shaped LLM in bf16, 384 x 384 x 128 windows.
+
+The LLM has random weights written as a real Hugging Face folder (``randomllm.py``), loaded by the
+same code as Llama-2-7B-chat: speed and memory do not depend on the weights' values. The CT is a
+synthetic thorax of 512 x 512 x 120 at 0.98 x 0.98 x 2.5 mm (the tiny preset: a small one).
+
+It reports model load, note encoding, windows and time per window, end to end, the edited-note
+time, peak memory (GPU and host), LLM calls per contour, parameter counts, the per-window cost of
+the alignment (multimodal / vision-only), the reference-style loop (LLM once per window, fp32,
+no caching) on the same CT, training time per input and its peak memory, and (``--scaleout N``)
+training throughput of N CPU processes under torchrun (gloo) against one.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+NOTES = [f"{n}, {s}, {side} side" for side in ("left", "right")
+         for s in ("breast conserving surgery", "total mastectomy surgery")
+         for n in ("N0", "N1mi", "N1", "N2", "N3")]
+
+TINY_LLM = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=None)
+SMOLLM2_135M_SHAPE = dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536, num_attention_heads=9,
+                          num_key_value_heads=3, vocab_size=49152)
+THORAX_CT = dict(size=(512, 512, 120), spacing=(0.98, 0.98, 2.5))
+
+
+@dataclass
+class Preset:
+    name: str
+    llm_shape: dict
+    feature_size: int
+    spacing: tuple[float, float, float]
+    roi: tuple[int, int, int]
+    overlap: float
+    ct_size: tuple[int, int, int] = THORAX_CT["size"]
+    ct_spacing: tuple[float, float, float] = THORAX_CT["spacing"]
+    device: str = "cpu"
+    llm_dtype: str = "auto"
+    precision: str = "auto"
+    channels_last: bool = False
+    sw_batch_size: int = 1
+    repeats: int = 3
+    train_patch: tuple[int, int, int] = (32, 32, 16)
+    train_batch: int = 2
+    train_steps: int = 3
+    activation_checkpointing: bool = False
+    reference_windows: int = 0  # 0: the whole CT; K: time K windows and scale by the window count
+    notes: list[str] = field(default_factory=list)
+
+
+def _llama7b(layers: int | None = None) -> dict:
+    from .randomllm import LLAMA2_7B_SHAPE
+
+    return {**LLAMA2_7B_SHAPE, **({"num_hidden_layers": layers} if layers else {})}
+
+
+PRESETS = {
+    "tiny": lambda: Preset("tiny", TINY_LLM, 4, (6.0, 6.0, 8.0), (32, 32, 16), 0.25, ct_size=(64, 56, 30),
+                           ct_spacing=(4.0, 4.0, 6.0), llm_dtype="fp32", repeats=3, train_steps=2),
+    "small": lambda: Preset("small", SMOLLM2_135M_SHAPE, 16, (2.0, 2.0, 6.0), (128, 128, 64), 0.25,
+                            llm_dtype="fp32", train_patch=(128, 128, 64), reference_windows=0),
+    # 16 GB of host memory hold the 13.5 GB bf16 LLM and a bf16 U-Net window of ~1.6 M voxels
+    # (~0.75 kB per voxel measured); 112 slices cover the whole 100-slice model grid in one window.
+    "cpu": lambda: Preset("cpu", _llama7b(), 48, (1.0, 1.0, 3.0), (128, 128, 112), 0.1, llm_dtype="bf16",
+                          precision="bf16", channels_last=True, repeats=1, train_patch=(64, 64, 32),
+                          train_steps=2, reference_windows=2),
+    "gpu-7b": lambda: Preset("gpu-7b", _llama7b(), 48, (1.0, 1.0, 3.0), (384, 384, 128), 0.5, device="cuda",
+                             llm_dtype="bf16", precision="bf16", channels_last=True, repeats=3,
+                             train_patch=(384, 384, 128), train_batch=2, train_steps=4,
+                             activation_checkpointing=True),
+}
+
+
+# -- measuring ------------------------------------------------------------------------------------
+
+class HostPeak:
+    """Peak resident memory of this process while the block runs (sampled every few ms)."""
+
+    def __init__(self, interval: float = 0.005):
+        import psutil
+
+        self._proc = psutil.Process()
+        self.interval = interval
+        self.peak = 0
+
+    def __enter__(self):
+        self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    @property
+    def mib(self) -> float:
+        return round(self.peak / 2**20, 1)
+
+
+class Measure:
+    """Wall time, host peak and (on CUDA) peak allocated GPU memory of a block."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        import torch
+
+        self.cuda = self.device.type == "cuda"
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.host = HostPeak().__enter__()
+        self.t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self.seconds = time.perf_counter() - self.t
+        self.host.__exit__(*exc)
+        self.gpu_mib = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1) if self.cuda else None
+        self.host_mib = self.host.mib
+
+
+def med(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), 4) if values else None
+
+
+def environment(device) -> dict:
+    import monai
+    import numpy
+    import torch
+    import transformers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "monai": monai.__version__, "numpy": numpy.__version__, "platform": platform.platform(),
+            "cpu": _cpu_name(), "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "device": str(device)}
+    try:
+        import psutil
+
+        info["host_memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
+        info["load_average_1min"] = round(os.getloadavg()[0], 2)
+    except (ImportError, OSError):
+        pass
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+    try:
+        import bitsandbytes  # noqa: F401
+
+        info["bitsandbytes"] = bitsandbytes.__version__
+    except ImportError:
+        info["bitsandbytes"] = None
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+# -- inputs -------------------------------------------------------------------------------------
+
+def synthetic_thorax(size=THORAX_CT["size"], spacing=THORAX_CT["spacing"], seed: int = 0):
+    """A CT-like volume in HU (air, body ellipse, two lungs, noise): the size of a planning CT."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    x, y, z = size
+    yy, xx = np.mgrid[:y, :x]
+    cx, cy = (x - 1) / 2, (y - 1) / 2
+    body = ((xx - cx) / (0.42 * x)) ** 2 + ((yy - cy) / (0.33 * y)) ** 2 <= 1
+    lung = (((np.abs(xx - cx) - 0.18 * x) / (0.12 * x)) ** 2 + ((yy - cy) / (0.2 * y)) ** 2) <= 1
+    plane = np.full((y, x), -1000, np.int16)
+    plane[body] = 40
+    plane[lung & body] = -800
+    rng = np.random.default_rng(seed)
+    arr = np.repeat(plane[None], z, 0) + rng.integers(-10, 11, (z, y, x), dtype=np.int16)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(tuple(float(s) for s in spacing))
+    img.SetOrigin((-x * spacing[0] / 2, -y * spacing[1] / 2, -z * spacing[2] / 2))
+    return img
+
+
+def llm_folder(shape: dict, work: Path, dtype: str) -> tuple[Path, float]:
+    """A random Llama of ``shape`` saved like a real one (made once, reused from ``work``)."""
+    import torch
+
+    from .randomllm import make_random_llama
+
+    tag = "-".join(f"{k[:3]}{v}" for k, v in sorted(shape.items()) if v is not None) + f"-{dtype}"
+    folder = work / f"llama-{tag}"
+    if (folder / "config.json").exists():
+        return folder, 0.0
+    start = time.perf_counter()
+    tmp = work / f".{folder.name}.tmp{os.getpid()}"
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else None
+    make_random_llama(tmp, **shape, dtype=torch_dtype)
+    tmp.rename(folder)
+    return folder, time.perf_counter() - start
+
+
+def make_bundle(llm: Path, preset: Preset, folder: Path, text_dim: int, seed: int = 0) -> Path:
+    """A random bundle of the preset's shape naming ``llm`` (no LLM load: the Contourer records its
+    fingerprint on first use)."""
+    import torch
+
+    from .bundle import InferenceConfig, ModelBundle
+    from .network import NetworkConfig, TextConditionedUNet
+    from .preprocess import PreprocessConfig
+    from .text import TextEncoderSpec
+
+    torch.manual_seed(seed)
+    net = TextConditionedUNet(NetworkConfig(feature_size=preset.feature_size, text_dim=text_dim))
+    spec = TextEncoderSpec(kind="causal-lm", source=str(llm), name=llm.name, hidden_size=text_dim)
+    weights = {f"net.{k}": v.contiguous() for k, v in net.state_dict().items()}
+    weights["text.prompt_vectors"] = torch.randn(spec.num_sets, spec.num_vectors, text_dim) * 0.02
+    weights["text.seg_embedding"] = torch.randn(text_dim) * 0.02
+    bundle = ModelBundle(network=net.config, text_encoder=spec, preprocessing=PreprocessConfig(spacing=preset.spacing),
+                         inference=InferenceConfig(roi_size=preset.roi, overlap=preset.overlap),
+                         name=f"bench-{preset.name}", weights=weights)
+    return bundle.save(folder)
+
+
+# -- the measurements ---------------------------------------------------------------------------
+
+def parameter_counts(text_dim: int = 4096, feature_size: int = 48) -> dict:
+    from .network import NetworkConfig, TextConditionedUNet, count_parameters
+
+    vision = count_parameters(TextConditionedUNet(NetworkConfig(feature_size=feature_size)))
+    multimodal = count_parameters(TextConditionedUNet(NetworkConfig(feature_size=feature_size, text_dim=text_dim)))
+    prompt = 2 * 8 * text_dim + text_dim  # N x M prompt vectors + the [SEG] embedding
+    return {"feature_size": feature_size, "text_dim": text_dim, "vision_only": vision,
+            "multimodal_network": multimodal, "prompt_tuning": prompt,
+            "multimodal_trainable": multimodal + prompt,
+            "vision_only_millions": round(vision / 1e6, 2),
+            "multimodal_trainable_millions": round((multimodal + prompt) / 1e6, 2)}
+
+
+def _fresh_ct(contourer) -> None:
+    """Forget the prepared CT and its features, so the next contour starts from scratch."""
+    contourer._last_input = None
+    contourer.clear_feature_cache()
+
+
+def bench_contour(contourer, ct, notes, repeats: int, say) -> dict:
+    """End to end (new CT, new note) and edited note (same CT, new note), ``repeats`` times each."""
+    import torch
+
+    end_to_end, edited, per_window, runs = [], [], [], []
+    for r in range(repeats):
+        _fresh_ct(contourer)
+        calls = contourer.llm_calls
+        with Measure(contourer.device) as m:
+            result = contourer.contour(ct, notes[(2 * r) % len(notes)])
+        first_calls = contourer.llm_calls - calls
+        with Measure(contourer.device) as e:
+            edit = contourer.contour(ct, notes[(2 * r + 1) % len(notes)])
+        run = {"end_to_end_s": round(m.seconds, 4), "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
+               "windows": result.windows, "llm_calls": first_calls, "peak_gpu_mib": m.gpu_mib,
+               "peak_host_mib": m.host_mib, "edited_note_s": round(e.seconds, 4),
+               "edited_timings_s": {k: round(v, 4) for k, v in edit.timings.items()},
+               "edited_peak_gpu_mib": e.gpu_mib, "feature_cache": result.feature_cache,
+               "edited_feature_cache": edit.feature_cache}
+        runs.append(run)
+        end_to_end.append(m.seconds)
+        edited.append(e.seconds)
+        per_window.append(result.timings["windows"] / max(1, result.windows))
+        say(f"contour {r + 1}/{repeats}: {m.seconds:.2f} s end to end ({result.windows} windows), "
+            f"edited note {e.seconds:.2f} s [{edit.feature_cache or 'n/a'}]")
+        if contourer.device.type == "cuda":
+            torch.cuda.empty_cache()
+    last = runs[-1]
+    return {"end_to_end_s": med(end_to_end), "edited_note_s": med(edited), "time_per_window_s": med(per_window),
+            "windows": last["windows"], "llm_calls_per_contour": max(r["llm_calls"] for r in runs),
+            "windows_s": med(r["timings_s"]["windows"] for r in runs),
+            "encode_note_s": med(r["timings_s"]["encode_note"] for r in runs),
+            "preprocess_s": med(r["timings_s"]["preprocess"] for r in runs),
+            "postprocess_s": med(r["timings_s"]["postprocess"] for r in runs),
+            "peak_gpu_mib": max((r["peak_gpu_mib"] or 0 for r in runs), default=None) if contourer.device.type == "cuda" else None,
+            "peak_host_mib": max(r["peak_host_mib"] for r in runs), "runs": runs}
+
+
+def bench_note_encoding(contourer, notes, repeats: int) -> dict:
+    """Time of one LLM forward for a note not seen before (both prompt sets, dynamic padding)."""
+    times = []
+    for r in range(repeats):
+        note = notes[(r * 7 + 3) % len(notes)]
+        contourer.text.clear_cache()
+        with Measure(contourer.device) as m:
+            contourer.encode_notes([note])
+        times.append(m.seconds)
+    return {"encode_note_s": med(times), "runs_s": [round(t, 4) for t in times]}
+
+
+def bench_window_ratio(preset: Preset, device, text_dim: int, repeats: int) -> dict:
+    """Forward time of one window: vision-only vs multimodal network of the same size (same settings)."""
+    import torch
+
+    from .network import NetworkConfig, TextConditionedUNet
+    from .predict import autocast_context
+
+    nets = {}
+    for name, dim in (("vision_only", None), ("multimodal", text_dim)):
+        torch.manual_seed(0)
+        net = TextConditionedUNet(NetworkConfig(feature_size=preset.feature_size, text_dim=dim)).to(device).eval()
+        if preset.channels_last:
+            net.to(memory_format=torch.channels_last_3d)
+        nets[name] = net
+    x = torch.rand(preset.sw_batch_size, 1, *preset.roi, device=device)
+    if preset.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    g = torch.randn(preset.sw_batch_size, 2, text_dim, device=device)
+    autocast = autocast_context(device, preset.precision)
+    times = {name: [] for name in nets}
+    with torch.inference_mode(), autocast:
+        for name, net in nets.items():  # warm-up (kernel selection)
+            net(x, g if net.align is not None else None)
+        for _ in range(repeats):  # interleaved, so a busy machine slows both alike
+            for name, net in nets.items():
+                with Measure(device) as m:
+                    net(x, g if net.align is not None else None)
+                times[name].append(m.seconds)
+    v, mm = med(times["vision_only"]), med(times["multimodal"])
+    pairs = [round(b / a, 3) for a, b in zip(times["vision_only"], times["multimodal"])]
+    return {"roi": list(preset.roi), "vision_only_s": v, "multimodal_s": mm, "ratio": round(mm / v, 3),
+            "ratio_per_pair": pairs}
+
+
+def bench_reference(contourer, ct, note: str, preset: Preset, work_llm: Path, say) -> dict:
+    """The reference code's way: the LLM (fp32) runs again for every sliding window, the U-Net in fp32
+    with the plain attention, nothing cached. Same CT, same window size and overlap."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    from .predict import count_windows
+    from .text import TextEncoderSpec, build_text_encoder
+
+    need = _fp32_llm_bytes(preset.llm_shape)
+    if not _fits(need, contourer.device):
+        return {"skipped": f"the fp32 LLM needs ~{need / 2**30:.1f} GiB, more than this machine has free"}
+    spec = TextEncoderSpec.from_dict({**contourer.text.spec.to_dict(), "source": str(work_llm)})
+    with Measure(contourer.device) as load:
+        text = build_text_encoder(spec, device=contourer.device, dtype="fp32")
+        text.load_trainable_state_dict(contourer.text.trainable_state_dict())
+    net = contourer.network
+    fused, layout = net.fused_alignment, torch.channels_last_3d if contourer.channels_last else None
+    net.fused_alignment = False
+    net.to(memory_format=torch.contiguous_format)
+    model_input = contourer.prepare(ct)
+    x = torch.from_numpy(model_input.array)[None, None].to(contourer.device)
+    total = count_windows(x.shape[2:], contourer.roi_size, contourer.overlap)
+    limit = preset.reference_windows or total
+    done, llm_calls = 0, 0
+
+    class Enough(Exception):
+        pass
+
+    def predictor(window):
+        nonlocal done, llm_calls
+        if done >= limit:
+            raise Enough
+        g = text.forward([note]).to(window.device)  # once per window, as the reference code does
+        llm_calls += 1
+        logits = net(window, g.expand(window.shape[0], -1, -1))
+        done += window.shape[0]
+        return torch.softmax(logits.float(), 1)[:, 1:2]
+
+    try:
+        with Measure(contourer.device) as m, torch.inference_mode():
+            try:
+                sliding_window_inference(x, contourer.roi_size, 1, predictor, contourer.overlap, mode="gaussian")
+            except Enough:
+                pass
+    finally:
+        net.fused_alignment = fused
+        if layout is not None:
+            net.to(memory_format=layout)
+        del text
+        if contourer.device.type == "cuda":
+            torch.cuda.empty_cache()
+    per_window = m.seconds / max(1, done)
+    say(f"reference loop: {per_window:.2f} s per window ({done} of {total} windows timed)")
+    return {"windows_timed": done, "windows": total, "llm_calls": llm_calls, "time_per_window_s": round(per_window, 4),
+            "windows_s": round(per_window * total, 4), "extrapolated": done < total, "llm_load_s": round(load.seconds, 3),
+            "peak_gpu_mib": m.gpu_mib, "peak_host_mib": m.host_mib}
+
+
+def _fp32_llm_bytes(shape: dict) -> int:
+    h, layers, inter, vocab = shape["hidden_size"], shape["num_hidden_layers"], shape["intermediate_size"] or 2 * shape["hidden_size"], shape["vocab_size"] or 300
+    heads, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
+    per_layer = 2 * h * h + 2 * h * (h * kv // heads) + 3 * h * inter
+    return 4 * (layers * per_layer + 2 * vocab * h)
+
+
+def _fits(nbytes: int, device) -> bool:
+    import torch
+
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return nbytes < free - 4 * 2**30
+    import psutil
+
+    return nbytes < psutil.virtual_memory().available - 2 * 2**30
+
+
+def bench_training(contourer, preset: Preset, say, steps: int | None = None) -> dict:
+    """Training steps (batch ``train_batch`` of ``train_patch``, prompt tuning through the frozen LLM,
+    Dice + CE, AdamW, autocast on the GPU), timed after one warm-up step."""
+    import torch
+    from monai.losses import DiceCELoss
+
+    device = contourer.device
+    net, text = contourer.network, contourer.text
+    steps = steps or preset.train_steps
+    if contourer.offload_llm:
+        text.move_llm(device)
+    llm = getattr(text, "llm", None)
+    ckpt = preset.activation_checkpointing
+    if llm is not None and ckpt and hasattr(llm, "gradient_checkpointing_enable"):
+        llm.gradient_checkpointing_enable()
+        llm.train()  # HF checkpoints only in train mode; the LLM has no dropout
+    net.train()
+    net.activation_checkpointing = ckpt
+    params = [p for p in list(net.parameters()) + list(text.parameters()) if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-5)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    b = preset.train_batch
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(b, 1, *preset.train_patch, generator=gen).to(device)
+    y = (torch.rand(b, 1, *preset.train_patch, generator=gen) > 0.7).float().to(device)
+    if contourer.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    prompts = [NOTES[i % len(NOTES)] for i in range(b)]
+    autocast = contourer._autocast() if device.type == "cuda" else contextlib.nullcontext()
+    times, peak_gpu, peak_host = [], 0.0, 0.0
+    try:
+        for step in range(steps + 1):
+            with Measure(device) as m:
+                opt.zero_grad(set_to_none=True)
+                with autocast:
+                    g = text(prompts)  # the LLM runs every step: gradients reach the prompt vectors
+                    loss = loss_fn(net(x, g).float(), y)
+                loss.backward()
+                opt.step()
+            if step:
+                times.append(m.seconds)
+                peak_gpu = max(peak_gpu, m.gpu_mib or 0)
+                peak_host = max(peak_host, m.host_mib)
+            say(f"training step {step}{' (warm-up)' if not step else ''}: {m.seconds:.2f} s")
+    finally:
+        net.eval()
+        net.activation_checkpointing = False
+        if llm is not None:
+            llm.eval()
+            if ckpt and hasattr(llm, "gradient_checkpointing_disable"):
+                llm.gradient_checkpointing_disable()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    step_s = med(times)
+    return {"batch": b, "patch": list(preset.train_patch), "steps_timed": len(times), "step_s": step_s,
+            "per_input_s": round(step_s / b, 4), "activation_checkpointing": ckpt,
+            "peak_gpu_mib": peak_gpu if device.type == "cuda" else None, "peak_host_mib": peak_host,
+            "trainable_parameters": sum(p.numel() for p in params)}
+
+
+# -- scale-out (torchrun, CPU processes) ------------------------------------------------------------
+
+def scaleout_worker(args) -> None:
+    """One torchrun process: DDP training steps of the preset's trainable model on the CPU (gloo)."""
+    import torch
+    import torch.distributed as dist
+    from monai.losses import DiceCELoss
+    from torch import nn
+
+    from .network import NetworkConfig, TextConditionedUNet
+    from .text import TextEncoderSpec, build_text_encoder
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(max(1, args.threads))
+    preset = PRESETS[args.preset]()
+    text = build_text_encoder(TextEncoderSpec(source=args.llm), device="cpu", dtype="fp32")
+    torch.manual_seed(0)
+    net = TextConditionedUNet(NetworkConfig(feature_size=preset.feature_size, text_dim=text.dim))
+
+    class Trainable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.text = net, text
+
+        def forward(self, x, prompts):
+            return self.net(x, self.text(prompts))
+
+    model = nn.parallel.DistributedDataParallel(Trainable())
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    b = preset.train_batch
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.rand(b, 1, *preset.train_patch, generator=gen)
+    y = (torch.rand(b, 1, *preset.train_patch, generator=gen) > 0.7).float()
+    prompts = [NOTES[(rank * b + i) % len(NOTES)] for i in range(b)]
+    times, comm = [], []
+    for step in range(args.steps + 1):
+        dist.barrier()
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x, prompts), y).backward()
+        opt.step()
+        dist.barrier()
+        if step:
+            times.append(time.perf_counter() - t)
+    grads = torch.cat([p.grad.reshape(-1) for p in params])
+    for _ in range(3):  # the all-reduce alone, for the share of a step it takes
+        dist.barrier()
+        t = time.perf_counter()
+        dist.all_reduce(grads)
+        comm.append(time.perf_counter() - t)
+    if rank == 0:
+        result = {"world_size": world, "threads_per_process": torch.get_num_threads(), "batch_per_process": b,
+                  "patch": list(preset.train_patch), "step_s": med(times),
+                  "inputs_per_s": round(world * b / statistics.median(times), 4),
+                  "gradient_bytes_per_step": int(grads.numel() * grads.element_size()),
+                  "trainable_parameters": int(grads.numel()), "allreduce_s": med(comm)}
+        Path(args.out).write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def bench_scaleout(preset: Preset, llm: Path, nprocs: int, steps: int, say) -> dict:
+    """Training throughput of ``nprocs`` CPU processes (torchrun, gloo) against one process."""
+    results = {}
+    cores = os.cpu_count() or 1
+    for n in sorted({1, nprocs}):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "result.json"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                   "-m", "MMContourLib.bench", "--scaleout-worker", "--preset", preset.name, "--llm", str(llm),
+                   "--steps", str(steps), "--threads", str(max(1, cores // n)), "--out", str(out)]
+            env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // n))}
+            say(f"scale-out: {n} process(es) x {max(1, cores // n)} thread(s)")
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+            if proc.returncode or not out.exists():
+                return {"error": f"torchrun with {n} processes failed: {proc.stderr.strip()[-2000:]}"}
+            results[n] = json.loads(out.read_text())
+    one, many = results[1], results[nprocs]
+    return {"processes": nprocs, "cores": cores, "one_process": one, "n_processes": many,
+            "throughput_ratio": round(many["inputs_per_s"] / one["inputs_per_s"], 3),
+            "ideal_ratio": nprocs, "efficiency": round(many["inputs_per_s"] / one["inputs_per_s"] / nprocs, 3),
+            "gradient_mib_per_step": round(many["gradient_bytes_per_step"] / 2**20, 2)}
+
+
+# -- orchestration -------------------------------------------------------------------------------------
+
+def run_bench(preset: Preset, work: Path, *, what: set[str], llm: str | None = None, bundle: str | None = None,
+              offload_modes: bool = False, scaleout: int = 0, say=lambda m: None) -> dict:
+    import torch
+
+    from .predict import Contourer, resolve_device
+
+    device = resolve_device(preset.device)
+    report: dict = {"preset": asdict(preset), "environment": environment(device), "measured": {}, "notes": []}
+    report["parameters"] = parameter_counts()
+    work.mkdir(parents=True, exist_ok=True)
+    if llm:
+        llm_path, made_s = Path(llm), 0.0
+    else:
+        say(f"random LLM of shape {preset.llm_shape} ({preset.llm_dtype})")
+        llm_path, made_s = llm_folder(preset.llm_shape, work, "bf16" if preset.llm_dtype == "bf16" else "fp32")
+    report["llm"] = {"folder": str(llm_path), "shape": preset.llm_shape, "dtype": preset.llm_dtype,
+                     "made_s": round(made_s, 2), "random_weights": not llm}
+    text_dim = json.loads((llm_path / "config.json").read_text())["hidden_size"]
+    bundle_path = Path(bundle) if bundle else make_bundle(llm_path, preset, work / f"bundle-{preset.name}-{os.getpid()}",
+                                                          text_dim)
+    say(f"loading the model on {device}")
+    with Measure(device) as load:
+        contourer = Contourer.from_bundle(bundle_path, device=str(device), dtype=preset.llm_dtype, roi_size=preset.roi,
+                                          overlap=preset.overlap, sw_batch_size=preset.sw_batch_size,
+                                          precision=preset.precision, channels_last=preset.channels_last)
+    m = report["measured"]
+    m["model_load"] = {"seconds": round(load.seconds, 3), "peak_gpu_mib": load.gpu_mib, "peak_host_mib": load.host_mib}
+    ct = synthetic_thorax(preset.ct_size, preset.ct_spacing)
+    notes = preset.notes or NOTES
+    if "window-ratio" in what:
+        say("per-window time, multimodal vs vision-only")
+        m["window_ratio"] = bench_window_ratio(preset, device, text_dim, max(3, preset.repeats))
+    if "encode" in what:
+        m["note_encoding"] = bench_note_encoding(contourer, notes, max(3, preset.repeats))
+    if "contour" in what:
+        m["contour"] = bench_contour(contourer, ct, notes, preset.repeats, say)
+        if offload_modes and device.type == "cuda":
+            m["memory_modes"] = bench_memory_modes(contourer, ct, notes, say)
+    if "reference" in what:
+        m["reference"] = bench_reference(contourer, ct, notes[0], preset, llm_path, say)
+        if "contour" in what and "skipped" not in m["reference"]:
+            ours = m["contour"]["windows_s"] + m["contour"]["encode_note_s"]
+            m["reference"]["ratio_to_optimized_windows_plus_encode"] = round(m["reference"]["windows_s"] / ours, 2)
+    if "train" in what:
+        say("training steps")
+        try:
+            m["training"] = bench_training(contourer, preset, say)
+        except torch.OutOfMemoryError as exc:
+            m["training"] = {"error": f"out of GPU memory: {str(exc)[:300]}"}
+    if scaleout:
+        m["scaleout"] = bench_scaleout(preset, llm_path, scaleout, max(2, preset.train_steps), say)
+    report["summary"] = summary(report)
+    return report
+
+
+def bench_memory_modes(contourer, ct, notes, say) -> dict:
+    """Peak GPU memory of one contour with the LLM resident and with it moved off after encoding
+    (feature cache in host memory in both, so it does not count against the GPU)."""
+    import torch
+
+    modes = {}
+    saved = contourer.cache_features, contourer.offload_llm
+    try:
+        for name, offload in (("llm_resident", False), ("llm_offloaded", True)):
+            contourer.cache_features, contourer.offload_llm = "host", offload
+            contourer.text.clear_cache()
+            if offload:
+                contourer._offload()
+            else:
+                contourer.text.move_llm(contourer.device)
+            _fresh_ct(contourer)
+            torch.cuda.empty_cache()
+            with Measure(contourer.device) as m:
+                result = contourer.contour(ct, notes[5])
+            with Measure(contourer.device) as e:
+                contourer.contour(ct, notes[6])
+            modes[name] = {"end_to_end_s": round(m.seconds, 4), "peak_gpu_mib": m.gpu_mib,
+                           "edited_note_s": round(e.seconds, 4), "edited_peak_gpu_mib": e.gpu_mib,
+                           "windows": result.windows, "feature_cache": result.feature_cache}
+            say(f"{name}: peak GPU {m.gpu_mib} MiB, {m.seconds:.2f} s; edited note {e.seconds:.2f} s")
+    finally:
+        contourer.cache_features, contourer.offload_llm = saved
+        contourer.text.move_llm(contourer.device)
+        _fresh_ct(contourer)
+    return modes
+
+
+def summary(report: dict) -> dict:
+    """The headline numbers, flat (what docs/performance.md tabulates)."""
+    m = report["measured"]
+    c, w, r, t = m.get("contour", {}), m.get("window_ratio", {}), m.get("reference", {}), m.get("training", {})
+    s = {"preset": report["preset"]["name"], "device": report["environment"]["device"],
+         "gpu": report["environment"].get("gpu"), "cpu": report["environment"]["cpu"],
+         "llm_dtype": report["preset"]["llm_dtype"], "unet_precision": report["preset"]["precision"],
+         "roi": report["preset"]["roi"], "overlap": report["preset"]["overlap"],
+         "vision_only_params_m": report["parameters"]["vision_only_millions"],
+         "multimodal_trainable_params_m": report["parameters"]["multimodal_trainable_millions"],
+         "model_load_s": m.get("model_load", {}).get("seconds"),
+         "encode_note_s": m.get("note_encoding", {}).get("encode_note_s"),
+         "windows": c.get("windows"), "time_per_window_s": c.get("time_per_window_s"),
+         "end_to_end_s": c.get("end_to_end_s"), "edited_note_s": c.get("edited_note_s"),
+         "llm_calls_per_contour": c.get("llm_calls_per_contour"),
+         "peak_gpu_mib": c.get("peak_gpu_mib"), "peak_host_mib": c.get("peak_host_mib"),
+         "window_ratio_multimodal_over_vision": w.get("ratio"),
+         "reference_windows_s": r.get("windows_s"), "reference_ratio": r.get("ratio_to_optimized_windows_plus_encode"),
+         "train_per_input_s": t.get("per_input_s"), "train_peak_gpu_mib": t.get("peak_gpu_mib"),
+         "train_peak_host_mib": t.get("peak_host_mib")}
+    if "memory_modes" in m:
+        s["peak_gpu_mib_llm_resident"] = m["memory_modes"]["llm_resident"]["peak_gpu_mib"]
+        s["peak_gpu_mib_llm_offloaded"] = m["memory_modes"]["llm_offloaded"]["peak_gpu_mib"]
+    if "scaleout" in m and "throughput_ratio" in m["scaleout"]:
+        s["scaleout_ratio"] = m["scaleout"]["throughput_ratio"]
+        s["gradient_mib_per_step"] = m["scaleout"]["gradient_mib_per_step"]
+    return s
+
+
+# -- command line -----------------------------------------------------------------------------------
+
+ALL = ("window-ratio", "encode", "contour", "reference", "train")
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="measure speed and memory (contouring, note edits, training)",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    p.add_argument("--out", help="also write the JSON report to this file")
+    p.add_argument("--only", nargs="+", choices=ALL, help=f"run only these parts (default: all of {', '.join(ALL)})")
+    p.add_argument("--skip", nargs="+", choices=ALL, default=[], help="leave these parts out")
+    p.add_argument("--device", help="override the preset's device (cpu | cuda | cuda:N)")
+    p.add_argument("--llm", help="use this LLM folder instead of a random one of the preset's shape")
+    p.add_argument("--llm-layers", type=int, help="7B-shaped LLM with only this many layers (to extrapolate per layer)")
+    p.add_argument("--bundle", help="use this bundle (e.g. the shipped demo bundle) instead of a random one")
+    p.add_argument("--roi", type=int, nargs=3, metavar=("X", "Y", "Z"))
+    p.add_argument("--overlap", type=float)
+    p.add_argument("--sw-batch-size", type=int)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--channels-last", choices=("on", "off"))
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--reference-windows", type=int, help="time only this many windows of the reference loop")
+    p.add_argument("--train-patch", type=int, nargs=3, metavar=("X", "Y", "Z"))
+    p.add_argument("--train-batch", type=int)
+    p.add_argument("--offload-modes", action="store_true",
+                   help="GPU: also measure peak memory with the LLM resident and with it moved off after encoding")
+    p.add_argument("--scaleout", type=int, default=0, metavar="N",
+                   help="also train with N CPU processes under torchrun (gloo) against one")
+    p.add_argument("--work", help="folder for the random LLM and bundle (default: $MMCONTOUR_CACHE/bench)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+
+def preset_from_args(args) -> Preset:
+    preset = PRESETS[args.preset]()
+    changes = {}
+    if args.llm_layers:
+        changes["llm_shape"] = {**preset.llm_shape, "num_hidden_layers": args.llm_layers}
+    for name, attr in (("device", "device"), ("overlap", "overlap"), ("sw_batch_size", "sw_batch_size"),
+                       ("precision", "precision"), ("repeats", "repeats"), ("reference_windows", "reference_windows"),
+                       ("train_batch", "train_batch")):
+        if getattr(args, name, None) is not None:
+            changes[attr] = getattr(args, name)
+    if args.roi:
+        changes["roi"] = tuple(args.roi)
+    if args.train_patch:
+        changes["train_patch"] = tuple(args.train_patch)
+    if args.channels_last:
+        changes["channels_last"] = args.channels_last == "on"
+    return replace(preset, **changes)
+
+
+def cmd_bench(args) -> dict:
+    from .text import cache_root
+
+    preset = preset_from_args(args)
+    what = set(args.only or ALL) - set(args.skip)
+    work = Path(args.work) if args.work else cache_root() / "bench"
+    say = (lambda msg: None) if args.quiet or args.json else (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
+    report = run_bench(preset, work, what=what, llm=args.llm, bundle=args.bundle, offload_modes=args.offload_modes,
+                       scaleout=args.scaleout, say=say)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if not args.json:
+        print(format_table(report["summary"]))
+    return report
+
+
+def format_table(summary: dict) -> str:
+    width = max(len(k) for k in summary)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in summary.items())
+
+
+def _worker_main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--scaleout-worker", action="store_true", required=True)
+    p.add_argument("--preset", required=True)
+    p.add_argument("--llm", required=True)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", required=True)
+    scaleout_worker(p.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main())
