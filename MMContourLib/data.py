@@ -1,0 +1,230 @@
+"""Manifest datasets for training and evaluation.
+
+A manifest is a CSV with one row per case (``case_id, ct, ctv, split`` and the clinical-note
+columns of ``note.FIELDS``; paths relative to the CSV; phantoms add ``regions``). For training,
+each case is resampled once to the model grid and cached (MONAI ``CacheDataset``); a training
+sample is then a random patch of it (``RandCropByPosNegLabeld`` around the CTV or elsewhere in
+the body) with intensity augmentation, plus the case's prompt.
+
+Every random choice is derived from ``(seed, epoch, position in the epoch)``: the data order of
+an epoch and the transform state of each sample. So a resumed run sees exactly the samples an
+uninterrupted run would, and ``world_size`` processes with batch ``b`` see the same global
+batches as one process with batch ``world_size * b``.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from monai.data import CacheDataset
+from monai.transforms import (CastToTyped, Compose, FgBgToIndicesd, MapTransform, RandCropByPosNegLabeld,
+                              RandGaussianNoised, RandScaleIntensityd, RandShiftIntensityd, SpatialPadd)
+
+from .note import ClinicalNote, ContradictionError, NoteError
+from .preprocess import PreprocessConfig, mask_to_model_grid, to_model_grid
+
+REQUIRED_COLUMNS = ("case_id", "ct", "ctv", "split", "side", "n_stage", "surgery")
+MANIFEST_COLUMNS = ("case_id", "ct", "ctv", "split", "age", "side", "t_stage", "n_stage", "m_stage", "surgery",
+                    "chemotherapy", "pathology")
+#: Voxels above this (scaled 0..1; 0.3 is -400 HU) are in the body: negative patches are centred there.
+BODY_THRESHOLD = 0.3
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; the message names the file, row and column."""
+
+
+@dataclass(frozen=True)
+class Case:
+    case_id: str
+    ct: Path
+    ctv: Path | None
+    split: str
+    note: ClinicalNote
+    regions: Path | None = None
+    row: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def prompt(self) -> str:
+        return self.note.to_prompt()
+
+
+def read_manifest(path: str | Path, split: str | None = None, require_ctv: bool = True) -> list[Case]:
+    """Cases of a manifest (only ``split`` if given), checked: columns, unique ids, existing files, valid notes."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest not found: {path}")
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise ManifestError(f"manifest {path} lacks the column(s) {', '.join(missing)}; "
+                            f"expected: {', '.join(MANIFEST_COLUMNS)} (paths relative to the CSV)")
+    base = path.parent
+    cases, seen = [], set()
+    for number, row in enumerate(rows, start=2):  # line 1 is the header
+        where = f"manifest {path}, line {number} (case {row.get('case_id') or '?'})"
+        if split is not None and row["split"] != split:
+            continue
+        if not row["case_id"]:
+            raise ManifestError(f"{where}: case_id is empty")
+        if row["case_id"] in seen:
+            raise ManifestError(f"{where}: case_id {row['case_id']!r} appears twice")
+        seen.add(row["case_id"])
+        try:
+            note = ClinicalNote.from_row(row)
+        except (NoteError, ContradictionError) as exc:
+            raise ManifestError(f"{where}: {exc}") from None
+        files = {}
+        for column in ("ct", "ctv", "regions"):
+            value = row.get(column, "")
+            if not value:
+                if column == "ct" or (column == "ctv" and require_ctv):
+                    raise ManifestError(f"{where}: column {column} is empty")
+                files[column] = None
+                continue
+            file = (base / value) if not Path(value).is_absolute() else Path(value)
+            if not file.exists():
+                raise ManifestError(f"{where}: {column} file not found: {file}")
+            files[column] = file
+        cases.append(Case(row["case_id"], files["ct"], files["ctv"], row["split"], note, files["regions"], row))
+    return cases
+
+
+def manifest_hash(path: str | Path) -> str:
+    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:24]
+
+
+def select_fraction(cases: Sequence[Case], fraction: float, seed: int) -> list[Case]:
+    """A seeded subset of ``round(fraction * n)`` cases (at least one). For one seed, a smaller fraction's
+    subset is contained in a larger one's, so data-efficiency runs differ only by the data added."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"--fraction must be in (0, 1]; got {fraction}")
+    ordered = sorted(cases, key=lambda c: c.case_id)
+    if fraction == 1:
+        return ordered
+    order = np.random.default_rng(seed).permutation(len(ordered))
+    keep = max(1, int(round(fraction * len(ordered))))
+    return [ordered[i] for i in sorted(order[:keep])]
+
+
+# -- model-grid cache -----------------------------------------------------------------------------
+
+class LoadCaseOnModelGridd(MapTransform):
+    """{"ct", "ctv", ...} paths -> {"image": (1, X, Y, Z) float32 0..1, "label": (1, X, Y, Z) uint8} on the model grid."""
+
+    def __init__(self, preprocessing: PreprocessConfig):
+        super().__init__(keys=("ct", "ctv"))
+        self.preprocessing = preprocessing
+
+    def __call__(self, data: dict) -> dict:
+        from .imageio import read_image
+
+        ct = read_image(data["ct"])
+        model_input = to_model_grid(ct, self.preprocessing)
+        label = mask_to_model_grid(read_image(data["ctv"]), model_input) > 0.5
+        return {"case_id": data["case_id"], "prompt": data["prompt"], "image": model_input.array[None],
+                "label": label[None].astype(np.uint8)}
+
+
+def build_cache(cases: Sequence[Case], preprocessing: PreprocessConfig, patch_size: Sequence[int],
+                cache_rate: float = 1.0, num_workers: int = 0, progress: bool = True) -> CacheDataset:
+    """The deterministic part of the pipeline, computed once per case: model grid, padding to at least the
+    patch, and the foreground / in-body background voxel indices the crop sampler draws from."""
+    items = [{"case_id": c.case_id, "ct": str(c.ct), "ctv": str(c.ctv), "prompt": c.prompt} for c in cases]
+    transform = Compose([
+        LoadCaseOnModelGridd(preprocessing),
+        SpatialPadd(("image", "label"), spatial_size=tuple(patch_size), mode="constant"),
+        FgBgToIndicesd("label", image_key="image", image_threshold=BODY_THRESHOLD),
+        CastToTyped(("label_fg_indices", "label_bg_indices"), dtype=np.int32),  # half the memory of int64
+    ])
+    return CacheDataset(items, transform, cache_rate=cache_rate, num_workers=num_workers, progress=progress,
+                        copy_cache=False)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    pos: float = 2.0  # relative frequency of patches centred on the CTV ...
+    neg: float = 1.0  # ... and on other body voxels (the other breast, the nodes of a node-negative case)
+    scale: float = 0.1  # intensity x (1 + U(-s, s))
+    shift: float = 0.05  # intensity + U(-o, o) (0..1 scaled HU: 0.05 = 100 HU)
+    noise_std: float = 0.01
+    prob: float = 0.5
+
+
+def sample_transforms(patch_size: Sequence[int], augment: AugmentConfig = AugmentConfig()) -> Compose:
+    """Random patch around the CTV (pos) or the body (neg), then intensity augmentation. No flips: a
+    left-right flip would contradict the note's laterality."""
+    return Compose([
+        RandCropByPosNegLabeld(("image", "label"), label_key="label", spatial_size=tuple(patch_size), pos=augment.pos,
+                               neg=augment.neg, num_samples=1, fg_indices_key="label_fg_indices",
+                               bg_indices_key="label_bg_indices"),
+        RandScaleIntensityd("image", factors=augment.scale, prob=augment.prob),
+        RandShiftIntensityd("image", offsets=augment.shift, prob=augment.prob),
+        RandGaussianNoised("image", prob=augment.prob, std=augment.noise_std),
+    ])
+
+
+class PatchDataset(torch.utils.data.Dataset):
+    """Indexed by ``(case index, sample seed)``: the same key always gives the same patch."""
+
+    def __init__(self, cache: CacheDataset, transforms: Compose):
+        self.cache = cache
+        self.transforms = transforms
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, seed = key
+        case = self.cache[index]
+        self.transforms.set_random_state(seed=int(seed))
+        out = self.transforms(dict(case))
+        out = out[0] if isinstance(out, list) else out
+        return {"image": _plain(out["image"], torch.float32), "label": _plain(out["label"], torch.float32),
+                "prompt": case["prompt"], "case_id": case["case_id"]}
+
+
+def _plain(x, dtype) -> torch.Tensor:
+    """MetaTensor / ndarray -> a plain contiguous tensor (MONAI metadata is not needed past the crop)."""
+    if hasattr(x, "as_tensor"):
+        x = x.as_tensor()
+    return torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).to(dtype).contiguous()
+
+
+def collate(samples: Sequence[dict]) -> dict:
+    return {"image": torch.stack([s["image"] for s in samples]), "label": torch.stack([s["label"] for s in samples]),
+            "prompt": [s["prompt"] for s in samples], "case_id": [s["case_id"] for s in samples]}
+
+
+def steps_per_epoch(num_cases: int, global_batch: int) -> int:
+    return max(1, -(-num_cases // global_batch))
+
+
+def epoch_plan(num_cases: int, epoch: int, seed: int, batch_size: int, world_size: int = 1,
+               rank: int = 0) -> list[list[tuple[int, int]]]:
+    """This rank's batches of ``(case index, sample seed)`` for one epoch.
+
+    The epoch visits every case once in a seeded order (wrapping round to fill the last global batch);
+    global batch ``j`` is positions ``j*B .. j*B+B-1`` (B = batch_size * world_size) and rank ``r``
+    takes the ``r``-th run of ``batch_size`` of them. A sample's seed depends on (seed, epoch,
+    position) only.
+    """
+    global_batch = batch_size * world_size
+    steps = steps_per_epoch(num_cases, global_batch)
+    order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_cases)
+    positions = np.arange(steps * global_batch)
+    cases = order[positions % num_cases]
+    seeds = [int(s) for s in np.random.SeedSequence([seed, epoch]).generate_state(len(positions), np.uint32)]
+    batches = []
+    for step in range(steps):
+        start = step * global_batch + rank * batch_size
+        batches.append([(int(cases[p]), seeds[p]) for p in range(start, start + batch_size)])
+    return batches

@@ -1,0 +1,484 @@
+"""Evaluation: bundles x manifest -> metrics (``mmcontour evaluate``).
+
+Per case, on the CT's own grid with its spacing (MONAI metrics): Dice, IoU, HD95 in mm. Over
+cases: means with 95% bootstrap confidence intervals (1,000 seeded resamples of cases).
+
+Where the manifest has a ``regions`` column (phantoms: the sub-region label map of
+``phantom.REGION_LABELS``), two more things are checked per case:
+
+* clinical accuracy, the paper's expert review made automatic: a region counts as *targeted*
+  when the contour covers more than ``coverage_threshold`` of it; the case is correct when the
+  targeted regions are exactly those the note asks for (``phantom.region_names_for_note``).
+  Side(s), nodal regions (present iff node-positive) and breast vs chest wall are also reported
+  on their own.
+* text-following: the case is contoured again with counterfactual notes (side flipped, for
+  unilateral cases; N0 <-> N2) and checked against the counterfactual's own truth
+  (``phantom.ctv_for_note``): volumes on each side, nodal coverage, and whether the contour moved
+  as the note says.
+
+Writes ``metrics.json``, ``cases.csv``, ``table.md`` (laid out like paper Table 1) and
+``overlays/<model>/<case>.png`` (axial and coronal, prediction vs truth).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .note import ClinicalNote
+
+SIDES = ("left", "right")
+N_FLIP = {"N0": "N2", "N1mi": "N2", "N1": "N0", "N2": "N0", "N3": "N0"}
+
+
+# -- per-case metrics -----------------------------------------------------------------------------
+
+def _array_xyz(image: sitk.Image) -> np.ndarray:
+    """sitk (z, y, x) array -> (x, y, z) bool, the axis order of ``image.GetSpacing()``."""
+    return np.ascontiguousarray(sitk.GetArrayViewFromImage(image).transpose(2, 1, 0) > 0)
+
+
+def on_grid(mask: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """``mask`` on ``reference``'s grid (nearest neighbour); unchanged if already there."""
+    same = (mask.GetSize() == reference.GetSize() and np.allclose(mask.GetSpacing(), reference.GetSpacing())
+            and np.allclose(mask.GetOrigin(), reference.GetOrigin(), atol=1e-3)
+            and np.allclose(mask.GetDirection(), reference.GetDirection(), atol=1e-6))
+    if same:
+        return mask
+    return sitk.Resample(mask, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, mask.GetPixelID())
+
+
+def segmentation_metrics(prediction: sitk.Image, truth: sitk.Image) -> dict[str, float]:
+    """Dice, IoU and HD95 (mm) of two masks on one grid, with that grid's spacing.
+
+    An empty prediction or truth has no surface: HD95 is NaN (left out of its confidence interval and
+    counted). Both empty: Dice = IoU = 1."""
+    from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
+
+    if prediction.GetSize() != truth.GetSize():
+        raise ValueError(f"prediction {prediction.GetSize()} and truth {truth.GetSize()} are not on one grid")
+    p, t = _array_xyz(prediction), _array_xyz(truth)
+    spacing = [float(s) for s in truth.GetSpacing()]
+    if not p.any() and not t.any():
+        return {"dice": 1.0, "iou": 1.0, "hd95": math.nan}
+    pt, tt = torch.from_numpy(p)[None, None].float(), torch.from_numpy(t)[None, None].float()
+    dice = float(compute_dice(pt, tt, include_background=True, ignore_empty=False)[0, 0])
+    iou = float(compute_iou(pt, tt, include_background=True, ignore_empty=False)[0, 0])
+    if not p.any() or not t.any():
+        return {"dice": dice, "iou": iou, "hd95": math.nan}
+    with warnings.catch_warnings():  # MONAI 1.5+ warns about one of its own internal arguments
+        warnings.simplefilter("ignore", FutureWarning)
+        hd = compute_hausdorff_distance(pt, tt, include_background=True, percentile=95, spacing=spacing)
+    return {"dice": dice, "iou": iou, "hd95": float(hd[0, 0])}
+
+
+def bootstrap_ci(values: Sequence[float], n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Mean and percentile bootstrap CI over cases; NaNs are left out and counted in ``excluded``."""
+    x = np.asarray(values, float)
+    finite = x[np.isfinite(x)]
+    result = {"mean": None, "ci_low": None, "ci_high": None, "n": int(finite.size), "excluded": int(x.size - finite.size)}
+    if finite.size == 0:
+        return result
+    rng = np.random.default_rng(seed)
+    means = finite[rng.integers(0, finite.size, size=(n_resamples, finite.size))].mean(1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    result.update(mean=float(finite.mean()), ci_low=float(low), ci_high=float(high))
+    return result
+
+
+# -- anatomy-aware checks -------------------------------------------------------------------------
+
+def side_volumes(mask: sitk.Image, midline_x: float = 0.0) -> dict[str, float]:
+    """Volume (cc) of the mask on the patient's left (LPS x > midline) and right, from each voxel's
+    physical position (the CT's origin, spacing and direction)."""
+    arr = sitk.GetArrayViewFromImage(mask) > 0
+    idx = np.argwhere(arr)[:, ::-1].astype(float)  # (x, y, z) indices
+    voxel_cc = float(np.prod(mask.GetSpacing())) / 1000.0
+    if idx.size == 0:
+        return {"left_cc": 0.0, "right_cc": 0.0}
+    d = np.array(mask.GetDirection()).reshape(3, 3)
+    x = mask.GetOrigin()[0] + (idx * np.array(mask.GetSpacing())) @ d[0]
+    left = int((x > midline_x).sum())
+    return {"left_cc": left * voxel_cc, "right_cc": (len(x) - left) * voxel_cc}
+
+
+def region_coverage(mask: sitk.Image, regions: sitk.Image) -> dict[str, float]:
+    """Fraction of each sub-region (present in ``regions``) that the mask covers."""
+    from .phantom import REGION_LABELS
+
+    m = sitk.GetArrayViewFromImage(mask) > 0
+    r = sitk.GetArrayViewFromImage(regions)
+    counts = np.bincount(r.ravel(), minlength=max(REGION_LABELS.values()) + 1)
+    covered = np.bincount(r[m].ravel(), minlength=counts.size)
+    return {name: float(covered[label] / counts[label]) for name, label in REGION_LABELS.items() if counts[label]}
+
+
+def expected_regions(note: ClinicalNote, coverage: Mapping[str, float]) -> set[str]:
+    """The regions the note asks for, on this anatomy (a removed breast is not in ``coverage``)."""
+    from .phantom import region_names_for_note
+
+    has_breast = {s: f"breast_{s}" in coverage for s in SIDES}
+    return set(region_names_for_note(note, has_breast))
+
+
+def clinical_check(coverage: Mapping[str, float], note: ClinicalNote, threshold: float = 0.5) -> dict:
+    """Which regions the contour targets vs what the note asks for: side(s), nodal iff node-positive,
+    breast vs chest wall, and overall (targeted == expected)."""
+    from .phantom import NODAL_REGIONS
+
+    targeted = {name for name, c in coverage.items() if c > threshold}
+    expected = expected_regions(note, coverage)
+    side_of = lambda name: name.rsplit("_", 1)[1]
+    nodal = {f"{r}_{s}" for r in NODAL_REGIONS for s in SIDES} & set(coverage)
+    local = {f"{r}_{s}" for r in ("breast", "chestwall") for s in SIDES} & set(coverage)
+    treated = {s.side for s in note.sides}
+    return {
+        "sides_ok": {side_of(n) for n in targeted} == treated,
+        "nodal_ok": (targeted & nodal) == (expected & nodal),
+        "breast_vs_chestwall_ok": (targeted & local) == (expected & local),
+        "correct": targeted == expected,
+        "targeted": sorted(targeted), "expected": sorted(expected),
+        "missing": sorted(expected - targeted), "extra": sorted(targeted - expected),
+    }
+
+
+def nodal_coverage(coverage: Mapping[str, float]) -> dict[str, float | None]:
+    """Mean coverage of the nodal regions on each side."""
+    from .phantom import NODAL_REGIONS
+
+    out = {}
+    for s in SIDES:
+        values = [coverage[f"{r}_{s}"] for r in NODAL_REGIONS if f"{r}_{s}" in coverage]
+        out[s] = float(np.mean(values)) if values else None
+    return out
+
+
+def counterfactual_notes(note: ClinicalNote) -> dict[str, ClinicalNote]:
+    """``side``: the other side (unilateral notes only); ``nodes``: N0/N1mi -> N2, N1-N3 -> N0, per side."""
+    out = {}
+    if note.side in SIDES:
+        out["side"] = note.replace(side="right" if note.side == "left" else "left")
+    flipped = tuple(dataclasses.replace(s, n_stage=N_FLIP[s.n_stage]) for s in note.sides)
+    out["nodes"] = dataclasses.replace(note, sides=flipped)
+    return out
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+@dataclass
+class EvalConfig:
+    manifest: str
+    out: str
+    bundles: Sequence[str]
+    labels: Sequence[str] = ()
+    split: str | None = "test"  # None: every case
+    llm: str | None = None
+    device: str = "auto"
+    counterfactuals: bool = True
+    coverage_threshold: float = 0.5
+    n_bootstrap: int = 1000
+    seed: int = 0
+    overlays: bool = True
+    midline_x: float = 0.0
+    progress: bool = True
+
+
+def _model_label(bundle, path: Path, taken: set[str]) -> str:
+    label = bundle.name or path.name
+    if label in taken:
+        label = f"{label} ({path.name})"
+    return label
+
+
+def evaluate(config: EvalConfig,
+             contourer_factory: Callable[[str], object] | None = None) -> dict:
+    """Evaluate each bundle on the manifest's ``split``; writes the files and returns ``metrics.json``'s content.
+
+    ``contourer_factory(bundle_path)`` may supply a ready ``Contourer``-like object (``.contour(ct, note)``
+    -> result with ``.mask``, ``.bundle``) instead of loading one."""
+    from tqdm import tqdm
+
+    from .data import read_manifest
+    from .imageio import read_image
+    from .predict import Contourer
+
+    cases = read_manifest(config.manifest, split=config.split)
+    if not cases:
+        raise ValueError(f"manifest {config.manifest} has no cases in split {config.split!r}")
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    factory = contourer_factory or (lambda b: Contourer.from_bundle(b, llm=config.llm, device=config.device))
+    models, rows, taken = [], [], set()
+    for i, bundle_path in enumerate(config.bundles):
+        contourer = factory(str(bundle_path))
+        label = config.labels[i] if i < len(config.labels) else _model_label(contourer.bundle, Path(bundle_path), taken)
+        taken.add(label)
+        t0 = time.perf_counter()
+        per_case = []
+        for case in tqdm(cases, desc=label, unit="case", disable=not config.progress, file=sys.stderr):
+            ct = read_image(case.ct)
+            truth = on_grid(read_image(case.ctv), ct)
+            regions = on_grid(read_image(case.regions), ct) if case.regions else None
+            per_case.append(_evaluate_case(contourer, case, ct, truth, regions, config, out, label))
+        for row in per_case:
+            rows.append({"model": label, **_flat(row)})
+        models.append(_summarise(label, str(bundle_path), contourer, per_case, config, time.perf_counter() - t0))
+    metrics = {"manifest": str(config.manifest), "split": config.split, "n_cases": len(cases),
+               "coverage_threshold": config.coverage_threshold, "bootstrap": {"resamples": config.n_bootstrap,
+                                                                              "seed": config.seed, "level": 0.95},
+               "models": models}
+    _write_json(out / "metrics.json", metrics)
+    _write_csv(out / "cases.csv", rows)
+    write_table(models, out / "table.md")
+    return metrics
+
+
+def _evaluate_case(contourer, case, ct, truth, regions, config: EvalConfig, out: Path, label: str) -> dict:
+    result = contourer.contour(ct, case.note)
+    row = {"case_id": case.case_id, "prompt": case.prompt,
+           **segmentation_metrics(result.mask, truth), **side_volumes(result.mask, config.midline_x)}
+    row["volume_cc"] = row["left_cc"] + row["right_cc"]
+    if regions is not None:
+        coverage = region_coverage(result.mask, regions)
+        row["clinical"] = clinical_check(coverage, case.note, config.coverage_threshold)
+        row["nodal_coverage"] = nodal_coverage(coverage)
+    if config.counterfactuals:
+        row["counterfactual"] = {kind: _counterfactual(contourer, ct, kind, note, row, regions, config)
+                                 for kind, note in counterfactual_notes(case.note).items()}
+    if config.overlays:
+        folder = out / "overlays" / _safe(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        title = f"{case.case_id}: {case.prompt}\nDice {row['dice']:.3f}, HD95 {row['hd95']:.1f} mm"
+        write_overlay(ct, result.mask, truth, folder / f"{_safe(case.case_id)}.png", title)
+    return row
+
+
+def _counterfactual(contourer, ct, kind: str, note: ClinicalNote, row: dict, regions, config: EvalConfig) -> dict:
+    """Contour with a counterfactual note. ``follows``: side flip -> the contour is on the new side only
+    (with regions; without them: most of its volume is on the new side) and grew there; N flip -> nodal
+    regions targeted iff the new note is node-positive (needs regions; else None)."""
+    mask = contourer.contour(ct, note).mask
+    volumes = side_volumes(mask, config.midline_x)
+    entry = {"prompt": note.to_prompt(), **volumes}
+    side_flip = kind == "side"
+    other = "left" if note.side == "right" else "right"
+    if regions is None:
+        entry["follows"] = bool(volumes[f"{note.side}_cc"] > volumes[f"{other}_cc"]) if side_flip else None
+        return entry
+    from .phantom import ctv_for_note
+
+    coverage = region_coverage(mask, regions)
+    check = clinical_check(coverage, note, config.coverage_threshold)
+    entry.update(nodal_coverage=nodal_coverage(coverage), correct=check["correct"],
+                 dice_vs_truth=segmentation_metrics(mask, ctv_for_note(regions, note))["dice"])
+    if side_flip:
+        entry["follows"] = bool(check["sides_ok"] and volumes[f"{note.side}_cc"] > row[f"{note.side}_cc"])
+    else:
+        entry["follows"] = bool(check["nodal_ok"])
+    return entry
+
+
+def _summarise(label, bundle_path, contourer, per_case, config: EvalConfig, seconds: float) -> dict:
+    ci = lambda values, k: bootstrap_ci(values, config.n_bootstrap, config.seed + k)
+    summary = {"model": label, "bundle": bundle_path, "bundle_id": getattr(contourer.bundle, "bundle_id", ""),
+               "text_encoder": getattr(getattr(contourer.bundle, "text_encoder", None), "kind", ""),
+               "n_cases": len(per_case), "seconds": round(seconds, 2),
+               "dice": ci([r["dice"] for r in per_case], 0), "iou": ci([r["iou"] for r in per_case], 1),
+               "hd95_mm": ci([r["hd95"] for r in per_case], 2)}
+    checked = [r for r in per_case if "clinical" in r]
+    if checked:
+        summary["clinical"] = {key: ci([float(r["clinical"][key]) for r in checked], 3 + j)
+                               for j, key in enumerate(("correct", "sides_ok", "nodal_ok", "breast_vs_chestwall_ok"))}
+    followed = [r["counterfactual"] for r in per_case if "counterfactual" in r]
+    tf = {}
+    for j, kind in enumerate(("side", "nodes")):
+        entries = [cf[kind] for cf in followed if kind in cf and cf[kind]["follows"] is not None]
+        if entries:
+            tf[kind] = {"follows": ci([float(e["follows"]) for e in entries], 10 + j)}
+            if "dice_vs_truth" in entries[0]:
+                tf[kind]["dice_vs_truth"] = ci([e["dice_vs_truth"] for e in entries], 20 + j)
+    both = [float(all(e["follows"] for e in cf.values())) for cf in followed
+            if all(e["follows"] is not None for e in cf.values())]
+    if both:
+        tf["all"] = {"follows": ci(both, 30)}
+    if tf:
+        summary["text_following"] = tf
+    return summary
+
+
+# -- outputs --------------------------------------------------------------------------------------
+
+def _fmt(stat: dict | None, digits: int = 3) -> str:
+    if not stat or stat.get("mean") is None:
+        return "n/a"
+    text = f"{stat['mean']:.{digits}f} ({stat['ci_low']:.{digits}f}-{stat['ci_high']:.{digits}f})"
+    if stat.get("excluded"):
+        text += f" [{stat['excluded']} n/a]"
+    return text
+
+
+def write_table(models: Sequence[dict], path: Path) -> Path:
+    """Paper Table 1 layout: one row per model, mean (95% CI)."""
+    lines = ["| Model | Dice | IoU | HD95 (mm) | Clinical accuracy |", "|---|---|---|---|---|"]
+    for m in models:
+        clinical = _fmt(m.get("clinical", {}).get("correct"))
+        lines.append(f"| {m['model']} | {_fmt(m['dice'])} | {_fmt(m['iou'])} | {_fmt(m['hd95_mm'], 2)} | {clinical} |")
+    lines.append("")
+    lines.append(f"Mean (95% bootstrap CI over cases, {models[0]['dice']['n'] if models else 0} cases). "
+                 "HD95 on each CT's own grid in mm; [k n/a]: cases without a surface (empty contour), left out.")
+    if any("text_following" in m for m in models):
+        lines += ["", "| Model | Follows side flip | Follows N0<->N2 | Follows both |", "|---|---|---|---|"]
+        for m in models:
+            tf = m.get("text_following", {})
+            get = lambda k: _fmt(tf.get(k, {}).get("follows"), 2)
+            lines.append(f"| {m['model']} | {get('side')} | {get('nodes')} | {get('all')} |")
+    text = "\n".join(lines) + "\n"
+    _atomic(path, lambda tmp: tmp.write_text(text))
+    return path
+
+
+def write_overlay(ct: sitk.Image, prediction: sitk.Image, truth: sitk.Image, path: Path, title: str = "") -> Path:
+    """Axial and coronal slices through the truth's centre: CT, truth (green outline), prediction (red)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+
+    views = [sitk.GetArrayFromImage(sitk.DICOMOrient(img, "LPS")) for img in (ct, prediction, truth)]
+    image, pred, true = views[0].astype(np.float32), views[1] > 0, views[2] > 0  # (z, y: A->P, x: R->L)
+    ref = sitk.DICOMOrient(ct, "LPS")
+    sx, sy, sz = ref.GetSpacing()
+    focus = np.argwhere(true if true.any() else pred) if (true.any() or pred.any()) else None
+    zc, yc = (np.round(focus[:, :2].mean(0)).astype(int) if focus is not None
+              else (image.shape[0] // 2, image.shape[1] // 2))
+    fig = Figure(figsize=(9, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    panels = (("axial", image[zc], pred[zc], true[zc], sy / sx),
+              ("coronal", image[:, yc][::-1], pred[:, yc][::-1], true[:, yc][::-1], sz / sx))
+    for k, (name, img, p, t, aspect) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, k + 1)
+        ax.imshow(np.clip(img, -400, 400), cmap="gray", aspect=aspect)
+        ax.imshow(np.ma.masked_where(~p, p.astype(float)), cmap=ListedColormap(["red"]), alpha=0.35, aspect=aspect)
+        for mask, colour in ((t, "lime"), (p, "red")):
+            if mask.any() and not mask.all():
+                ax.contour(mask.astype(float), levels=[0.5], colors=colour, linewidths=1.0)
+        ax.set_title(f"{name} (R on the left; red: prediction, green: truth)", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return path
+
+
+def _flat(row: dict) -> dict:
+    """One CSV row per case: nested checks become prefixed columns."""
+    flat = {k: v for k, v in row.items() if not isinstance(v, dict)}
+    if "clinical" in row:
+        for k, v in row["clinical"].items():
+            flat[f"clinical_{k}"] = ";".join(v) if isinstance(v, list) else v
+    for s, v in row.get("nodal_coverage", {}).items():
+        flat[f"nodal_coverage_{s}"] = v
+    for kind, entry in row.get("counterfactual", {}).items():
+        for k, v in entry.items():
+            if isinstance(v, dict):
+                for s, vv in v.items():
+                    flat[f"cf_{kind}_{k}_{s}"] = vv
+            else:
+                flat[f"cf_{kind}_{k}"] = v
+    return flat
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return _json_safe(value.item())
+    return value
+
+
+def _write_json(path: Path, data: dict) -> None:
+    _atomic(path, lambda tmp: tmp.write_text(json.dumps(_json_safe(data), indent=2) + "\n"))
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns)
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()})
+
+    _atomic(path, write)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="Dice / IoU / HD95 with bootstrap CIs, clinical accuracy and text-following",
+        description="Evaluate bundle(s) on a manifest split. Writes OUT/metrics.json, OUT/cases.csv, OUT/table.md "
+                    "(paper Table 1 layout) and OUT/overlays/. Clinical accuracy, nodal text-following and the "
+                    "truth for counterfactual notes need a 'regions' column (phantom manifests).")
+    p.add_argument("--bundle", required=True, nargs="+", help="one or more bundle folders (one table row each)")
+    p.add_argument("--label", nargs="+", default=(), help="table names for the bundles (default: bundle names)")
+    p.add_argument("--manifest", required=True, help="CSV of cases (DESIGN.md columns)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--split", default="test", help="manifest split to evaluate ('all': every case; default test)")
+    p.add_argument("--llm", help="where the bundles' LLM is, if not where they say")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--coverage-threshold", type=float, default=0.5,
+                   help="a region is targeted when the contour covers more than this fraction of it")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--no-counterfactuals", dest="counterfactuals", action="store_false",
+                   help="skip contouring with counterfactual notes (text-following)")
+    p.add_argument("--no-overlays", dest="overlays", action="store_false", help="skip the PNG overlays")
+    p.add_argument("--json", action="store_true", help="print one JSON summary")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args) -> dict:
+    config = EvalConfig(manifest=args.manifest, out=args.out, bundles=args.bundle, labels=args.label,
+                        split=None if args.split == "all" else args.split, llm=args.llm, device=args.device,
+                        counterfactuals=args.counterfactuals, coverage_threshold=args.coverage_threshold,
+                        n_bootstrap=args.bootstrap, seed=args.seed, overlays=args.overlays, progress=not args.json)
+    metrics = evaluate(config)
+    if not args.json:
+        print((Path(args.out) / "table.md").read_text())
+        print(f"-> {args.out}/metrics.json, cases.csv, table.md, overlays/")
+        return None
+    return {"out": str(args.out), "models": [{k: m[k] for k in m if k in ("model", "dice", "iou", "hd95_mm", "clinical",
+                                                                          "text_following")} for m in metrics["models"]]}

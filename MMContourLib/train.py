@@ -1,0 +1,636 @@
+"""Training: manifest -> model bundle (``mmcontour train``).
+
+One step: a batch of random patches (``data.py``) -> the text encoder on the batch's *unique*
+prompts, with gradients into the prompt vectors (the LLM stays frozen) -> U-Net -> Dice + CE
+(weights 1, 1) -> AdamW with per-step warmup + cosine. AMP on CUDA.
+
+Every epoch ends with the same sequence on rank 0: validation (every ``val_every`` epochs and
+at the last), ``best/`` when validation Dice improved, ``last/``, then ``checkpoint.pt`` (trainable
+weights, optimiser, scheduler, scaler, RNG states, history, config), each written atomically.
+Since every random draw of the data comes from (seed, epoch, position), ``--resume`` after a
+kill at any moment replays exactly what an uninterrupted run does.
+
+Distributed (``torchrun``): one process per GPU (or CPU process, gloo). Each loads the frozen LLM
+once; only the trainable modules (U-Net + prompt vectors) are wrapped in DistributedDataParallel,
+and each rank takes a disjoint ``batch_size`` share of every global batch, so N processes with
+batch b train the model one process with batch N*b would. The output folder must be shared.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .bundle import InferenceConfig, ModelBundle
+from .data import (AugmentConfig, PatchDataset, build_cache, collate, epoch_plan, manifest_hash, read_manifest,
+                   sample_transforms, select_fraction, steps_per_epoch)
+from .network import NetworkConfig, TextConditionedUNet, count_parameters
+from .preprocess import PreprocessConfig
+from .text import MINILM_SOURCE, SMOLLM2_SOURCE, TextEncoder, TextEncoderSpec, build_text_encoder
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+TEXT_ENCODER_KINDS = {"llm": "causal-lm", "encoder": "encoder", "none": "none"}
+DEFAULT_SOURCES = {"causal-lm": SMOLLM2_SOURCE, "encoder": MINILM_SOURCE, "none": ""}
+#: Settings that do not change what is learned: a resumed run may change them.
+RUNTIME_FIELDS = ("manifest", "out", "epochs", "device", "num_workers", "cache_rate", "progress", "llm", "name",
+                  "version", "gradient_checkpointing", "activation_checkpointing")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on (defaults: the paper's settings, METHOD.md)."""
+
+    manifest: str = ""
+    out: str = ""
+    text_encoder: str = "llm"  # llm | encoder | none (vision-only baseline)
+    llm: str = ""  # folder, .gguf or pkg:...; default per text_encoder (SmolLM2 / MiniLM)
+    num_prompt_sets: int = 2
+    num_prompt_vectors: int = 8
+    feature_size: int = 48
+    spacing: tuple[float, float, float] = (1.0, 1.0, 3.0)
+    patch: tuple[int, int, int] = (384, 384, 128)
+    batch_size: int = 2  # per process
+    patches_per_case: int = 1  # patches drawn from each training case per epoch
+    epochs: int = 100
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    warmup_epochs: float = 10
+    val_every: int = 1
+    val_overlap: float = 0.25
+    fraction: float = 1.0
+    seed: int = 0
+    train_split: str = "train"
+    val_split: str = "val"
+    pos: float = AugmentConfig.pos
+    neg: float = AugmentConfig.neg
+    num_workers: int = 0
+    cache_rate: float = 1.0
+    device: str = "auto"
+    dtype: str = "auto"  # LLM dtype
+    amp: bool = True  # autocast on CUDA (bf16 where supported, else fp16 with loss scaling)
+    gradient_checkpointing: bool = False  # LLM activations recomputed in backward (memory for 7B models)
+    activation_checkpointing: bool = False  # U-Net blocks recomputed in backward (memory for paper-size patches)
+    allow_download: bool = False
+    name: str = "mmcontour"
+    version: str = "0"
+    progress: bool = True
+
+    def __post_init__(self):
+        self.spacing = tuple(float(v) for v in self.spacing)
+        self.patch = tuple(int(v) for v in self.patch)
+        if self.text_encoder not in TEXT_ENCODER_KINDS:
+            raise ValueError(f"text encoder {self.text_encoder!r}: use one of {', '.join(TEXT_ENCODER_KINDS)}")
+        if len(self.patch) != 3 or any(v <= 0 or v % 16 for v in self.patch):
+            raise ValueError(f"patch size {self.patch}: give three multiples of 16 (the U-Net halves it four times)")
+        if len(self.spacing) != 3 or min(self.spacing) <= 0:
+            raise ValueError(f"spacing {self.spacing}: give three positive values in mm")
+        for name in ("batch_size", "epochs", "val_every", "patches_per_case", "feature_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1]; got {self.fraction}")
+
+    @property
+    def text_kind(self) -> str:
+        return TEXT_ENCODER_KINDS[self.text_encoder]
+
+    @property
+    def text_source(self) -> str:
+        return self.llm or DEFAULT_SOURCES[self.text_kind]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["spacing"], d["patch"] = list(self.spacing), list(self.patch)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        return cls(**{k: v for k, v in data.items() if k in {f.name for f in fields(cls)}})
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    best: Path
+    last: Path
+    epochs: int
+    best_val_dice: float | None
+    best_epoch: int | None
+    history: list[dict] = field(default_factory=list)
+    seconds_per_epoch: float = 0.0
+
+    def summary(self) -> dict:
+        return {"out": str(self.out), "best": str(self.best), "last": str(self.last), "epochs": self.epochs,
+                "best_val_dice": self.best_val_dice, "best_epoch": self.best_epoch,
+                "final_train_loss": self.history[-1]["train_loss"] if self.history else None,
+                "seconds_per_epoch": round(self.seconds_per_epoch, 3)}
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or continue; the message says what to do."""
+
+
+class TrainableModel(nn.Module):
+    """The modules that learn: the U-Net and the text encoder's prompt vectors (its LLM is not a
+    submodule, so DDP neither broadcasts nor synchronises it)."""
+
+    def __init__(self, network: TextConditionedUNet, text: TextEncoder):
+        super().__init__()
+        self.network = network
+        self.text = text
+
+    def embed(self, prompts: Sequence[str]) -> torch.Tensor | None:
+        """(B, N, D) for B prompts; the text encoder runs once per distinct prompt."""
+        if self.text.dim is None:
+            return None
+        unique = list(dict.fromkeys(prompts))
+        g = self.text(unique)
+        return g[torch.tensor([unique.index(p) for p in prompts], device=g.device)]
+
+    def forward(self, image: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        g = self.embed(prompts)
+        return self.network(image, None if g is None else g.to(image.device))
+
+
+# -- distributed ----------------------------------------------------------------------------------
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    initialised_here: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def mean(self, value: float, device: torch.device) -> float:
+        """The mean of ``value`` over the ranks (nccl reduces GPU tensors only, hence ``device``)."""
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        return float(t.item()) / self.world_size
+
+    def close(self) -> None:
+        if self.initialised_here and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def init_distributed(device: torch.device) -> DistContext:
+    """Join the process group ``torchrun`` describes (RANK / WORLD_SIZE / LOCAL_RANK); a no-op without it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    here = False
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend, timeout=_dt.timedelta(hours=2))
+        here = True
+    return DistContext(rank, world, local_rank, here)
+
+
+def _resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TrainingError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+        if name == "cuda":
+            name = f"cuda:{local_rank}"
+        torch.cuda.set_device(torch.device(name))
+    return torch.device(name)
+
+
+# -- schedule, checkpoint, logs -------------------------------------------------------------------
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR factor at optimiser step s: linear warmup to 1 over ``warmup_steps``, then cosine to 0."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def rng_state() -> dict:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    _atomic_write_bytes(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise TrainingError(f"nothing to resume: {path} does not exist (start without --resume)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file; atomic writes make this unlikely
+        raise TrainingError(f"cannot read checkpoint {path}: {exc}") from None
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise TrainingError(f"{path} is not an MMContour checkpoint of format {CHECKPOINT_FORMAT}")
+    return state
+
+
+def write_logs(out: Path, history: list[dict]) -> None:
+    """``log.json``, ``log.csv`` (one row per epoch) and ``loss_curve.png``."""
+    _atomic_write_bytes(out / "log.json", lambda tmp: tmp.write_text(json.dumps(history, indent=1) + "\n"))
+    columns = list(dict.fromkeys(k for row in history for k in row))
+
+    def csv_text(tmp: Path) -> None:
+        lines = [",".join(columns)]
+        lines += [",".join("" if row.get(c) is None else str(row.get(c)) for c in columns) for row in history]
+        tmp.write_text("\n".join(lines) + "\n")
+
+    _atomic_write_bytes(out / "log.csv", csv_text)
+    _atomic_write_bytes(out / "loss_curve.png", lambda tmp: plot_history(history, tmp))
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(111)
+    epochs = [r["epoch"] for r in history]
+    ax.plot(epochs, [r["train_loss"] for r in history], "o-", label="train loss (Dice + CE)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    val = [(r["epoch"], r["val_dice"]) for r in history if r.get("val_dice") is not None]
+    if val:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*val), "s--", color="tab:green", label="validation Dice")
+        ax2.set_ylabel("Dice")
+        ax2.set_ylim(0, 1)
+        ax2.legend(loc="upper right")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+def _autocast(device: torch.device, enabled: bool):
+    if device.type == "cuda" and enabled:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def _check_resume_config(saved: TrainConfig, config: TrainConfig) -> None:
+    changed = [f.name for f in fields(TrainConfig) if f.name not in RUNTIME_FIELDS
+               and getattr(saved, f.name) != getattr(config, f.name)]
+    if changed:
+        detail = ", ".join(f"{n}: checkpoint {getattr(saved, n)!r}, now {getattr(config, n)!r}" for n in changed)
+        raise TrainingError(f"a resumed run keeps the settings it started with (only {', '.join(RUNTIME_FIELDS)} may "
+                            f"change); these differ: {detail}")
+
+
+def validate(model: TrainableModel, cache, patch: Sequence[int], overlap: float, device: torch.device,
+             amp: bool) -> float:
+    """Mean Dice over the validation cases, on the model grid (sliding window, threshold 0.5)."""
+    from monai.inferers import sliding_window_inference
+    from monai.metrics import compute_dice
+
+    model.eval()
+    scores = []
+    with torch.no_grad():
+        for i in range(len(cache)):
+            case = cache[i]
+            g = model.embed([case["prompt"]])
+            x = torch.as_tensor(np.asarray(case["image"]))[None].float().to(device)
+
+            def predictor(window):
+                with _autocast(device, amp):
+                    return model.network(window, g).float()
+
+            logits = sliding_window_inference(x, tuple(patch), 1, predictor, overlap, mode="gaussian")
+            pred = (logits.argmax(1, keepdim=True) == 1).float().cpu()
+            truth = torch.as_tensor(np.asarray(case["label"]))[None].float()
+            scores.append(float(compute_dice(pred, truth, include_background=True, ignore_empty=False)[0, 0]))
+    model.train()
+    return float(np.mean(scores))
+
+
+def train(config: TrainConfig, resume: bool = False,
+          callbacks: Sequence[Callable[[str, dict], None]] = ()) -> TrainResult:
+    """Train a bundle into ``config.out`` (``best/``, ``last/``, ``checkpoint.pt``, logs).
+
+    ``callbacks`` get ``("step", {...})`` after each optimiser step and ``("epoch", record)`` after each
+    epoch's checkpoint is written; an exception raised there stops the run (the checkpoint stays).
+    """
+    out = Path(config.out)
+    checkpoint_path = out / CHECKPOINT_NAME
+    state = None
+    if resume and checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path)
+        _check_resume_config(TrainConfig.from_dict(state["config"]), config)
+    elif resume and int(os.environ.get("RANK", "0")) == 0:  # killed before its first checkpoint: start afresh
+        print(f"mmcontour train: no checkpoint in {out} yet; starting from the beginning", file=sys.stderr)
+    elif checkpoint_path.exists():
+        raise TrainingError(f"{out} already holds a training run ({CHECKPOINT_NAME}); pass --resume to continue it "
+                            "or choose another --out")
+
+    device = _resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+    dist = init_distributed(device)
+    try:
+        return _train(config, state, out, device, dist, callbacks)
+    except KeyboardInterrupt:
+        if dist.is_main and (out / CHECKPOINT_NAME).exists():
+            print(f"mmcontour train: interrupted; {out} keeps its last finished epoch: continue with --resume",
+                  file=sys.stderr)
+        raise
+    finally:
+        dist.close()
+
+
+def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.device, dist: DistContext,
+           callbacks) -> TrainResult:
+    from monai.losses import DiceCELoss
+    from tqdm import tqdm
+
+    cases = read_manifest(config.manifest)
+    train_cases = [c for c in cases if c.split == config.train_split]
+    if not train_cases:
+        splits = sorted({c.split for c in cases})
+        raise TrainingError(f"manifest {config.manifest} has no cases with split '{config.train_split}' "
+                            f"(splits present: {', '.join(splits) or 'none'})")
+    train_cases = select_fraction(train_cases, config.fraction, config.seed)
+    val_cases = sorted((c for c in cases if c.split == config.val_split), key=lambda c: c.case_id)
+    m_hash = manifest_hash(config.manifest)
+    if state is not None and state["manifest_hash"] != m_hash:
+        raise TrainingError(f"the manifest changed since the checkpoint was written ({state['manifest_hash']} -> "
+                            f"{m_hash}); resume with the same manifest or start a new run")
+    global_batch = config.batch_size * dist.world_size
+    if state is not None and state["global_batch"] != global_batch:
+        raise TrainingError(f"the checkpoint was trained with a global batch of {state['global_batch']} "
+                            f"({state['world_size']} process(es)); now {global_batch}: choose --batch-size so that "
+                            "processes x batch size is the same")
+
+    # Text encoder: rank 0 first, so a GGUF file is de-quantised into the cache once.
+    text = None
+    for turn in ([0, 1] if dist.enabled else [0]):
+        if (turn == 0) == dist.is_main:
+            text = build_text_encoder(
+                TextEncoderSpec(kind=config.text_kind, source=config.text_source, num_sets=config.num_prompt_sets,
+                                num_vectors=config.num_prompt_vectors),
+                device=device, dtype=config.dtype, allow_download=config.allow_download,
+                gradient_checkpointing=config.gradient_checkpointing)
+        dist.barrier()
+    if state is not None and state["text_fingerprint"] != text.spec.fingerprint:
+        raise TrainingError(f"the text model at {config.text_source!r} is not the one this run started with "
+                            f"(fingerprint {text.spec.fingerprint}, checkpoint {state['text_fingerprint']}); "
+                            "point --llm at the same model")
+    torch.manual_seed(config.seed)
+    network = TextConditionedUNet(NetworkConfig(feature_size=config.feature_size, text_dim=text.dim))
+    network.activation_checkpointing = config.activation_checkpointing
+    model = TrainableModel(network, text).to(device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    n_steps = steps_per_epoch(len(train_cases) * config.patches_per_case, global_batch)
+    total_steps = n_steps * config.epochs
+    warmup = int(round(config.warmup_epochs * n_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
+    use_fp16 = device.type == "cuda" and config.amp and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler("cuda", enabled=use_fp16)
+
+    start_epoch, step, history = 0, 0, []
+    best = {"val_dice": None, "epoch": None}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])  # its factor function is this run's (epochs may change)
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start_epoch, step, history, best = state["epoch"], state["step"], list(state["history"]), dict(state["best"])
+    if start_epoch >= config.epochs and dist.is_main:
+        print(f"mmcontour train: {out} already finished {start_epoch} epochs", file=sys.stderr)
+
+    ddp = model
+    if dist.enabled:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    show = config.progress and dist.is_main
+    patch = config.patch
+    preprocessing = PreprocessConfig(spacing=config.spacing)
+    train_cache = build_cache(train_cases, preprocessing, patch, config.cache_rate, config.num_workers, show)
+    val_cache = build_cache(val_cases, preprocessing, patch, 1.0, config.num_workers, show) \
+        if (val_cases and dist.is_main) else None
+    dataset = PatchDataset(train_cache, sample_transforms(patch, AugmentConfig(pos=config.pos, neg=config.neg)))
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=1.0, lambda_ce=1.0)
+    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main and state is None:
+        (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+    training_summary = {
+        "seed": config.seed, "data_fraction": config.fraction, "manifest": str(config.manifest),
+        "manifest_hash": m_hash, "train_cases": len(train_cases), "val_cases": len(val_cases),
+        "batch_size": global_batch, "patch": list(patch), "lr": config.lr, "processes": dist.world_size,
+        "text_encoder": config.text_encoder, "trainable_parameters": count_parameters(model),
+    }
+    epoch_times = []
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.perf_counter()
+        plan = epoch_plan(len(train_cases) * config.patches_per_case, epoch, config.seed, config.batch_size,
+                          dist.world_size, dist.rank)
+        plan = [[(i % len(train_cases), s) for i, s in batch] for batch in plan]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=plan, collate_fn=collate,
+                                             num_workers=config.num_workers)
+        losses = []
+        bar = tqdm(loader, total=len(plan), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not show,
+                   file=sys.stderr, leave=False)
+        for batch in bar:
+            image, label = batch["image"].to(device), batch["label"].to(device)
+            with _autocast(device, config.amp):
+                logits = ddp(image, batch["prompt"])
+            loss = loss_fn(logits.float(), label)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            for cb in callbacks:
+                cb("step", {"epoch": epoch + 1, "step": step, "loss": losses[-1]})
+        bar.close()
+        train_loss = dist.mean(float(np.mean(losses)), device)
+
+        record = {"epoch": epoch + 1, "step": step, "train_loss": round(train_loss, 6),
+                  "lr": optimizer.param_groups[0]["lr"], "val_dice": None}
+        if dist.is_main:
+            last_epoch = epoch + 1 == config.epochs
+            if val_cache is not None and ((epoch + 1) % config.val_every == 0 or last_epoch):
+                record["val_dice"] = round(validate(model, val_cache, patch, config.val_overlap, device, config.amp), 6)
+            improved = record["val_dice"] is not None and (best["val_dice"] is None
+                                                           or record["val_dice"] > best["val_dice"])
+            if improved:
+                best = {"val_dice": record["val_dice"], "epoch": epoch + 1}
+            record["best_val_dice"] = best["val_dice"]
+            epoch_times.append(time.perf_counter() - t0)
+            record["seconds"] = round(epoch_times[-1], 3)
+
+            def bundle(kind: str) -> ModelBundle:
+                summary = {**training_summary, "epochs": epoch + 1, "of_epochs": config.epochs, "selected": kind,
+                           "best_val_dice": best["val_dice"], "best_epoch": best["epoch"],
+                           "train_loss": record["train_loss"]}
+                return ModelBundle.from_models(
+                    network, text, preprocessing=preprocessing,
+                    inference=InferenceConfig(roi_size=patch, overlap=0.5), name=config.name,
+                    version=config.version, training=summary)
+
+            if improved or (val_cache is None):  # without validation cases, "best" is the latest
+                bundle("best").save(out / "best")
+            bundle("last").save(out / "last")
+            history = [r for r in history if r["epoch"] < epoch + 1] + [record]
+            save_checkpoint(out / CHECKPOINT_NAME, {
+                "format": CHECKPOINT_FORMAT, "config": config.to_dict(), "epoch": epoch + 1, "step": step,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": rng_state(), "best": best, "history": history,
+                "manifest_hash": m_hash, "world_size": dist.world_size, "global_batch": global_batch,
+                "text_fingerprint": text.spec.fingerprint,
+                "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            })
+            write_logs(out, history)
+            if show:
+                val = "" if record["val_dice"] is None else f", val Dice {record['val_dice']:.4f}"
+                print(f"epoch {epoch + 1}/{config.epochs}: loss {train_loss:.4f}{val} ({record['seconds']:.1f} s)",
+                      file=sys.stderr)
+        dist.barrier()
+        for cb in callbacks:
+            cb("epoch", record)
+
+    return TrainResult(out, out / "best", out / "last", max(config.epochs, start_epoch), best["val_dice"],
+                       best["epoch"], history, float(np.mean(epoch_times)) if epoch_times else 0.0)
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a model bundle from a manifest of CTs, CTVs and clinical notes",
+                              description="Train a bundle. Writes OUT/best, OUT/last (bundles), OUT/checkpoint.pt, "
+                                          "OUT/log.csv, OUT/log.json and OUT/loss_curve.png. Multi-GPU: "
+                                          "torchrun --nproc_per_node N -m MMContourLib.cli train ...")
+    p.add_argument("--manifest", required=True, help="CSV: case_id, ct, ctv, split, note columns (paths relative to it)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (from the start if it has none yet); "
+                        "unset options keep the run's values")
+    t = p.add_argument_group("text encoder")
+    t.add_argument("--text-encoder", choices=list(TEXT_ENCODER_KINDS),
+                   help="llm: prompt-tuned causal LLM (default); encoder: bidirectional text tower; none: vision-only")
+    t.add_argument("--llm", help=f"LLM / encoder location: folder, .gguf file or pkg:... "
+                                 f"(default {SMOLLM2_SOURCE}; encoder {MINILM_SOURCE})")
+    t.add_argument("--num-prompt-sets", type=int, help="N sets of prompt vectors (default 2)")
+    t.add_argument("--num-prompt-vectors", type=int, help="M vectors per set (default 8)")
+    t.add_argument("--dtype", help="LLM dtype: auto | bf16 | fp16 | fp32")
+    t.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="recompute LLM activations in backward (less memory for 7B models)")
+    t.add_argument("--allow-download", action="store_true", default=None, help="let --llm name a hub id")
+    m = p.add_argument_group("model and data")
+    m.add_argument("--activation-checkpointing", action="store_true", default=None,
+                   help="recompute U-Net activations in backward (less GPU memory for large patches)")
+    m.add_argument("--feature-size", type=int, help="U-Net width f (channels f, f, 2f, 4f, 8f; paper 48)")
+    m.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="model grid mm (paper 1 1 3)")
+    m.add_argument("--patch", type=int, nargs=3, metavar=("X", "Y", "Z"), help="patch voxels (paper 384 384 128)")
+    m.add_argument("--fraction", type=float, help="train on this fraction of the training split (data efficiency)")
+    m.add_argument("--patches-per-case", type=int, help="patches from each training case per epoch (default 1)")
+    m.add_argument("--train-split", help="manifest split to train on (default train)")
+    m.add_argument("--val-split", help="manifest split to validate on (default val)")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--batch-size", type=int, help="per process (paper 2)")
+    o.add_argument("--epochs", type=int, help="paper 100")
+    o.add_argument("--lr", type=float, help="AdamW learning rate (paper 1e-4)")
+    o.add_argument("--weight-decay", type=float)
+    o.add_argument("--warmup-epochs", type=float, help="linear warmup before the cosine decay (paper 10)")
+    o.add_argument("--val-every", type=int, help="validate every k epochs (and at the last)")
+    o.add_argument("--seed", type=int)
+    o.add_argument("--no-amp", dest="amp", action="store_false", default=None, help="no mixed precision on CUDA")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    r.add_argument("--num-workers", type=int, help="data-loader worker processes")
+    r.add_argument("--cache-rate", type=float, help="fraction of training cases kept in memory on the model grid")
+    r.add_argument("--name", help="bundle name")
+    r.add_argument("--version", dest="bundle_version", help="bundle version")
+    r.add_argument("--json", action="store_true", help="print one JSON summary")
+    p.set_defaults(func=cmd_train)
+
+
+def config_from_args(args) -> tuple[TrainConfig, bool]:
+    """Unset options come from the checkpoint when resuming, else from the defaults."""
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    names = {f.name for f in fields(TrainConfig)}
+    values = {k: v for k, v in given.items() if k in names}
+    if "bundle_version" in given:
+        values["version"] = given["bundle_version"]
+    values["manifest"], values["out"] = str(args.manifest), str(args.out)
+    values["progress"] = not args.json
+    base = {}
+    checkpoint = Path(args.out) / CHECKPOINT_NAME
+    if args.resume and checkpoint.exists():
+        base = load_checkpoint(checkpoint)["config"]
+    return TrainConfig.from_dict({**base, **values}), args.resume
+
+
+def cmd_train(args) -> dict:
+    config, resume = config_from_args(args)
+    result = train(config, resume=resume)
+    summary = result.summary()
+    if not args.json and int(os.environ.get("RANK", "0")) == 0:
+        best = "" if result.best_val_dice is None else f", best val Dice {result.best_val_dice:.4f} (epoch {result.best_epoch})"
+        print(f"trained {result.epochs} epochs{best} -> {result.best}, {result.last}")
+    return summary if int(os.environ.get("RANK", "0")) == 0 else None

@@ -1,0 +1,225 @@
+"""Evaluation: metrics against hand-computed values, bootstrap CIs, clinical accuracy and text-following
+on phantoms, and the command's files."""
+import csv
+import hashlib
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from MMContourLib.cli import main
+from MMContourLib.evaluate import (EvalConfig, bootstrap_ci, clinical_check, counterfactual_notes, evaluate,
+                                   region_coverage, segmentation_metrics, side_volumes)
+from MMContourLib.note import ClinicalNote
+from MMContourLib.phantom import PhantomConfig, ctv_for_note, generate_case, write_dataset
+
+COARSE = PhantomConfig(in_plane_spacing=6.0, slice_thickness=10.0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def box_image(lo, hi, size=(20, 20, 20), spacing=(1.0, 1.0, 5.0), direction=None, origin=(0.0, 0.0, 0.0)):
+    """A uint8 mask with ones in the index box [lo, hi) given in (x, y, z) order."""
+    arr = np.zeros(size[::-1], np.uint8)
+    arr[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = 1
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    if direction is not None:
+        img.SetDirection(direction)
+    return img
+
+
+# -- metrics ----------------------------------------------------------------------------------------------
+
+def test_dice_iou_hd95_match_hand_computed_values_in_mm():
+    truth = box_image((5, 5, 5), (11, 11, 11))  # 6 x 6 x 6 voxels; spacing 1 x 1 x 5 mm
+    shift_x = box_image((6, 5, 5), (12, 11, 11))
+    m = segmentation_metrics(shift_x, truth)
+    assert m["dice"] == pytest.approx(5 / 6) and m["iou"] == pytest.approx(5 / 7)
+    assert m["hd95"] == pytest.approx(1.0)  # one voxel along x is 1 mm ...
+    shift_z = box_image((5, 5, 6), (11, 11, 12))
+    assert segmentation_metrics(shift_z, truth)["hd95"] == pytest.approx(5.0)  # ... along z 5 mm
+    same = segmentation_metrics(truth, truth)
+    assert same == {"dice": 1.0, "iou": 1.0, "hd95": 0.0}
+
+    empty = box_image((0, 0, 0), (0, 0, 0))
+    m = segmentation_metrics(empty, truth)
+    assert m["dice"] == 0.0 and m["iou"] == 0.0 and math.isnan(m["hd95"])
+    m = segmentation_metrics(empty, empty)
+    assert m["dice"] == 1.0 and math.isnan(m["hd95"])
+
+
+def test_bootstrap_ci_is_seeded_contains_the_mean_and_leaves_out_nan():
+    values = [0.7, 0.8, 0.9, 0.85, 0.75, math.nan]
+    ci = bootstrap_ci(values, n_resamples=1000, seed=1)
+    assert ci["n"] == 5 and ci["excluded"] == 1
+    assert ci["mean"] == pytest.approx(0.8)
+    assert ci["ci_low"] < ci["mean"] < ci["ci_high"] and 0.7 <= ci["ci_low"] and ci["ci_high"] <= 0.9
+    assert ci == bootstrap_ci(values, n_resamples=1000, seed=1)
+    assert bootstrap_ci([0.5] * 4)["ci_low"] == bootstrap_ci([0.5] * 4)["ci_high"] == 0.5
+    assert bootstrap_ci([math.nan])["mean"] is None
+
+
+def test_side_volumes_follow_the_physical_x_axis_whatever_the_storage():
+    # 4 x 4 x 4 voxels of 2 x 2 x 2 mm (0.512 cc) left of the midline ...
+    lps = box_image((12, 0, 0), (16, 4, 4), size=(20, 4, 4), spacing=(2, 2, 2), origin=(-19.0, 0, 0))
+    assert side_volumes(lps) == pytest.approx({"left_cc": 0.512, "right_cc": 0.0})
+    # ... and the same voxels stored right-to-left: small x index is now the patient's left
+    ras = box_image((4, 0, 0), (8, 4, 4), size=(20, 4, 4), spacing=(2, 2, 2), origin=(19.0, 0, 0),
+                    direction=(-1, 0, 0, 0, 1, 0, 0, 0, 1))
+    assert side_volumes(ras) == pytest.approx({"left_cc": 0.512, "right_cc": 0.0})
+
+
+# -- clinical accuracy ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def phantom_left_bcs_n2():
+    return generate_case(5, COARSE, note=ClinicalNote.parse("N2, breast conserving surgery, left side"))
+
+
+def test_clinical_check_on_constructed_masks(phantom_left_bcs_n2):
+    case = phantom_left_bcs_n2
+    note, regions = case.note, case.regions
+    cov = region_coverage(case.ctv, regions)
+    assert cov["breast_left"] == 1.0 and cov["axilla_left"] == 1.0 and cov["breast_right"] == 0.0
+    ok = clinical_check(cov, note)
+    assert ok["correct"] and ok["sides_ok"] and ok["nodal_ok"] and ok["breast_vs_chestwall_ok"]
+    assert ok["expected"] == sorted(["breast_left", "axilla_left", "supraclavicular_left", "internal_mammary_left"])
+
+    def check(other_note):
+        return clinical_check(region_coverage(ctv_for_note(regions, ClinicalNote.parse(other_note)), regions), note)
+
+    wrong_side = check("N2, breast conserving surgery, right side")
+    assert not wrong_side["sides_ok"] and not wrong_side["correct"]
+    no_nodes = check("N0, breast conserving surgery, left side")
+    assert no_nodes["sides_ok"] and not no_nodes["nodal_ok"] and no_nodes["breast_vs_chestwall_ok"]
+    assert no_nodes["missing"] == ["axilla_left", "internal_mammary_left", "supraclavicular_left"]
+    chest_wall = check("N2, total mastectomy surgery, left side")
+    assert chest_wall["nodal_ok"] and not chest_wall["breast_vs_chestwall_ok"] and not chest_wall["correct"]
+
+    # partial coverage: half of the breast is below the 0.5 threshold, and above a 0.4 one
+    arr = sitk.GetArrayFromImage(case.ctv)
+    breast = sitk.GetArrayViewFromImage(regions) == 1
+    zs = np.nonzero(breast.any((1, 2)))[0]
+    arr[zs[len(zs) // 2]:][breast[zs[len(zs) // 2]:]] = 0
+    half = sitk.GetImageFromArray(arr)
+    half.CopyInformation(case.ctv)
+    cov = region_coverage(half, regions)
+    assert 0.2 < cov["breast_left"] < 0.8
+    assert clinical_check(cov, note, threshold=cov["breast_left"] - 0.01)["correct"]
+    assert not clinical_check(cov, note, threshold=cov["breast_left"] + 0.01)["correct"]
+
+
+def test_counterfactual_notes_flip_side_and_nodes():
+    cf = counterfactual_notes(ClinicalNote.parse("N1mi, total mastectomy surgery, right side, cT2"))
+    assert cf["side"].to_prompt() == "N1mi, total mastectomy surgery, left side"
+    assert cf["nodes"].to_prompt() == "N2, total mastectomy surgery, right side"
+    bilateral = ClinicalNote.parse("N0, breast conserving surgery, left side; N3, total mastectomy surgery, right side")
+    cf = counterfactual_notes(bilateral)
+    assert "side" not in cf
+    assert cf["nodes"].to_prompt() == "N2, breast conserving surgery, left side; N0, total mastectomy surgery, right side"
+
+
+# -- the whole evaluation -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def phantom_manifest(tmp_path_factory):
+    return write_dataset(4, tmp_path_factory.mktemp("phantoms"), seed=3, config=COARSE,
+                         split_fractions=(0, 0, 1), progress=False)
+
+
+class FakeContourer:
+    """Contours from the phantom's own region map: ``follow_note`` True gives the guideline CTV of whatever
+    note it is asked about (a perfect multimodal model); False always gives the case's true CTV (a model
+    that ignores the note)."""
+
+    def __init__(self, manifest, follow_note: bool):
+        from MMContourLib.data import read_manifest
+        from MMContourLib.imageio import read_image
+
+        self.follow_note = follow_note
+        self.cases = {}
+        for case in read_manifest(manifest):
+            ct = read_image(case.ct)
+            self.cases[self._key(ct)] = (read_image(case.regions), case.note)
+        self.bundle = SimpleNamespace(name="oracle" if follow_note else "note-blind", bundle_id="fake",
+                                      text_encoder=SimpleNamespace(kind="none"))
+
+    @staticmethod
+    def _key(ct):
+        return hashlib.sha1(sitk.GetArrayViewFromImage(ct).tobytes()).hexdigest()
+
+    def contour(self, ct, note):
+        regions, true_note = self.cases[self._key(ct)]
+        return SimpleNamespace(mask=ctv_for_note(regions, note if self.follow_note else true_note))
+
+
+def test_evaluate_scores_a_note_following_model_above_a_note_blind_one(phantom_manifest, tmp_path):
+    fakes = {"oracle": FakeContourer(phantom_manifest, True), "blind": FakeContourer(phantom_manifest, False)}
+    config = EvalConfig(manifest=str(phantom_manifest), out=str(tmp_path / "eval"), bundles=["oracle", "blind"],
+                        split="test", n_bootstrap=200, progress=False)
+    metrics = evaluate(config, contourer_factory=lambda name: fakes[name])
+    oracle, blind = metrics["models"]
+    assert metrics["n_cases"] == 4 and oracle["model"] == "oracle" and blind["model"] == "note-blind"
+    for model in (oracle, blind):  # both give the true CTV for the true note
+        assert model["dice"]["mean"] == 1.0 and model["hd95_mm"]["mean"] == 0.0
+        assert model["clinical"]["correct"]["mean"] == 1.0
+    tf_oracle, tf_blind = oracle["text_following"], blind["text_following"]
+    assert tf_oracle["nodes"]["follows"]["mean"] == 1.0 and tf_oracle["all"]["follows"]["mean"] == 1.0
+    assert tf_oracle["nodes"]["dice_vs_truth"]["mean"] == 1.0
+    assert tf_blind["nodes"]["follows"]["mean"] == 0.0 and tf_blind["all"]["follows"]["mean"] == 0.0
+    assert tf_oracle["side"]["follows"]["mean"] == 1.0 and tf_blind["side"]["follows"]["mean"] == 0.0
+
+    out = tmp_path / "eval"
+    assert json.loads((out / "metrics.json").read_text())["models"][0]["model"] == "oracle"
+    rows = list(csv.DictReader(open(out / "cases.csv")))
+    assert len(rows) == 8 and {r["model"] for r in rows} == {"oracle", "note-blind"}
+    assert all(r["clinical_correct"] == "True" for r in rows)
+    table = (out / "table.md").read_text()
+    assert "| Model | Dice | IoU | HD95 (mm) | Clinical accuracy |" in table
+    assert "| oracle | 1.000 (1.000-1.000) | 1.000 (1.000-1.000) | 0.00 (0.00-0.00) | 1.000 (1.000-1.000) |" in table
+    assert len(list((out / "overlays" / "oracle").glob("*.png"))) == 4
+
+
+def test_without_regions_only_segmentation_metrics_and_side_following(phantom_manifest, tmp_path):
+    rows = list(csv.DictReader(open(phantom_manifest)))
+    plain = phantom_manifest.parent / "no-regions.csv"
+    with open(plain, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[c for c in rows[0] if c != "regions"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    fake = FakeContourer(phantom_manifest, True)
+    metrics = evaluate(EvalConfig(manifest=str(plain), out=str(tmp_path / "plain"), bundles=["x"], n_bootstrap=50,
+                                  overlays=False, progress=False), contourer_factory=lambda name: fake)
+    model = metrics["models"][0]
+    assert model["dice"]["mean"] == 1.0 and "clinical" not in model
+    assert set(model["text_following"]) == {"side"} and model["text_following"]["side"]["follows"]["mean"] == 1.0
+    assert not (tmp_path / "plain" / "overlays").exists()
+
+
+def test_evaluate_command_with_a_real_bundle(tiny_bundle, phantom_manifest, tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = main(["evaluate", "--bundle", str(tiny_bundle), "--manifest", str(phantom_manifest), "--out", str(out),
+                 "--device", "cpu", "--bootstrap", "100", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads(captured.out)
+    model = summary["models"][0]
+    assert model["model"] == "tiny-test" and model["dice"]["n"] + model["dice"]["excluded"] == 4
+    assert 0.0 <= model["dice"]["mean"] <= 1.0 and model["clinical"]["correct"]["n"] == 4
+    assert set(model["text_following"]) >= {"nodes", "all"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["models"][0]["bundle_id"] and metrics["bootstrap"]["resamples"] == 100
+    png = next((out / "overlays" / "tiny-test").glob("*.png"))
+    assert png.read_bytes()[:4] == b"\x89PNG"
