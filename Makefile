@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.mmcontour-installed
 REQS := Resources/requirements.txt Resources/requirements-dev.txt Resources/requirements-nodeps.txt pyproject.toml
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast bench clean demo-bundle experiments
 
 venv: $(STAMP)
 
@@ -34,3 +34,15 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
+
+# The shipped demo bundle and the phantom experiments of docs/results.md (fixed seeds; ~1 h on 2 cores).
+demo-bundle: venv
+	bench/phantom_experiments.sh data
+	bench/phantom_experiments.sh train
+	rm -rf Resources/Models/demo && mkdir -p Resources/Models
+	cp -r runs/multimodal/best Resources/Models/demo
+	mkdir -p Resources/Models/demo-training
+	cp runs/multimodal/log.csv runs/multimodal/loss_curve.png runs/multimodal/train_config.json Resources/Models/demo-training/
+
+experiments: demo-bundle
+	bench/phantom_experiments.sh eval

@@ -118,6 +118,9 @@ class ModelBundle:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a bundle is shared with other users
         try:
             weights_file = tmp / WEIGHTS_NAME
             save_file({k: v.contiguous() for k, v in self.weights.items()}, str(weights_file),
