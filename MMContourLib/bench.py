@@ -58,6 +58,7 @@ class Preset:
     llm_dtype: str = "auto"
     precision: str = "auto"
     channels_last: bool = False
+    compile: bool = False
     sw_batch_size: int = 1
     repeats: int = 3
     train_patch: tuple[int, int, int] = (32, 32, 16)
@@ -287,6 +288,10 @@ def bench_contour(contourer, ct, notes, repeats: int, say) -> dict:
     import torch
 
     end_to_end, edited, per_window, runs = [], [], [], []
+    with Measure(contourer.device) as w:
+        warm_up(contourer)
+    say(f"warm-up (one window{', compiling' if contourer._encode != contourer.network.encode else ''}): "
+        f"{w.seconds:.1f} s")
     for r in range(repeats):
         _fresh_ct(contourer)
         calls = contourer.llm_calls
@@ -311,6 +316,7 @@ def bench_contour(contourer, ct, notes, repeats: int, say) -> dict:
             torch.cuda.empty_cache()
     last = runs[-1]
     return {"end_to_end_s": med(end_to_end), "edited_note_s": med(edited), "time_per_window_s": med(per_window),
+            "warm_up_s": round(w.seconds, 3),
             "windows": last["windows"], "llm_calls_per_contour": max(r["llm_calls"] for r in runs),
             "windows_s": med(r["timings_s"]["windows"] for r in runs),
             "encode_note_s": med(r["timings_s"]["encode_note"] for r in runs),
@@ -318,6 +324,22 @@ def bench_contour(contourer, ct, notes, repeats: int, say) -> dict:
             "postprocess_s": med(r["timings_s"]["postprocess"] for r in runs),
             "peak_gpu_mib": max((r["peak_gpu_mib"] or 0 for r in runs), default=None) if contourer.device.type == "cuda" else None,
             "peak_host_mib": max(r["peak_host_mib"] for r in runs), "runs": runs}
+
+
+def warm_up(contourer) -> None:
+    """One window through encoder and decoder: kernel selection (and compilation) happen here, not
+    in the first timed contour."""
+    import torch
+
+    from .predict import autocast_context
+
+    x = torch.rand(contourer.sw_batch_size, 1, *contourer.roi_size, device=contourer.device)
+    if contourer.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    g = contourer.encode_notes([NOTES[-1]])
+    g = None if g is None else g.to(contourer.device)
+    with torch.inference_mode(), autocast_context(contourer.device, contourer.precision):
+        contourer._decode(contourer._encode(x), g)
 
 
 def bench_note_encoding(contourer, notes, repeats: int) -> dict:
@@ -616,7 +638,8 @@ def run_bench(preset: Preset, work: Path, *, what: set[str], llm: str | None = N
     with Measure(device) as load:
         contourer = Contourer.from_bundle(bundle_path, device=str(device), dtype=preset.llm_dtype, roi_size=preset.roi,
                                           overlap=preset.overlap, sw_batch_size=preset.sw_batch_size,
-                                          precision=preset.precision, channels_last=preset.channels_last)
+                                          precision=preset.precision, channels_last=preset.channels_last,
+                                          compile=preset.compile)
     m = report["measured"]
     m["model_load"] = {"seconds": round(load.seconds, 3), "peak_gpu_mib": load.gpu_mib, "peak_host_mib": load.host_mib}
     ct = synthetic_thorax(preset.ct_size, preset.ct_spacing)
@@ -693,6 +716,7 @@ def summary(report: dict) -> dict:
          "encode_note_s": m.get("note_encoding", {}).get("encode_note_s"),
          "windows": c.get("windows"), "time_per_window_s": c.get("time_per_window_s"),
          "end_to_end_s": c.get("end_to_end_s"), "edited_note_s": c.get("edited_note_s"),
+         "warm_up_s": c.get("warm_up_s"),
          "llm_calls_per_contour": c.get("llm_calls_per_contour"),
          "peak_gpu_mib": c.get("peak_gpu_mib"), "peak_host_mib": c.get("peak_host_mib"),
          "window_ratio_multimodal_over_vision": w.get("ratio"),
@@ -730,6 +754,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--sw-batch-size", type=int)
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--channels-last", choices=("on", "off"))
+    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (first windows pay the compile)")
     p.add_argument("--repeats", type=int)
     p.add_argument("--reference-windows", type=int, help="time only this many windows of the reference loop")
     p.add_argument("--train-patch", type=int, nargs=3, metavar=("X", "Y", "Z"))
@@ -759,6 +784,8 @@ def preset_from_args(args) -> Preset:
         changes["train_patch"] = tuple(args.train_patch)
     if args.channels_last:
         changes["channels_last"] = args.channels_last == "on"
+    if args.compile:
+        changes["compile"] = True
     return replace(preset, **changes)
 
 
@@ -783,6 +810,23 @@ def format_table(summary: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in summary.items())
 
 
+def main(argv=None) -> int:
+    """``python -m MMContourLib.bench bench ...``: the bench alone, without the other subcommands'
+    imports (the GPU machine has no DICOM libraries); ``--scaleout-worker``: one torchrun process."""
+    import argparse
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--scaleout-worker" in argv:
+        return _worker_main(argv)
+    parser = argparse.ArgumentParser(prog="python -m MMContourLib.bench")
+    register_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    report = args.func(args)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
 def _worker_main(argv=None) -> int:
     import argparse
 
@@ -798,4 +842,4 @@ def _worker_main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_worker_main())
+    sys.exit(main())

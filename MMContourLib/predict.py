@@ -130,6 +130,8 @@ class Contourer:
         self.feature_cache_bytes = feature_cache_bytes
         self.offload_llm = offload_llm
         self.fallbacks: list[str] = []  # what the out-of-memory handling had to do, in order
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # every window has the same shape: pick the fastest kernels once
         if channels_last:
             self.network.to(memory_format=torch.channels_last_3d)
         self._encode, self._decode = self.network.encode, self.network.decode
