@@ -63,6 +63,10 @@ class MMContour(ScriptedLoadableModule):
             "model reads the note and steers a 3D U-Net. Fill in the note, press <b>Contour CTV</b>, edit the "
             "note and press it again: the model stays loaded. <b>Compare notes</b> shows how the target changes "
             "with the note. The result is a new segmentation (existing ones are never replaced without asking). "
+            "<br><br><b>Send the CTV to the planning system</b>: with the SlicerRT extension installed, load the CT "
+            "from DICOM, contour, then in the Data module right-click the study, choose <i>Export to DICOM...</i>, "
+            "select the segmentation and the <i>RT structure set</i> export type; the RTSTRUCT references the loaded "
+            "CT series. Without SlicerRT: <tt>mmcontour predict --ct DICOM_FOLDER ... --out-rtstruct RS.dcm</tt>.<br>"
             "Documentation: docs/slicer.md in the MMContour repository.<br><br>"
             f"If you use this module, please cite: {CITATION}.")
         self.parent.acknowledgementText = (
