@@ -3,8 +3,13 @@
 Follows segment-anything's ``TwoWayTransformer``: the sparse tokens (here the N context
 embeddings of the note) self-attend, attend to the image, pass an MLP, and the image tokens
 then attend back to the updated text tokens. The updated image tokens replace the skip features.
+As in SAM, a dense positional encoding is added to the image tokens wherever they are matched
+against text (keys of text->image, queries of image->text): without it, mirror-symmetric anatomy
+gives the left and the right breast the same features and the note's side cannot select one.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -37,6 +42,24 @@ class Attention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * c))
 
 
+class PositionEncoding3D(nn.Module):
+    """SAM's random Fourier position encoding in 3D: window coordinates in [-1, 1] -> C channels."""
+
+    def __init__(self, channels: int, scale: float = 1.0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(channels)  # fixed, so it need not be stored in a bundle
+        self.register_buffer("gaussian", scale * torch.randn(3, (channels + 1) // 2, generator=gen), persistent=False)
+        self.channels = channels
+
+    def forward(self, spatial: tuple[int, ...]) -> torch.Tensor:
+        """-> (1, L, C) for a window of ``spatial`` voxels, flattened like ``features.flatten(2)``."""
+        dev = self.gaussian.device
+        axes = [(torch.arange(n, device=dev, dtype=torch.float32) + 0.5) / n * 2 - 1 for n in spatial]
+        coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+        proj = 2 * math.pi * coords @ self.gaussian
+        return torch.cat([proj.sin(), proj.cos()], -1)[None, :, : self.channels]
+
+
 class TwoWayBlock(nn.Module):
     """Text self-attention -> text-to-image attention -> MLP -> image-to-text attention."""
 
@@ -51,12 +74,12 @@ class TwoWayBlock(nn.Module):
         self.image_to_text = Attention(dim, heads, downsample_rate)
         self.norm4 = nn.LayerNorm(dim)
 
-    def forward(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """text: (B, N, C), image: (B, L, C) -> both updated."""
+    def forward(self, text: torch.Tensor, image: torch.Tensor, image_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """text: (B, N, C), image: (B, L, C), image_pe: (1, L, C) -> text and image updated."""
         text = self.norm1(text + self.self_attn(text, text, text))
-        text = self.norm2(text + self.text_to_image(text, image, image))
+        text = self.norm2(text + self.text_to_image(text, image + image_pe, image))
         text = self.norm3(text + self.mlp(text))
-        image = self.norm4(image + self.image_to_text(image, text, text))
+        image = self.norm4(image + self.image_to_text(image + image_pe, text, text))
         return text, image
 
 
@@ -69,6 +92,7 @@ class TextImageAlignment(nn.Module):
     def __init__(self, text_dim: int, channels: int, depth: int = 2, heads: int = 8, mlp_dim: int | None = None):
         super().__init__()
         self.project = nn.Linear(text_dim, channels)
+        self.position = PositionEncoding3D(channels)
         self.blocks = nn.ModuleList(TwoWayBlock(channels, heads, mlp_dim or 2 * channels) for _ in range(depth))
 
     def forward(self, features: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -76,6 +100,7 @@ class TextImageAlignment(nn.Module):
         spatial = features.shape[2:]
         image = features.flatten(2).transpose(1, 2)  # (B, L, C)
         text = self.project(g.to(image.dtype))
+        pe = self.position(tuple(spatial)).to(image.dtype)
         for block in self.blocks:
-            text, image = block(text, image)
+            text, image = block(text, image, pe)
         return image.transpose(1, 2).reshape(b, c, *spatial)

@@ -105,19 +105,23 @@ def fused_alignment(align: TextImageAlignment, features: torch.Tensor, g: torch.
     With only N (= 2) text tokens, every attention that touches the image folds into two thin
     matmuls over the voxels: scores = image @ U with U = W_k^T q (text->image) or W_q^T k
     (image->text), and the attention output followed by ``out_proj`` is P @ M with M the
-    per-head, per-token rows W_o v. Same arithmetic up to float rounding, about a tenth of the
-    memory traffic. The result is channels-last in memory (the convolutions take either layout).
+    per-head, per-token rows W_o v; for N = 2 the softmax is a sigmoid of one score per head, and
+    the residual and bias ride in the same matmul. Same arithmetic up to float rounding, a fraction
+    of the memory traffic (and no L x C query/key/value tensors on the GPU).
     """
     b, c = features.shape[:2]
     spatial = features.shape[2:]
     image = features.flatten(2).transpose(1, 2)  # (B, L, C); a free view for channels-last input
     text = align.project(g.to(image.dtype))
+    pe = align.position(tuple(spatial)).to(image.dtype)
     for block in align.blocks:
         text = block.norm1(text + block.self_attn(text, text, text))
-        text = block.norm2(text + _text_to_image(block.text_to_image, text, image))
+        text = block.norm2(text + _text_to_image(block.text_to_image, text, image, image + pe))
         text = block.norm3(text + block.mlp(text))
-        image = block.norm4(image + _image_to_text(block.image_to_text, image, text))
-    return image.reshape(b, *spatial, c).permute(0, 4, 1, 2, 3)
+        image = block.norm4(_image_to_text(block.image_to_text, image, text, image + pe))
+    out = image.reshape(b, *spatial, c).permute(0, 4, 1, 2, 3)  # channels-last in memory
+    # the decoder's convolutions are slow on a mix of layouts: hand back the layout that came in
+    return out if features.is_contiguous(memory_format=torch.channels_last_3d) else out.contiguous()
 
 
 def _head_weights(linear: nn.Linear, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,8 +130,8 @@ def _head_weights(linear: nn.Linear, heads: int) -> tuple[torch.Tensor, torch.Te
     return linear.weight.reshape(heads, inner // heads, -1), linear.bias.reshape(heads, inner // heads)
 
 
-def _text_to_image(attn, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-    """Text queries (B, N, C) over image keys/values (B, L, C) -> (B, N, C)."""
+def _text_to_image(attn, text: torch.Tensor, image: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Text queries (B, N, C) over image keys (image + position, B, L, C) and values (image) -> (B, N, C)."""
     h = attn.heads
     b, n, _ = text.shape
     wk, _ = _head_weights(attn.k_proj, h)  # the key bias shifts all scores of a query alike: no effect
@@ -135,29 +139,38 @@ def _text_to_image(attn, text: torch.Tensor, image: torch.Tensor) -> torch.Tenso
     q = attn.q_proj(text).reshape(b, n, h, -1)  # (B, N, H, d)
     scale = q.shape[-1] ** -0.5
     u = torch.einsum("bnhd,hdc->bhnc", q, wk.to(q.dtype)).reshape(b, h * n, -1) * scale  # (B, HN, C)
-    scores = torch.matmul(u.to(image.dtype), image.transpose(1, 2))  # (B, HN, L): softmax over contiguous rows
+    scores = torch.matmul(u.to(keys.dtype), keys.transpose(1, 2))  # (B, HN, L): softmax over contiguous rows
     p = torch.softmax(scores.float(), dim=-1).to(image.dtype)
     z = torch.matmul(p, image).reshape(b, h, n, -1)  # (B, H, N, C)
     out = torch.einsum("bhnc,hdc->bnhd", z, wv.to(z.dtype)) + bv.to(z.dtype)
     return attn.out_proj(out.reshape(b, n, -1))
 
 
-def _image_to_text(attn, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """Image queries (B, L, C) over text keys/values (B, N, C) -> (B, L, C)."""
+def _image_to_text(attn, image: torch.Tensor, text: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """``image + attn(queries, text, text)``: image queries (image + position, B, L, C) over text keys/values."""
     h = attn.heads
     b, n, _ = text.shape
     wq, bq = _head_weights(attn.q_proj, h)
     k = attn.k_proj(text).reshape(b, n, h, -1)  # (B, N, H, d)
     v = attn.v_proj(text).reshape(b, n, h, -1)
     scale = k.shape[-1] ** -0.5
-    u = torch.einsum("hdc,bnhd->bchn", wq.to(k.dtype), k).reshape(b, -1, h * n) * scale  # (B, C, HN)
-    const = torch.einsum("hd,bnhd->bhn", bq.to(k.dtype), k).reshape(b, 1, h, n) * scale
-    scores = torch.matmul(image, u.to(image.dtype)).reshape(b, -1, h, n).float() + const.float()  # (B, L, H, N)
-    scores = (scores - scores.amax(-1, keepdim=True)).exp_()  # softmax over the N text tokens, written out:
-    p = (scores / scores.sum(-1, keepdim=True)).reshape(b, -1, h * n)  # elementwise ops vectorise over L
+    u = torch.einsum("hdc,bnhd->bhnc", wq.to(k.dtype), k) * scale  # score of voxel x for (h, n): u . x + c
+    c = torch.einsum("hd,bnhd->bhn", bq.to(k.dtype), k) * scale
     wo = attn.out_proj.weight.reshape(-1, h, v.shape[-1])  # (C, H, d)
-    m = torch.einsum("bnhd,chd->bhnc", v, wo.to(v.dtype)).reshape(b, h * n, -1)  # (B, HN, C)
-    return torch.matmul(p.to(image.dtype), m.to(image.dtype)) + attn.out_proj.bias.to(image.dtype)
+    m = torch.einsum("bnhd,chd->bhnc", v, wo.to(v.dtype))  # what token n of head h adds to a voxel
+    bias = attn.out_proj.bias.to(m.dtype)
+    if n == 2:  # softmax over two tokens is a sigmoid of the difference: one score per head, not two
+        u, c, base = u[:, :, 0] - u[:, :, 1], c[:, :, 0] - c[:, :, 1], m[:, :, 1].sum(1) + bias
+        m = m[:, :, 0] - m[:, :, 1]  # (B, H, C)
+        p = torch.sigmoid(torch.baddbmm(c[:, None].to(image.dtype), queries, u.transpose(1, 2).to(image.dtype)))
+    else:
+        scores = torch.baddbmm(c.reshape(b, 1, h * n).to(image.dtype), queries,
+                               u.reshape(b, h * n, -1).transpose(1, 2).to(image.dtype))
+        p = torch.softmax(scores.reshape(b, -1, h, n).float(), -1).reshape(b, -1, h * n)
+        m, base = m.reshape(b, h * n, -1), bias.expand(b, -1)
+    # the constant row rides along as one more column of ones, so one matmul adds it and the residual
+    p = torch.cat([p.to(image.dtype), p.new_ones(*p.shape[:2], 1, dtype=image.dtype)], 2)
+    return torch.baddbmm(image, p, torch.cat([m, base[:, None]], 1).to(image.dtype))
 
 
 def _heads_for(channels: int, wanted: int) -> int:
