@@ -80,10 +80,11 @@ PRESETS = {
                            ct_spacing=(4.0, 4.0, 6.0), llm_dtype="fp32", repeats=3, train_steps=2),
     "small": lambda: Preset("small", SMOLLM2_135M_SHAPE, 16, (2.0, 2.0, 6.0), (128, 128, 64), 0.25,
                             llm_dtype="fp32", train_patch=(128, 128, 64), reference_windows=0),
-    # 16 GB of host memory hold the 13.5 GB bf16 LLM and a bf16 U-Net window of ~1.6 M voxels
-    # (~0.75 kB per voxel measured); 112 slices cover the whole 100-slice model grid in one window.
-    "cpu": lambda: Preset("cpu", _llama7b(), 48, (1.0, 1.0, 3.0), (128, 128, 112), 0.1, llm_dtype="bf16",
-                          precision="bf16", channels_last=True, repeats=1, train_patch=(64, 64, 32),
+    # 16 GB of host memory hold the 13.5 GB bf16 LLM and one fp32 channels-last U-Net window of
+    # ~1 M voxels (~1.3 kB per voxel measured; bf16 autocast halves that but was no faster on this
+    # CPU); 112 slices cover the whole 100-slice model grid of a 120 x 2.5 mm CT in one window.
+    "cpu": lambda: Preset("cpu", _llama7b(), 48, (1.0, 1.0, 3.0), (96, 96, 112), 0.1, llm_dtype="bf16",
+                          precision="fp32", channels_last=True, repeats=1, train_patch=(64, 64, 32),
                           train_steps=2, reference_windows=2),
     "gpu-7b": lambda: Preset("gpu-7b", _llama7b(), 48, (1.0, 1.0, 3.0), (384, 384, 128), 0.5, device="cuda",
                              llm_dtype="bf16", precision="bf16", channels_last=True, repeats=3,
@@ -541,7 +542,7 @@ def scaleout_worker(args) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(max(1, args.threads))
-    preset = PRESETS[args.preset]()
+    preset = replace(PRESETS[args.preset](), train_patch=tuple(args.patch), train_batch=args.batch)
     text = build_text_encoder(TextEncoderSpec(source=args.llm), device="cpu", dtype="fp32")
     torch.manual_seed(0)
     net = TextConditionedUNet(NetworkConfig(feature_size=preset.feature_size, text_dim=text.dim))
@@ -589,8 +590,10 @@ def scaleout_worker(args) -> None:
     dist.destroy_process_group()
 
 
-def bench_scaleout(preset: Preset, llm: Path, nprocs: int, steps: int, say) -> dict:
-    """Training throughput of ``nprocs`` CPU processes (torchrun, gloo) against one process."""
+def bench_scaleout(preset: Preset, llm: Path, nprocs: int, steps: int, say, threads: int = 1) -> dict:
+    """Training throughput of ``nprocs`` CPU processes (torchrun, gloo) against one process, each
+    process with ``threads`` threads: a process plays the part of one GPU, so the ideal ratio is N
+    when the machine has N x ``threads`` idle cores."""
     results = {}
     cores = os.cpu_count() or 1
     for n in sorted({1, nprocs}):
@@ -598,15 +601,16 @@ def bench_scaleout(preset: Preset, llm: Path, nprocs: int, steps: int, say) -> d
             out = Path(tmp) / "result.json"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                    "-m", "MMContourLib.bench", "--scaleout-worker", "--preset", preset.name, "--llm", str(llm),
-                   "--steps", str(steps), "--threads", str(max(1, cores // n)), "--out", str(out)]
-            env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // n))}
-            say(f"scale-out: {n} process(es) x {max(1, cores // n)} thread(s)")
+                   "--steps", str(steps), "--threads", str(threads), "--out", str(out),
+                   "--patch", *map(str, preset.train_patch), "--batch", str(preset.train_batch)]
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            say(f"scale-out: {n} process(es) x {threads} thread(s)")
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
             if proc.returncode or not out.exists():
                 return {"error": f"torchrun with {n} processes failed: {proc.stderr.strip()[-2000:]}"}
             results[n] = json.loads(out.read_text())
     one, many = results[1], results[nprocs]
-    return {"processes": nprocs, "cores": cores, "one_process": one, "n_processes": many,
+    return {"processes": nprocs, "cores": cores, "threads_per_process": threads, "one_process": one, "n_processes": many,
             "throughput_ratio": round(many["inputs_per_s"] / one["inputs_per_s"], 3),
             "ideal_ratio": nprocs, "efficiency": round(many["inputs_per_s"] / one["inputs_per_s"] / nprocs, 3),
             "gradient_mib_per_step": round(many["gradient_bytes_per_step"] / 2**20, 2)}
@@ -665,6 +669,7 @@ def run_bench(preset: Preset, work: Path, *, what: set[str], llm: str | None = N
         except torch.OutOfMemoryError as exc:
             m["training"] = {"error": f"out of GPU memory: {str(exc)[:300]}"}
     if scaleout:
+        say(f"scale-out: {scaleout} processes")
         m["scaleout"] = bench_scaleout(preset, llm_path, scaleout, max(2, preset.train_steps), say)
     report["summary"] = summary(report)
     return report
@@ -836,6 +841,8 @@ def _worker_main(argv=None) -> int:
     p.add_argument("--llm", required=True)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--patch", type=int, nargs=3, required=True)
+    p.add_argument("--batch", type=int, required=True)
     p.add_argument("--out", required=True)
     scaleout_worker(p.parse_args(argv))
     return 0

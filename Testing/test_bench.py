@@ -55,8 +55,11 @@ def test_fused_alignment_is_the_same_function():
     x, g = torch.rand(2, 1, 32, 32, 16), torch.randn(2, 2, 24)
     with torch.no_grad():
         feats = net.encode(x)
-        for align, f in zip(net.align, feats):
-            torch.testing.assert_close(fused_alignment(align, f, g), align(f, g), atol=1e-5, rtol=1e-4)
+        for tokens in (g, torch.randn(2, 3, 24)):  # the paper's N = 2 (sigmoid form) and any other N
+            for align, f in zip(net.align, feats):
+                torch.testing.assert_close(fused_alignment(align, f, tokens), align(f, tokens), atol=1e-5, rtol=1e-4)
+                f = f.contiguous(memory_format=torch.channels_last_3d)
+                torch.testing.assert_close(fused_alignment(align, f, tokens), align(f, tokens), atol=1e-5, rtol=1e-4)
         fused = net(x, g)
         net.fused_alignment = False
         torch.testing.assert_close(fused, net(x, g), atol=1e-5, rtol=1e-4)
