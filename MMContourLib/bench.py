@@ -177,6 +177,7 @@ def environment(device) -> dict:
         info["load_average_1min"] = round(os.getloadavg()[0], 2)
     except (ImportError, OSError):
         pass
+    info["source"] = _source_revision()
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
@@ -188,6 +189,19 @@ def environment(device) -> dict:
     except ImportError:
         info["bitsandbytes"] = None
     return info
+
+
+def _source_revision() -> str:
+    """The git commit the package runs from (+ "-dirty" with local changes), when it is a checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "MMContourLib"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return rev + ("-dirty" if rev and dirty else "")
 
 
 def _cpu_name() -> str:
@@ -671,13 +685,18 @@ def run_bench(preset: Preset, work: Path, *, what: set[str], llm: str | None = N
     if scaleout:
         say(f"scale-out: {scaleout} processes")
         m["scaleout"] = bench_scaleout(preset, llm_path, scaleout, max(2, preset.train_steps), say)
+    try:
+        report["environment"]["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
     report["summary"] = summary(report)
     return report
 
 
 def bench_memory_modes(contourer, ct, notes, say) -> dict:
-    """Peak GPU memory of one contour with the LLM resident and with it moved off after encoding
-    (feature cache in host memory in both, so it does not count against the GPU)."""
+    """Peak GPU memory of one contour (new CT, note already encoded) with the LLM resident and with
+    it moved off after encoding; feature cache in host memory in both, so it does not count against
+    the GPU. The edited note that follows includes encoding it (and, offloaded, the LLM's round trip)."""
     import torch
 
     modes = {}
@@ -691,6 +710,7 @@ def bench_memory_modes(contourer, ct, notes, say) -> dict:
             else:
                 contourer.text.move_llm(contourer.device)
             _fresh_ct(contourer)
+            contourer.encode_notes([notes[5]])  # the embedding exists (and the LLM left, if offloading)
             torch.cuda.empty_cache()
             with Measure(contourer.device) as m:
                 result = contourer.contour(ct, notes[5])
