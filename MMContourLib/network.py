@@ -14,7 +14,7 @@ import torch
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 from torch import nn
 
-from .alignment import TextImageAlignment
+from .alignment import EmbeddingStandardizer, TextImageAlignment
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class TextConditionedUNet(nn.Module):
             UnetrUpBlock(spatial, ch[i + 1], ch[i], 3, 2, norm, res_block=True) for i in reversed(range(4)))
         self.out = UnetOutBlock(spatial, ch[0], config.out_channels)
         if config.text_dim:
+            self.text_norm = EmbeddingStandardizer(config.text_dim)
             f = config.feature_size
             self.align = nn.ModuleList(
                 TextImageAlignment(config.text_dim, c, config.align_depth, _heads_for(c, config.align_heads),
@@ -87,6 +88,7 @@ class TextConditionedUNet(nn.Module):
                 raise ValueError("this network was trained with a text encoder: pass the note embedding")
             if g.shape[0] != feats[0].shape[0]:
                 g = g.expand(feats[0].shape[0], *g.shape[1:])
+            g = self.text_norm(g)
             fused = self.fused_alignment and not torch.is_grad_enabled()
             feats = [fused_alignment(align, f, g) if fused else self._run(align, f, g)
                      for align, f in zip(self.align, feats)]

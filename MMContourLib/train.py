@@ -435,6 +435,9 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
     network = TextConditionedUNet(NetworkConfig(feature_size=config.feature_size, text_dim=text.dim))
     network.activation_checkpointing = config.activation_checkpointing
     model = TrainableModel(network, text).to(device)
+    if text.dim is not None and state is None:  # standardise note embeddings over this run's notes
+        with torch.no_grad():
+            network.text_norm.reset_from(text(sorted({c.prompt for c in train_cases})))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)

@@ -7,12 +7,12 @@ cd "$(dirname "$0")/.."
 MM=.venv/bin/mmcontour
 export OMP_NUM_THREADS=1   # one thread per run: two runs share the 2 cores without spin-waiting
 STEP=${1:-all}
-COMMON=(--feature-size 8 --spacing 5 5 7.5 --patch 80 64 32 --batch-size 2 --epochs 12 --lr 1e-3
-        --warmup-epochs 1 --val-every 12 --seed 0 --json)
+COMMON=(--feature-size 8 --spacing 5 5 7.5 --patch 80 64 32 --batch-size 2 --epochs 20 --lr 1e-3
+        --warmup-epochs 2 --val-every 20 --seed 0 --json)
 
 if [[ $STEP == data || $STEP == all ]]; then
   $MM phantom --n 160 --out data/phantoms --seed 0
-  $MM phantom --n 60 --out data/external --seed 1 --external
+  $MM phantom --n 30 --out data/external --seed 1 --external
 fi
 if [[ $STEP == train || $STEP == all ]]; then
   run() {  # name, extra args...
@@ -21,7 +21,7 @@ if [[ $STEP == train || $STEP == all ]]; then
       > runs/$name.json 2> runs/$name.log
   }
   mkdir -p runs
-  run multimodal --text-encoder llm --version 1 & run vision --text-encoder none --version 1 & wait
+  run multimodal --text-encoder llm --version 1 & run vision --text-encoder none --version 1 &
   run multimodal-40 --text-encoder llm --fraction 0.4 & run vision-40 --text-encoder none --fraction 0.4 & wait
 fi
 if [[ $STEP == eval || $STEP == all ]]; then
