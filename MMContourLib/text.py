@@ -255,9 +255,18 @@ class NoTextEncoder(TextEncoder):
 class _PromptTuned(TextEncoder):
     """Shared machinery: frozen HF model + N x M learnable prompt vectors + learned end token."""
 
-    def __init__(self, model, tokenizer, spec: TextEncoderSpec, device: torch.device, dtype: torch.dtype,
-                 gradient_checkpointing: bool = False):
+    hf_kind = "causal-lm"  # which Auto class loads the frozen model
+
+    def __init__(self, spec: TextEncoderSpec, device: torch.device | str = "cpu", dtype="auto",
+                 allow_download: bool = False, gradient_checkpointing: bool = False):
         super().__init__()
+        device = torch.device(device)
+        dtype = parse_dtype(dtype, device)
+        model, tokenizer, _ = load_hf_model(spec.source, self.hf_kind, dtype, allow_download)
+        spec.name = spec.name or _display_name(spec.source)
+        start = self._start_token(tokenizer)
+        self._prefix_ids = [start] if start is not None else []
+        self._prefix_len = len(self._prefix_ids)
         self.tokenizer = tokenizer
         self.spec = spec
         self.llm_dtype = dtype
@@ -282,6 +291,7 @@ class _PromptTuned(TextEncoder):
         self._model_holder = [model]  # a list keeps the frozen LLM out of state_dict() and .parameters()
         if gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable()
+        self._loaded(model, tokenizer)
         self.to(device)
         model.to(device)
 
@@ -300,8 +310,16 @@ class _PromptTuned(TextEncoder):
         """Move only the frozen LLM (e.g. off the GPU after encoding)."""
         self.llm.to(device)
 
-    def _token_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+    def _start_token(self, tokenizer) -> int | None:
+        """The token before the prompt vectors (BOS for a causal LM, [CLS] for an encoder)."""
         raise NotImplementedError
+
+    def _loaded(self, model, tokenizer) -> None:
+        """Hook after the frozen model is loaded and the learnable vectors exist."""
+
+    def _token_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+        ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        return [list(t) for t in ids]
 
     def _run(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -351,23 +369,13 @@ class _PromptTuned(TextEncoder):
 
 
 class CausalLMPromptEncoder(_PromptTuned):
-    def __init__(self, spec: TextEncoderSpec, device: torch.device | str = "cpu", dtype="auto",
-                 allow_download: bool = False, gradient_checkpointing: bool = False):
-        device = torch.device(device)
-        dtype = parse_dtype(dtype, device)
-        model, tokenizer, _ = load_hf_model(spec.source, "causal-lm", dtype, allow_download)
-        if not spec.name:
-            spec.name = _display_name(spec.source)
-        bos = tokenizer.bos_token_id
-        self._prefix_ids = [bos] if bos is not None else []
-        self._prefix_len = len(self._prefix_ids)
-        super().__init__(model, tokenizer, spec, device, dtype, gradient_checkpointing)
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-        self._decoder_holder = [decoder]
+    hf_kind = "causal-lm"
 
-    def _token_ids(self, prompts):
-        ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-        return [list(t) for t in ids]
+    def _start_token(self, tokenizer):
+        return tokenizer.bos_token_id
+
+    def _loaded(self, model, tokenizer):
+        self._decoder_holder = [model.get_decoder() if hasattr(model, "get_decoder") else model.base_model]
 
     def _run(self, embeds, mask):
         # The decoder alone (its output is after the final norm); the LM head is never computed.
@@ -382,25 +390,16 @@ class CausalLMPromptEncoder(_PromptTuned):
 class SentenceEncoderPromptEncoder(_PromptTuned):
     """Bidirectional text tower (BERT/MiniLM/CLIP-text style): [CLS] P note [SEP], mean-pooled."""
 
-    def __init__(self, spec: TextEncoderSpec, device: torch.device | str = "cpu", dtype="auto",
-                 allow_download: bool = False, gradient_checkpointing: bool = False):
-        device = torch.device(device)
-        dtype = parse_dtype(dtype, device)
-        model, tokenizer, _ = load_hf_model(spec.source, "encoder", dtype, allow_download)
-        if not spec.name:
-            spec.name = _display_name(spec.source)
-        cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
-        self._prefix_ids = [cls_id] if cls_id is not None else []
-        self._prefix_len = len(self._prefix_ids)
-        super().__init__(model, tokenizer, spec, device, dtype, gradient_checkpointing)
+    hf_kind = "encoder"
+
+    def _start_token(self, tokenizer):
+        return tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+
+    def _loaded(self, model, tokenizer):
         sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
         if sep is not None:  # the learned end token starts as the tower's own [SEP]
             with torch.no_grad():
                 self.seg_embedding.copy_(model.get_input_embeddings().weight[sep].float())
-
-    def _token_ids(self, prompts):
-        ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-        return [list(t) for t in ids]
 
     def _run(self, embeds, mask):
         out = self.llm(inputs_embeds=embeds, attention_mask=mask, token_type_ids=torch.zeros_like(mask))

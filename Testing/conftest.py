@@ -18,6 +18,17 @@ def make_tiny_llama(folder: Path, seed: int = 0) -> Path:
     return make_random_llama(folder, seed=seed)
 
 
+@pytest.fixture()
+def one_thread():
+    """Tiny tensors: one thread is fastest, and a busy shared CPU makes several threads spin-wait."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_llm_dir(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("llm") / "tiny-llama")

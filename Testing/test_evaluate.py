@@ -20,12 +20,7 @@ from MMContourLib.phantom import PhantomConfig, ctv_for_note, generate_case, wri
 COARSE = PhantomConfig(in_plane_spacing=6.0, slice_thickness=10.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def box_image(lo, hi, size=(20, 20, 20), spacing=(1.0, 1.0, 5.0), direction=None, origin=(0.0, 0.0, 0.0)):

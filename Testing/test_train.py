@@ -53,13 +53,7 @@ def write_cases(folder: Path, n: int = 6, n_val: int = 2) -> Path:
     return manifest
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest, and a busy shared CPU makes several threads spin-wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
