@@ -59,6 +59,8 @@ class Preset:
     precision: str = "auto"
     channels_last: bool = False
     compile: bool = False
+    cache_features: str = "auto"
+    edited_note: bool = True
     sw_batch_size: int = 1
     repeats: int = 3
     train_patch: tuple[int, int, int] = (32, 32, 16)
@@ -298,7 +300,7 @@ def _fresh_ct(contourer) -> None:
     contourer.clear_feature_cache()
 
 
-def bench_contour(contourer, ct, notes, repeats: int, say) -> dict:
+def bench_contour(contourer, ct, notes, repeats: int, say, edited_note: bool = True) -> dict:
     """End to end (new CT, new note) and edited note (same CT, new note), ``repeats`` times each."""
     import torch
 
@@ -314,19 +316,19 @@ def bench_contour(contourer, ct, notes, repeats: int, say) -> dict:
             result = contourer.contour(ct, notes[(2 * r) % len(notes)])
         first_calls = contourer.llm_calls - calls
         with Measure(contourer.device) as e:
-            edit = contourer.contour(ct, notes[(2 * r + 1) % len(notes)])
+            edit = contourer.contour(ct, notes[(2 * r + 1) % len(notes)]) if edited_note else result
         run = {"end_to_end_s": round(m.seconds, 4), "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
                "windows": result.windows, "llm_calls": first_calls, "peak_gpu_mib": m.gpu_mib,
-               "peak_host_mib": m.host_mib, "edited_note_s": round(e.seconds, 4),
+               "peak_host_mib": m.host_mib, "edited_note_s": round(e.seconds, 4) if edited_note else None,
                "edited_timings_s": {k: round(v, 4) for k, v in edit.timings.items()},
                "edited_peak_gpu_mib": e.gpu_mib, "feature_cache": result.feature_cache,
                "edited_feature_cache": edit.feature_cache}
         runs.append(run)
         end_to_end.append(m.seconds)
-        edited.append(e.seconds)
+        edited.append(e.seconds if edited_note else None)
         per_window.append(result.timings["windows"] / max(1, result.windows))
-        say(f"contour {r + 1}/{repeats}: {m.seconds:.2f} s end to end ({result.windows} windows), "
-            f"edited note {e.seconds:.2f} s [{edit.feature_cache or 'n/a'}]")
+        say(f"contour {r + 1}/{repeats}: {m.seconds:.2f} s end to end ({result.windows} windows)"
+            + (f", edited note {e.seconds:.2f} s [{edit.feature_cache or 'n/a'}]" if edited_note else ""))
         if contourer.device.type == "cuda":
             torch.cuda.empty_cache()
     last = runs[-1]
@@ -657,7 +659,7 @@ def run_bench(preset: Preset, work: Path, *, what: set[str], llm: str | None = N
         contourer = Contourer.from_bundle(bundle_path, device=str(device), dtype=preset.llm_dtype, roi_size=preset.roi,
                                           overlap=preset.overlap, sw_batch_size=preset.sw_batch_size,
                                           precision=preset.precision, channels_last=preset.channels_last,
-                                          compile=preset.compile)
+                                          compile=preset.compile, cache_features=preset.cache_features)
     m = report["measured"]
     m["model_load"] = {"seconds": round(load.seconds, 3), "peak_gpu_mib": load.gpu_mib, "peak_host_mib": load.host_mib}
     ct = synthetic_thorax(preset.ct_size, preset.ct_spacing)
@@ -668,7 +670,7 @@ def run_bench(preset: Preset, work: Path, *, what: set[str], llm: str | None = N
     if "encode" in what:
         m["note_encoding"] = bench_note_encoding(contourer, notes, max(3, preset.repeats))
     if "contour" in what:
-        m["contour"] = bench_contour(contourer, ct, notes, preset.repeats, say)
+        m["contour"] = bench_contour(contourer, ct, notes, preset.repeats, say, preset.edited_note)
         if offload_modes and device.type == "cuda":
             m["memory_modes"] = bench_memory_modes(contourer, ct, notes, say)
     if "reference" in what:
@@ -780,6 +782,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--channels-last", choices=("on", "off"))
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (first windows pay the compile)")
+    p.add_argument("--cache-features", choices=("auto", "device", "host", "off"),
+                   help="feature cache for note edits (default auto)")
+    p.add_argument("--no-edited-note", action="store_true", help="skip the edited-note contour")
     p.add_argument("--repeats", type=int)
     p.add_argument("--reference-windows", type=int, help="time only this many windows of the reference loop")
     p.add_argument("--train-patch", type=int, nargs=3, metavar=("X", "Y", "Z"))
@@ -811,6 +816,10 @@ def preset_from_args(args) -> Preset:
         changes["channels_last"] = args.channels_last == "on"
     if args.compile:
         changes["compile"] = True
+    if args.cache_features:
+        changes["cache_features"] = args.cache_features
+    if args.no_edited_note:
+        changes["edited_note"] = False
     return replace(preset, **changes)
 
 

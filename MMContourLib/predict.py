@@ -236,9 +236,12 @@ class Contourer:
             import psutil
 
             available = psutil.virtual_memory().available
+            # "available" counts page cache as free, including the pages of our own memory-mapped
+            # LLM weights (safetensors), which the cache would then push out
+            available -= psutil.Process().memory_info().shared
         except ImportError:  # pragma: no cover - psutil comes with accelerate
             available = 0
-        return int(available // 2)
+        return int(max(0, available) // 2)
 
     def _cache_target(self, nbytes: int) -> str:
         """Where the features of a whole CT (``nbytes``) are kept: device, host or off."""
