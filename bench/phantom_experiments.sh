@@ -21,8 +21,8 @@ if [[ $STEP == train || $STEP == all ]]; then
       > runs/$name.json 2> runs/$name.log
   }
   mkdir -p runs
-  run multimodal --text-encoder llm --version 1 & run vision --text-encoder none --version 1 &
-  run multimodal-40 --text-encoder llm --fraction 0.4 & run vision-40 --text-encoder none --fraction 0.4 & wait
+  run multimodal --text-encoder llm --version 1 --epochs 12 & run vision --text-encoder none --version 1 &
+  run multimodal-40 --text-encoder llm --fraction 0.4 --epochs 12 & run vision-40 --text-encoder none --fraction 0.4 & wait
 fi
 if [[ $STEP == eval || $STEP == all ]]; then
   for set in phantoms:test external:all; do

