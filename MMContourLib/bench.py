@@ -20,6 +20,8 @@ training throughput of N CPU processes under torchrun (gloo) against one.
 """
 from __future__ import annotations
 
+import datetime
+
 import contextlib
 import json
 import os
@@ -555,7 +557,7 @@ def scaleout_worker(args) -> None:
     from .network import NetworkConfig, TextConditionedUNet
     from .text import TextEncoderSpec, build_text_encoder
 
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))  # a lost peer fails, not hangs
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(max(1, args.threads))
     preset = replace(PRESETS[args.preset](), train_patch=tuple(args.patch), train_batch=args.batch)
@@ -606,7 +608,8 @@ def scaleout_worker(args) -> None:
     dist.destroy_process_group()
 
 
-def bench_scaleout(preset: Preset, llm: Path, nprocs: int, steps: int, say, threads: int = 1) -> dict:
+def bench_scaleout(preset: Preset, llm: Path, nprocs: int, steps: int, say, threads: int = 1,
+                   timeout_s: float = 3600) -> dict:
     """Training throughput of ``nprocs`` CPU processes (torchrun, gloo) against one process, each
     process with ``threads`` threads: a process plays the part of one GPU, so the ideal ratio is N
     when the machine has N x ``threads`` idle cores."""
@@ -621,7 +624,11 @@ def bench_scaleout(preset: Preset, llm: Path, nprocs: int, steps: int, say, thre
                    "--patch", *map(str, preset.train_patch), "--batch", str(preset.train_batch)]
             env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
             say(f"scale-out: {n} process(es) x {threads} thread(s)")
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+            try:
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+            except subprocess.TimeoutExpired as exc:
+                return {"error": f"torchrun with {n} processes did not finish in {timeout_s:.0f} s: "
+                                 f"{(exc.stderr or b'')[-2000:]!r}"}
             if proc.returncode or not out.exists():
                 return {"error": f"torchrun with {n} processes failed: {proc.stderr.strip()[-2000:]}"}
             results[n] = json.loads(out.read_text())
@@ -644,19 +651,29 @@ def run_bench(preset: Preset, work: Path, *, what: set[str], llm: str | None = N
     report: dict = {"preset": asdict(preset), "environment": environment(device), "measured": {}, "notes": []}
     report["parameters"] = parameter_counts()
     work.mkdir(parents=True, exist_ok=True)
-    if llm:
+    if bundle and not llm:  # the bundle's own LLM, found where the bundle says
+        from .text import resolve_source
+
+        source = json.loads((Path(bundle) / "config.json").read_text())["text_encoder"]["source"]
+        llm_path, made_s = resolve_source(source), 0.0
+        llm = source
+    elif llm:
         llm_path, made_s = Path(llm), 0.0
     else:
         say(f"random LLM of shape {preset.llm_shape} ({preset.llm_dtype})")
         llm_path, made_s = llm_folder(preset.llm_shape, work, "bf16" if preset.llm_dtype == "bf16" else "fp32")
     report["llm"] = {"folder": str(llm_path), "shape": preset.llm_shape, "dtype": preset.llm_dtype,
                      "made_s": round(made_s, 2), "random_weights": not llm}
-    text_dim = json.loads((llm_path / "config.json").read_text())["hidden_size"]
+    if bundle:
+        text_dim = json.loads((Path(bundle) / "config.json").read_text())["network"]["text_dim"] or 0
+    else:
+        text_dim = json.loads((llm_path / "config.json").read_text())["hidden_size"]
     bundle_path = Path(bundle) if bundle else make_bundle(llm_path, preset, work / f"bundle-{preset.name}-{os.getpid()}",
                                                           text_dim)
     say(f"loading the model on {device}")
     with Measure(device) as load:
-        contourer = Contourer.from_bundle(bundle_path, device=str(device), dtype=preset.llm_dtype, roi_size=preset.roi,
+        contourer = Contourer.from_bundle(bundle_path, device=str(device), llm=llm if not bundle else None,
+                                          dtype=preset.llm_dtype, roi_size=preset.roi,
                                           overlap=preset.overlap, sw_batch_size=preset.sw_batch_size,
                                           precision=preset.precision, channels_last=preset.channels_last,
                                           compile=preset.compile, cache_features=preset.cache_features)
@@ -674,7 +691,7 @@ def run_bench(preset: Preset, work: Path, *, what: set[str], llm: str | None = N
         if offload_modes and device.type == "cuda":
             m["memory_modes"] = bench_memory_modes(contourer, ct, notes, say)
     if "reference" in what:
-        m["reference"] = bench_reference(contourer, ct, notes[0], preset, llm_path, say)
+        m["reference"] = bench_reference(contourer, ct, notes[0], preset, llm if bundle else llm_path, say)
         if "contour" in what and "skipped" not in m["reference"]:
             ours = m["contour"]["windows_s"] + m["contour"]["encode_note_s"]
             m["reference"]["ratio_to_optimized_windows_plus_encode"] = round(m["reference"]["windows_s"] / ours, 2)
@@ -684,7 +701,9 @@ def run_bench(preset: Preset, work: Path, *, what: set[str], llm: str | None = N
             m["training"] = bench_training(contourer, preset, say)
         except torch.OutOfMemoryError as exc:
             m["training"] = {"error": f"out of GPU memory: {str(exc)[:300]}"}
-    if scaleout:
+    if scaleout and bundle:
+        m["scaleout"] = {"skipped": "--scaleout trains the preset's own random model; leave out --bundle"}
+    elif scaleout:
         say(f"scale-out: {scaleout} processes")
         m["scaleout"] = bench_scaleout(preset, llm_path, scaleout, max(2, preset.train_steps), say)
     try:
@@ -801,6 +820,11 @@ def register_cli(subparsers) -> None:
 def preset_from_args(args) -> Preset:
     preset = PRESETS[args.preset]()
     changes = {}
+    if args.bundle:  # the bundle's own model, grid and windows unless the command line says otherwise
+        cfg = json.loads((Path(args.bundle) / "config.json").read_text())
+        changes.update(feature_size=cfg["network"]["feature_size"], spacing=tuple(cfg["preprocessing"]["spacing"]),
+                       roi=tuple(cfg["inference"]["roi_size"]), overlap=cfg["inference"]["overlap"],
+                       name=f"{preset.name}+bundle")
     if args.llm_layers:
         changes["llm_shape"] = {**preset.llm_shape, "num_hidden_layers": args.llm_layers}
     for name, attr in (("device", "device"), ("overlap", "overlap"), ("sw_batch_size", "sw_batch_size"),

@@ -142,7 +142,7 @@ def test_offload_is_harmless_on_the_cpu(tiny_bundle):
 def test_scaleout_runs_under_torchrun(tiny_llm_dir, tmp_path):
     from MMContourLib.bench import PRESETS, bench_scaleout
 
-    result = bench_scaleout(PRESETS["tiny"](), tiny_llm_dir, 2, 1, lambda m: None)
+    result = bench_scaleout(PRESETS["tiny"](), tiny_llm_dir, 2, 1, lambda m: None, timeout_s=300)
     assert "error" not in result, result.get("error")
     assert result["n_processes"]["world_size"] == 2 and result["throughput_ratio"] > 0
     assert result["gradient_mib_per_step"] > 0
