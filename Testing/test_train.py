@@ -142,6 +142,9 @@ def test_sharded_batches_average_to_the_global_batch_gradient(manifest, tiny_llm
     text = build_text_encoder(TextEncoderSpec(kind="causal-lm", source=str(tiny_llm_dir), num_vectors=2))
     torch.manual_seed(0)
     model = TrainableModel(TextConditionedUNet(NetworkConfig(feature_size=4, text_dim=text.dim)), text)
+    # the note-embedding statistics move with every training forward (under DDP by an all-reduced
+    # update); hold them still so the three gradient evaluations below see the same function
+    model.network.text_norm.eval()
     cases = read_manifest(manifest, split="train")
     dataset = PatchDataset(build_cache(cases, PreprocessConfig(spacing=SPACING), PATCH, progress=False),
                            sample_transforms(PATCH))
