@@ -21,6 +21,8 @@ import time
 import traceback
 from pathlib import Path
 
+from .fileio import write_json
+
 SUMMARY_NAME = "summary.json"
 
 
@@ -115,9 +117,7 @@ def contour_case(contourer, row: dict[str, str], out_dir: Path, overwrite: bool)
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_json(path, data, default=str)
 
 
 def _counts(cases: list[dict]) -> dict[str, int]:

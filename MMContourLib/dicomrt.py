@@ -20,7 +20,6 @@ import io
 import json
 import os
 import re
-import tempfile
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -35,6 +34,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
+from .fileio import atomic_write as _atomic_write, write_text as _write_text
+from .imageio import write_image
 from .note import ClinicalNote
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -89,23 +90,6 @@ class EmptyContourError(DicomError):
 
 
 # -- small helpers ---------------------------------------------------------------------------------
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """``write(tmp)`` into a temp file beside ``path`` (same suffixes), then rename: no half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
-
-
-def _write_text(path: Path, text: str) -> Path:
-    return _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _list_files(folder_or_files: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
@@ -977,8 +961,8 @@ def import_dicom(in_dir: str | os.PathLike, clinical_table: str | os.PathLike, o
                 raise _Skip(exc.reason, str(exc), str(rts.path)) from None
             case_id = _case_id(patient_id)
             case_dir = out_dir / "cases" / case_id
-            _atomic_write(case_dir / "ct.nii.gz", lambda tmp: sitk.WriteImage(image, str(tmp), True))
-            _atomic_write(case_dir / "ctv.nii.gz", lambda tmp: sitk.WriteImage(mask, str(tmp), True))
+            write_image(image, case_dir / "ct.nii.gz")
+            write_image(mask, case_dir / "ctv.nii.gz")
             rows.append({"case_id": case_id, "ct": f"cases/{case_id}/ct.nii.gz", "ctv": f"cases/{case_id}/ctv.nii.gz",
                          "split": split, **note.to_fields()})
             report.imported.append({"case_id": case_id, "patient_id": patient_id, "split": split,

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
-import os
 import sys
 import time
 import warnings
@@ -37,6 +35,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .fileio import atomic_write as _atomic, write_json
 from .note import ClinicalNote
 
 SIDES = ("left", "right")
@@ -402,15 +401,6 @@ def _flat(row: dict) -> dict:
     return flat
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _json_safe(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -424,7 +414,7 @@ def _json_safe(value):
 
 
 def _write_json(path: Path, data: dict) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(json.dumps(_json_safe(data), indent=2) + "\n"))
+    write_json(path, _json_safe(data))
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

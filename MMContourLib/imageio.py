@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 import SimpleITK as sitk
+
+from .fileio import atomic_write
 
 #: SNOMED CT codes used in the segment terminology (scheme^value^meaning).
 CTV_TYPE = "SCT^228792002^Clinical target volume"
@@ -49,28 +50,9 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
         raise ValueError(f"cannot read {path} as an image: {str(exc).strip().splitlines()[-1]}") from None
 
 
-def _atomic_target(path: Path) -> Path:
-    """A temp file beside ``path`` with the same (possibly double) suffix, so writers pick the right format."""
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith((".nii.gz", ".seg.nrrd")) else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should have ordinary permissions
-    return Path(tmp)
-
-
 def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
-    """Write atomically: a reader never sees a half-written file, and a failure leaves nothing behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic_target(path)
-    try:
-        sitk.WriteImage(image, str(tmp), compress)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Write atomically (``fileio.atomic_write``)."""
+    return atomic_write(path, lambda tmp: sitk.WriteImage(image, str(tmp), compress))
 
 
 def write_segmentation(path: str | os.PathLike, masks: Mapping[str, sitk.Image],

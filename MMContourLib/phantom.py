@@ -20,9 +20,7 @@ import csv
 import io
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -32,6 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .fileio import write_text as _write_text
 from .note import ClinicalNote, SideFindings, note_from_any
 
 REGION_LABELS: dict[str, int] = {
@@ -896,20 +895,6 @@ def _assign_splits(notes: list[ClinicalNote], fractions, seed: int) -> list[str]
             donor = max(SPLITS, key=out.count)
             out[max(i for i in order if out[i] == donor)] = name
     return out
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Atomically, with the permissions a plain open() would give (mkstemp alone makes 0600 files)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            fh.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _is_phantom_folder(out: Path) -> bool:

@@ -174,16 +174,9 @@ def image_to_volume_node(scene, image: sitk.Image, name: str = "CT", node_class:
 
 def export_volume(node, path: str | os.PathLike) -> Path:
     """Write a volume node to an image file (the worker's input); atomic, so the worker never reads half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ct-", suffix=path.suffix or ".nrrd", dir=path.parent)
-    os.close(fd)
-    try:
-        sitk.WriteImage(volume_node_to_image(node), tmp, False)  # uncompressed: written and read fastest
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    from .imageio import write_image
+
+    return write_image(volume_node_to_image(node), path, compress=False)  # uncompressed: fastest both ways
 
 
 # -- segmentations -------------------------------------------------------------------------------

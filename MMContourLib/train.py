@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .fileio import atomic_write
 from .bundle import InferenceConfig, ModelBundle
 from .data import (AugmentConfig, PatchDataset, build_cache, collate, epoch_plan, manifest_hash, read_manifest,
                    sample_transforms, select_fraction, steps_per_epoch)
@@ -227,6 +228,10 @@ def _resolve_device(name: str, local_rank: int) -> torch.device:
 
 # -- schedule, checkpoint, logs -------------------------------------------------------------------
 
+def _atomic_write_synced(path, write) -> None:
+    atomic_write(path, write, fsync=True)  # a checkpoint must survive a power cut, not only a kill
+
+
 def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     """LR factor at optimiser step s: linear warmup to 1 over ``warmup_steps``, then cosine to 0."""
     def factor(step: int) -> float:
@@ -254,19 +259,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_checkpoint(path: Path, state: dict) -> None:
-    _atomic_write_bytes(path, lambda tmp: torch.save(state, tmp))
+    _atomic_write_synced(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -283,7 +277,7 @@ def load_checkpoint(path: Path) -> dict:
 
 def write_logs(out: Path, history: list[dict]) -> None:
     """``log.json``, ``log.csv`` (one row per epoch) and ``loss_curve.png``."""
-    _atomic_write_bytes(out / "log.json", lambda tmp: tmp.write_text(json.dumps(history, indent=1) + "\n"))
+    _atomic_write_synced(out / "log.json", lambda tmp: tmp.write_text(json.dumps(history, indent=1) + "\n"))
     columns = list(dict.fromkeys(k for row in history for k in row))
 
     def csv_text(tmp: Path) -> None:
@@ -291,8 +285,8 @@ def write_logs(out: Path, history: list[dict]) -> None:
         lines += [",".join("" if row.get(c) is None else str(row.get(c)) for c in columns) for row in history]
         tmp.write_text("\n".join(lines) + "\n")
 
-    _atomic_write_bytes(out / "log.csv", csv_text)
-    _atomic_write_bytes(out / "loss_curve.png", lambda tmp: plot_history(history, tmp))
+    _atomic_write_synced(out / "log.csv", csv_text)
+    _atomic_write_synced(out / "loss_curve.png", lambda tmp: plot_history(history, tmp))
 
 
 def plot_history(history: list[dict], path: Path) -> None:

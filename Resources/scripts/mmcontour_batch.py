@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import os
 import sys
 import time
 import traceback
@@ -168,9 +166,9 @@ def _dice(a, b) -> float:
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    from MMContourLib.fileio import write_json
+
+    write_json(path, data)
 
 
 def _say(message: str) -> None:
