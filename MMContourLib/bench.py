@@ -605,6 +605,7 @@ def scaleout_worker(args) -> None:
                   "gradient_bytes_per_step": int(grads.numel() * grads.element_size()),
                   "trainable_parameters": int(grads.numel()), "allreduce_s": med(comm)}
         Path(args.out).write_text(json.dumps(result))
+    dist.barrier()  # leave together: a peer tearing gloo down while the other still writes can hang the exit
     dist.destroy_process_group()
 
 
