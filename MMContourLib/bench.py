@@ -605,8 +605,12 @@ def scaleout_worker(args) -> None:
                   "gradient_bytes_per_step": int(grads.numel() * grads.element_size()),
                   "trainable_parameters": int(grads.numel()), "allreduce_s": med(comm)}
         Path(args.out).write_text(json.dumps(result))
-    dist.barrier()  # leave together: a peer tearing gloo down while the other still writes can hang the exit
-    dist.destroy_process_group()
+    dist.barrier()  # leave together
+    # gloo's teardown at interpreter exit sometimes hangs one process once its peer has gone (seen in
+    # fresh clones); the result is written, so end the process without the teardown
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def bench_scaleout(preset: Preset, llm: Path, nprocs: int, steps: int, say, threads: int = 1,
