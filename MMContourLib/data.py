@@ -118,30 +118,44 @@ def select_fraction(cases: Sequence[Case], fraction: float, seed: int) -> list[C
 # -- model-grid cache -----------------------------------------------------------------------------
 
 class LoadCaseOnModelGridd(MapTransform):
-    """{"ct", "ctv", ...} paths -> {"image": (1, X, Y, Z) float32 0..1, "label": (1, X, Y, Z) uint8} on the model grid."""
+    """{"ct", "ctv", "regions", ...} paths -> on the model grid: "image" (1, X, Y, Z) float32 0..1, "label"
+    (1, X, Y, Z) uint8 and "emphasis" (1, X, Y, Z) float32, the fraction of each voxel inside the regions
+    whose label values are ``emphasis_labels`` (zeros without a regions map or labels; see losses.py)."""
 
-    def __init__(self, preprocessing: PreprocessConfig):
+    def __init__(self, preprocessing: PreprocessConfig, emphasis_labels: Sequence[int] = ()):
         super().__init__(keys=("ct", "ctv"))
         self.preprocessing = preprocessing
+        self.emphasis_labels = tuple(int(v) for v in emphasis_labels)
 
     def __call__(self, data: dict) -> dict:
+        import SimpleITK as sitk
+
         from .imageio import read_image
 
         ct = read_image(data["ct"])
         model_input = to_model_grid(ct, self.preprocessing)
         label = mask_to_model_grid(read_image(data["ctv"]), model_input) > 0.5
+        emphasis = np.zeros(label.shape, np.float32)
+        if self.emphasis_labels and data.get("regions"):
+            regions = read_image(data["regions"])
+            values = sitk.GetArrayViewFromImage(regions)
+            inside = sitk.GetImageFromArray(np.isin(values, self.emphasis_labels).astype(np.uint8))
+            inside.CopyInformation(regions)
+            emphasis = mask_to_model_grid(inside, model_input).astype(np.float32)
         return {"case_id": data["case_id"], "prompt": data["prompt"], "image": model_input.array[None],
-                "label": label[None].astype(np.uint8)}
+                "label": label[None].astype(np.uint8), "emphasis": emphasis[None]}
 
 
 def build_cache(cases: Sequence[Case], preprocessing: PreprocessConfig, patch_size: Sequence[int],
-                cache_rate: float = 1.0, num_workers: int = 0, progress: bool = True) -> CacheDataset:
+                cache_rate: float = 1.0, num_workers: int = 0, progress: bool = True,
+                emphasis_labels: Sequence[int] = ()) -> CacheDataset:
     """The deterministic part of the pipeline, computed once per case: model grid, padding to at least the
     patch, and the foreground / in-body background voxel indices the crop sampler draws from."""
-    items = [{"case_id": c.case_id, "ct": str(c.ct), "ctv": str(c.ctv), "prompt": c.prompt} for c in cases]
+    items = [{"case_id": c.case_id, "ct": str(c.ct), "ctv": str(c.ctv), "prompt": c.prompt,
+              "regions": str(c.regions) if c.regions else ""} for c in cases]
     transform = Compose([
-        LoadCaseOnModelGridd(preprocessing),
-        SpatialPadd(("image", "label"), spatial_size=tuple(patch_size), mode="constant"),
+        LoadCaseOnModelGridd(preprocessing, emphasis_labels),
+        SpatialPadd(("image", "label", "emphasis"), spatial_size=tuple(patch_size), mode="constant"),
         FgBgToIndicesd("label", image_key="image", image_threshold=BODY_THRESHOLD),
         CastToTyped(("label_fg_indices", "label_bg_indices"), dtype=np.int32),  # half the memory of int64
     ])
@@ -163,7 +177,7 @@ def sample_transforms(patch_size: Sequence[int], augment: AugmentConfig = Augmen
     """Random patch around the CTV (pos) or the body (neg), then intensity augmentation. No flips: a
     left-right flip would contradict the note's laterality."""
     return Compose([
-        RandCropByPosNegLabeld(("image", "label"), label_key="label", spatial_size=tuple(patch_size), pos=augment.pos,
+        RandCropByPosNegLabeld(("image", "label", "emphasis"), label_key="label", spatial_size=tuple(patch_size), pos=augment.pos,
                                neg=augment.neg, num_samples=1, fg_indices_key="label_fg_indices",
                                bg_indices_key="label_bg_indices"),
         RandScaleIntensityd("image", factors=augment.scale, prob=augment.prob),
@@ -189,7 +203,7 @@ class PatchDataset(torch.utils.data.Dataset):
         out = self.transforms(dict(case))
         out = out[0] if isinstance(out, list) else out
         return {"image": _plain(out["image"], torch.float32), "label": _plain(out["label"], torch.float32),
-                "prompt": case["prompt"], "case_id": case["case_id"]}
+                "emphasis": _plain(out["emphasis"], torch.float32), "prompt": case["prompt"], "case_id": case["case_id"]}
 
 
 def _plain(x, dtype) -> torch.Tensor:
@@ -201,6 +215,7 @@ def _plain(x, dtype) -> torch.Tensor:
 
 def collate(samples: Sequence[dict]) -> dict:
     return {"image": torch.stack([s["image"] for s in samples]), "label": torch.stack([s["label"] for s in samples]),
+            "emphasis": torch.stack([s["emphasis"] for s in samples]),
             "prompt": [s["prompt"] for s in samples], "case_id": [s["case_id"] for s in samples]}
 
 

@@ -2,7 +2,7 @@
 
 One step: a batch of random patches (``data.py``) -> the text encoder on the batch's *unique*
 prompts, with gradients into the prompt vectors (the LLM stays frozen) -> U-Net -> Dice + CE
-(weights 1, 1) -> AdamW with per-step warmup + cosine. AMP on CUDA.
+(weights 1, 1; optionally more weight on the regions a note switches on and off, ``losses.py``) -> AdamW with per-step warmup + cosine. AMP on CUDA.
 
 Every epoch ends with the same sequence on rank 0: validation (every ``val_every`` epochs and
 at the last), ``best/`` when validation Dice improved, ``last/``, then ``checkpoint.pt`` (trainable
@@ -37,12 +37,16 @@ from .fileio import atomic_write
 from .bundle import InferenceConfig, ModelBundle
 from .data import (AugmentConfig, PatchDataset, build_cache, collate, epoch_plan, manifest_hash, read_manifest,
                    sample_transforms, select_fraction, steps_per_epoch)
+from .losses import weighted_dice_ce
 from .network import NetworkConfig, TextConditionedUNet, count_parameters
 from .preprocess import PreprocessConfig
 from .text import MINILM_SOURCE, SMOLLM2_SOURCE, TextEncoder, TextEncoderSpec, build_text_encoder
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
+#: Label values of the manifest's ``regions`` maps that ``--region-weight`` emphasises by default: the
+#: nodal levels (axilla, supraclavicular, internal mammary, both sides) of ``phantom.REGION_LABELS``.
+DEFAULT_EMPHASIS_LABELS = (5, 6, 7, 8, 9, 10)
 TEXT_ENCODER_KINDS = {"llm": "causal-lm", "encoder": "encoder", "none": "none"}
 DEFAULT_SOURCES = {"causal-lm": SMOLLM2_SOURCE, "encoder": MINILM_SOURCE, "none": ""}
 #: Settings that do not change what is learned: a resumed run may change them.
@@ -75,6 +79,8 @@ class TrainConfig:
     seed: int = 0
     train_split: str = "train"
     val_split: str = "val"
+    region_weight: float = 0.0  # extra loss weight on the emphasised regions (0: the paper's plain Dice + CE)
+    emphasis_labels: tuple[int, ...] = DEFAULT_EMPHASIS_LABELS  # label values in the manifest's regions maps
     pos: float = AugmentConfig.pos
     neg: float = AugmentConfig.neg
     num_workers: int = 0
@@ -92,6 +98,9 @@ class TrainConfig:
     def __post_init__(self):
         self.spacing = tuple(float(v) for v in self.spacing)
         self.patch = tuple(int(v) for v in self.patch)
+        self.emphasis_labels = tuple(int(v) for v in self.emphasis_labels)
+        if self.region_weight < 0:
+            raise ValueError(f"region weight must be >= 0; got {self.region_weight}")
         if self.text_encoder not in TEXT_ENCODER_KINDS:
             raise ValueError(f"text encoder {self.text_encoder!r}: use one of {', '.join(TEXT_ENCODER_KINDS)}")
         if len(self.patch) != 3 or any(v <= 0 or v % 16 for v in self.patch):
@@ -115,6 +124,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["spacing"], d["patch"] = list(self.spacing), list(self.patch)
+        d["emphasis_labels"] = list(self.emphasis_labels)
         return d
 
     @classmethod
@@ -390,7 +400,6 @@ def train(config: TrainConfig, resume: bool = False,
 
 def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.device, dist: DistContext,
            callbacks) -> TrainResult:
-    from monai.losses import DiceCELoss
     from tqdm import tqdm
 
     cases = read_manifest(config.manifest)
@@ -462,11 +471,15 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
     show = config.progress and dist.is_main
     patch = config.patch
     preprocessing = PreprocessConfig(spacing=config.spacing)
-    train_cache = build_cache(train_cases, preprocessing, patch, config.cache_rate, config.num_workers, show)
+    emphasis_labels = config.emphasis_labels if config.region_weight > 0 else ()
+    if emphasis_labels and not any(c.regions for c in train_cases):
+        raise TrainingError(f"--region-weight {config.region_weight} needs sub-region label maps: the manifest "
+                            f"{config.manifest} has no 'regions' column values for its training cases")
+    train_cache = build_cache(train_cases, preprocessing, patch, config.cache_rate, config.num_workers, show,
+                              emphasis_labels)
     val_cache = build_cache(val_cases, preprocessing, patch, 1.0, config.num_workers, show) \
         if (val_cases and dist.is_main) else None
     dataset = PatchDataset(train_cache, sample_transforms(patch, AugmentConfig(pos=config.pos, neg=config.neg)))
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=1.0, lambda_ce=1.0)
     out.mkdir(parents=True, exist_ok=True)
     if dist.is_main and state is None:
         (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
@@ -476,6 +489,7 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
         "manifest_hash": m_hash, "train_cases": len(train_cases), "val_cases": len(val_cases),
         "batch_size": global_batch, "patch": list(patch), "lr": config.lr, "processes": dist.world_size,
         "text_encoder": config.text_encoder, "trainable_parameters": count_parameters(model),
+        "region_weight": config.region_weight,
     }
     epoch_times = []
     for epoch in range(start_epoch, config.epochs):
@@ -492,7 +506,7 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
             image, label = batch["image"].to(device), batch["label"].to(device)
             with _autocast(device, config.amp):
                 logits = ddp(image, batch["prompt"])
-            loss = loss_fn(logits.float(), label)
+            loss = weighted_dice_ce(logits.float(), label, batch["emphasis"].to(device), config.region_weight)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -586,6 +600,12 @@ def register_cli(subparsers) -> None:
     m.add_argument("--patch", type=int, nargs=3, metavar=("X", "Y", "Z"), help="patch voxels (paper 384 384 128)")
     m.add_argument("--fraction", type=float, help="train on this fraction of the training split (data efficiency)")
     m.add_argument("--patches-per-case", type=int, help="patches from each training case per epoch (default 1)")
+    m.add_argument("--region-weight", type=float,
+                   help="extra loss weight w on voxels of the emphasised sub-regions (weight 1 + w; default 0 = "
+                        "plain Dice + CE). Needs the manifest's 'regions' label maps")
+    m.add_argument("--emphasis-labels", type=int, nargs="+", metavar="LABEL",
+                   help="label values in the regions maps that --region-weight emphasises "
+                        f"(default {' '.join(map(str, DEFAULT_EMPHASIS_LABELS))}: the phantoms' nodal levels)")
     m.add_argument("--train-split", help="manifest split to train on (default train)")
     m.add_argument("--val-split", help="manifest split to validate on (default val)")
     o = p.add_argument_group("optimisation")

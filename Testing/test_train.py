@@ -131,6 +131,44 @@ def test_patches_are_deterministic_per_key_and_cover_the_ctv(manifest):
     assert batch["image"].shape == (3, 1, 16, 16, 16) and len(batch["prompt"]) == 3
 
 
+def with_regions(manifest: Path, label: int = 5) -> Path:
+    """The manifest plus a ``regions`` column: label ``label`` exactly on each case's CTV, 1 on a box beside it."""
+    rows = list(csv.DictReader(open(manifest)))
+    for row in rows:
+        ctv = sitk.ReadImage(str(manifest.parent / row["ctv"]))
+        values = sitk.GetArrayFromImage(ctv).astype(np.uint8) * label
+        values[2:6, 2:8, 2:8] = 1
+        regions = sitk.GetImageFromArray(values)
+        regions.CopyInformation(ctv)
+        row["regions"] = row["ctv"].replace("_ctv", "_regions")
+        sitk.WriteImage(regions, str(manifest.parent / row["regions"]))
+    out = manifest.parent / "manifest-regions.csv"
+    with open(out, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
+
+
+def test_emphasis_map_follows_the_chosen_region_labels_through_the_crops(manifest):
+    regions_manifest = with_regions(manifest)
+    cases = read_manifest(regions_manifest, split="train")
+    assert all(c.regions is not None for c in cases)
+    cache = build_cache(cases, PreprocessConfig(spacing=SPACING), PATCH, progress=False, emphasis_labels=(5,))
+    dataset = PatchDataset(cache, sample_transforms(PATCH))
+    patches = [dataset[(i % len(cases), s)] for i, s in enumerate(range(8))]
+    assert sum(bool(p["label"].any()) for p in patches) >= 4
+    for p in patches:  # label 5 sits exactly on the CTV, so the cropped emphasis and label agree voxel by voxel
+        assert p["emphasis"].shape == p["label"].shape
+        assert torch.equal(p["emphasis"] > 0.5, p["label"] > 0.5)
+    assert float(cache[0]["emphasis"].max()) == pytest.approx(1.0) and float(cache[0]["emphasis"].min()) == 0.0
+    # label 1 (the box) was not chosen; without labels the map is all zeros
+    plain = build_cache(cases, PreprocessConfig(spacing=SPACING), PATCH, progress=False)
+    assert not np.asarray(plain[0]["emphasis"]).any()
+    box = build_cache(cases[:1], PreprocessConfig(spacing=SPACING), PATCH, progress=False, emphasis_labels=(1,))
+    assert np.asarray(box[0]["emphasis"]).any() and not (np.asarray(box[0]["emphasis"])[cache[0]["label"] > 0] > 0.5).any()
+
+
 def test_sharded_batches_average_to_the_global_batch_gradient(manifest, tiny_llm_dir):
     """What DDP relies on: the mean of per-sample gradients of Dice+CE equals the batch-of-2 gradient."""
     from monai.losses import DiceCELoss
@@ -195,6 +233,22 @@ def test_training_learns_and_writes_bundles_logs_and_refuses_to_overwrite(manife
 
     with pytest.raises(TrainingError, match="--resume"):
         train(tiny_config(manifest, out, tiny_llm_dir))
+
+
+def test_region_weight_trains_through_the_cli_and_needs_region_maps(manifest, tiny_llm_dir, tmp_path):
+    with pytest.raises(TrainingError, match="regions"):
+        train(tiny_config(manifest, tmp_path / "none", tiny_llm_dir, epochs=1, region_weight=5.0))
+    regions_manifest = with_regions(manifest)
+    out = tmp_path / "weighted"
+    main(["train", "--manifest", str(regions_manifest), "--out", str(out), "--text-encoder", "none",
+          "--feature-size", "4", "--spacing", *map(str, SPACING), "--patch", *map(str, PATCH), "--epochs", "2",
+          "--lr", "3e-3", "--warmup-epochs", "0", "--device", "cpu", "--region-weight", "5",
+          "--emphasis-labels", "5", "--json"])
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["region_weight"] == 5.0 and saved["emphasis_labels"] == [5]
+    assert ModelBundle.load(out / "last").training["region_weight"] == 5.0
+    history = json.loads((out / "log.json").read_text())
+    assert len(history) == 2 and all(math.isfinite(r["train_loss"]) for r in history)
 
 
 def test_vision_only_on_a_fraction_through_the_cli(manifest, tmp_path, capsys):
@@ -292,3 +346,10 @@ def test_two_gloo_processes_train_the_model_one_process_trains(manifest, tiny_ll
     p2 = sitk.GetArrayFromImage(Contourer.from_bundle(out / "last", device="cpu").contour(
         ct, "N2, BCS, left side").probability)
     assert np.abs(p1 - p2).max() < 0.02
+
+
+def test_default_emphasis_labels_are_the_phantoms_nodal_levels():
+    from MMContourLib.phantom import NODAL_REGIONS, REGION_LABELS
+    from MMContourLib.train import DEFAULT_EMPHASIS_LABELS
+
+    assert set(DEFAULT_EMPHASIS_LABELS) == {REGION_LABELS[f"{r}_{s}"] for r in NODAL_REGIONS for s in ("left", "right")}
