@@ -666,7 +666,7 @@ def run_bench(preset: Preset, work: Path, *, what: set[str], llm: str | None = N
         llm_path, made_s = Path(llm), 0.0
     else:
         say(f"random LLM of shape {preset.llm_shape} ({preset.llm_dtype})")
-        llm_path, made_s = llm_folder(preset.llm_shape, work, "bf16" if preset.llm_dtype == "bf16" else "fp32")
+        llm_path, made_s = llm_folder(preset.llm_shape, work, "bf16" if preset.llm_dtype in ("bf16", "int8") else "fp32")
     report["llm"] = {"folder": str(llm_path), "shape": preset.llm_shape, "dtype": preset.llm_dtype,
                      "made_s": round(made_s, 2), "random_weights": not llm}
     if bundle:
@@ -803,7 +803,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--roi", type=int, nargs=3, metavar=("X", "Y", "Z"))
     p.add_argument("--overlap", type=float)
     p.add_argument("--sw-batch-size", type=int)
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), help="U-Net precision")
+    p.add_argument("--llm-dtype", choices=("auto", "fp32", "bf16", "fp16", "int8"),
+                   help="LLM weights (int8: 8-bit through bitsandbytes)")
     p.add_argument("--channels-last", choices=("on", "off"))
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (first windows pay the compile)")
     p.add_argument("--cache-features", choices=("auto", "device", "host", "off"),
@@ -834,7 +836,7 @@ def preset_from_args(args) -> Preset:
         changes["llm_shape"] = {**preset.llm_shape, "num_hidden_layers": args.llm_layers}
     for name, attr in (("device", "device"), ("overlap", "overlap"), ("sw_batch_size", "sw_batch_size"),
                        ("precision", "precision"), ("repeats", "repeats"), ("reference_windows", "reference_windows"),
-                       ("train_batch", "train_batch")):
+                       ("train_batch", "train_batch"), ("llm_dtype", "llm_dtype")):
         if getattr(args, name, None) is not None:
             changes[attr] = getattr(args, name)
     if args.roi:

@@ -59,12 +59,23 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--bundle", default=None, help="model bundle folder (default: the shipped demo bundle)")
     g.add_argument("--llm", help="where the bundle's LLM is: a local folder or a .gguf file (default: as the bundle says)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--dtype", default="auto", help="LLM dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32")
+    g.add_argument("--dtype", default="auto",
+                   help="LLM weights: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32 | int8 (8-bit, bitsandbytes)")
     g.add_argument("--roi", type=int, nargs=3, metavar=("X", "Y", "Z"), help="sliding-window size (multiples of 16)")
     g.add_argument("--overlap", type=float, help="sliding-window overlap (default: the bundle's)")
     g.add_argument("--sw-batch-size", type=int, default=1)
     g.add_argument("--allow-download", action="store_true",
                    help="let --llm name a Hugging Face hub id and download it (off by default: MMContour works offline)")
+    s = parser.add_argument_group("speed and memory (docs/performance.md)")
+    s.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="U-Net arithmetic: auto (bf16 autocast on a GPU, fp32 on the CPU)")
+    s.add_argument("--channels-last", action="store_true", help="channels-last 3D memory layout for the U-Net")
+    s.add_argument("--compile", action="store_true", help="torch.compile the U-Net (the first contour pays for it)")
+    s.add_argument("--cache-features", default="auto", choices=("auto", "device", "host", "off"),
+                   help="keep the note-independent encoder features of the last CT, so an edited note skips "
+                        "them (auto: on the GPU if there is room, else host memory)")
+    s.add_argument("--offload-llm", action="store_true",
+                   help="move the LLM off the GPU after encoding the note (less GPU memory, slower note edits)")
 
 
 def contourer_from_args(args):
@@ -73,7 +84,9 @@ def contourer_from_args(args):
     bundle = Path(args.bundle) if args.bundle else default_bundle_path()
     return Contourer.from_bundle(bundle, llm=args.llm, device=args.device, dtype=args.dtype, roi_size=args.roi,
                                  overlap=args.overlap, sw_batch_size=args.sw_batch_size,
-                                 allow_download=args.allow_download)
+                                 allow_download=args.allow_download, precision=args.precision,
+                                 channels_last=args.channels_last, compile=args.compile,
+                                 cache_features=args.cache_features, offload_llm=args.offload_llm)
 
 
 def tqdm_progress(enabled: bool = True):

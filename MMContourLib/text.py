@@ -107,8 +107,10 @@ def _dequantize_gguf(gguf: Path, target: Path, auto_class) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_hf_model(source: str, kind: str, dtype: torch.dtype, allow_download: bool = False):
-    """Load (model, tokenizer, local_folder) from a folder, a GGUF file or a package-shipped file."""
+def load_hf_model(source: str, kind: str, dtype: torch.dtype, allow_download: bool = False,
+                  load_in_8bit: bool = False, device: torch.device | str = "cpu"):
+    """Load (model, tokenizer, local_folder) from a folder, a GGUF file or a package-shipped file.
+    ``load_in_8bit``: linear weights in 8 bits (LLM.int8 by ``bitsandbytes``), placed on ``device``."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     auto_class = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
@@ -132,26 +134,71 @@ def load_hf_model(source: str, kind: str, dtype: torch.dtype, allow_download: bo
     local_only = not (allow_download and not Path(str(path)).exists())
     kwargs = dict(local_files_only=local_only, trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
+    if load_in_8bit:
+        kwargs.update(quantization_config=_int8_config(), device_map={"": str(torch.device(device))})
     model = auto_class.from_pretrained(str(path), dtype=dtype, **kwargs)
     return model, tokenizer, path
 
 
-def fingerprint(model: nn.Module, tokenizer) -> str:
-    """Architecture + tokenizer size + sign bits of sampled weights: identical for the same LLM in any
-    dtype (fp32/bf16/fp16 keep signs), different for a different model or fine-tune."""
+def _int8_config():
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError("8-bit LLM loading (--dtype int8) needs the bitsandbytes package: "
+                           "pip install --no-deps bitsandbytes (or use --dtype bf16 / fp16)")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _fingerprint_names(model: nn.Module) -> list[str]:
+    """The parameters a fingerprint samples: the input embedding, the middle and the last 2-D weight."""
+    names = [name for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]) if p.dim() == 2]
+    embedding = model.get_input_embeddings().weight
+    embedding_name = next(name for name, p in model.named_parameters() if p is embedding)
+    return [embedding_name, names[len(names) // 2], names[-1]]
+
+
+def _fingerprint(model: nn.Module, tokenizer, weights: Sequence[torch.Tensor]) -> str:
     cfg = model.config
     arch = {k: getattr(cfg, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers",
                                                "num_attention_heads", "intermediate_size", "vocab_size")}
     h = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())
     h.update(str(len(tokenizer)).encode())
-    params = [p for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]) if p.dim() == 2]
-    chosen = [model.get_input_embeddings().weight] + [params[len(params) // 2], params[-1]]
-    for weight in chosen:
+    for weight in weights:
         flat = weight.detach().reshape(-1)
         step = max(1, flat.numel() // 8192)
         sample = flat[::step][:8192].float().cpu().numpy()
         h.update(np.packbits(sample > 0).tobytes())
     return "sha256:" + h.hexdigest()[:24]
+
+
+def fingerprint(model: nn.Module, tokenizer) -> str:
+    """Architecture + tokenizer size + sign bits of sampled weights: identical for the same LLM in any
+    dtype (fp32/bf16/fp16 keep signs), different for a different model or fine-tune."""
+    params = dict(model.named_parameters())
+    return _fingerprint(model, tokenizer, [params[name] for name in _fingerprint_names(model)])
+
+
+def fingerprint_from_files(folder: Path, model: nn.Module, tokenizer) -> str:
+    """The same fingerprint, with the sampled weights read from the model folder's safetensors files: for
+    a model loaded in 8 bits, whose quantised weights lose the sign of values that round to zero."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    where = (json.loads(index.read_text())["weight_map"] if index.exists()
+             else {name: "model.safetensors" for name in _fingerprint_names(model)})
+    weights = []
+    for name in _fingerprint_names(model):
+        candidates = [name, name.split(".", 1)[1]] if "." in name else [name]  # base-model prefix may be absent
+        key = next((c for c in candidates if c in where), None)
+        if key is None or not (folder / where[key]).exists():
+            raise LLMMismatchError(f"cannot check the 8-bit LLM at {folder}: {name} not found in its safetensors "
+                                   "files (load it with --dtype bf16 / fp16 instead)")
+        with safe_open(str(folder / where[key]), framework="pt") as fh:
+            if key not in fh.keys():
+                raise LLMMismatchError(f"cannot check the 8-bit LLM at {folder}: {name} not in {where[key]}")
+            weights.append(fh.get_tensor(key))
+    return _fingerprint(model, tokenizer, weights)
 
 
 def _display_name(source: str) -> str:
@@ -165,15 +212,21 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+INT8_NAMES = ("int8", "8bit")
+
+
 def parse_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The LLM's compute dtype; for ``int8`` (8-bit weights), fp16, in which bitsandbytes computes."""
     if isinstance(name, torch.dtype):
         return name
+    if name in INT8_NAMES:
+        return torch.float16
     if name in (None, "", "auto"):
         return default_dtype(device)
     table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
              "fp16": torch.float16, "float16": torch.float16}
     if name not in table:
-        raise ValueError(f"dtype {name!r}: use one of auto, {', '.join(table)}")
+        raise ValueError(f"dtype {name!r}: use one of auto, {', '.join(table)}, int8")
     return table[name]
 
 
@@ -261,8 +314,10 @@ class _PromptTuned(TextEncoder):
                  allow_download: bool = False, gradient_checkpointing: bool = False):
         super().__init__()
         device = torch.device(device)
+        self.load_in_8bit = dtype in INT8_NAMES
         dtype = parse_dtype(dtype, device)
-        model, tokenizer, _ = load_hf_model(spec.source, self.hf_kind, dtype, allow_download)
+        model, tokenizer, folder = load_hf_model(spec.source, self.hf_kind, dtype, allow_download,
+                                                 load_in_8bit=self.load_in_8bit, device=device)
         spec.name = spec.name or _display_name(spec.source)
         start = self._start_token(tokenizer)
         self._prefix_ids = [start] if start is not None else []
@@ -273,7 +328,7 @@ class _PromptTuned(TextEncoder):
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        actual = fingerprint(model, tokenizer)
+        actual = fingerprint_from_files(folder, model, tokenizer) if self.load_in_8bit else fingerprint(model, tokenizer)
         if spec.fingerprint and spec.fingerprint != actual:
             raise LLMMismatchError(
                 f"the text model at {spec.source!r} is not the one this bundle was trained with "
@@ -293,7 +348,8 @@ class _PromptTuned(TextEncoder):
             model.gradient_checkpointing_enable()
         self._loaded(model, tokenizer)
         self.to(device)
-        model.to(device)
+        if not self.load_in_8bit:  # an 8-bit model was placed on the device by its loader and cannot move
+            model.to(device)
 
     @property
     def llm(self):
@@ -307,8 +363,10 @@ class _PromptTuned(TextEncoder):
         return self.llm.get_input_embeddings().weight.device
 
     def move_llm(self, device: torch.device | str) -> None:
-        """Move only the frozen LLM (e.g. off the GPU after encoding)."""
-        self.llm.to(device)
+        """Move only the frozen LLM (e.g. off the GPU after encoding). An 8-bit model stays where it is
+        (bitsandbytes cannot move it; it is small: ~7 GB for a 7B model)."""
+        if not self.load_in_8bit:
+            self.llm.to(device)
 
     def _start_token(self, tokenizer) -> int | None:
         """The token before the prompt vectors (BOS for a causal LM, [CLS] for an encoder)."""

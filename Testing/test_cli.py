@@ -50,6 +50,31 @@ def test_predict_structured_fields_and_nifti_labelmap(tiny_bundle, ct_file, tmp_
     assert sitk.ReadImage(str(out)).GetSize() == (48, 40, 24)
 
 
+def test_speed_and_memory_flags_keep_the_contour(tiny_bundle, ct_file, tmp_path, capsys):
+    """--precision / --channels-last / --cache-features / --offload-llm change how, not what; --dtype int8
+    (8-bit LLM) changes the note embedding only by quantisation noise."""
+    def contour(name, *flags):
+        out = tmp_path / f"{name}.nii.gz"
+        code, stdout, err = run(capsys, "predict", "--ct", ct_file, "--note", "N1, BCS, Lt", "--bundle", tiny_bundle,
+                                "--out", out, "--device", "cpu", "--json", *flags)
+        assert code == 0, err
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(out))).astype(bool), json.loads(stdout)
+
+    plain, _ = contour("plain")
+    assert 0 < plain.sum() < plain.size  # a real contour, so equality below means something
+    tuned, summary = contour("tuned", "--precision", "fp32", "--channels-last", "--cache-features", "off",
+                             "--offload-llm")
+    assert np.array_equal(plain, tuned) and summary["llm_calls"] == 1
+    eight, _ = contour("int8", "--dtype", "int8")
+    dice = 2 * (plain & eight).sum() / (plain.sum() + eight.sum())
+    assert dice > 0.97, dice
+    with pytest.raises(SystemExit) as exit_info:
+        run(capsys, "predict", "--ct", ct_file, "--note", "N1, BCS, Lt", "--bundle", tiny_bundle,
+            "--out", tmp_path / "x.nii.gz", "--precision", "fp8")
+    assert exit_info.value.code == 2 and "--precision" in capsys.readouterr().err
+    assert not (tmp_path / "x.nii.gz").exists()
+
+
 @pytest.mark.parametrize("args,message", [
     (["--note", "N7, BCS, left"], "n_stage"),
     (["--note", "ypN1, BCS, left, adjuvant"], "neoadjuvant"),

@@ -76,6 +76,37 @@ def test_mismatched_llm_is_refused(encoder, other_llm_dir):
         build_text_encoder(spec)
 
 
+def test_8bit_llm_is_the_same_model_and_gives_the_same_note_embedding(encoder, tiny_llm_dir, other_llm_dir):
+    """--dtype int8 (bitsandbytes LLM.int8): a bundle's fingerprint still matches (checked from the folder's
+    safetensors, since 8-bit weights lose the sign of values that round to zero), the linear layers are
+    8-bit, and the note embedding is that of the full-precision LLM."""
+    spec = TextEncoderSpec.from_dict(encoder.spec.to_dict())  # what a bundle records
+    int8 = build_text_encoder(spec, dtype="int8")
+    assert int8.load_in_8bit and int8.fingerprint == encoder.fingerprint
+    linear = int8.llm.model.layers[0].self_attn.q_proj
+    assert type(linear).__name__ == "Linear8bitLt" and linear.weight.dtype == torch.int8
+    assert int8.llm.get_memory_footprint() < 0.6 * encoder.llm.get_memory_footprint()
+    int8.load_trainable_state_dict(encoder.trainable_state_dict())
+    with torch.no_grad():
+        full, eight = encoder(PROMPTS), int8(PROMPTS)
+    assert eight.shape == full.shape and eight.dtype == torch.float32
+    cos = torch.nn.functional.cosine_similarity(full.flatten(1), eight.flatten(1))
+    assert float(cos.min()) > 0.99, cos
+    int8.move_llm("cpu")  # offloading is a no-op for an 8-bit model, not an error
+    wrong = TextEncoderSpec.from_dict({**spec.to_dict(), "source": str(other_llm_dir)})
+    with pytest.raises(LLMMismatchError, match="not the one this bundle was trained with"):
+        build_text_encoder(wrong, dtype="int8")
+
+
+def test_8bit_without_bitsandbytes_says_what_to_install(tiny_llm_dir, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(RuntimeError, match="pip install --no-deps bitsandbytes"):
+        build_text_encoder(TextEncoderSpec(kind="causal-lm", source=str(tiny_llm_dir)), dtype="int8")
+
+
 def test_missing_llm_and_hub_ids_are_clear_errors(tmp_path):
     with pytest.raises(LLMNotFoundError, match="not found"):
         build_text_encoder(TextEncoderSpec(kind="causal-lm", source=str(tmp_path / "nope")))

@@ -9,6 +9,8 @@
 #      reference-style loop (LLM once per window, fp32, no caching) and a training step
 #      (batch 2 of 384 x 384 x 128, prompt tuning through the frozen LLM, activation checkpointing).
 #   2. the same contouring with torch.compile (only if time is left; BENCH_COMPILE=0 skips it).
+#   3. note encoding + contouring with the LLM in 8 bits (bitsandbytes; if carried and time is left;
+#      BENCH_INT8=0 skips it).
 # Everything lands in $OUT (gpu-7b.json, logs, nvidia-smi.txt). Installs nothing from a network.
 #
 # The GPU machine has PyTorch, transformers, safetensors, psutil, tqdm but neither MONAI nor
@@ -16,7 +18,7 @@
 #   echo /.whl/ >> "$(git rev-parse --git-path info/exclude)"
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#     -d .whl monai==1.6.1 SimpleITK==2.5.3          # ~54 MB together
+#     -d .whl monai==1.6.1 SimpleITK==2.5.3 bitsandbytes==0.50.2   # ~97 MB together
 # then run with the device tool: command "bash bench/gpu_bench.sh", carry [".whl"], timeout_s 590.
 # Expected duration on one H100: ~1 min to write the random 7B model, ~4 min of measurements.
 # (BENCH_PRESET=tiny runs the same script on a CPU in seconds, to check it.)
@@ -66,6 +68,14 @@ if [ "${BENCH_COMPILE:-1}" = 1 ] && [ "$(left 570)" -gt 150 ]; then
     > "$OUT/gpu-7b-compile.stdout" 2> "$OUT/gpu-7b-compile.log"
   echo "gpu-7b --compile: exit $? after $(( $(date +%s) - START )) s"
   tail -n 10 "$OUT/gpu-7b-compile.log"
+fi
+# 3. the LLM in 8 bits (LLM.int8 through bitsandbytes), contouring only, if ~2 minutes are left
+if [ "${BENCH_INT8:-1}" = 1 ] && grep -q "^bitsandbytes [0-9]" "$OUT/versions.txt" && [ "$(left 570)" -gt 120 ]; then
+  timeout "$(left 570)" python3 -m MMContourLib.bench bench --preset "${BENCH_PRESET:-gpu-7b}" --llm-dtype int8 \
+    --only encode contour --repeats 2 --json --out "$OUT/gpu-7b-int8.json" --work "$MMCONTOUR_CACHE/bench" \
+    > "$OUT/gpu-7b-int8.stdout" 2> "$OUT/gpu-7b-int8.log"
+  echo "gpu-7b --llm-dtype int8: exit $? after $(( $(date +%s) - START )) s"
+  tail -n 10 "$OUT/gpu-7b-int8.log"
 fi
 python3 - "$OUT" <<'EOF'
 import json, sys, pathlib
