@@ -2,13 +2,17 @@
 
 Every case of the manifest (DESIGN.md columns; a free-text ``note`` column, when present and
 filled, is used instead of the structured fields) is contoured with one ``Contourer`` (the LLM is
-loaded once per process) into ``DIR/<case_id>.seg.nrrd``. A case that fails is reported and the
-others go on; ``DIR/summary.json`` lists every case with its status, error, timings and volume.
+loaded once per process, and not at all when every output exists) into ``DIR/<case_id>.seg.nrrd``.
+A case that fails is reported and the others go on; ``DIR/summary.json`` lists every case with its
+status, error, timings and volume, and is rewritten after each case so progress survives a crash.
 
 Under ``torchrun --nproc_per_node N`` each process takes the cases ``i % WORLD_SIZE == RANK`` on
 its own GPU (``cuda:LOCAL_RANK``), writes ``summary.rank<R>.json``, and the last one to finish
 merges them into ``summary.json``. No process group is needed: the processes share nothing but
 the output folder.
+
+The same engine runs ``Resources/scripts/mmcontour_batch.py`` (headless through Slicer's Python):
+``read_manifest(..., check=True)`` then ``contour_manifest(...)``, which take plain arguments.
 """
 from __future__ import annotations
 
@@ -20,18 +24,25 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
 from .fileio import write_json
 
 SUMMARY_NAME = "summary.json"
+NOTE_COLUMNS = ("side", "n_stage", "surgery")  # needed when there is no 'note' column
 
 
 class ManifestError(ValueError):
     """A manifest that cannot be used as a whole (the message says which row and column)."""
 
 
-def read_manifest(path: str | os.PathLike) -> list[dict[str, str]]:
-    """Rows of a manifest CSV, ``ct`` resolved against the CSV's folder; ids checked to be usable file names."""
+def read_manifest(path: str | os.PathLike, split: str | None = None, check: bool = False) -> list[dict[str, str]]:
+    """Rows of a manifest CSV, ``ct`` and ``ctv`` resolved against the CSV's folder; ids checked to be
+    usable file names. ``split``: only the rows whose ``split`` column has this value.
+
+    ``check``: every row is checked up front (its note parses, its ``ct`` and any ``ctv`` exist) and a
+    bad row fails the whole manifest, before any model is loaded; without it such a row is a failed
+    case and the others go on."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
@@ -39,11 +50,18 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, str]]:
         reader = csv.DictReader(fh)
         columns = [c.strip() for c in reader.fieldnames or []]
         missing = [c for c in ("case_id", "ct") if c not in columns]
+        if check and "note" not in columns:
+            missing += [c for c in NOTE_COLUMNS if c not in columns]
         if missing:
-            raise ManifestError(f"manifest {path} lacks the column(s) {', '.join(missing)} (has: {', '.join(columns)})")
+            raise ManifestError(f"manifest {path} lacks the column(s) {', '.join(missing)} "
+                                f"(has: {', '.join(columns)}); it needs case_id, ct and the note: "
+                                "a 'note' column or side, n_stage, surgery")
         rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    if split is not None and "split" not in columns:
+        raise ManifestError(f"split {split!r} asked for, but manifest {path} has no 'split' column")
+    selected = [(line, row) for line, row in enumerate(rows, start=2) if split is None or row.get("split") == split]
     seen: dict[str, int] = {}
-    for i, row in enumerate(rows, start=2):
+    for i, row in selected:
         case = row["case_id"]
         if not case or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", case):
             raise ManifestError(f"manifest {path}, line {i}: case_id {case!r} must be letters, digits, '.', '_' or '-' "
@@ -51,10 +69,38 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, str]]:
         if case in seen:
             raise ManifestError(f"manifest {path}: case_id {case!r} appears on lines {seen[case]} and {i}")
         seen[case] = i
-        if row["ct"]:
-            ct = Path(row["ct"]).expanduser()
-            row["ct"] = str(ct if ct.is_absolute() else path.parent / ct)
-    return rows
+        for column in ("ct", "ctv"):
+            if row.get(column):
+                file = Path(row[column]).expanduser()
+                row[column] = str(file if file.is_absolute() else path.parent / file)
+        if check:
+            _check_row(row, f"manifest {path}, line {i} (case {case})")
+    if check and not selected:
+        raise ManifestError(f"manifest {path} has no case" + (f" with split {split!r}" if split is not None else ""))
+    return [row for _, row in selected]
+
+
+def _check_row(row: dict[str, str], where: str) -> None:
+    from .note import ContradictionError, NoteError
+
+    try:
+        _note_for(row)
+    except (NoteError, ContradictionError) as exc:
+        raise ManifestError(f"{where}: {exc}") from None
+    if not row.get("ct"):
+        raise ManifestError(f"{where}: ct is empty")
+    for column in ("ct", "ctv"):
+        if row.get(column) and not Path(row[column]).exists():
+            raise ManifestError(f"{where}: {column} not found: {row[column]}")
+
+
+def output_path(out_dir: str | os.PathLike, case_id: str) -> Path:
+    return Path(out_dir) / f"{case_id}.seg.nrrd"
+
+
+def pending(rows: list[dict[str, str]], out_dir: str | os.PathLike, overwrite: bool = False) -> list[dict[str, str]]:
+    """The rows that still need contouring (all of them with ``overwrite``)."""
+    return [row for row in rows if overwrite or not output_path(out_dir, row["case_id"]).exists()]
 
 
 def shard() -> tuple[int, int, int]:
@@ -75,6 +121,14 @@ def _device_for(requested: str, world: int, local_rank: int) -> str:
     return requested
 
 
+def _run_id(world: int) -> str:
+    """Identifies this torchrun launch, so that parts left by an earlier run are never merged in."""
+    env = os.environ.get
+    if world == 1:
+        return "single"
+    return f"{env('TORCHELASTIC_RUN_ID', '')}@{env('MASTER_ADDR', '')}:{env('MASTER_PORT', '')}"
+
+
 def _note_for(row: dict[str, str]):
     from .note import ClinicalNote
 
@@ -83,24 +137,40 @@ def _note_for(row: dict[str, str]):
     return ClinicalNote.from_row(row)
 
 
-def contour_case(contourer, row: dict[str, str], out_dir: Path, overwrite: bool) -> dict:
-    """Contour one manifest row; never raises for a problem with the case itself."""
-    from .imageio import read_image, write_segmentation
+def _prompt_for(row: dict[str, str]) -> dict[str, str]:
+    try:
+        return {"prompt": _note_for(row).to_prompt()}
+    except ValueError:  # NoteError, ContradictionError
+        return {}
 
-    out = out_dir / f"{row['case_id']}.seg.nrrd"
+
+def contour_case(contourer, row: dict[str, str], out_dir: Path, overwrite: bool, score: bool = False) -> dict:
+    """Contour one manifest row; never raises for a problem with the case itself. ``score``: with a
+    ``ctv`` in the row, add the Dice of the contour against it (a CTV that cannot be read fails the
+    case before its output is written)."""
+    from .imageio import read_image, write_segmentation
+    from .metrics import dice
+
+    out = output_path(out_dir, row["case_id"])
     entry: dict = {"case_id": row["case_id"], "ct": row.get("ct", ""), "out": str(out)}
     if out.exists() and not overwrite:
-        return {**entry, "status": "skipped", "error": f"{out.name} exists (pass --overwrite to replace it)"}
+        return {**entry, "status": "skipped", "error": f"{out.name} exists (pass --overwrite to replace it)",
+                **_prompt_for(row)}
     start = time.perf_counter()
     stage = "note"
+    scores = {}
     try:
         note = _note_for(row)
+        entry["prompt"] = note.to_prompt()
         stage = "read CT"
         if not row.get("ct"):
             raise ValueError("the manifest gives no CT path")
         image = read_image(row["ct"])
         stage = "contour"
         result = contourer.contour(image, note)
+        if score and row.get("ctv"):
+            stage = "Dice against the CTV"
+            scores["dice"] = round(dice(result.mask, read_image(row["ctv"])), 4)
         stage = "write"
         write_segmentation(out, {"CTV": result.mask}, attributes={**result.provenance, "case_id": row["case_id"]},
                            sides={"CTV": note.side})
@@ -111,7 +181,7 @@ def contour_case(contourer, row: dict[str, str], out_dir: Path, overwrite: bool)
         return {**entry, "status": "failed", "error": f"{stage}: {exc.__class__.__name__}: {detail}",
                 "traceback": traceback.format_exc(limit=4), "seconds": round(time.perf_counter() - start, 3)}
     return {**entry, "status": "ok", "error": "", "prompt": result.prompt, "voxels": result.voxels,
-            "volume_cc": round(result.volume_cc, 2), "windows": result.windows,
+            "volume_cc": round(result.volume_cc, 2), **scores, "windows": result.windows,
             "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
             "seconds": round(time.perf_counter() - start, 3)}
 
@@ -133,16 +203,80 @@ def _merge_if_complete(out_dir: Path, run: str, world: int) -> Path | None:
             data = json.loads(part.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
-        if data.get("run") != run:
-            return None  # a part left by an earlier run: that rank has not finished this one yet
+        if data.get("run") != run or data.get("status") in ("running", "interrupted"):
+            return None  # a part left by an earlier run, or one still being written: that rank has not finished
         parts.append(data)
     cases = sorted((c for p in parts for c in p["cases"]), key=lambda c: c["order"])
+    counts = _counts(cases)
     merged = {**{k: parts[0][k] for k in ("manifest", "bundle", "run", "world_size")},
-              "cases_total": len(cases), **_counts(cases), "seconds_per_rank": [p["seconds"] for p in parts],
+              "status": "failed" if counts["failed"] else "ok", "cases_total": len(cases), **counts,
+              "seconds_per_rank": [p["seconds"] for p in parts],
               "model_load_s_per_rank": [p["model_load_s"] for p in parts], "cases": cases}
     target = out_dir / SUMMARY_NAME
     _write_json(target, merged)
     return target
+
+
+def contour_manifest(rows: list[dict[str, str]], out_dir: str | os.PathLike, load_model: Callable[[], object], *,
+                     overwrite: bool = False, stop_on_error: bool = False, score: bool = False,
+                     rank: int = 0, world: int = 1, run: str = "single", info: dict | None = None,
+                     summary_view: Callable[[dict], dict] | None = None,
+                     on_case: Callable[[int, int, dict], None] | None = None) -> dict:
+    """Contour this process's share of ``rows`` (from ``read_manifest``) into ``out_dir``; returns the report.
+
+    ``load_model()`` returns the ``Contourer``; it is called once, and only when some case needs work
+    (its errors propagate: they are not a case's). ``rank``/``world``: this process takes the rows
+    ``i % world == rank`` and writes ``summary.rank<rank>.json`` (merged by the last rank to finish);
+    alone it writes ``summary.json``, whose content is ``summary_view(report)`` when given (default:
+    the report). The summary is rewritten after each case (``status`` "running"); an interrupt writes
+    it with status "interrupted" and is re-raised. ``info`` (e.g. manifest, bundle) heads the report.
+    ``on_case(position, total, entry)`` is called after each case; ``stop_on_error`` ends the run at
+    the first failed case; ``score`` adds a Dice per case that has a ``ctv``."""
+    out_dir = Path(out_dir)
+    mine = [(i, row) for i, row in enumerate(rows) if i % world == rank]
+    start = time.perf_counter()
+    contourer, model_load_s = None, 0.0
+    if pending([row for _, row in mine], out_dir, overwrite):
+        contourer = load_model()
+        contourer.cache_features = "off"  # every CT is seen once: keeping its features would only cost memory
+        model_load_s = time.perf_counter() - start
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loaded = contourer is not None
+    report = {**(info or {}), "run": run, "rank": rank, "world_size": world,
+              "device": str(contourer.device) if loaded else None,
+              "model": {k: v for k, v in contourer.provenance("").items() if k != "prompt"} if loaded else {},
+              "model_load_s": round(model_load_s, 3), "status": "running", "cases": []}
+    target = out_dir / (f"summary.rank{rank}.json" if world > 1 else SUMMARY_NAME)
+
+    def write(status: str) -> None:
+        cases = report.pop("cases")
+        failed = [c["case_id"] for c in cases if c["status"] == "failed"]
+        report.update(status=status if status != "done" else ("failed" if failed else "ok"),
+                      seconds=round(time.perf_counter() - start, 3),
+                      llm_calls=contourer.llm_calls if contourer is not None else 0,
+                      cases_total=len(mine), **_counts(cases), failed_cases=failed)
+        report["cases"] = cases  # last, after the counts
+        _write_json(target, report if summary_view is None or world > 1 else summary_view(report))
+
+    try:
+        for position, (order, row) in enumerate(mine, start=1):
+            entry = {"order": order, "rank": rank, **contour_case(contourer, row, out_dir, overwrite, score=score)}
+            report["cases"].append(entry)
+            write("running")
+            if on_case is not None:
+                on_case(position, len(mine), entry)
+            if entry["status"] == "failed" and stop_on_error:
+                break
+    except KeyboardInterrupt:
+        write("interrupted")
+        raise
+    write("done")
+    if world > 1:
+        merged = _merge_if_complete(out_dir, run, world)
+        report["summary"] = str(merged or target)
+    else:
+        report["summary"] = str(target)
+    return report
 
 
 def run_manifest(args) -> dict:
@@ -163,51 +297,33 @@ def run_manifest(args) -> dict:
         raise UsageError(f"--out {out_dir} is a file; with --manifest give a folder")
     rows = read_manifest(args.manifest)
     rank, world, local_rank = shard()
-    mine = [(i, row) for i, row in enumerate(rows) if i % world == rank]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # identifies this torchrun launch, so that parts left by an earlier run are never merged in
-    env = os.environ.get
-    run = f"{env('TORCHELASTIC_RUN_ID', '')}@{env('MASTER_ADDR', '')}:{env('MASTER_PORT', '')}" if world > 1 else "single"
-
-    start = time.perf_counter()
     device = _device_for(args.device, world, local_rank)
-    bundle_arg = args.bundle
-    load_start = time.perf_counter()
-    contourer = contourer_from_args(_with(args, device=device))
-    contourer.cache_features = "off"  # every CT is seen once: keeping its features would only cost memory
-    model_load_s = time.perf_counter() - load_start
 
     show = not args.json
     bar = None
     if show:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(mine), desc=f"cases (rank {rank}/{world})" if world > 1 else "cases", file=sys.stderr)
-    cases = []
-    for order, row in mine:
-        entry = {"order": order, "rank": rank, **contour_case(contourer, row, out_dir, args.overwrite)}
-        cases.append(entry)
+        total = sum(1 for i in range(len(rows)) if i % world == rank)
+        bar = tqdm(total=total, desc=f"cases (rank {rank}/{world})" if world > 1 else "cases", file=sys.stderr)
+
+    def on_case(position: int, total: int, entry: dict) -> None:
         if entry["status"] == "failed":
-            print(f"mmcontour predict: case {row['case_id']} failed: {entry['error']}", file=sys.stderr)
+            print(f"mmcontour predict: case {entry['case_id']} failed: {entry['error']}", file=sys.stderr)
         if bar is not None:
             bar.update(1)
-    if bar is not None:
-        bar.close()
-    seconds = time.perf_counter() - start
-    report = {"manifest": str(args.manifest), "bundle": str(bundle_arg or ""), "run": run, "rank": rank,
-              "world_size": world, "device": str(contourer.device), "model_load_s": round(model_load_s, 3),
-              "seconds": round(seconds, 3), "llm_calls": contourer.llm_calls, "cases_total": len(mine),
-              **_counts(cases), "cases": cases}
-    if world > 1:
-        _write_json(out_dir / f"summary.rank{rank}.json", report)
-        merged = _merge_if_complete(out_dir, run, world)
-        report["summary"] = str(merged or out_dir / f"summary.rank{rank}.json")
-    else:
-        _write_json(out_dir / SUMMARY_NAME, report)
-        report["summary"] = str(out_dir / SUMMARY_NAME)
+
+    try:
+        report = contour_manifest(rows, out_dir, lambda: contourer_from_args(_with(args, device=device)),
+                                  overwrite=args.overwrite, rank=rank, world=world, run=_run_id(world),
+                                  info={"manifest": str(args.manifest), "bundle": str(args.bundle or "")},
+                                  on_case=on_case)
+    finally:
+        if bar is not None:
+            bar.close()
     if show:
         print(f"{report['ok']} contoured, {report['failed']} failed, {report['skipped']} skipped "
-              f"of {len(mine)} cases in {seconds:.1f} s -> {out_dir}", file=sys.stderr)
+              f"of {report['cases_total']} cases in {report['seconds']:.1f} s -> {out_dir}", file=sys.stderr)
     return report
 
 

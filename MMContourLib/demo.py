@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .metrics import dice
+
 #: The demo phantom's seed; a test checks that the demo bundle's training set (``write_dataset``
 #: with its hashed per-case seeds) never produced it.
 DEMO_SEED = 1_000_003
@@ -23,12 +25,6 @@ DEMO_NOTE = "N2, breast conserving surgery, left side"
 
 def _say(message: str) -> None:
     print(f"[demo] {message}", file=sys.stderr, flush=True)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a > 0, b > 0
-    denom = a.sum() + b.sum()
-    return float(2 * (a & b).sum() / denom) if denom else 1.0
 
 
 def counterfactual_notes(note):

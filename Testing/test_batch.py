@@ -110,3 +110,116 @@ def test_manifest_problems_are_clear(tmp_path, tiny_bundle, capsys):
     assert "appears on lines" in capsys.readouterr().err
     assert run(dup, tmp_path / "o", tiny_bundle, "--note", "N0, bcs, left") == 2
     assert "comes from its row" in capsys.readouterr().err
+
+
+# -- the plain-argument engine (also behind Resources/scripts/mmcontour_batch.py) -------------------
+
+class _FakeResult:
+    def __init__(self, image, note):
+        self.mask = sitk.Cast(sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1, sitk.sitkUInt8)
+        self.mask.CopyInformation(image)
+        self.prompt, self.provenance = note.to_prompt(), {"prompt": note.to_prompt()}
+        self.voxels, self.volume_cc, self.windows, self.timings = 1, 1.0, 1, {"total": 0.0}
+
+
+class _FakeContourer:
+    """Stands in for Contourer: no model, and the case named ``interrupt_at`` raises KeyboardInterrupt."""
+    device, llm_calls, cache_features = "cpu", 0, "auto"
+
+    def __init__(self, interrupt_at=None):
+        self.interrupt_at, self.calls = interrupt_at, 0
+
+    def provenance(self, prompt):
+        return {"bundle_id": "fake", "prompt": prompt}
+
+    def contour(self, image, note):
+        self.calls += 1
+        if self.calls == self.interrupt_at:
+            raise KeyboardInterrupt
+        return _FakeResult(image, note)
+
+
+def test_checked_manifest_fails_as_a_whole_and_selects_a_split(archive, tmp_path):
+    from MMContourLib.batch import read_manifest
+
+    with pytest.raises(ManifestError, match=r"line 3 \(case c1\): ct not found"):
+        read_manifest(archive, check=True)
+    with pytest.raises(ManifestError, match="no 'split' column"):
+        read_manifest(archive, split="test")
+    rows = read_manifest(archive)  # unchecked: bad rows become failed cases later
+    assert [r["case_id"] for r in rows] == ["c0", "c1", "c2", "c3", "c4"]
+    split = tmp_path / "split.csv"
+    split.write_text("case_id,ct,ctv,split,side,n_stage,surgery\n"
+                     f"a,{archive.parent / 'cts' / 'ct0.nrrd'},cts/ct0.nrrd,test,left,N1,bcs\n"
+                     "b,missing.nrrd,,train,sideways,N1,bcs\n")
+    with pytest.raises(ManifestError, match="line 2 .*ctv not found"):
+        read_manifest(split, split="test", check=True)  # ctv resolved against the CSV's folder
+    (tmp_path / "cts").mkdir()
+    sitk.WriteImage(make_ct(size=(8, 8, 4)), str(tmp_path / "cts" / "ct0.nrrd"))
+    assert [r["case_id"] for r in read_manifest(split, split="test", check=True)] == ["a"]  # b not looked at
+    with pytest.raises(ManifestError, match="line 3 .*side"):
+        read_manifest(split, split="train", check=True)
+    with pytest.raises(ManifestError, match="no case with split 'val'"):
+        read_manifest(split, split="val", check=True)
+    no_note = tmp_path / "no_note.csv"
+    no_note.write_text("case_id,ct\na,x.nrrd\n")
+    with pytest.raises(ManifestError, match="side, n_stage, surgery"):
+        read_manifest(no_note, check=True)
+
+
+def test_engine_scores_stops_on_error_and_keeps_progress_when_interrupted(archive, tmp_path):
+    from MMContourLib.batch import contour_manifest, pending, read_manifest
+
+    rows = read_manifest(archive)
+    rows[0]["ctv"] = rows[0]["ct"]
+    loads = []
+    report = contour_manifest(rows, tmp_path / "a", lambda: loads.append(1) or _FakeContourer(), score=True,
+                              stop_on_error=True, info={"manifest": "m"}, summary_view=lambda r: {"view": r["status"]})
+    assert [c["case_id"] for c in report["cases"]] == ["c0", "c1"]  # stopped at the first failure
+    assert report["status"] == "failed" and report["failed_cases"] == ["c1"] and report["manifest"] == "m"
+    assert report["cases"][0]["dice"] == pytest.approx(
+        2 * sitk.GetArrayViewFromImage(sitk.ReadImage(rows[0]["ct"]) > 0).sum()
+        / (sitk.GetArrayViewFromImage(sitk.ReadImage(rows[0]["ct"]) > 0).sum() + 48 * 40 * 24), abs=1e-4)
+    assert json.loads((tmp_path / "a" / "summary.json").read_text()) == {"view": "failed"}
+    assert loads == [1]
+
+    out = tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):
+        contour_manifest(rows, out, lambda: _FakeContourer(interrupt_at=2))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and [c["case_id"] for c in summary["cases"]] == ["c0", "c1"]
+    assert [r["case_id"] for r in pending(rows, out)] == ["c1", "c2", "c3", "c4"]
+
+    done = tmp_path / "c"
+    contour_manifest(rows[:1], done, _FakeContourer)
+    again = contour_manifest(rows[:1], done, lambda: pytest.fail("nothing to do: the model must not be loaded"))
+    assert again["skipped"] == 1 and again["device"] is None and again["llm_calls"] == 0
+
+
+def test_one_light_dice_for_demo_and_batch(tmp_path):
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from MMContourLib import demo
+    from MMContourLib.metrics import dice
+
+    assert demo.dice is dice
+    a = np.zeros((4, 5, 6), np.uint8)
+    b = np.zeros_like(a)
+    assert dice(a, b) == 1.0  # both empty
+    a[:2], b[1:3] = 1, 7  # anything > 0 is inside
+    assert dice(a, b) == pytest.approx(2 * 30 / (60 + 60))
+    image = sitk.GetImageFromArray(a)
+    assert dice(image, sitk.GetImageFromArray(b)) == dice(a, b) == dice(image, b)
+    moved = sitk.GetImageFromArray(b)
+    moved.SetOrigin((5.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match="different grids"):
+        dice(image, moved)
+    with pytest.raises(ValueError, match="shape"):
+        dice(a, b[:1])
+    probe = ("import sys, MMContourLib.metrics, MMContourLib.batch; "
+             "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr

@@ -315,6 +315,8 @@ def test_batch_contours_every_case_writes_a_summary_and_resumes(batch_manifest, 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["contoured"] == 2 and summary["failed"] == []
     assert [c["case_id"] for c in summary["cases"]] == ["a", "b"] and "dice" in summary["cases"][0]
+    assert 0.0 <= summary["cases"][0]["dice"] <= 1.0
+    assert summary["cases"][0]["segmentation"] == "a.seg.nrrd" and summary["cases"][0]["volume_cc"] > 0
     assert summary["cases"][1]["prompt"] == ("N0, breast conserving surgery, left side; "
                                              "N2, total mastectomy surgery, right side")
     assert summary["model"]["llm_fingerprint"].startswith("sha256:") and summary["llm_calls"] == 2

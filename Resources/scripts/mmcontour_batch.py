@@ -20,11 +20,9 @@ Exit status: 0 all cases contoured; 1 some cases failed (see summary.json); 2 un
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
-import time
-import traceback
 from pathlib import Path
+from typing import Callable
 
 
 def _library_root() -> Path:
@@ -39,7 +37,6 @@ def _library_root() -> Path:
 sys.path.insert(0, str(_library_root()))
 
 EXIT_OK, EXIT_FAILED_CASES, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
-NOTE_COLUMNS = ("age", "side", "t_stage", "n_stage", "m_stage", "surgery", "chemotherapy", "pathology")
 
 
 class BatchError(Exception):
@@ -63,64 +60,6 @@ def parse_args(argv):
     parser.add_argument("--install-dependencies", action="store_true",
                         help="pip-install missing packages first (Resources/requirements-slicer.txt)")
     return parser.parse_args(argv)
-
-
-# -- input -----------------------------------------------------------------------------------------
-
-def read_cases(manifest: Path, split: str | None = None) -> list[dict]:
-    """Every row checked up front (columns, unique ids, files exist, valid note), so a bad row fails the
-    batch before the model is even loaded."""
-    from MMContourLib.note import ClinicalNote, ContradictionError, NoteError
-
-    if not manifest.is_file():
-        raise BatchError(f"manifest not found: {manifest}")
-    with open(manifest, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
-    needed = ["case_id", "ct"]
-    if "note" not in columns:
-        needed += ["side", "n_stage", "surgery"]
-    missing = [c for c in needed if c not in columns]
-    if missing:
-        raise BatchError(f"manifest {manifest} lacks the column(s) {', '.join(missing)}; it needs case_id, ct and "
-                         "either a 'note' column or side, n_stage, surgery")
-    if split is not None and "split" not in columns:
-        raise BatchError(f"--split {split} given, but manifest {manifest} has no 'split' column")
-    cases, seen = [], set()
-    for line, row in enumerate(rows, start=2):
-        where = f"manifest {manifest}, line {line}"
-        if split is not None and row.get("split") != split:
-            continue
-        case_id = row["case_id"]
-        if not case_id:
-            raise BatchError(f"{where}: case_id is empty")
-        if case_id in seen:
-            raise BatchError(f"{where}: case_id {case_id!r} appears twice")
-        if any(c in case_id for c in "/\\:") or case_id in (".", ".."):
-            raise BatchError(f"{where}: case_id {case_id!r} cannot be a file name")
-        seen.add(case_id)
-        try:
-            note = ClinicalNote.parse(row["note"]) if row.get("note") else ClinicalNote.from_row(
-                {k: row[k] for k in NOTE_COLUMNS if k in row})
-        except (NoteError, ContradictionError) as exc:
-            raise BatchError(f"{where} (case {case_id}): {exc}") from None
-        files = {}
-        for column in ("ct", "ctv"):
-            value = row.get(column, "")
-            if not value:
-                if column == "ct":
-                    raise BatchError(f"{where} (case {case_id}): ct is empty")
-                files[column] = None
-                continue
-            path = Path(value) if Path(value).is_absolute() else manifest.parent / value
-            if not path.exists():
-                raise BatchError(f"{where} (case {case_id}): {column} not found: {path}")
-            files[column] = path
-        cases.append({"case_id": case_id, "ct": files["ct"], "ctv": files["ctv"], "note": note})
-    if not cases:
-        raise BatchError(f"manifest {manifest} has no case" + (f" with split {split!r}" if split else ""))
-    return cases
 
 
 def ensure_dependencies(install: bool, bundle: Path) -> None:
@@ -154,97 +93,76 @@ def ensure_dependencies(install: bool, bundle: Path) -> None:
         raise BatchError(f"could not install: {', '.join(still)}")
 
 
-# -- the batch -------------------------------------------------------------------------------------
-
-def _dice(a, b) -> float:
-    import numpy as np
-    import SimpleITK as sitk
-
-    x, y = sitk.GetArrayViewFromImage(a) > 0, sitk.GetArrayViewFromImage(b) > 0
-    total = int(x.sum()) + int(y.sum())
-    return 1.0 if total == 0 else 2.0 * float(np.logical_and(x, y).sum()) / total
-
-
-def _write_json(path: Path, data) -> None:
-    from MMContourLib.fileio import write_json
-
-    write_json(path, data)
-
+# -- the batch: MMContourLib.batch does the work ------------------------------------------------------
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _summary(manifest: Path, bundle: Path) -> Callable[[dict], dict]:
+    """summary.json in this script's documented form, from the engine's report."""
+    keys = ("case_id", "ct", "prompt", "segmentation", "status", "voxels", "volume_cc", "seconds", "dice", "error")
+
+    def view(report: dict) -> dict:
+        cases = []
+        for entry in report["cases"]:
+            case = {**entry, "segmentation": Path(entry["out"]).name}
+            if case["status"] == "skipped":
+                case["status"], case["error"] = "skipped (output exists; --overwrite recomputes)", ""
+            cases.append({k: case[k] for k in keys if case.get(k) not in (None, "")})
+        return {"manifest": str(manifest.resolve()), "bundle": str(bundle.resolve()), "device": report["device"],
+                "model": report["model"], "load_model_s": report["model_load_s"], "status": report["status"],
+                "failed": report["failed_cases"], "contoured": report["ok"], "llm_calls": report["llm_calls"],
+                "total_s": report["seconds"], "cases": cases}
+
+    return view
+
+
+def _show_case(position: int, total: int, entry: dict) -> None:
+    where = f"[{position}/{total}] {entry['case_id']}"
+    if entry["status"] == "skipped":
+        _say(f"{where}: exists, skipped")
+    elif entry["status"] == "failed":
+        _say(f"{where}: FAILED: {entry['error']}\n{entry['traceback'].rstrip()}")
+    else:
+        _say(f"{where}: {entry['volume_cc']} cc in {entry['seconds']} s"
+             + (f", Dice {entry['dice']}" if "dice" in entry else ""))
+
+
 def run(args) -> int:
+    from MMContourLib import batch
+
     manifest = Path(args.manifest).expanduser()
     out = Path(args.out).expanduser()
-    cases = read_cases(manifest, args.split)
+    try:
+        rows = batch.read_manifest(manifest, split=args.split, check=True)
+    except (batch.ManifestError, FileNotFoundError) as exc:
+        raise BatchError(str(exc)) from None
     bundle = Path(args.bundle).expanduser() if args.bundle else _library_root() / "Resources" / "Models" / "demo"
     ensure_dependencies(args.install_dependencies, bundle)
-
-    from MMContourLib.bundle import BundleError
-    from MMContourLib.imageio import DEFAULT_COLORS, read_image, write_segmentation
-    from MMContourLib.predict import Contourer
-    from MMContourLib.text import LLMMismatchError, LLMNotFoundError
-
-    started = time.perf_counter()
-    todo = [c for c in cases if args.overwrite or not (out / f"{c['case_id']}.seg.nrrd").exists()]
-    if not todo:
-        _say(f"mmcontour_batch: all {len(cases)} output(s) exist in {out}; nothing to do (--overwrite recomputes)")
+    if not batch.pending(rows, out, args.overwrite):
+        _say(f"mmcontour_batch: all {len(rows)} output(s) exist in {out}; nothing to do (--overwrite recomputes)")
         return EXIT_OK
-    _say(f"mmcontour_batch: {len(cases)} case(s) from {manifest}; loading {bundle} ...")
+
+    def load_model():
+        from MMContourLib.predict import Contourer
+
+        _say(f"mmcontour_batch: {len(rows)} case(s) from {manifest}; loading {bundle} ...")
+        try:
+            return Contourer.from_bundle(bundle, llm=args.llm, device=args.device)
+        except (FileNotFoundError, RuntimeError, ValueError) as exc:  # BundleError, LLMNotFoundError, ... among them
+            raise BatchError(f"cannot load the model: {exc}") from None
+
     try:
-        contourer = Contourer.from_bundle(bundle, llm=args.llm, device=args.device)
-    except (BundleError, LLMMismatchError, LLMNotFoundError, FileNotFoundError, RuntimeError, ValueError) as exc:
-        raise BatchError(f"cannot load the model: {exc}") from None
-    load_s = time.perf_counter() - started
-    out.mkdir(parents=True, exist_ok=True)
-    summary = {"manifest": str(manifest.resolve()), "bundle": str(bundle.resolve()), "device": str(contourer.device),
-               "model": {k: v for k, v in contourer.provenance("").items() if k != "prompt"},
-               "load_model_s": round(load_s, 2), "cases": [], "status": "running"}
-    interrupted = False
-    try:
-        for index, case in enumerate(cases, start=1):
-            target = out / f"{case['case_id']}.seg.nrrd"
-            record = {"case_id": case["case_id"], "ct": str(case["ct"]), "prompt": case["note"].to_prompt(),
-                      "segmentation": target.name}
-            if target.exists() and not args.overwrite:
-                record["status"] = "skipped (output exists; --overwrite recomputes)"
-                summary["cases"].append(record)
-                _say(f"[{index}/{len(cases)}] {case['case_id']}: exists, skipped")
-                continue
-            t = time.perf_counter()
-            try:
-                ct = read_image(case["ct"])
-                result = contourer.contour(ct, case["note"])
-                write_segmentation(target, {"CTV": result.mask}, colors={"CTV": DEFAULT_COLORS[0]},
-                                   attributes=result.provenance, sides={"CTV": case["note"].side})
-                record.update(status="ok", voxels=result.voxels, volume_cc=round(result.volume_cc, 2),
-                              seconds=round(time.perf_counter() - t, 2))
-                if case["ctv"] is not None:
-                    record["dice"] = round(_dice(result.mask, read_image(case["ctv"])), 4)
-                _say(f"[{index}/{len(cases)}] {case['case_id']}: {record['volume_cc']} cc in {record['seconds']} s"
-                     + (f", Dice {record['dice']}" if "dice" in record else ""))
-            except Exception as exc:  # one bad case must not lose the others
-                record.update(status="failed", error=f"{type(exc).__name__}: {exc}",
-                              seconds=round(time.perf_counter() - t, 2))
-                _say(f"[{index}/{len(cases)}] {case['case_id']}: FAILED: {exc}")
-                traceback.print_exc(file=sys.stderr)
-            summary["cases"].append(record)
-            _write_json(out / "summary.json", summary)  # progress survives a crash
-            if record["status"] == "failed" and args.stop_on_error:
-                break
+        report = batch.contour_manifest(rows, out, load_model, overwrite=args.overwrite, score=True,
+                                        stop_on_error=args.stop_on_error, summary_view=_summary(manifest, bundle),
+                                        on_case=_show_case)
     except KeyboardInterrupt:
-        interrupted = True
-    failed = [c["case_id"] for c in summary["cases"] if c["status"] == "failed"]
-    summary.update(status="interrupted" if interrupted else ("failed" if failed else "ok"), failed=failed,
-                   contoured=sum(c["status"] == "ok" for c in summary["cases"]), llm_calls=contourer.llm_calls,
-                   total_s=round(time.perf_counter() - started, 2))
-    _write_json(out / "summary.json", summary)
-    _say(f"mmcontour_batch: {summary['contoured']} contoured, {len(failed)} failed, "
-         f"{summary['total_s']} s -> {out / 'summary.json'}")
-    if interrupted:
+        _say(f"mmcontour_batch: interrupted; {out / batch.SUMMARY_NAME} lists the cases done")
         return EXIT_INTERRUPTED
+    failed = report["failed_cases"]
+    _say(f"mmcontour_batch: {report['ok']} contoured, {len(failed)} failed, {report['seconds']} s "
+         f"-> {report['summary']}")
     if failed:
         _say(f"mmcontour_batch: error: {len(failed)} case(s) failed: {', '.join(failed)} (details in summary.json)")
         return EXIT_FAILED_CASES
