@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -12,6 +13,19 @@ from . import __version__
 
 #: Modules that add subcommands (imported lazily; a module that is not present is skipped).
 SUBCOMMAND_MODULES = ("phantom", "train", "evaluate", "demo", "dicomrt", "bench", "batch")
+
+#: Subcommands whose module is imported only when that subcommand is parsed: name -> (module, the help line
+#: ``mmcontour --help`` lists, the same as the module's ``register_cli`` gives; test_cli checks that they
+#: agree). ``mmcontour --help`` and ``mmcontour phantom --help`` then need neither torch nor MONAI. A module of
+#: SUBCOMMAND_MODULES that has no entry here is imported when the parser is built.
+LAZY_SUBCOMMANDS = {
+    "phantom": ("phantom", "write synthetic breast CTs, CTVs, sub-region labels and manifest.csv"),
+    "train": ("train", "train a model bundle from a manifest of CTs, CTVs and clinical notes"),
+    "evaluate": ("evaluate", "Dice / IoU / HD95 with bootstrap CIs, clinical accuracy and text-following"),
+    "demo": ("demo", "offline end-to-end demo on a synthetic CT with several notes"),
+    "import-dicom": ("dicomrt", "convert planning CT + RTSTRUCT exports into a training manifest"),
+    "bench": ("bench", "measure speed and memory (contouring, note edits, training)"),
+}
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,9 +169,45 @@ def cmd_predict(args) -> dict:
     return summary
 
 
+class _LazySubParsersAction(argparse._SubParsersAction):
+    """Subparsers where a subcommand of LAZY_SUBCOMMANDS starts as an empty placeholder (listed with its help
+    line) and gets its arguments from its module's ``register_cli`` when it is the subcommand being parsed."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._lazy_modules: dict[str, str] = {}  # placeholder subcommand -> module that registers it
+
+    def add_lazy_parser(self, name: str, module: str, help: str) -> None:
+        self.add_parser(name, help=help)
+        self._lazy_modules[name] = module
+
+    def load(self, name: str) -> None:
+        """Import the module behind ``name`` and let it register its subcommand(s) in place of the placeholders."""
+        module_name = self._lazy_modules.get(name)
+        if module_name is None:
+            return
+        names = [n for n, m in self._lazy_modules.items() if m == module_name]
+        for n in names:
+            del self._lazy_modules[n]
+        module = importlib.import_module(f".{module_name}", __package__)
+        placeholders = {n: self._name_parser_map.pop(n) for n in names}  # register_cli adds them afresh
+        listed = list(self._choices_actions)
+        module.register_cli(self)
+        for n, placeholder in placeholders.items():
+            self._name_parser_map.setdefault(n, placeholder)
+        known = {a.dest for a in listed}  # keep the listing (and its order) that --help showed
+        self._choices_actions[:] = listed + [a for a in self._choices_actions[len(listed):] if a.dest not in known]
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values:
+            self.load(values[0])
+        super().__call__(parser, namespace, values, option_string)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmcontour", description="Clinical-note-conditioned breast CTV contouring.")
     parser.add_argument("--version", action="version", version=f"mmcontour {__version__}")
+    parser.register("action", "parsers", _LazySubParsersAction)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("predict", help="contour one CT (or a manifest of CTs) from its clinical note")
@@ -174,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     for name in SUBCOMMAND_MODULES:
+        lazy = [(command, help_line) for command, (module, help_line) in LAZY_SUBCOMMANDS.items() if module == name]
+        if lazy:
+            if importlib.util.find_spec(f".{name}", __package__) is not None:
+                for command, help_line in lazy:
+                    sub.add_lazy_parser(command, name, help_line)
+            continue
         try:
             module = importlib.import_module(f".{name}", __package__)
         except ModuleNotFoundError as exc:
@@ -182,6 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         if hasattr(module, "register_cli"):
             module.register_cli(sub)
+    return parser
+
+
+def load_subcommands(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Fill in every lazy subcommand of ``parser`` (from build_parser) now: for tools that inspect the parser."""
+    for action in parser._actions:
+        if isinstance(action, _LazySubParsersAction):
+            for name in list(action._lazy_modules):
+                action.load(name)
     return parser
 
 

@@ -24,19 +24,17 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
-import pydicom
 import SimpleITK as sitk
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
-from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
 from .fileio import atomic_write as _atomic_write, write_text as _write_text
 from .imageio import write_image
 from .note import ClinicalNote
+
+if TYPE_CHECKING:  # pydicom is imported where it is used, so `mmcontour --help` does not load it
+    from pydicom.dataset import Dataset
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -105,6 +103,9 @@ def _list_files(folder_or_files: str | os.PathLike | Iterable[str | os.PathLike]
 
 def _read_header(path: Path) -> Dataset | None:
     """The header without pixel data, or None for a file that is not DICOM (or is a DICOMDIR)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError, KeyError):
@@ -404,6 +405,10 @@ def _fill_polygon(points_ij: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def _as_dataset(rtstruct) -> tuple[Dataset, str]:
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.errors import InvalidDicomError
+
     if isinstance(rtstruct, Dataset):
         return rtstruct, f"RTSTRUCT {_text(rtstruct, 'SOPInstanceUID')}"
     try:
@@ -485,6 +490,8 @@ def _ds(number: float) -> str:
 
 
 def _code_item(code) -> Dataset:
+    from pydicom.dataset import Dataset
+
     item = Dataset()
     item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code.value, code.scheme_designator, code.meaning
     return item
@@ -514,7 +521,10 @@ def write_rtstruct(mask: sitk.Image, ct_series_folder, out_path: str | os.PathLi
     """Write ``mask`` (on the CT's grid) as an RTSTRUCT referencing the CT series: one CLOSED_PLANAR contour
     per boundary per slice (holes as inner contours), ROI generation AUTOMATIC with the algorithm's name and
     version, approval UNAPPROVED (a clinician reviews it). ``ct_series_folder``: folder, files or CTSeriesInfo."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence as DicomSequence
     from pydicom.sr.codedict import codes
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
     info = _ct_info(ct_series_folder)
     array = _check_on_grid(mask, info)
@@ -613,7 +623,9 @@ def write_dicom_seg(mask: sitk.Image, ct_series_folder, out_path: str | os.PathL
     """Write ``mask`` as a binary DICOM Segmentation (highdicom) referencing the CT series: segment type
     Clinical target volume (SCT 228792002) in category RT Target, algorithm AUTOMATIC with name and version."""
     import highdicom as hd
+    import pydicom
     from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
 
     info = _ct_info(ct_series_folder)
     array = _check_on_grid(mask, info).astype(np.uint8)

@@ -28,7 +28,6 @@ from typing import Mapping
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
 from .fileio import write_text as _write_text
 from .note import ClinicalNote, SideFindings, note_from_any
@@ -772,6 +771,8 @@ def _grid_for(p: _Patient, cfg: PhantomConfig, nx: int, ny: int, nz: int) -> _Gr
 
 def _ct_noise(rng: np.random.Generator, shape, std: float) -> np.ndarray:
     """Gaussian noise with a little in-plane correlation (a reconstruction kernel's texture)."""
+    from scipy import ndimage
+
     noise = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), (0, 0.6, 0.6), mode="wrap",
                                     truncate=2.5)
     return noise * np.float32(std / max(float(noise.std()), 1e-6))
@@ -784,6 +785,8 @@ def generate_case(seed: int, config: PhantomConfig | None = None, note: Clinical
 
     Random streams are separate (note, anatomy, scanner, orientation, noise), so changing e.g. the
     orientation mix or the note's N stage leaves the anatomy of a seed unchanged."""
+    from scipy import ndimage
+
     t0 = time.perf_counter()
     cfg = config or PhantomConfig()
     seed = int(seed)

@@ -27,20 +27,20 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from .fileio import atomic_write
-from .bundle import InferenceConfig, ModelBundle
 from .data import (AugmentConfig, PatchDataset, build_cache, collate, epoch_plan, manifest_hash, read_manifest,
                    sample_transforms, select_fraction, steps_per_epoch)
-from .losses import weighted_dice_ce
-from .network import NetworkConfig, TextConditionedUNet, count_parameters
 from .preprocess import PreprocessConfig
 from .text import MINILM_SOURCE, SMOLLM2_SOURCE, TextEncoder, TextEncoderSpec, build_text_encoder
+
+if TYPE_CHECKING:
+    from .network import TextConditionedUNet
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
@@ -401,6 +401,10 @@ def train(config: TrainConfig, resume: bool = False,
 def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.device, dist: DistContext,
            callbacks) -> TrainResult:
     from tqdm import tqdm
+
+    from .bundle import InferenceConfig, ModelBundle
+    from .losses import weighted_dice_ce
+    from .network import NetworkConfig, TextConditionedUNet, count_parameters
 
     cases = read_manifest(config.manifest)
     train_cases = [c for c in cases if c.split == config.train_split]
