@@ -12,7 +12,7 @@ from pathlib import Path
 from . import __version__
 
 #: Modules that add subcommands (imported lazily; a module that is not present is skipped).
-SUBCOMMAND_MODULES = ("phantom", "train", "evaluate", "demo", "dicomrt", "bench", "batch")
+SUBCOMMAND_MODULES = ("phantom", "train", "evaluate", "demo", "dicom_import", "bench", "batch")
 
 #: Subcommands whose module is imported only when that subcommand is parsed: name -> (module, the help line
 #: ``mmcontour --help`` lists, the same as the module's ``register_cli`` gives; test_cli checks that they
@@ -23,7 +23,7 @@ LAZY_SUBCOMMANDS = {
     "train": ("train", "train a model bundle from a manifest of CTs, CTVs and clinical notes"),
     "evaluate": ("evaluate", "Dice / IoU / HD95 with bootstrap CIs, clinical accuracy and text-following"),
     "demo": ("demo", "offline end-to-end demo on a synthetic CT with several notes"),
-    "import-dicom": ("dicomrt", "convert planning CT + RTSTRUCT exports into a training manifest"),
+    "import-dicom": ("dicom_import", "convert planning CT + RTSTRUCT exports into a training manifest"),
     "bench": ("bench", "measure speed and memory (contouring, note edits, training)"),
 }
 

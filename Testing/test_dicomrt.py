@@ -21,9 +21,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from MMContourLib import dicomrt
+from MMContourLib import dicom_import, dicomrt
+from MMContourLib.dicom_import import read_ct_series, rtstruct_to_mask
 from MMContourLib.dicomrt import (DicomError, DicomGeometryError, EmptyContourError, NotCTError, WrongSeriesError,
-                                  read_ct_series, rtstruct_to_mask, write_dicom_seg, write_rtstruct)
+                                  write_dicom_seg, write_rtstruct)
 
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -392,8 +393,8 @@ def test_roi_names_and_structure_patterns():
         dicomrt.format_roi_name("CTV breast left side{lat}", note)
     names = ["CTV", "ctvp_breast_l", "CTVn_IMN_L", "CTV_CW", "CTV_4500", "PTV_Breast_L", "zCTV_old", "CTV_Boost",
              "CTV_TB", "Heart", "CTV_Eval"]
-    assert dicomrt.match_structures(names) == ["CTV", "ctvp_breast_l", "CTVn_IMN_L", "CTV_CW", "CTV_4500"]
-    assert dicomrt.match_structures(names, patterns=["Heart"]) == ["Heart"]
+    assert dicom_import.match_structures(names) == ["CTV", "ctvp_breast_l", "CTVn_IMN_L", "CTV_CW", "CTV_4500"]
+    assert dicom_import.match_structures(names, patterns=["Heart"]) == ["Heart"]
 
 
 def test_export_prediction_uses_provenance_and_note(tmp_path):
@@ -469,7 +470,7 @@ def test_import_dicom_builds_the_manifest_and_reports_every_skip(tmp_path, capsy
         csv.writer(fh).writerows([fields] + rows)
 
     parser = argparse.ArgumentParser()
-    dicomrt.register_cli(parser.add_subparsers())
+    dicom_import.register_cli(parser.add_subparsers())
     out = tmp_path / "dataset"
     args = parser.parse_args(["import-dicom", "--in", str(root), "--clinical", str(table), "--out", str(out), "--json"])
     summary = args.func(args)  # what `mmcontour import-dicom --json` prints
@@ -479,10 +480,10 @@ def test_import_dicom_builds_the_manifest_and_reports_every_skip(tmp_path, capsy
     with (out / "manifest.csv").open() as fh:
         reader = csv.DictReader(fh)
         manifest = list(reader)
-    assert tuple(reader.fieldnames) == dicomrt.MANIFEST_COLUMNS
+    assert tuple(reader.fieldnames) == dicom_import.MANIFEST_COLUMNS
     assert [r["case_id"] for r in manifest] == ["P01", "P02"]
     assert manifest[0]["n_stage"] == "N1" and manifest[0]["surgery"] == "bcs" and manifest[1]["side"] == "right"
-    assert all(r["split"] == dicomrt.split_for(r["case_id"]) for r in manifest)
+    assert all(r["split"] == dicom_import.split_for(r["case_id"]) for r in manifest)
     for r in manifest:
         ct_img, mask = sitk.ReadImage(str(out / r["ct"])), sitk.ReadImage(str(out / r["ctv"]))
         assert ct_img.GetSize() == mask.GetSize() == (32, 32, 8)
@@ -538,3 +539,13 @@ def test_phantom_case_round_trips_through_dicom(tmp_path):
     rts = write_rtstruct(mask, info, tmp_path / "rs.dcm")
     again = rtstruct_to_mask(rts, image, info)
     assert dice(sitk.GetArrayFromImage(again), truth) >= 0.98
+
+
+def test_import_side_names_still_resolve_through_dicomrt():
+    """The import side lives in dicom_import; code that names it through dicomrt keeps working."""
+    from MMContourLib.dicomrt import import_dicom, read_ct_series as via_dicomrt
+
+    assert via_dicomrt is read_ct_series and import_dicom is dicom_import.import_dicom
+    assert dicomrt.DEFAULT_CTV_PATTERNS is dicom_import.DEFAULT_CTV_PATTERNS
+    with pytest.raises(AttributeError):
+        dicomrt.no_such_name
