@@ -1,8 +1,9 @@
 """MMContour: contour the breast-cancer radiotherapy CTV on a planning CT from the patient's clinical note.
 
-The work happens in MMContourLib (plain Python): ``slicer_io`` moves data between the scene and
-images and writes the segmentation; ``worker`` runs inference in a separate, long-lived process so
-the GUI never freezes, Cancel always works and the model stays loaded between Applies.
+The work happens in MMContourLib (plain Python): ``noteform`` turns the form into a ClinicalNote and
+back; ``slicer_io`` moves data between the scene and images and writes the segmentation; ``worker``
+runs inference in a separate, long-lived process so the GUI never freezes, Cancel always works and
+the model stays loaded between Applies.
 """
 from __future__ import annotations
 
@@ -40,14 +41,14 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin  # noqa: E402
 
-from MMContourLib import slicer_io  # noqa: E402
+from MMContourLib import noteform, slicer_io  # noqa: E402
 from MMContourLib.note import ClinicalNote  # noqa: E402
 from MMContourLib.worker import STAGE_LABELS, WorkerClient, read_bundle_summary  # noqa: E402
 
 CITATION = ("Oh Y, Park S, et al. LLM-driven multimodal target volume contouring in radiation oncology. "
             "Nat Commun 15, 2024. arXiv:2311.01908")
-_C = slicer_io.form_choices()
-NOT_STATED = slicer_io.NOT_STATED
+_C = noteform.form_choices()
+NOT_STATED = noteform.NOT_STATED
 
 
 class MMContour(ScriptedLoadableModule):
@@ -253,7 +254,7 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self._note = None
         try:
-            self._note = slicer_io.note_from_form({name: getattr(p, name) for name in NOTE_PARAMETERS})
+            self._note = noteform.note_from_form({name: getattr(p, name) for name in NOTE_PARAMETERS})
         except ValueError as exc:  # NoteError or ContradictionError: say which field, before Apply
             for name in FIELD_WIDGETS.get(getattr(exc, "field", ""), ()):
                 getattr(self.ui, name).setStyleSheet("QComboBox, QSpinBox { border: 2px solid #b3261e; }")
@@ -262,7 +263,7 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.noteStatusLabel.setStyleSheet(BAD_STYLE)
         if self._note is not None:
             self.ui.promptPreviewLabel.text = self._note.to_prompt()
-            warnings = slicer_io.note_warnings(self._note)
+            warnings = noteform.note_warnings(self._note)
             self.ui.noteStatusLabel.text = ("⚠ " + "; ".join(warnings)) if warnings else "✓ Valid note"
             self.ui.noteStatusLabel.setStyleSheet(WARN_STYLE if warnings else OK_STYLE)
 
@@ -312,7 +313,7 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.llmStatusLabel.text = "This bundle does not use a language model."
             self.ui.llmStatusLabel.setStyleSheet("")
             return
-        status, ok = slicer_io.llm_location_status(summary, p.llmPath)
+        status, ok = noteform.llm_location_status(summary, p.llmPath)
         if self._loadedModel == self._modelKey():
             status, ok = "✓ Loaded; the language model matches the bundle's fingerprint", True
         self.ui.llmStatusLabel.text = status
@@ -335,7 +336,7 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _modelKey(self):
         p = self._parameterNode
-        return (p.bundlePath, p.llmPath or None, slicer_io.DEVICE_CHOICES[p.device])
+        return (p.bundlePath, p.llmPath or None, noteform.DEVICE_CHOICES[p.device])
 
     def onBundlePathChanged(self, path):
         if self._parameterNode and self._parameterNode.bundlePath != path:
@@ -348,7 +349,7 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSuggestVariants(self):
         if self._note is None:
             return
-        suggestions = [v.to_prompt() for v in slicer_io.suggest_variants(self._note)] + ["", "", ""]
+        suggestions = [v.to_prompt() for v in noteform.suggest_variants(self._note)] + ["", "", ""]
         with slicer.util.NodeModify(self._parameterNode):
             self._parameterNode.variant1, self._parameterNode.variant2, self._parameterNode.variant3 = suggestions[:3]
         self.ui.compareCollapsibleButton.collapsed = False
@@ -377,7 +378,7 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.logic.ensureDependencies(interactive=True, bundle=p.bundlePath):
                 return
             self.logic.startContour(p.inputVolume, notes, p.bundlePath, p.llmPath or None,
-                                    slicer_io.DEVICE_CHOICES[p.device], target, replace)
+                                    noteform.DEVICE_CHOICES[p.device], target, replace)
         except Exception as exc:
             slicer.util.errorDisplay(f"Cannot start contouring: {exc}")
             return
@@ -396,7 +397,7 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if not self.logic.ensureDependencies(interactive=True, bundle=p.bundlePath):
             return
-        self._loadRequest = self.logic.requestLoad(p.bundlePath, p.llmPath or None, slicer_io.DEVICE_CHOICES[p.device])
+        self._loadRequest = self.logic.requestLoad(p.bundlePath, p.llmPath or None, noteform.DEVICE_CHOICES[p.device])
         self._loadingModel = self._modelKey()
         self.ui.llmStatusLabel.text = "Loading the model in the background…"
         self.timer.start()
@@ -431,7 +432,7 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onWorkerEvent(self, event):
         kind = event.get("event")
         if kind == "info":
-            self.ui.deviceInfoLabel.text = slicer_io.describe_devices(event)
+            self.ui.deviceInfoLabel.text = noteform.describe_devices(event)
         elif kind == "loaded" and event.get("id") == self._loadRequest:
             self._loadedModel = self._loadingModel
             self.log(f"Model loaded in {event.get('seconds', 0):.1f} s on {event.get('device')}")

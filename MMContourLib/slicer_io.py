@@ -14,6 +14,9 @@ Rules this module keeps (DESIGN.md "nothing the user had is lost"):
 * A result is built completely in a node outside the scene and only then added (or copied into
   the confirmed target in one step), so the scene never holds a half-written segmentation.
 
+The module's form (widget values <-> ClinicalNote, its status texts) is ``noteform``; the checks of the
+Python packages the module needs are at the end of this file.
+
 Coordinates: MRML is RAS, ITK/SimpleITK is LPS. The voxel grid is shared, so a mask computed on
 ``volume_node_to_image(ct)`` maps voxel-for-voxel onto the CT.
 """
@@ -563,148 +566,7 @@ class ContourJob:
         return self
 
 
-# -- the module's form: widget values <-> ClinicalNote ----------------------------------------------
-# The Slicer widget stores these display strings in its parameter node; the .ui lists the same items
-# (Testing/test_ui.py checks both against ClinicalNote).
-
-NOT_STATED = "not stated"
-SURGERY_LABELS = {"bcs": "breast-conserving surgery", "mastectomy": "total mastectomy"}
-DEVICE_CHOICES = {"auto": "auto", "CPU": "cpu", "GPU": "cuda"}
-
-
-def form_choices() -> dict[str, tuple[str, ...]]:
-    """Items of each clinical-note combo box, in order (the first is the default)."""
-    from . import note as n
-
-    return {"side": ("left", "right", "both"),
-            "n_stage": n.N_STAGES,
-            "surgery": tuple(SURGERY_LABELS[s] for s in n.SURGERIES),
-            "t_stage": (NOT_STATED, *n.T_STAGES),
-            "m_stage": (NOT_STATED, *n.M_STAGES),
-            "chemotherapy": (NOT_STATED, *n.CHEMOTHERAPIES),
-            "pathology": (NOT_STATED, *n.PATHOLOGIES),
-            "device": tuple(DEVICE_CHOICES)}
-
-
-#: ClinicalNote field -> the form parameters that hold it (per-side fields have a left and a right one).
-FORM_PARAMETERS = {"age": ("age",), "side": ("side",), "t_stage": ("leftTStage", "rightTStage"),
-                   "n_stage": ("leftNStage", "rightNStage"), "surgery": ("leftSurgery", "rightSurgery"),
-                   "m_stage": ("mStage",), "chemotherapy": ("chemotherapy",), "pathology": ("pathology",)}
-
-
-def _stated(value) -> str:
-    value = "" if value is None else str(value)
-    return "" if value == NOT_STATED else value
-
-
-def note_from_form(values: Mapping[str, object]):
-    """A ClinicalNote from form values (parameter names as in FORM_PARAMETERS; age 0 = not stated).
-    Raises NoteError (``.field`` names the field) or ContradictionError with a message for the user."""
-    from .note import ClinicalNote, normalise_side
-
-    side = normalise_side(values.get("side") or "left")
-    sides = ("left", "right") if side == "both" else (side,)
-
-    def per_side(suffix: str) -> str:
-        found = {s: _stated(values.get(s + suffix)) for s in sides}
-        if len(sides) == 1:
-            return found[sides[0]]
-        return ";".join(f"{s}:{v}" for s, v in found.items())
-
-    age = values.get("age")
-    return ClinicalNote.from_fields(
-        side=side, n_stage=per_side("NStage"), surgery=per_side("Surgery"), t_stage=per_side("TStage"),
-        age="" if not age else age, m_stage=_stated(values.get("mStage")),
-        chemotherapy=_stated(values.get("chemotherapy")), pathology=_stated(values.get("pathology")))
-
-
-def form_from_note(note) -> dict[str, object]:
-    """The form values that reproduce ``note`` (inverse of note_from_form)."""
-    values: dict[str, object] = {"side": note.side, "age": note.age or 0,
-                                 "mStage": note.m_stage or NOT_STATED,
-                                 "chemotherapy": note.chemotherapy or NOT_STATED,
-                                 "pathology": note.pathology or NOT_STATED}
-    for findings in note.sides:
-        values[findings.side + "NStage"] = findings.n_stage
-        values[findings.side + "Surgery"] = SURGERY_LABELS[findings.surgery]
-        values[findings.side + "TStage"] = findings.t_stage or NOT_STATED
-    return values
-
-
-def note_warnings(note) -> list[str]:
-    """Valid notes that still deserve a second look before trusting the contour."""
-    warnings = []
-    if note.m_stage == "M1":
-        warnings.append("M1: the model was trained on non-metastatic patients; review the contour carefully")
-    return warnings
-
-
-def suggest_variants(note) -> list:
-    """Up to three informative alternatives to compare (paper Fig. 5): the other side, node-negative
-    (or node-positive), and the other surgery."""
-    from .note import ClinicalNote
-
-    variants = []
-    if note.side in ("left", "right"):
-        variants.append(note.replace(side="right" if note.side == "left" else "left"))
-    nodes = {s.side: s.node_positive for s in note.sides}
-    n_values = {s.side: ("N0" if positive else "N1") for s, positive in zip(note.sides, nodes.values())}
-    surgeries = {s.side: ("mastectomy" if s.surgery == "bcs" else "bcs") for s in note.sides}
-    if len(note.sides) == 1:
-        variants.append(note.replace(n_stage=next(iter(n_values.values()))))
-        variants.append(note.replace(surgery=next(iter(surgeries.values()))))
-    else:
-        variants.append(note.replace(n_stage=";".join(f"{s}:{v}" for s, v in n_values.items())))
-        variants.append(note.replace(surgery=";".join(f"{s}:{v}" for s, v in surgeries.items())))
-    unique = []
-    for v in variants:
-        if isinstance(v, ClinicalNote) and v != note and v not in unique:
-            unique.append(v)
-    return unique[:3]
-
-
-def llm_location_status(summary: Mapping[str, str], llm_path: str | None) -> tuple[str, bool | None]:
-    """What the form says about the language model, without loading it: (message, ok). ``ok`` is None when
-    only loading can tell (the fingerprint check happens in the worker, see Load model)."""
-    import importlib.util
-
-    name = summary.get("llm_name") or "the bundle's language model"
-    fingerprint = summary.get("llm_fingerprint", "")
-    short = f" (fingerprint {fingerprint.split(':')[-1][:10]}…)" if fingerprint else ""
-    if llm_path:
-        path = Path(llm_path).expanduser()
-        if not path.exists():
-            return f"✗ Not found: {path}", False
-        if path.is_dir() and not (path / "config.json").is_file():
-            return f"✗ {path} is not a model folder (no config.json); choose the folder or a .gguf file", False
-        if path.is_file() and path.suffix.lower() != ".gguf":
-            return f"✗ {path.name} is not a .gguf file", False
-        return f"The bundle needs {name}{short}; this one is checked against it when the model loads", None
-    source = summary.get("llm_source", "")
-    if source.startswith("pkg:"):
-        package = source[4:].partition("/")[0]
-        found = importlib.util.find_spec(package) is not None
-    else:
-        found = bool(source) and Path(source).expanduser().exists()
-    if found:
-        return f"✓ Uses the bundle's own language model: {name}{short}", True
-    return (f"✗ The bundle's language model {name} was not found at {source or '(no location recorded)'}; "
-            "choose its folder or .gguf file"), False
-
-
-def describe_devices(info: Mapping) -> str:
-    """One line for the device row from the worker's ``info`` event."""
-    if info.get("error"):
-        return str(info["error"])
-    gpus = info.get("gpus") or []
-    if gpus:
-        parts = [f"{g['name']}: {g['free_bytes'] / 2**30:.1f} of {g['total_bytes'] / 2**30:.1f} GB free" for g in gpus]
-        return "GPU " + "; ".join(parts)
-    if info.get("mps"):
-        return "Apple GPU (MPS) available; 'auto' uses the CPU"
-    return "No GPU found: the CPU is used (slower)"
-
-
+# -- Python packages the module needs -------------------------------------------------------------
 def requirement_name(line: str) -> str:
     """The distribution name of a requirement line ('monai==1.6.1' -> 'monai')."""
     import re
@@ -766,6 +628,4 @@ def missing_requirements(path: str | os.PathLike) -> list[str]:
 __all__ = ["SegmentSpec", "SegmentationNotEmptyError", "GeometryError", "volume_node_to_image", "image_to_volume_node",
            "export_volume", "build_segmentation", "write_mask_to_segmentation", "segment_mask", "segment_ids",
            "masks_from_results", "provenance_for", "same_grid", "ijk_to_ras", "CtFileCache", "ContourJob",
-           "note_from_form", "form_from_note", "form_choices", "suggest_variants", "note_warnings", "NOT_STATED",
-           "llm_location_status", "describe_devices", "missing_requirements", "read_requirements", "requirement_name",
-           "model_package_requirements"]
+           "missing_requirements", "read_requirements", "requirement_name", "model_package_requirements"]

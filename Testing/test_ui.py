@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from MMContourLib import note as note_module
-from MMContourLib import slicer_io
+from MMContourLib import noteform, slicer_io
 
 REPO = Path(__file__).resolve().parent.parent
 UI_FILE = REPO / "Resources" / "UI" / "MMContour.ui"
@@ -56,9 +56,9 @@ def _parameters() -> dict[str, ET.Element]:
 
 def test_every_clinical_note_field_has_its_widget_with_the_accepted_values():
     parameters = _parameters()
-    choices = slicer_io.form_choices()
-    assert set(slicer_io.FORM_PARAMETERS) == set(note_module.FIELDS)
-    for field, names in slicer_io.FORM_PARAMETERS.items():
+    choices = noteform.form_choices()
+    assert set(noteform.FORM_PARAMETERS) == set(note_module.FIELDS)
+    for field, names in noteform.FORM_PARAMETERS.items():
         for name in names:
             assert name in parameters, f"ClinicalNote field {field!r}: no widget bound to parameter {name!r}"
             widget = parameters[name]
@@ -76,7 +76,7 @@ def test_every_clinical_note_field_has_its_widget_with_the_accepted_values():
                  "surgery": note_module.SURGERIES, "t_stage": note_module.T_STAGES, "m_stage": note_module.M_STAGES,
                  "chemotherapy": note_module.CHEMOTHERAPIES, "pathology": note_module.PATHOLOGIES}
     for field, fn in normalise.items():
-        offered = [v for v in choices[field] if v != slicer_io.NOT_STATED]
+        offered = [v for v in choices[field] if v != noteform.NOT_STATED]
         assert sorted(fn(v) for v in offered) == sorted(canonical[field]), field
 
 
@@ -85,11 +85,11 @@ def test_form_values_round_trip_through_clinical_note():
                  "N0, breast conserving surgery, left side; N2, total mastectomy surgery, right side",
                  "N3, total mastectomy surgery, right side, cT2, age 70, M0, ILC, neoadjuvant"):
         note = note_module.ClinicalNote.parse(text)
-        assert slicer_io.note_from_form(slicer_io.form_from_note(note)) == note
+        assert noteform.note_from_form(noteform.form_from_note(note)) == note
     with pytest.raises(note_module.ContradictionError):
-        slicer_io.note_from_form({"side": "left", "leftNStage": "N1", "leftSurgery": "total mastectomy",
+        noteform.note_from_form({"side": "left", "leftNStage": "N1", "leftSurgery": "total mastectomy",
                                   "leftTStage": "Tis", "pathology": "IDC"})
-    variants = slicer_io.suggest_variants(note_module.ClinicalNote.parse("N1, breast conserving surgery, left side"))
+    variants = noteform.suggest_variants(note_module.ClinicalNote.parse("N1, breast conserving surgery, left side"))
     assert [v.to_prompt() for v in variants] == ["N1, breast conserving surgery, right side",
                                                  "N0, breast conserving surgery, left side",
                                                  "N1, total mastectomy surgery, left side"]
@@ -135,12 +135,12 @@ def test_parameter_node_covers_every_bound_widget_with_the_same_choices():
                     choice_keys[name] = call.args[0].slice.value
     parameters = _parameters()
     assert set(parameters) <= set(fields), f"unbound: {set(parameters) - set(fields)}"
-    choices = slicer_io.form_choices()
+    choices = noteform.form_choices()
     for name, key in choice_keys.items():
         assert name in parameters, f"{name} has choices but no widget"
         assert _items(parameters[name]) == list(choices[key]), name
     note_parameters = set(_string_constants(tree, "NOTE_PARAMETERS"))
-    assert note_parameters == {p for names in slicer_io.FORM_PARAMETERS.values() for p in names}
+    assert note_parameters == {p for names in noteform.FORM_PARAMETERS.values() for p in names}
     assert {"inputVolume", "outputSegmentation", "bundlePath", "llmPath", "device"} <= set(fields)
 
 
@@ -247,7 +247,7 @@ def _render_filled(side: str, path: Path) -> Path:
     for name, value in values.items():
         widget = form.findChild(QWidget, parameters[name].get("name"))
         widget.setValue(value) if name == "age" else widget.setCurrentText(value)
-    note = slicer_io.note_from_form(values)
+    note = noteform.note_from_form(values)
     for name in _string_constants(tree, "RIGHT_COLUMN"):
         find(QWidget, name).setVisible(side != "left")
     for name in _string_constants(tree, "LEFT_COLUMN"):
