@@ -19,14 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-from monai.data import CacheDataset
-from monai.transforms import (CastToTyped, Compose, FgBgToIndicesd, MapTransform, RandCropByPosNegLabeld,
-                              RandGaussianNoised, RandScaleIntensityd, RandShiftIntensityd, SpatialPadd)
 
 from .note import ClinicalNote, ContradictionError, NoteError
 from .preprocess import PreprocessConfig, mask_to_model_grid, to_model_grid
+
+if TYPE_CHECKING:  # MONAI takes seconds to import: only the functions that build pipelines load it
+    from monai.data import CacheDataset
+    from monai.transforms import Compose
 
 REQUIRED_COLUMNS = ("case_id", "ct", "ctv", "split", "side", "n_stage", "surgery")
 MANIFEST_COLUMNS = ("case_id", "ct", "ctv", "split", "age", "side", "t_stage", "n_stage", "m_stage", "surgery",
@@ -117,13 +120,12 @@ def select_fraction(cases: Sequence[Case], fraction: float, seed: int) -> list[C
 
 # -- model-grid cache -----------------------------------------------------------------------------
 
-class LoadCaseOnModelGridd(MapTransform):
+class LoadCaseOnModelGridd:
     """{"ct", "ctv", "regions", ...} paths -> on the model grid: "image" (1, X, Y, Z) float32 0..1, "label"
     (1, X, Y, Z) uint8 and "emphasis" (1, X, Y, Z) float32, the fraction of each voxel inside the regions
     whose label values are ``emphasis_labels`` (zeros without a regions map or labels; see losses.py)."""
 
     def __init__(self, preprocessing: PreprocessConfig, emphasis_labels: Sequence[int] = ()):
-        super().__init__(keys=("ct", "ctv"))
         self.preprocessing = preprocessing
         self.emphasis_labels = tuple(int(v) for v in emphasis_labels)
 
@@ -151,6 +153,9 @@ def build_cache(cases: Sequence[Case], preprocessing: PreprocessConfig, patch_si
                 emphasis_labels: Sequence[int] = ()) -> CacheDataset:
     """The deterministic part of the pipeline, computed once per case: model grid, padding to at least the
     patch, and the foreground / in-body background voxel indices the crop sampler draws from."""
+    from monai.data import CacheDataset
+    from monai.transforms import CastToTyped, Compose, FgBgToIndicesd, SpatialPadd
+
     items = [{"case_id": c.case_id, "ct": str(c.ct), "ctv": str(c.ctv), "prompt": c.prompt,
               "regions": str(c.regions) if c.regions else ""} for c in cases]
     transform = Compose([
@@ -176,9 +181,12 @@ class AugmentConfig:
 def sample_transforms(patch_size: Sequence[int], augment: AugmentConfig = AugmentConfig()) -> Compose:
     """Random patch around the CTV (pos) or the body (neg), then intensity augmentation. No flips: a
     left-right flip would contradict the note's laterality."""
+    from monai.transforms import (Compose, RandCropByPosNegLabeld, RandGaussianNoised, RandScaleIntensityd,
+                                  RandShiftIntensityd)
+
     return Compose([
-        RandCropByPosNegLabeld(("image", "label", "emphasis"), label_key="label", spatial_size=tuple(patch_size), pos=augment.pos,
-                               neg=augment.neg, num_samples=1, fg_indices_key="label_fg_indices",
+        RandCropByPosNegLabeld(("image", "label", "emphasis"), label_key="label", spatial_size=tuple(patch_size),
+                               pos=augment.pos, neg=augment.neg, num_samples=1, fg_indices_key="label_fg_indices",
                                bg_indices_key="label_bg_indices"),
         RandScaleIntensityd("image", factors=augment.scale, prob=augment.prob),
         RandShiftIntensityd("image", offsets=augment.shift, prob=augment.prob),
