@@ -122,7 +122,8 @@ def select_fraction(cases: Sequence[Case], fraction: float, seed: int) -> list[C
 
 class LoadCaseOnModelGridd:
     """{"ct", "ctv", "regions", ...} paths -> on the model grid: "image" (1, X, Y, Z) float32 0..1, "label"
-    (1, X, Y, Z) uint8 and "emphasis" (1, X, Y, Z) float32, the fraction of each voxel inside the regions
+    (1, X, Y, Z) uint8 (CTV fraction > 0.5), "soft" (1, X, Y, Z) float32 (the CTV fraction of each voxel)
+    and "emphasis" (1, X, Y, Z) float32, the fraction of each voxel inside the regions
     whose label values are ``emphasis_labels`` (zeros without a regions map or labels; see losses.py)."""
 
     def __init__(self, preprocessing: PreprocessConfig, emphasis_labels: Sequence[int] = ()):
@@ -136,7 +137,8 @@ class LoadCaseOnModelGridd:
 
         ct = read_image(data["ct"])
         model_input = to_model_grid(ct, self.preprocessing)
-        label = mask_to_model_grid(read_image(data["ctv"]), model_input) > 0.5
+        fraction = mask_to_model_grid(read_image(data["ctv"]), model_input).astype(np.float32)
+        label = fraction > 0.5
         emphasis = np.zeros(label.shape, np.float32)
         if self.emphasis_labels and data.get("regions"):
             regions = read_image(data["regions"])
@@ -145,7 +147,7 @@ class LoadCaseOnModelGridd:
             inside.CopyInformation(regions)
             emphasis = mask_to_model_grid(inside, model_input).astype(np.float32)
         return {"case_id": data["case_id"], "prompt": data["prompt"], "image": model_input.array[None],
-                "label": label[None].astype(np.uint8), "emphasis": emphasis[None]}
+                "label": label[None].astype(np.uint8), "soft": fraction[None], "emphasis": emphasis[None]}
 
 
 def build_cache(cases: Sequence[Case], preprocessing: PreprocessConfig, patch_size: Sequence[int],
@@ -160,7 +162,7 @@ def build_cache(cases: Sequence[Case], preprocessing: PreprocessConfig, patch_si
               "regions": str(c.regions) if c.regions else ""} for c in cases]
     transform = Compose([
         LoadCaseOnModelGridd(preprocessing, emphasis_labels),
-        SpatialPadd(("image", "label", "emphasis"), spatial_size=tuple(patch_size), mode="constant"),
+        SpatialPadd(("image", "label", "soft", "emphasis"), spatial_size=tuple(patch_size), mode="constant"),
         FgBgToIndicesd("label", image_key="image", image_threshold=BODY_THRESHOLD),
         CastToTyped(("label_fg_indices", "label_bg_indices"), dtype=np.int32),  # half the memory of int64
     ])
@@ -185,7 +187,7 @@ def sample_transforms(patch_size: Sequence[int], augment: AugmentConfig = Augmen
                                   RandShiftIntensityd)
 
     return Compose([
-        RandCropByPosNegLabeld(("image", "label", "emphasis"), label_key="label", spatial_size=tuple(patch_size),
+        RandCropByPosNegLabeld(("image", "label", "soft", "emphasis"), label_key="label", spatial_size=tuple(patch_size),
                                pos=augment.pos, neg=augment.neg, num_samples=1, fg_indices_key="label_fg_indices",
                                bg_indices_key="label_bg_indices"),
         RandScaleIntensityd("image", factors=augment.scale, prob=augment.prob),
@@ -211,7 +213,8 @@ class PatchDataset(torch.utils.data.Dataset):
         out = self.transforms(dict(case))
         out = out[0] if isinstance(out, list) else out
         return {"image": _plain(out["image"], torch.float32), "label": _plain(out["label"], torch.float32),
-                "emphasis": _plain(out["emphasis"], torch.float32), "prompt": case["prompt"], "case_id": case["case_id"]}
+                "soft": _plain(out["soft"], torch.float32), "emphasis": _plain(out["emphasis"], torch.float32),
+                "prompt": case["prompt"], "case_id": case["case_id"]}
 
 
 def _plain(x, dtype) -> torch.Tensor:
@@ -223,7 +226,7 @@ def _plain(x, dtype) -> torch.Tensor:
 
 def collate(samples: Sequence[dict]) -> dict:
     return {"image": torch.stack([s["image"] for s in samples]), "label": torch.stack([s["label"] for s in samples]),
-            "emphasis": torch.stack([s["emphasis"] for s in samples]),
+            "soft": torch.stack([s["soft"] for s in samples]), "emphasis": torch.stack([s["emphasis"] for s in samples]),
             "prompt": [s["prompt"] for s in samples], "case_id": [s["case_id"] for s in samples]}
 
 

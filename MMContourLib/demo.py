@@ -7,7 +7,6 @@ phantom's guideline CTV for each note, timings per stage).
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -84,6 +83,8 @@ def run_demo(out_dir: str | Path, bundle: str | Path | None = None, llm: str | N
              device: str = "auto", seed: int = DEMO_SEED, note_text: str = DEMO_NOTE) -> dict:
     from .bundle import BundleError
     from .cli import default_bundle_path
+    from .evaluate import clinical_check, region_coverage
+    from .fileio import write_json
     from .imageio import write_image, write_segmentation
     from .note import ClinicalNote
     from .phantom import PhantomConfig, ctv_for_note, generate_case
@@ -116,6 +117,7 @@ def run_demo(out_dir: str | Path, bundle: str | Path | None = None, llm: str | N
         result = contourer.contour(case.ct, note)
         truth = ctv_for_note(case.regions, note)
         d = dice(sitk.GetArrayViewFromImage(result.mask), sitk.GetArrayViewFromImage(truth))
+        check = clinical_check(region_coverage(result.mask, case.regions), note)
         name = label.replace(" ", "-")
         seg_path = write_segmentation(out / f"ctv_{name}.seg.nrrd", {"CTV": result.mask},
                                       attributes=result.provenance, sides={"CTV": note.side})
@@ -123,9 +125,13 @@ def run_demo(out_dir: str | Path, bundle: str | Path | None = None, llm: str | N
                       "volume_cc": round(result.volume_cc, 1),
                       "truth_volume_cc": round(float(sitk.GetArrayViewFromImage(truth).sum())
                                                * float(np.prod(truth.GetSpacing())) / 1000, 1),
+                      "regions": {"contoured": check["targeted"], "guideline": check["expected"],
+                                  "correct": check["correct"]},
                       "segmentation": seg_path.name, "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
                       "_panel": (label, truth, result.mask, d)})
-        _say(f"  Dice {d:.3f} vs the guideline CTV for this note; {result.timings['total']:.1f} s")
+        _say(f"  Dice {d:.3f} vs the guideline CTV for this note; regions {', '.join(check['targeted']) or 'none'}"
+             f"{'' if check['correct'] else ' (guideline: ' + ', '.join(check['expected']) + ')'}; "
+             f"{result.timings['total']:.1f} s")
 
     t = time.perf_counter()
     figure(out / "demo.png", case.ct, [n.pop("_panel") for n in notes])
@@ -136,7 +142,7 @@ def run_demo(out_dir: str | Path, bundle: str | Path | None = None, llm: str | N
                "phantom_seed": seed, "llm_calls": contourer.llm_calls, "notes": notes,
                "timings_s": {k: round(v, 2) for k, v in timings.items()},
                "outputs": ["ct.nii.gz", "demo.png", "summary.json"] + [n["segmentation"] for n in notes]}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)
     _say(f"done in {timings['total']:.1f} s -> {out}/summary.json, {out}/demo.png")
     return summary
 

@@ -12,6 +12,13 @@ where the target there is background, so the model is pushed to *decide* them fr
 
 With w = 0 (or no emphasis map) this is exactly MONAI's ``DiceCELoss(to_onehot_y=True,
 softmax=True)``; ``Testing/test_losses.py`` checks that.
+
+``soft``: partial-volume targets. A CTV resampled to a coarse model grid covers a border voxel
+only in part; thresholding that fraction at 0.5 thins structures a few voxels wide (a 15 mm
+internal mammary strip keeps 53-73 % of its volume through a 5 mm grid and back). With ``soft``
+(the fraction of each voxel inside the CTV) the targets are (1 - s, s) in both terms, so the
+model learns the fraction, which the exact inverse (probabilities resampled, then thresholded)
+turns back into the CT-grid contour. Hard 0/1 targets give the same loss as without ``soft``.
 """
 from __future__ import annotations
 
@@ -22,25 +29,32 @@ SMOOTH = 1e-5  # MONAI DiceLoss smooth_nr / smooth_dr
 
 
 def weighted_dice_ce(logits: torch.Tensor, label: torch.Tensor, emphasis: torch.Tensor | None = None,
-                     region_weight: float = 0.0) -> torch.Tensor:
-    """``logits`` (B, C, X, Y, Z), ``label`` (B, 1, X, Y, Z) class indices, ``emphasis`` (B, 1, X, Y, Z) in [0, 1].
+                     region_weight: float = 0.0, soft: torch.Tensor | None = None) -> torch.Tensor:
+    """``logits`` (B, C, X, Y, Z), ``label`` (B, 1, X, Y, Z) class indices, ``emphasis`` (B, 1, X, Y, Z) in [0, 1],
+    ``soft`` (B, 1, X, Y, Z) foreground fractions in [0, 1] replacing ``label`` as the target (C = 2 only).
 
     Dice: per sample and class (background included), mean over both; CE: weighted mean over voxels.
     """
     num_classes = logits.shape[1]
-    target = label[:, 0].long()
     if emphasis is None or region_weight == 0:
         weight = torch.ones_like(logits[:, :1])
     else:
         weight = 1.0 + float(region_weight) * emphasis.to(logits.dtype)
-    ce = F.cross_entropy(logits, target, reduction="none")  # (B, X, Y, Z)
+    if soft is not None:
+        if num_classes != 2:
+            raise ValueError(f"soft targets need 2 classes (background, CTV); the logits have {num_classes}")
+        s = soft.to(logits.dtype).clamp(0, 1)
+        target = torch.cat([1 - s, s], dim=1)
+    else:
+        target = F.one_hot(label[:, 0].long(), num_classes).movedim(-1, 1).to(logits.dtype)
+    log_prob = torch.log_softmax(logits, dim=1)
+    ce = -(target * log_prob).sum(1)  # (B, X, Y, Z): the usual cross-entropy for one-hot targets
     w = weight[:, 0]
     ce = (ce * w).sum() / w.sum()
-    prob = torch.softmax(logits, dim=1)
-    onehot = F.one_hot(target, num_classes).movedim(-1, 1).to(prob.dtype)
+    prob = log_prob.exp()
     dims = tuple(range(2, logits.ndim))
-    intersection = (prob * onehot * weight).sum(dims)
-    denominator = ((prob + onehot) * weight).sum(dims)
+    intersection = (prob * target * weight).sum(dims)
+    denominator = ((prob + target) * weight).sum(dims)
     dice = 1.0 - (2.0 * intersection + SMOOTH) / (denominator + SMOOTH)
     return dice.mean() + ce
 

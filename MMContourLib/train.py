@@ -81,6 +81,7 @@ class TrainConfig:
     val_split: str = "val"
     region_weight: float = 0.0  # extra loss weight on the emphasised regions (0: the paper's plain Dice + CE)
     emphasis_labels: tuple[int, ...] = DEFAULT_EMPHASIS_LABELS  # label values in the manifest's regions maps
+    soft_labels: bool = False  # partial-volume targets (CTV fraction per model-grid voxel) instead of 0/1
     pos: float = AugmentConfig.pos
     neg: float = AugmentConfig.neg
     num_workers: int = 0
@@ -493,7 +494,7 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
         "manifest_hash": m_hash, "train_cases": len(train_cases), "val_cases": len(val_cases),
         "batch_size": global_batch, "patch": list(patch), "lr": config.lr, "processes": dist.world_size,
         "text_encoder": config.text_encoder, "trainable_parameters": count_parameters(model),
-        "region_weight": config.region_weight,
+        "region_weight": config.region_weight, "soft_labels": config.soft_labels,
     }
     epoch_times = []
     for epoch in range(start_epoch, config.epochs):
@@ -510,7 +511,8 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
             image, label = batch["image"].to(device), batch["label"].to(device)
             with _autocast(device, config.amp):
                 logits = ddp(image, batch["prompt"])
-            loss = weighted_dice_ce(logits.float(), label, batch["emphasis"].to(device), config.region_weight)
+            soft = batch["soft"].to(device) if config.soft_labels else None
+            loss = weighted_dice_ce(logits.float(), label, batch["emphasis"].to(device), config.region_weight, soft)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -607,6 +609,9 @@ def register_cli(subparsers) -> None:
     m.add_argument("--region-weight", type=float,
                    help="extra loss weight w on voxels of the emphasised sub-regions (weight 1 + w; default 0 = "
                         "plain Dice + CE). Needs the manifest's 'regions' label maps")
+    m.add_argument("--soft-labels", action="store_true", default=None,
+                   help="train on partial-volume targets (the fraction of each model-grid voxel inside the CTV) "
+                        "instead of 0/1: thin structures survive a coarse grid (losses.py)")
     m.add_argument("--emphasis-labels", type=int, nargs="+", metavar="LABEL",
                    help="label values in the regions maps that --region-weight emphasises "
                         f"(default {' '.join(map(str, DEFAULT_EMPHASIS_LABELS))}: the phantoms' nodal levels)")

@@ -52,3 +52,34 @@ def test_emphasis_raises_the_loss_of_missing_the_emphasised_region():
     plain = float(weighted_dice_ce(logits, label))
     emphasised = float(weighted_dice_ce(logits, label, emphasis, 5.0))
     assert emphasised > 3 * plain
+
+
+def test_soft_targets_with_0_1_values_are_the_hard_loss():
+    torch.manual_seed(3)
+    logits = torch.randn(2, 2, 6, 6, 4)
+    label = (torch.rand(2, 1, 6, 6, 4) > 0.5).float()
+    emphasis = torch.rand(2, 1, 6, 6, 4)
+    for w in (0.0, 5.0):
+        torch.testing.assert_close(weighted_dice_ce(logits, label, emphasis, w, soft=label),
+                                   weighted_dice_ce(logits, label, emphasis, w))
+
+
+def test_soft_targets_prefer_the_partial_volume_fraction_to_its_rounding():
+    """A thin structure on a coarse grid: border voxels are 30-70 % inside. With soft targets the
+    prediction that gives those fractions beats the one that rounds them; with hard targets it is the reverse."""
+    torch.manual_seed(0)
+    fraction = torch.zeros(1, 1, 12, 12, 6)
+    fraction[..., 4:8, 4:8, 1:5] = 1.0
+    fraction[..., 3, 4:8, 1:5] = 0.3
+    fraction[..., 8, 4:8, 1:5] = 0.7
+    hard = (fraction > 0.5).float()
+
+    def logits_for(p):
+        p = p.clamp(0.02, 0.98)
+        return torch.cat([torch.zeros_like(p), torch.log(p / (1 - p))], dim=1)
+
+    soft_fit, rounded = logits_for(fraction), logits_for(hard)
+    assert weighted_dice_ce(soft_fit, hard, soft=fraction) < weighted_dice_ce(rounded, hard, soft=fraction)
+    assert weighted_dice_ce(rounded, hard) < weighted_dice_ce(soft_fit, hard)
+    with pytest.raises(ValueError, match="2 classes"):
+        weighted_dice_ce(torch.randn(1, 3, 4, 4, 4), hard[..., :4, :4, :4], soft=fraction[..., :4, :4, :4])

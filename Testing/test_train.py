@@ -161,6 +161,8 @@ def test_emphasis_map_follows_the_chosen_region_labels_through_the_crops(manifes
     for p in patches:  # label 5 sits exactly on the CTV, so the cropped emphasis and label agree voxel by voxel
         assert p["emphasis"].shape == p["label"].shape
         assert torch.equal(p["emphasis"] > 0.5, p["label"] > 0.5)
+        assert torch.equal(p["soft"] > 0.5, p["label"] > 0.5)  # the 0/1 label is the thresholded fraction
+    assert any(bool(((p["soft"] > 0) & (p["soft"] < 1)).any()) for p in patches)  # partial-volume borders
     assert float(cache[0]["emphasis"].max()) == pytest.approx(1.0) and float(cache[0]["emphasis"].min()) == 0.0
     # label 1 (the box) was not chosen; without labels the map is all zeros
     plain = build_cache(cases, PreprocessConfig(spacing=SPACING), PATCH, progress=False)
@@ -243,9 +245,9 @@ def test_region_weight_trains_through_the_cli_and_needs_region_maps(manifest, ti
     main(["train", "--manifest", str(regions_manifest), "--out", str(out), "--text-encoder", "none",
           "--feature-size", "4", "--spacing", *map(str, SPACING), "--patch", *map(str, PATCH), "--epochs", "2",
           "--lr", "3e-3", "--warmup-epochs", "0", "--device", "cpu", "--region-weight", "5",
-          "--emphasis-labels", "5", "--json"])
+          "--emphasis-labels", "5", "--soft-labels", "--json"])
     saved = json.loads((out / "train_config.json").read_text())
-    assert saved["region_weight"] == 5.0 and saved["emphasis_labels"] == [5]
+    assert saved["region_weight"] == 5.0 and saved["emphasis_labels"] == [5] and saved["soft_labels"] is True
     assert ModelBundle.load(out / "last").training["region_weight"] == 5.0
     history = json.loads((out / "log.json").read_text())
     assert len(history) == 2 and all(math.isfinite(r["train_loss"]) for r in history)
