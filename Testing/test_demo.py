@@ -26,3 +26,9 @@ def test_demo_contours_follow_the_note(tmp_path, one_thread):
     # note could not score well on both the true side and the flipped side
     assert dice["true note"] > 0.6 and dice["other side"] > 0.6, dice
     assert summary["llm_calls"] == len(summary["notes"])
+    # the nodal part follows the N stage: the demo phantom's true note is N2 on the left
+    contoured = {n["label"]: set(n["regions"]["contoured"]) for n in summary["notes"]}
+    nodal = ("axilla", "supraclavicular", "internal_mammary")
+    assert "axilla_left" in contoured["true note"] and "axilla_right" in contoured["other side"], contoured
+    assert not any(r.startswith(nodal) for r in contoured["node-negative"]), contoured
+    assert contoured["node-negative"] == {"breast_left"}, contoured
