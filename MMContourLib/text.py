@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,9 @@ import torch
 from torch import nn
 
 KINDS = ("causal-lm", "encoder", "none")
+# bitsandbytes (8-bit loading) warns at import, on CPUs with AVX512-BF16, that an optional *4-bit*
+# kernel package is missing; MMContour never uses 4-bit weights, so the warning only confuses.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 @dataclass
