@@ -62,6 +62,7 @@ class Preset:
     channels_last: bool = False
     compile: bool = False
     cache_features: str = "auto"
+    offload_llm: bool = False
     edited_note: bool = True
     sw_batch_size: int = 1
     repeats: int = 3
@@ -681,7 +682,8 @@ def run_bench(preset: Preset, work: Path, *, what: set[str], llm: str | None = N
                                           dtype=preset.llm_dtype, roi_size=preset.roi,
                                           overlap=preset.overlap, sw_batch_size=preset.sw_batch_size,
                                           precision=preset.precision, channels_last=preset.channels_last,
-                                          compile=preset.compile, cache_features=preset.cache_features)
+                                          compile=preset.compile, cache_features=preset.cache_features,
+                                          offload_llm=preset.offload_llm)
     m = report["measured"]
     m["model_load"] = {"seconds": round(load.seconds, 3), "peak_gpu_mib": load.gpu_mib, "peak_host_mib": load.host_mib}
     ct = synthetic_thorax(preset.ct_size, preset.ct_spacing)
@@ -811,6 +813,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--cache-features", choices=("auto", "device", "host", "off"),
                    help="feature cache for note edits (default auto)")
     p.add_argument("--no-edited-note", action="store_true", help="skip the edited-note contour")
+    p.add_argument("--offload-llm", action="store_true",
+                   help="contour with the LLM moved off the GPU / released on the CPU after each encoding")
     p.add_argument("--repeats", type=int)
     p.add_argument("--reference-windows", type=int, help="time only this many windows of the reference loop")
     p.add_argument("--train-patch", type=int, nargs=3, metavar=("X", "Y", "Z"))
@@ -851,6 +855,8 @@ def preset_from_args(args) -> Preset:
         changes["cache_features"] = args.cache_features
     if args.no_edited_note:
         changes["edited_note"] = False
+    if args.offload_llm:
+        changes["offload_llm"] = True
     return replace(preset, **changes)
 
 

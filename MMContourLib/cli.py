@@ -89,7 +89,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="keep the note-independent encoder features of the last CT, so an edited note skips "
                         "them (auto: on the GPU if there is room, else host memory)")
     s.add_argument("--offload-llm", action="store_true",
-                   help="move the LLM off the GPU after encoding the note (less GPU memory, slower note edits)")
+                   help="move the LLM off the GPU after encoding the note; on a CPU, free it and load it again "
+                        "for the next new note (less memory while the U-Net runs, slower note edits)")
 
 
 def contourer_from_args(args):

@@ -103,8 +103,8 @@ class Contourer:
     ``precision`` of the U-Net (auto: bf16/fp16 autocast on a GPU, fp32 on the CPU),
     ``channels_last`` (3D channels-last memory layout), ``compile`` (``torch.compile`` the U-Net),
     ``cache_features`` (keep the encoder features of the last CT for a note edit: auto | device |
-    host | off; ``feature_cache_bytes`` caps it), ``offload_llm`` (move the LLM to the CPU after
-    each encoding, back when a new note needs it; GPU only).
+    host | off; ``feature_cache_bytes`` caps it), ``offload_llm`` (after each encoding, move the LLM to the
+    CPU, or on the CPU release it; back when a new note needs it).
     """
 
     def __init__(self, bundle: ModelBundle, llm: str | None = None, device: str = "auto", dtype: str = "auto",
@@ -140,7 +140,7 @@ class Contourer:
         self._last_input: tuple[str, ModelInput] | None = None
         # (model input, settings, features per predictor call) of the last CT
         self._features: tuple[ModelInput, tuple, list[list[torch.Tensor]]] | None = None
-        if offload_llm:
+        if offload_llm and self.device.type == "cuda":  # on the CPU it is released after the first note
             self._offload()
 
     @classmethod
@@ -188,10 +188,16 @@ class Contourer:
         return all((self.text.fingerprint, pv, p) in cache for p in prompts)
 
     def _offload(self) -> None:
-        """The LLM off the GPU (between notes); a no-op on the CPU or for vision-only bundles."""
-        if self.device.type == "cuda" and hasattr(self.text, "move_llm"):
+        """The LLM off the GPU (between notes), or on the CPU out of memory altogether (released, loaded
+        again for the next new note: with a 7B model the U-Net then runs without its 13.5 GB beside it).
+        A no-op for vision-only bundles."""
+        if not hasattr(self.text, "move_llm"):
+            return
+        if self.device.type == "cuda":
             self.text.move_llm("cpu")
             torch.cuda.empty_cache()
+        else:
+            self.text.release_llm()
 
     def _autocast(self):
         return autocast_context(self.device, self.precision)

@@ -319,26 +319,15 @@ class _PromptTuned(TextEncoder):
         super().__init__()
         device = torch.device(device)
         self.load_in_8bit = dtype in INT8_NAMES
-        dtype = parse_dtype(dtype, device)
-        model, tokenizer, folder = load_hf_model(spec.source, self.hf_kind, dtype, allow_download,
-                                                 load_in_8bit=self.load_in_8bit, device=device)
+        self.llm_dtype = parse_dtype(dtype, device)
+        self._allow_download = allow_download
         spec.name = spec.name or _display_name(spec.source)
+        self.spec = spec
+        model, tokenizer = self._load_frozen(device)
         start = self._start_token(tokenizer)
         self._prefix_ids = [start] if start is not None else []
         self._prefix_len = len(self._prefix_ids)
         self.tokenizer = tokenizer
-        self.spec = spec
-        self.llm_dtype = dtype
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        actual = fingerprint_from_files(folder, model, tokenizer) if self.load_in_8bit else fingerprint(model, tokenizer)
-        if spec.fingerprint and spec.fingerprint != actual:
-            raise LLMMismatchError(
-                f"the text model at {spec.source!r} is not the one this bundle was trained with "
-                f"(bundle expects {spec.name or 'its LLM'} with fingerprint {spec.fingerprint}, this one has {actual}). "
-                f"Point --llm at the same model the bundle names.")
-        spec.fingerprint = actual
         self.dim = int(model.config.hidden_size)
         spec.hidden_size = self.dim
         self.num_tokens = spec.num_sets
@@ -355,22 +344,63 @@ class _PromptTuned(TextEncoder):
         if not self.load_in_8bit:  # an 8-bit model was placed on the device by its loader and cannot move
             model.to(device)
 
+    def _load_frozen(self, device: torch.device):
+        """Load the frozen LLM (eval mode, no gradients) and check it is the spec's model (its fingerprint)."""
+        spec = self.spec
+        model, tokenizer, folder = load_hf_model(spec.source, self.hf_kind, self.llm_dtype, self._allow_download,
+                                                 load_in_8bit=self.load_in_8bit, device=device)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        actual = fingerprint_from_files(folder, model, tokenizer) if self.load_in_8bit else fingerprint(model, tokenizer)
+        if spec.fingerprint and spec.fingerprint != actual:
+            raise LLMMismatchError(
+                f"the text model at {spec.source!r} is not the one this bundle was trained with "
+                f"(bundle expects {spec.name or 'its LLM'} with fingerprint {spec.fingerprint}, this one has {actual}). "
+                f"Point --llm at the same model the bundle names.")
+        spec.fingerprint = actual
+        return model, tokenizer
+
     @property
     def llm(self):
+        if self._model_holder[0] is None:
+            raise RuntimeError("the LLM was released to save memory; move_llm(device) loads it again")
         return self._model_holder[0]
+
+    @property
+    def llm_loaded(self) -> bool:
+        return self._model_holder[0] is not None
+
+    def release_llm(self) -> None:
+        """Free the frozen LLM (CPU memory mode: the U-Net then runs without the LLM's ~13.5 GB beside it).
+        Encoded notes stay cached; ``move_llm`` loads it again (from the page cache: seconds) for a new note."""
+        import gc
+
+        self._model_holder[0] = None
+        self._attach(None)
+        gc.collect()
 
     @property
     def device(self) -> torch.device:
         return self.prompt_vectors.device
 
-    def llm_device(self) -> torch.device:
-        return self.llm.get_input_embeddings().weight.device
+    def llm_device(self) -> torch.device | None:
+        return self.llm.get_input_embeddings().weight.device if self.llm_loaded else None
 
     def move_llm(self, device: torch.device | str) -> None:
-        """Move only the frozen LLM (e.g. off the GPU after encoding). An 8-bit model stays where it is
-        (bitsandbytes cannot move it; it is small: ~7 GB for a 7B model)."""
-        if not self.load_in_8bit:
+        """Move only the frozen LLM (e.g. off the GPU after encoding); load it again if it was released.
+        An 8-bit model stays where it is (bitsandbytes cannot move it; ~7 GB for a 7B model)."""
+        if not self.llm_loaded:
+            model, _ = self._load_frozen(torch.device(device))
+            if not self.load_in_8bit:
+                model.to(device)
+            self._model_holder[0] = model
+            self._attach(model)
+        elif not self.load_in_8bit:
             self.llm.to(device)
+
+    def _attach(self, model) -> None:
+        """Keep references into a (re)loaded frozen model; ``None`` when it is released."""
 
     def _start_token(self, tokenizer) -> int | None:
         """The token before the prompt vectors (BOS for a causal LM, [CLS] for an encoder)."""
@@ -395,6 +425,8 @@ class _PromptTuned(TextEncoder):
             prompts = [prompts]
         self.calls += 1
         ids = self._token_ids(prompts)
+        if not self.llm_loaded:  # released to save memory: load it again where the trainable vectors are
+            self.move_llm(self.device)
         dev = self.llm_device()
         embed_layer = self.llm.get_input_embeddings()
         n, m, d = self.prompt_vectors.shape
@@ -437,7 +469,11 @@ class CausalLMPromptEncoder(_PromptTuned):
         return tokenizer.bos_token_id
 
     def _loaded(self, model, tokenizer):
-        self._decoder_holder = [model.get_decoder() if hasattr(model, "get_decoder") else model.base_model]
+        self._attach(model)
+
+    def _attach(self, model):
+        decoder = None if model is None else (model.get_decoder() if hasattr(model, "get_decoder") else model.base_model)
+        self._decoder_holder = [decoder]
 
     def _run(self, embeds, mask):
         # The decoder alone (its output is after the final norm); the LM head is never computed.

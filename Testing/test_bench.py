@@ -132,10 +132,26 @@ def test_out_of_memory_halves_the_window_batch_with_a_warning(tiny_bundle):
                                sitk.GetArrayFromImage(reference.probability), atol=1e-5)
 
 
-def test_offload_is_harmless_on_the_cpu(tiny_bundle):
+def test_offload_on_the_cpu_releases_the_llm_and_reloads_it_for_a_new_note(tiny_bundle):
+    """CPU memory mode: the LLM is freed after encoding (the U-Net runs without it), a cached note does not
+    bring it back, a new note reloads it (fingerprint checked again); contours are those without offload."""
+    ct = make_ct(size=(48, 40, 24))
+    plain = Contourer.from_bundle(tiny_bundle, device="cpu")
     c = Contourer.from_bundle(tiny_bundle, device="cpu", offload_llm=True)
-    c.contour(make_ct(size=(48, 40, 24)), NOTE)
-    assert c.llm_calls == 1 and c.text.llm_device().type == "cpu"
+    assert c.text.llm_loaded  # released only after the first note, not loaded twice at start
+    first = c.contour(ct, NOTE)
+    assert c.llm_calls == 1 and not c.text.llm_loaded and c.text.llm_device() is None
+    with pytest.raises(RuntimeError, match="released"):
+        c.text.llm
+    again = c.contour(ct, NOTE)  # cached embedding: no reload, no LLM call
+    assert c.llm_calls == 1 and not c.text.llm_loaded
+    other = c.contour(ct, "N0, breast conserving surgery, right side")
+    assert c.llm_calls == 2 and not c.text.llm_loaded
+    for result, note in ((first, NOTE), (again, NOTE), (other, "N0, breast conserving surgery, right side")):
+        np.testing.assert_allclose(sitk.GetArrayFromImage(result.probability),
+                                   sitk.GetArrayFromImage(plain.contour(ct, note).probability), atol=1e-6)
+    c.text.move_llm("cpu")  # explicit reload
+    assert c.text.llm_loaded and c.text.llm_device().type == "cpu"
 
 
 @pytest.mark.slow
