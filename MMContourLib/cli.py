@@ -260,7 +260,8 @@ def main(argv=None) -> int:
     try:
         result = args.func(args)
     except KeyboardInterrupt:
-        print("mmcontour: interrupted; nothing was written", file=sys.stderr)
+        print("mmcontour: interrupted; files are written whole or not at all, so what was finished is kept "
+              "and nothing is left half-written", file=sys.stderr)
         return 130
     except known as exc:
         if os.environ.get("MMCONTOUR_DEBUG"):
