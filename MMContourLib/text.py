@@ -189,10 +189,11 @@ def fingerprint_from_files(folder: Path, model: nn.Module, tokenizer) -> str:
 
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
+    names = _fingerprint_names(model)
     where = (json.loads(index.read_text())["weight_map"] if index.exists()
-             else {name: "model.safetensors" for name in _fingerprint_names(model)})
+             else {name: "model.safetensors" for name in names})
     weights = []
-    for name in _fingerprint_names(model):
+    for name in names:
         candidates = [name, name.split(".", 1)[1]] if "." in name else [name]  # base-model prefix may be absent
         key = next((c for c in candidates if c in where), None)
         if key is None or not (folder / where[key]).exists():
@@ -336,13 +337,21 @@ class _PromptTuned(TextEncoder):
         gen = torch.Generator().manual_seed(0)
         self.prompt_vectors = nn.Parameter(torch.randn(spec.num_sets, spec.num_vectors, self.dim, generator=gen) * std)
         self.seg_embedding = nn.Parameter(embed.float().mean(0).detach().cpu().clone())
-        self._model_holder = [model]  # a list keeps the frozen LLM out of state_dict() and .parameters()
-        if gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable()
+        self._model_holder = [None]  # a list keeps the frozen LLM out of state_dict() and .parameters()
+        self._gradient_checkpointing = gradient_checkpointing
         self._loaded(model, tokenizer)
         self.to(device)
-        if not self.load_in_8bit:  # an 8-bit model was placed on the device by its loader and cannot move
+        self._install(model, device)
+
+    def _install(self, model, device: torch.device | str) -> None:
+        """Make ``model`` the frozen LLM, on ``device`` (an 8-bit model was placed there by its loader
+        and cannot move)."""
+        if self._gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable()
+        if not self.load_in_8bit:
             model.to(device)
+        self._model_holder[0] = model
+        self._attach(model)
 
     def _load_frozen(self, device: torch.device):
         """Load the frozen LLM (eval mode, no gradients) and check it is the spec's model (its fingerprint)."""
@@ -391,11 +400,7 @@ class _PromptTuned(TextEncoder):
         """Move only the frozen LLM (e.g. off the GPU after encoding); load it again if it was released.
         An 8-bit model stays where it is (bitsandbytes cannot move it; ~7 GB for a 7B model)."""
         if not self.llm_loaded:
-            model, _ = self._load_frozen(torch.device(device))
-            if not self.load_in_8bit:
-                model.to(device)
-            self._model_holder[0] = model
-            self._attach(model)
+            self._install(self._load_frozen(torch.device(device))[0], device)
         elif not self.load_in_8bit:
             self.llm.to(device)
 
@@ -467,9 +472,6 @@ class CausalLMPromptEncoder(_PromptTuned):
 
     def _start_token(self, tokenizer):
         return tokenizer.bos_token_id
-
-    def _loaded(self, model, tokenizer):
-        self._attach(model)
 
     def _attach(self, model):
         decoder = None if model is None else (model.get_decoder() if hasattr(model, "get_decoder") else model.base_model)
