@@ -121,6 +121,11 @@ def _device_for(requested: str, world: int, local_rank: int) -> str:
     return requested
 
 
+def my_share(rows: list, rank: int, world: int) -> list[tuple[int, dict[str, str]]]:
+    """(position in the manifest, row) of the cases process ``rank`` of ``world`` contours."""
+    return [(i, row) for i, row in enumerate(rows) if i % world == rank]
+
+
 def _run_id(world: int) -> str:
     """Identifies this torchrun launch, so that parts left by an earlier run are never merged in."""
     env = os.environ.get
@@ -233,7 +238,7 @@ def contour_manifest(rows: list[dict[str, str]], out_dir: str | os.PathLike, loa
     ``on_case(position, total, entry)`` is called after each case; ``stop_on_error`` ends the run at
     the first failed case; ``score`` adds a Dice per case that has a ``ctv``."""
     out_dir = Path(out_dir)
-    mine = [(i, row) for i, row in enumerate(rows) if i % world == rank]
+    mine = my_share(rows, rank, world)
     start = time.perf_counter()
     contourer, model_load_s = None, 0.0
     if pending([row for _, row in mine], out_dir, overwrite):
@@ -304,8 +309,7 @@ def run_manifest(args) -> dict:
     if show:
         from tqdm import tqdm
 
-        total = sum(1 for i in range(len(rows)) if i % world == rank)
-        bar = tqdm(total=total, desc=f"cases (rank {rank}/{world})" if world > 1 else "cases", file=sys.stderr)
+        bar = tqdm(total=len(my_share(rows, rank, world)), desc=f"cases (rank {rank}/{world})" if world > 1 else "cases", file=sys.stderr)
 
     def on_case(position: int, total: int, entry: dict) -> None:
         if entry["status"] == "failed":
