@@ -20,9 +20,8 @@ training throughput of N CPU processes under torchrun (gloo) against one.
 """
 from __future__ import annotations
 
-import datetime
-
 import contextlib
+import datetime
 import json
 import os
 import platform

@@ -116,7 +116,7 @@ def run_demo(out_dir: str | Path, bundle: str | Path | None = None, llm: str | N
         _say(f"contouring with note [{label}]: '{note.to_prompt()}'")
         result = contourer.contour(case.ct, note)
         truth = ctv_for_note(case.regions, note)
-        d = dice(sitk.GetArrayViewFromImage(result.mask), sitk.GetArrayViewFromImage(truth))
+        d = dice(result.mask, truth)  # same grid: the phantom's
         check = clinical_check(region_coverage(result.mask, case.regions), note)
         name = label.replace(" ", "-")
         seg_path = write_segmentation(out / f"ctv_{name}.seg.nrrd", {"CTV": result.mask},

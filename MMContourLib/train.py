@@ -2,7 +2,8 @@
 
 One step: a batch of random patches (``data.py``) -> the text encoder on the batch's *unique*
 prompts, with gradients into the prompt vectors (the LLM stays frozen) -> U-Net -> Dice + CE
-(weights 1, 1; optionally more weight on the regions a note switches on and off, ``losses.py``) -> AdamW with per-step warmup + cosine. AMP on CUDA.
+(weights 1, 1; optionally more weight on the regions a note switches on and off and partial-volume
+targets, ``losses.py``) -> AdamW with per-step warmup + cosine. AMP on CUDA.
 
 Every epoch ends with the same sequence on rank 0: validation (every ``val_every`` epochs and
 at the last), ``best/`` when validation Dice improved, ``last/``, then ``checkpoint.pt`` (trainable
