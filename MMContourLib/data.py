@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
-from .note import ClinicalNote, ContradictionError, NoteError
+from .note import MANIFEST_COLUMNS, ClinicalNote, ContradictionError, NoteError
 from .preprocess import PreprocessConfig, mask_to_model_grid, to_model_grid
 
 if TYPE_CHECKING:  # MONAI takes seconds to import: only the functions that build pipelines load it
@@ -30,8 +30,6 @@ if TYPE_CHECKING:  # MONAI takes seconds to import: only the functions that buil
     from monai.transforms import Compose
 
 REQUIRED_COLUMNS = ("case_id", "ct", "ctv", "split", "side", "n_stage", "surgery")
-MANIFEST_COLUMNS = ("case_id", "ct", "ctv", "split", "age", "side", "t_stage", "n_stage", "m_stage", "surgery",
-                    "chemotherapy", "pathology")
 #: Voxels above this (scaled 0..1; 0.3 is -400 HU) are in the body: negative patches are centred there.
 BODY_THRESHOLD = 0.3
 

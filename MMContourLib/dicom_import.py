@@ -29,7 +29,7 @@ from .dicomrt import (CTSeriesInfo, DicomError, DicomGeometryError, EmptyContour
                       WrongSeriesError, _floats, _list_files, _read_header, _text, scan_ct_series)
 from .fileio import write_text as _write_text
 from .imageio import write_image
-from .note import ClinicalNote
+from .note import MANIFEST_COLUMNS, ClinicalNote
 
 if TYPE_CHECKING:  # pydicom is imported where it is used
     from pydicom.dataset import Dataset
@@ -40,8 +40,6 @@ DEFAULT_CTV_PATTERNS = ("CTV", "CTV_*", "CTV[0-9]*", "CTVp", "CTVp_*", "CTVn", "
 DEFAULT_EXCLUDE_PATTERNS = ("z*", "_*", "*boost*", "*_tb", "*_tb_*", "*tumo*bed*", "*eval*", "*old*",
                             "*opt*", "*ptv*", "*ring*", "*^*")
 SPLIT_FRACTIONS = (("train", 0.8), ("val", 0.1), ("test", 0.1))
-MANIFEST_COLUMNS = ("case_id", "ct", "ctv", "split", "age", "side", "t_stage", "n_stage", "m_stage", "surgery",
-                    "chemotherapy", "pathology")
 
 
 # -- CT series: read -------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .fileio import write_text as _write_text
+from .note import MANIFEST_COLUMNS as NOTE_MANIFEST_COLUMNS
 from .note import ClinicalNote, SideFindings, note_from_any
 
 REGION_LABELS: dict[str, int] = {
@@ -863,8 +864,7 @@ def generate_case(seed: int, config: PhantomConfig | None = None, note: Clinical
 # ------------------------------------------------------------------------------------------------
 # datasets on disk
 
-MANIFEST_COLUMNS = ("case_id", "ct", "ctv", "split", "age", "side", "t_stage", "n_stage", "m_stage", "surgery",
-                    "chemotherapy", "pathology", "regions")
+MANIFEST_COLUMNS = NOTE_MANIFEST_COLUMNS + ("regions",)  # the sub-region label maps
 SPLITS = ("train", "val", "test")
 
 
