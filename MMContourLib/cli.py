@@ -12,14 +12,14 @@ from pathlib import Path
 from . import __version__
 
 #: Modules that add subcommands (imported lazily; a module that is not present is skipped).
-SUBCOMMAND_MODULES = ("phantom", "train", "evaluate", "demo", "dicom_import", "bench", "batch")
+SUBCOMMAND_MODULES = ("phantom_dataset", "train", "evaluate", "demo", "dicom_import", "bench", "batch")
 
 #: Subcommands whose module is imported only when that subcommand is parsed: name -> (module, the help line
 #: ``mmcontour --help`` lists, the same as the module's ``register_cli`` gives; test_cli checks that they
 #: agree). ``mmcontour --help`` and ``mmcontour phantom --help`` then need neither torch nor MONAI. A module of
 #: SUBCOMMAND_MODULES that has no entry here is imported when the parser is built.
 LAZY_SUBCOMMANDS = {
-    "phantom": ("phantom", "write synthetic breast CTs, CTVs, sub-region labels and manifest.csv"),
+    "phantom": ("phantom_dataset", "write synthetic breast CTs, CTVs, sub-region labels and manifest.csv"),
     "train": ("train", "train a model bundle from a manifest of CTs, CTVs and clinical notes"),
     "evaluate": ("evaluate", "Dice / IoU / HD95 with bootstrap CIs, clinical accuracy and text-following"),
     "demo": ("demo", "offline end-to-end demo on a synthetic CT with several notes"),

@@ -16,21 +16,14 @@ says, so the truth for any note, counterfactual ones included, is ``ctv_for_note
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 import SimpleITK as sitk
 
-from .fileio import write_text as _write_text
-from .note import MANIFEST_COLUMNS as NOTE_MANIFEST_COLUMNS
 from .note import ClinicalNote, SideFindings, note_from_any
 
 REGION_LABELS: dict[str, int] = {
@@ -861,146 +854,5 @@ def generate_case(seed: int, config: PhantomConfig | None = None, note: Clinical
                        regions=region_img, note=note, tissues=tissue_out, info=info)
 
 
-# ------------------------------------------------------------------------------------------------
-# datasets on disk
-
-MANIFEST_COLUMNS = NOTE_MANIFEST_COLUMNS + ("regions",)  # the sub-region label maps
-SPLITS = ("train", "val", "test")
-
-
-def case_seed(seed: int, index: int) -> int:
-    """The generate_case seed of case ``index`` of a dataset written with ``seed``."""
-    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
-
-
-def target_kind(note: ClinicalNote) -> str:
-    """'breast', 'breast+RNI', 'chestwall' or 'chestwall+RNI' per side, ';'-joined for bilateral notes."""
-    return ";".join(("breast" if s.surgery == "bcs" else "chestwall") + ("+RNI" if s.node_positive else "")
-                    for s in note.sides)
-
-
-def _assign_splits(notes: list[ClinicalNote], fractions, seed: int) -> list[str]:
-    """Stratified by target kind: cases sorted by kind take splits from a low-discrepancy sequence."""
-    frac = np.asarray(fractions, float)
-    if frac.shape != (3,) or (frac < 0).any() or frac.sum() <= 0:
-        raise ValueError(f"split_fractions must be three non-negative numbers (train, val, test), got {fractions}")
-    frac = frac / frac.sum()
-    rng = np.random.default_rng([int(seed), 99])
-    keys = rng.random(len(notes))
-    order = sorted(range(len(notes)), key=lambda i: (target_kind(notes[i]), keys[i]))
-    start = rng.random()
-    out = [""] * len(notes)
-    for j, i in enumerate(order):
-        u = (start + j * 0.6180339887498949) % 1.0
-        out[i] = SPLITS[min(int(np.searchsorted(np.cumsum(frac), u, side="right")), 2)]
-    for k, name in enumerate(SPLITS):  # every split asked for gets at least one case when there are enough
-        if frac[k] > 0 and name not in out and len(notes) >= int((frac > 0).sum()):
-            donor = max(SPLITS, key=out.count)
-            out[max(i for i in order if out[i] == donor)] = name
-    return out
-
-
-def _is_phantom_folder(out: Path) -> bool:
-    try:
-        return json.loads((out / "phantom.json").read_text()).get("generator") == "MMContourLib.phantom"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def write_dataset(n: int, out_dir, seed: int = 0, config: PhantomConfig | None = None,
-                  split_fractions=(0.6, 0.2, 0.2), progress: bool = True) -> Path:
-    """Write ``n`` cases (cases/<id>_ct.nii.gz, _ctv.nii.gz, _regions.nii.gz), ``manifest.csv`` and
-    ``phantom.json`` (config and per-case facts such as what the CT shows). Returns the manifest path.
-
-    A folder holding a manifest.csv that this generator did not write is refused, so nothing the user
-    made is overwritten; a phantom folder is rewritten in place (files of its old cases are removed)."""
-    from tqdm import tqdm
-
-    from .imageio import write_image
-
-    if int(n) < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
-    cfg = config or PhantomConfig()
-    out = Path(out_dir)
-    manifest, marker = out / "manifest.csv", out / "phantom.json"
-    previous = {}
-    if out.exists() and _is_phantom_folder(out):
-        previous = json.loads(marker.read_text()).get("cases", {})
-    elif manifest.exists():
-        raise FileExistsError(f"{manifest} exists and was not written by the phantom generator; "
-                              "choose an empty or new --out folder")
-    seeds = [case_seed(seed, i) for i in range(int(n))]
-    notes = [sample_note(s, cfg) for s in seeds]
-    splits = _assign_splits(notes, split_fractions, seed)
-    (out / "cases").mkdir(parents=True, exist_ok=True)
-    meta = {"generator": "MMContourLib.phantom", "seed": int(seed), "n": int(n), "config": cfg.to_dict(),
-            "region_labels": REGION_LABELS, "cases": previous, "complete": False}
-    _write_text(marker, json.dumps(meta, indent=1, default=str))  # claims the folder before any case is written
-    rows, infos = [], {}
-    for i in tqdm(range(int(n)), desc="phantom", unit="case", disable=not progress, file=sys.stderr):
-        case = generate_case(seeds[i], cfg, note=notes[i], case_id=f"p{seed}-{i:04d}")
-        files = {}
-        for key, image in (("ct", case.ct), ("ctv", case.ctv), ("regions", case.regions)):
-            files[key] = f"cases/{case.case_id}_{key}.nii.gz"
-            write_image(image, out / files[key])
-        rows.append({"case_id": case.case_id, **files, "split": splits[i], **case.note.to_fields()})
-        infos[case.case_id] = {**case.info, "split": splits[i], "target": target_kind(case.note)}
-    for old in set(previous) - set(infos):
-        for key in ("ct", "ctv", "regions"):
-            (out / "cases" / f"{old}_{key}.nii.gz").unlink(missing_ok=True)
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    _write_text(manifest, text.getvalue())
-    _write_text(marker, json.dumps({**meta, "cases": infos, "complete": True}, indent=1, default=str))
-    return manifest
-
-
-def summarize(manifest: "str | Path") -> dict:
-    """Counts a phantom folder by split, target kind and how many cases show the treated side."""
-    manifest = Path(manifest)
-    meta = json.loads((manifest.parent / "phantom.json").read_text())
-    cases = meta["cases"].values()
-    count = lambda key: {k: sum(1 for c in cases if c[key] == k) for k in sorted({c[key] for c in cases})}
-    return {"manifest": str(manifest), "n": meta["n"], "seed": meta["seed"], "splits": count("split"),
-            "targets": count("target"), "orientations": count("orientation"),
-            "treatment_visible": sum(1 for c in cases if any(c["treatment_visible"][s] for s in c["sides"]
-                                                          if c["sides"][s]["breast"] != "intact")),
-            "size": next(iter(cases))["size"], "spacing": next(iter(cases))["spacing"]}
-
-
-def register_cli(subparsers) -> None:
-    p = subparsers.add_parser(
-        "phantom", help="write synthetic breast CTs, CTVs, sub-region labels and manifest.csv",
-        description="Synthetic planning CTs (HU) with clinical notes and guideline CTVs (shared/METHOD.md rules). "
-                    "Writes DIR/cases/*_ct.nii.gz, *_ctv.nii.gz, *_regions.nii.gz, DIR/manifest.csv, DIR/phantom.json.")
-    p.add_argument("--n", type=int, required=True, help="number of cases")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--external", action="store_true",
-                   help="an 'external site': other scanner calibration, noise, grid, storage and case mix")
-    p.add_argument("--clinical-resolution", action="store_true",
-                   help="0.98 mm, 512 x 512, 2.5 mm slices (slow; the default grid is 2.2 x 2.2 x 5 mm)")
-    p.add_argument("--json", action="store_true", help="print one JSON summary")
-    p.set_defaults(func=_cli_phantom)
-
-
-def _cli_phantom(args) -> dict:
-    cfg = PhantomConfig.clinical() if args.clinical_resolution else PhantomConfig()
-    if args.external:
-        cfg = PhantomConfig.external_site(cfg)
-    t0 = time.perf_counter()
-    manifest = write_dataset(args.n, args.out, seed=args.seed, config=cfg, progress=not args.json)
-    summary = {**summarize(manifest), "external": bool(args.external), "seconds": round(time.perf_counter() - t0, 2)}
-    if not args.json:
-        print(f"wrote {summary['n']} phantom cases in {summary['seconds']} s -> {manifest}")
-        print("  splits:  " + ", ".join(f"{k} {v}" for k, v in summary["splits"].items()))
-        print("  targets: " + ", ".join(f"{k} {v}" for k, v in summary["targets"].items()))
-        print(f"  treated side visible on CT (mastectomy, seroma or clips): {summary['treatment_visible']} cases")
-    return summary
-
-
-__all__ = ["REGION_LABELS", "NODAL_REGIONS", "TISSUE_LABELS", "TISSUE_HU", "MANIFEST_COLUMNS", "PhantomConfig",
-           "PhantomCase", "generate_case", "ctv_for_note", "sample_note", "region_names_for_note", "write_dataset",
-           "summarize", "register_cli", "case_seed", "target_kind"]
+__all__ = ["REGION_LABELS", "NODAL_REGIONS", "TISSUE_LABELS", "TISSUE_HU", "PhantomConfig", "PhantomCase",
+           "generate_case", "ctv_for_note", "sample_note", "region_names_for_note"]

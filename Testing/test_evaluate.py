@@ -15,7 +15,8 @@ from MMContourLib.cli import main
 from MMContourLib.evaluate import (EvalConfig, bootstrap_ci, clinical_check, counterfactual_notes, evaluate,
                                    region_coverage, segmentation_metrics, side_volumes)
 from MMContourLib.note import ClinicalNote
-from MMContourLib.phantom import PhantomConfig, ctv_for_note, generate_case, write_dataset
+from MMContourLib.phantom import PhantomConfig, ctv_for_note, generate_case
+from MMContourLib.phantom_dataset import write_dataset
 
 COARSE = PhantomConfig(in_plane_spacing=6.0, slice_thickness=10.0)
 

@@ -15,6 +15,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from MMContourLib import phantom as ph
+from MMContourLib import phantom_dataset as dataset
 from MMContourLib.note import ClinicalNote
 from MMContourLib.phantom import REGION_LABELS as L
 from MMContourLib.phantom import TISSUE_LABELS as T
@@ -297,7 +298,7 @@ def test_orientations_store_the_same_anatomy():
 
 def test_write_dataset_writes_manifest_images_and_notes(tmp_path):
     out = tmp_path / "phantoms"
-    manifest = ph.write_dataset(6, out, seed=2, config=replace(CONFIGS["coarse"], p_bilateral=0.5), progress=False)
+    manifest = dataset.write_dataset(6, out, seed=2, config=replace(CONFIGS["coarse"], p_bilateral=0.5), progress=False)
     assert manifest == out / "manifest.csv"
     with manifest.open(newline="") as fh:
         reader = csv.DictReader(fh)
@@ -321,21 +322,21 @@ def test_write_dataset_writes_manifest_images_and_notes(tmp_path):
     meta = json.loads((out / "phantom.json").read_text())
     assert set(meta["cases"]) == {r["case_id"] for r in rows} and meta["region_labels"] == L
     # a phantom folder can be rewritten; a folder with someone else's manifest is refused, untouched
-    ph.write_dataset(2, out, seed=3, config=CONFIGS["coarse"], progress=False)
+    dataset.write_dataset(2, out, seed=3, config=CONFIGS["coarse"], progress=False)
     assert sorted(p.name for p in (out / "cases").iterdir()) == sorted(
         f"p3-000{i}_{k}.nii.gz" for i in range(2) for k in ("ct", "ctv", "regions"))
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "manifest.csv").write_text("case_id,ct\nA,a.nii.gz\n")
     with pytest.raises(FileExistsError, match="not written by the phantom generator"):
-        ph.write_dataset(1, foreign, config=CONFIGS["coarse"], progress=False)
+        dataset.write_dataset(1, foreign, config=CONFIGS["coarse"], progress=False)
     assert (foreign / "manifest.csv").read_text() == "case_id,ct\nA,a.nii.gz\n"
     assert not (foreign / "cases").exists()
 
 
 def test_cli_phantom_writes_a_dataset_and_prints_a_summary(tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="mmcontour")
-    ph.register_cli(parser.add_subparsers(dest="command"))  # the same hook cli.main uses
+    dataset.register_cli(parser.add_subparsers(dest="command"))  # the same hook cli.main uses
     args = parser.parse_args(["phantom", "--n", "2", "--out", str(tmp_path / "ds"), "--seed", "4"])
     summary = args.func(args)
     printed = capsys.readouterr().out
