@@ -41,9 +41,11 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin  # noqa: E402
 
-from MMContourLib import noteform, slicer_io  # noqa: E402
-from MMContourLib.note import ClinicalNote  # noqa: E402
-from MMContourLib.worker import STAGE_LABELS, WorkerClient, read_bundle_summary  # noqa: E402
+from MMContourLib.note import form as noteform  # noqa: E402
+
+from MMContourLib.slicer import mrml as slicer_io  # noqa: E402
+from MMContourLib.note.clinical import ClinicalNote  # noqa: E402
+from MMContourLib.slicer.worker import STAGE_LABELS, WorkerClient, read_bundle_summary  # noqa: E402
 
 CITATION = ("Oh Y, Park S, et al. LLM-driven multimodal target volume contouring in radiation oncology. "
             "Nat Commun 15, 2024. arXiv:2311.01908")
@@ -104,9 +106,9 @@ def _slicerPackaging():
 
 def loadPhantomSample():
     """A synthetic breast planning CT (never used for training), generated once into Slicer's cache."""
-    from MMContourLib.demo import DEMO_NOTE, DEMO_SEED
-    from MMContourLib.imageio import write_image
-    from MMContourLib.phantom import PhantomConfig, generate_case
+    from MMContourLib.cli.demo import DEMO_NOTE, DEMO_SEED
+    from MMContourLib.image.readwrite import write_image
+    from MMContourLib.data.phantom import PhantomConfig, generate_case
 
     path = os.path.join(slicer.app.cachePath, "MMContour", f"phantom-{DEMO_SEED}.nrrd")
     if not os.path.exists(path):

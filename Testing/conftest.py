@@ -13,7 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 def make_tiny_llama(folder: Path, seed: int = 0) -> Path:
     """A random LlamaForCausalLM + BPE tokenizer written with save_pretrained (the Llama-2 folder layout)."""
-    from MMContourLib.randomllm import make_random_llama
+    from MMContourLib.bench.randomllm import make_random_llama
 
     return make_random_llama(folder, seed=seed)
 
@@ -65,10 +65,10 @@ def make_bundle(llm_dir: Path | None, path: Path, feature_size: int = 4, roi=(32
                 spacing=(6.0, 6.0, 8.0), seed: int = 0) -> Path:
     """A randomly initialised bundle (real classes, real files) small enough for CPU tests."""
     import torch
-    from MMContourLib.bundle import InferenceConfig, ModelBundle
-    from MMContourLib.network import NetworkConfig, TextConditionedUNet
-    from MMContourLib.preprocess import PreprocessConfig
-    from MMContourLib.text import TextEncoderSpec, build_text_encoder
+    from MMContourLib.model.bundle import InferenceConfig, ModelBundle
+    from MMContourLib.model.network import NetworkConfig, TextConditionedUNet
+    from MMContourLib.image.preprocess import PreprocessConfig
+    from MMContourLib.model.text import TextEncoderSpec, build_text_encoder
 
     kind = "causal-lm" if llm_dir else "none"
     text = build_text_encoder(TextEncoderSpec(kind=kind, source=str(llm_dir or ""), name="tiny-llama" if llm_dir else ""))

@@ -6,8 +6,8 @@ import pytest
 import SimpleITK as sitk
 from conftest import make_ct
 
-from MMContourLib import cli
-from MMContourLib.batch import ManifestError, read_manifest
+from MMContourLib.cli import main as cli
+from MMContourLib.inference.batch import ManifestError, read_manifest
 
 FIELDS = ["case_id", "ct", "side", "n_stage", "surgery", "note"]
 
@@ -140,7 +140,7 @@ class _FakeContourer:
 
 
 def test_checked_manifest_fails_as_a_whole_and_selects_a_split(archive, tmp_path):
-    from MMContourLib.batch import read_manifest
+    from MMContourLib.inference.batch import read_manifest
 
     with pytest.raises(ManifestError, match=r"line 3 \(case c1\): ct not found"):
         read_manifest(archive, check=True)
@@ -168,7 +168,7 @@ def test_checked_manifest_fails_as_a_whole_and_selects_a_split(archive, tmp_path
 
 
 def test_engine_scores_stops_on_error_and_keeps_progress_when_interrupted(archive, tmp_path):
-    from MMContourLib.batch import contour_manifest, pending, read_manifest
+    from MMContourLib.inference.batch import contour_manifest, pending, read_manifest
 
     rows = read_manifest(archive)
     rows[0]["ctv"] = rows[0]["ct"]
@@ -202,8 +202,8 @@ def test_one_light_dice_for_demo_and_batch(tmp_path):
 
     import numpy as np
 
-    from MMContourLib import demo
-    from MMContourLib.metrics import dice
+    from MMContourLib.cli import demo
+    from MMContourLib.image.metrics import dice
 
     assert demo.dice is dice
     a = np.zeros((4, 5, 6), np.uint8)
@@ -219,7 +219,7 @@ def test_one_light_dice_for_demo_and_batch(tmp_path):
         dice(image, moved)
     with pytest.raises(ValueError, match="shape"):
         dice(a, b[:1])
-    probe = ("import sys, MMContourLib.metrics, MMContourLib.batch; "
+    probe = ("import sys, MMContourLib.image.metrics, MMContourLib.inference.batch; "
              "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr

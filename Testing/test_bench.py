@@ -8,9 +8,9 @@ import SimpleITK as sitk
 import torch
 from conftest import make_ct
 
-from MMContourLib import cli
-from MMContourLib.network import NetworkConfig, TextConditionedUNet, fused_alignment
-from MMContourLib.predict import Contourer
+from MMContourLib.cli import main as cli
+from MMContourLib.model.network import NetworkConfig, TextConditionedUNet, fused_alignment
+from MMContourLib.inference.contourer import Contourer
 
 NOTE = "N1, breast conserving surgery, left side"
 EDITED = "N0, total mastectomy surgery, right side"
@@ -156,8 +156,8 @@ def test_offload_on_the_cpu_releases_the_llm_and_reloads_it_for_a_new_note(tiny_
 
 @pytest.mark.slow
 def test_scaleout_runs_under_torchrun(tiny_llm_dir, tmp_path):
-    from MMContourLib.bench import PRESETS
-    from MMContourLib.scaleout import bench_scaleout
+    from MMContourLib.bench.presets import PRESETS
+    from MMContourLib.bench.scaleout import bench_scaleout
 
     result = bench_scaleout(PRESETS["tiny"](), tiny_llm_dir, 2, 1, lambda m: None, timeout_s=300)
     assert "error" not in result, result.get("error")

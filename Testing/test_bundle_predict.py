@@ -8,10 +8,10 @@ import SimpleITK as sitk
 import torch
 from conftest import make_ct
 
-from MMContourLib.bundle import BundleError, ModelBundle
-from MMContourLib.network import NetworkConfig, TextConditionedUNet, count_parameters
-from MMContourLib.predict import Cancelled, Contourer, count_windows
-from MMContourLib.text import LLMMismatchError
+from MMContourLib.model.bundle import BundleError, ModelBundle
+from MMContourLib.model.network import NetworkConfig, TextConditionedUNet, count_parameters
+from MMContourLib.inference.contourer import Cancelled, Contourer, count_windows
+from MMContourLib.model.text import LLMMismatchError
 
 NOTE = "N1, breast conserving surgery, left side"
 

@@ -6,8 +6,8 @@ import pytest
 import SimpleITK as sitk
 from conftest import make_ct
 
-from MMContourLib.cli import main
-from MMContourLib.imageio import read_segmentation
+from MMContourLib.cli.main import main
+from MMContourLib.image.readwrite import read_segmentation
 
 
 @pytest.fixture()
@@ -140,7 +140,7 @@ def test_lazy_subcommands_list_the_help_line_their_module_registers():
     import argparse
     import importlib
 
-    from MMContourLib import cli
+    from MMContourLib.cli import main as cli
 
     for command, (module, help_line) in cli.LAZY_SUBCOMMANDS.items():
         assert module in cli.SUBCOMMAND_MODULES
@@ -155,7 +155,7 @@ def test_help_needs_neither_torch_nor_monai():
     import sys
 
     for argv in (["--help"], ["phantom", "--help"], ["import-dicom", "--help"]):
-        code = ("import sys\nfrom MMContourLib.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+        code = ("import sys\nfrom MMContourLib.cli.main import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
                 "print(sorted(m for m in ('torch', 'monai', 'transformers', 'pydicom', 'matplotlib') if m in sys.modules))"
                 % (argv,))
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -163,7 +163,7 @@ def test_help_needs_neither_torch_nor_monai():
 
 
 def test_lazy_subcommand_parses_like_an_eager_one(tmp_path):
-    from MMContourLib.cli import build_parser, load_subcommands
+    from MMContourLib.cli.main import build_parser, load_subcommands
 
     args = build_parser().parse_args(["phantom", "--n", "2", "--out", str(tmp_path)])
     assert args.command == "phantom" and args.n == 2 and callable(args.func)

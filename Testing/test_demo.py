@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from MMContourLib.cli import default_bundle_path
-from MMContourLib.demo import DEMO_SEED, run_demo
-from MMContourLib.phantom_dataset import case_seed
+from MMContourLib.cli.main import default_bundle_path
+from MMContourLib.cli.demo import DEMO_SEED, run_demo
+from MMContourLib.data.phantom_dataset import case_seed
 
 
 def test_demo_phantom_was_never_a_training_case():

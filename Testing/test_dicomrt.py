@@ -21,10 +21,13 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from MMContourLib import dicom_import, dicomrt
-from MMContourLib.dicom_import import read_ct_series, rtstruct_to_mask
-from MMContourLib.dicomrt import (DicomError, DicomGeometryError, EmptyContourError, NotCTError, WrongSeriesError,
-                                  write_dicom_seg, write_rtstruct)
+from MMContourLib.dicom import archive as dicom_import
+from MMContourLib.dicom import export as dicomrt
+from MMContourLib.dicom.archive import rtstruct_to_mask
+from MMContourLib.dicom.export import write_dicom_seg, write_rtstruct
+from MMContourLib.image import ctseries
+from MMContourLib.image.ctseries import (DicomError, DicomGeometryError, EmptyContourError, NotCTError,
+                                         WrongSeriesError, read_ct_series)
 
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -268,7 +271,7 @@ def test_wrong_inputs_name_the_problem(tmp_path):
         read_ct_series(tmp_path / "empty")
     Series(tmp_path / "two" / "a", hu)
     Series(tmp_path / "two" / "b", hu)
-    with pytest.raises(dicomrt.SeveralSeriesError, match="2 CT series"):
+    with pytest.raises(ctseries.SeveralSeriesError, match="2 CT series"):
         read_ct_series(tmp_path / "two")
 
     ct = Series(tmp_path / "ct", hu)
@@ -290,7 +293,7 @@ def test_wrong_inputs_name_the_problem(tmp_path):
     with pytest.raises(WrongSeriesError, match=other.series_uid):
         rtstruct_to_mask(rts, image, info)
     rts = write_reference_rtstruct(tmp_path / "rs_names.dcm", ct, {"Heart": ellipse_contours(ct), "PTV": {}})
-    with pytest.raises(dicomrt.NoMatchingStructureError, match="Heart"):
+    with pytest.raises(ctseries.NoMatchingStructureError, match="Heart"):
         rtstruct_to_mask(rts, image, info)
     rts = write_reference_rtstruct(tmp_path / "rs_empty.dcm", ct, {"CTV": {}})
     with pytest.raises(EmptyContourError):
@@ -383,7 +386,7 @@ def test_exports_pass_dciodvfy(exported):
 
 
 def test_roi_names_and_structure_patterns():
-    from MMContourLib.note import ClinicalNote
+    from MMContourLib.note.clinical import ClinicalNote
 
     note = ClinicalNote.parse("N1, breast conserving surgery, left side")
     assert dicomrt.format_roi_name(note=note) == "CTV_L"
@@ -398,7 +401,7 @@ def test_roi_names_and_structure_patterns():
 
 
 def test_export_prediction_uses_provenance_and_note(tmp_path):
-    from MMContourLib.note import ClinicalNote
+    from MMContourLib.note.clinical import ClinicalNote
 
     hu, ctv = phantom(shape=(8, 32, 32), centre=(24, 20, 8), radii=(10, 8, 7))
     series = Series(tmp_path / "ct", hu)
@@ -510,9 +513,9 @@ def test_import_dicom_builds_the_manifest_and_reports_every_skip(tmp_path, capsy
 
 def test_phantom_case_round_trips_through_dicom(tmp_path):
     """The project's own phantom (when its module is there): CT and CTV through DICOM and back."""
-    phantom_module = pytest.importorskip("MMContourLib.phantom")
+    phantom_module = pytest.importorskip("MMContourLib.data.phantom")
     if not hasattr(phantom_module, "generate_case"):
-        pytest.skip("MMContourLib.phantom has no generate_case yet")
+        pytest.skip("MMContourLib.data.phantom has no generate_case yet")
     case = phantom_module.generate_case(0)
     ctv = case.ctv if isinstance(case.ctv, sitk.Image) else sitk.GetImageFromArray(np.asarray(case.ctv))
     ctv.CopyInformation(case.ct)
@@ -539,13 +542,3 @@ def test_phantom_case_round_trips_through_dicom(tmp_path):
     rts = write_rtstruct(mask, info, tmp_path / "rs.dcm")
     again = rtstruct_to_mask(rts, image, info)
     assert dice(sitk.GetArrayFromImage(again), truth) >= 0.98
-
-
-def test_import_side_names_still_resolve_through_dicomrt():
-    """The import side lives in dicom_import; code that names it through dicomrt keeps working."""
-    from MMContourLib.dicomrt import import_dicom, read_ct_series as via_dicomrt
-
-    assert via_dicomrt is read_ct_series and import_dicom is dicom_import.import_dicom
-    assert dicomrt.DEFAULT_CTV_PATTERNS is dicom_import.DEFAULT_CTV_PATTERNS
-    with pytest.raises(AttributeError):
-        dicomrt.no_such_name

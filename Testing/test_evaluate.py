@@ -11,12 +11,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from MMContourLib.cli import main
-from MMContourLib.evaluate import (EvalConfig, bootstrap_ci, clinical_check, counterfactual_notes, evaluate,
+from MMContourLib.cli.main import main
+from MMContourLib.training.evaluate import (EvalConfig, bootstrap_ci, clinical_check, counterfactual_notes, evaluate,
                                    region_coverage, segmentation_metrics, side_volumes)
-from MMContourLib.note import ClinicalNote
-from MMContourLib.phantom import PhantomConfig, ctv_for_note, generate_case
-from MMContourLib.phantom_dataset import write_dataset
+from MMContourLib.note.clinical import ClinicalNote
+from MMContourLib.data.phantom import PhantomConfig, ctv_for_note, generate_case
+from MMContourLib.data.phantom_dataset import write_dataset
 
 COARSE = PhantomConfig(in_plane_spacing=6.0, slice_thickness=10.0)
 
@@ -141,8 +141,8 @@ class FakeContourer:
     that ignores the note)."""
 
     def __init__(self, manifest, follow_note: bool):
-        from MMContourLib.data import read_manifest
-        from MMContourLib.imageio import read_image
+        from MMContourLib.data.dataset import read_manifest
+        from MMContourLib.image.readwrite import read_image
 
         self.follow_note = follow_note
         self.cases = {}

@@ -7,8 +7,8 @@ import pytest
 import torch
 from monai.losses import DiceCELoss
 
-from MMContourLib.network import NetworkConfig, TextConditionedUNet
-from MMContourLib.text import TextEncoderSpec, build_text_encoder
+from MMContourLib.model.network import NetworkConfig, TextConditionedUNet
+from MMContourLib.model.text import TextEncoderSpec, build_text_encoder
 
 NOTES = {"left": "N0, breast conserving surgery, left side", "right": "N0, breast conserving surgery, right side"}
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from monai.losses import DiceCELoss
 
-from MMContourLib.losses import weighted_dice_ce
+from MMContourLib.training.losses import weighted_dice_ce
 
 
 @pytest.mark.parametrize("shape", [(2, 2, 8, 8, 4), (1, 2, 5, 7, 3), (3, 3, 4, 4, 4)])

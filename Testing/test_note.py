@@ -1,6 +1,6 @@
 import pytest
 
-from MMContourLib.note import ClinicalNote, ContradictionError, NoteError, normalise_n_stage, normalise_t_stage
+from MMContourLib.note.clinical import ClinicalNote, ContradictionError, NoteError, normalise_n_stage, normalise_t_stage
 
 
 @pytest.mark.parametrize("raw,expected", [("1mi", "N1mi"), ("N1mi", "N1mi"), ("pN1(mi)", "N1mi"), ("pN1a", "N1"),

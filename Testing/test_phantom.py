@@ -14,12 +14,12 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from MMContourLib import phantom as ph
-from MMContourLib import phantom_dataset as dataset
-from MMContourLib.note import ClinicalNote
-from MMContourLib.phantom import REGION_LABELS as L
-from MMContourLib.phantom import TISSUE_LABELS as T
-from MMContourLib.phantom import PhantomConfig, ctv_for_note, generate_case
+from MMContourLib.data import phantom as ph
+from MMContourLib.data import phantom_dataset as dataset
+from MMContourLib.note.clinical import ClinicalNote
+from MMContourLib.data.phantom import REGION_LABELS as L
+from MMContourLib.data.phantom import TISSUE_LABELS as T
+from MMContourLib.data.phantom import PhantomConfig, ctv_for_note, generate_case
 
 CONFIGS = {
     "lps": PhantomConfig(orientation_mix={"LPS": 1.0}),

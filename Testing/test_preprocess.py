@@ -4,7 +4,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import make_ct
 
-from MMContourLib.preprocess import (InputImageError, PreprocessConfig, RAS_DIRECTION, mask_to_model_grid,
+from MMContourLib.image.preprocess import (InputImageError, PreprocessConfig, RAS_DIRECTION, mask_to_model_grid,
                                      probabilities_to_ct_grid, threshold, to_model_grid)
 
 LPS = (1, 0, 0, 0, 1, 0, 0, 0, 1)

@@ -15,8 +15,8 @@ slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
 from conftest import make_ct  # noqa: E402
-from MMContourLib import slicer_io  # noqa: E402
-from MMContourLib.slicer_io import (ContourJob, GeometryError, SegmentationNotEmptyError, SegmentSpec,  # noqa: E402
+from MMContourLib.slicer import mrml as slicer_io  # noqa: E402
+from MMContourLib.slicer.mrml import (ContourJob, GeometryError, SegmentationNotEmptyError, SegmentSpec,  # noqa: E402
                                     segment_ids, segment_mask, volume_node_to_image, write_mask_to_segmentation)
 
 OBLIQUE = (0.8, -0.6, 0.0, 0.6, 0.8, 0.0, 0.0, 0.0, 1.0)
@@ -284,7 +284,7 @@ class FakeClient:
 
 
 def test_contour_job_writes_one_node_when_the_result_arrives(scene, tmp_path):
-    from MMContourLib.note import ClinicalNote
+    from MMContourLib.note.clinical import ClinicalNote
 
     ct_node, _ = _ct_in_study(scene)
     client = FakeClient(tmp_path, volume_node_to_image(ct_node))

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from MMContourLib.text import (MINILM_SOURCE, LLMMismatchError, LLMNotFoundError, TextEncoderSpec,
+from MMContourLib.model.text import (MINILM_SOURCE, LLMMismatchError, LLMNotFoundError, TextEncoderSpec,
                                build_text_encoder)
 
 PROMPTS = ["N1, breast conserving surgery, left side",

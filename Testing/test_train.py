@@ -16,12 +16,12 @@ import torch
 from conftest import make_ct
 from safetensors.torch import load_file
 
-from MMContourLib.bundle import ModelBundle
-from MMContourLib.cli import main
-from MMContourLib.data import (ManifestError, PatchDataset, build_cache, collate, epoch_plan, read_manifest,
+from MMContourLib.model.bundle import ModelBundle
+from MMContourLib.cli.main import main
+from MMContourLib.data.dataset import (ManifestError, PatchDataset, build_cache, collate, epoch_plan, read_manifest,
                                sample_transforms, select_fraction)
-from MMContourLib.preprocess import PreprocessConfig
-from MMContourLib.train import TrainConfig, TrainingError, train
+from MMContourLib.image.preprocess import PreprocessConfig
+from MMContourLib.training.train import TrainConfig, TrainingError, train
 
 REPO = Path(__file__).resolve().parents[1]
 SPACING, PATCH = (6.0, 6.0, 9.0), (32, 32, 16)
@@ -175,9 +175,9 @@ def test_sharded_batches_average_to_the_global_batch_gradient(manifest, tiny_llm
     """What DDP relies on: the mean of per-sample gradients of Dice+CE equals the batch-of-2 gradient."""
     from monai.losses import DiceCELoss
 
-    from MMContourLib.network import NetworkConfig, TextConditionedUNet
-    from MMContourLib.text import TextEncoderSpec, build_text_encoder
-    from MMContourLib.train import TrainableModel
+    from MMContourLib.model.network import NetworkConfig, TextConditionedUNet
+    from MMContourLib.model.text import TextEncoderSpec, build_text_encoder
+    from MMContourLib.training.train import TrainableModel
 
     text = build_text_encoder(TextEncoderSpec(kind="causal-lm", source=str(tiny_llm_dir), num_vectors=2))
     torch.manual_seed(0)
@@ -228,7 +228,7 @@ def test_training_learns_and_writes_bundles_logs_and_refuses_to_overwrite(manife
     assert last.text_encoder.kind == "causal-lm" and last.text_encoder.fingerprint
     assert tuple(last.inference.roi_size) == PATCH and tuple(last.preprocessing.spacing) == SPACING
 
-    from MMContourLib.predict import Contourer
+    from MMContourLib.inference.contourer import Contourer
 
     contour = Contourer(best, device="cpu").contour(make_ct(seed=9), "N0, BCS, left side")
     assert contour.mask.GetSize() == make_ct().GetSize()
@@ -270,7 +270,7 @@ def test_vision_only_on_a_fraction_through_the_cli(manifest, tmp_path, capsys):
 
 KILL_SCRIPT = textwrap.dedent("""
     import json, os, signal, sys
-    from MMContourLib.train import TrainConfig, train
+    from MMContourLib.training.train import TrainConfig, train
 
     def kill(event, info):  # SIGKILL half-way through epoch 2, after epoch 1's checkpoint
         if event == "step" and info["epoch"] == 2 and info["step"] == 3:
@@ -330,7 +330,7 @@ def test_two_gloo_processes_train_the_model_one_process_trains(manifest, tiny_ll
     for r1, r2 in zip(single.history, history):
         assert r2["train_loss"] == pytest.approx(r1["train_loss"], rel=1e-4)
 
-    from MMContourLib.network import NetworkConfig, TextConditionedUNet
+    from MMContourLib.model.network import NetworkConfig, TextConditionedUNet
 
     torch.manual_seed(0)
     init = {f"net.{k}": v for k, v in TextConditionedUNet(NetworkConfig(feature_size=4, text_dim=32)).state_dict().items()}
@@ -340,7 +340,7 @@ def test_two_gloo_processes_train_the_model_one_process_trains(manifest, tiny_ll
     update = math.sqrt(sum(float(((a[k] - init[k]) ** 2).sum()) for k in init))
     assert diff < 0.05 * update, (diff, update)
 
-    from MMContourLib.predict import Contourer
+    from MMContourLib.inference.contourer import Contourer
 
     ct = make_ct(seed=11)
     p1 = sitk.GetArrayFromImage(Contourer.from_bundle(tmp_path / "one" / "last", device="cpu").contour(
@@ -351,7 +351,7 @@ def test_two_gloo_processes_train_the_model_one_process_trains(manifest, tiny_ll
 
 
 def test_default_emphasis_labels_are_the_phantoms_nodal_levels():
-    from MMContourLib.phantom import NODAL_REGIONS, REGION_LABELS
-    from MMContourLib.train import DEFAULT_EMPHASIS_LABELS
+    from MMContourLib.data.phantom import NODAL_REGIONS, REGION_LABELS
+    from MMContourLib.training.train import DEFAULT_EMPHASIS_LABELS
 
     assert set(DEFAULT_EMPHASIS_LABELS) == {REGION_LABELS[f"{r}_{s}"] for r in NODAL_REGIONS for s in ("left", "right")}

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from MMContourLib import note as note_module
-from MMContourLib import noteform, slicer_io
+from MMContourLib.note import clinical as note_module
+from MMContourLib.note import form as noteform
+from MMContourLib.slicer import mrml as slicer_io
 
 REPO = Path(__file__).resolve().parent.parent
 UI_FILE = REPO / "Resources" / "UI" / "MMContour.ui"
@@ -406,7 +407,7 @@ def test_extension_build_installs_a_working_module(tmp_path):
     assert Path(_find_root_function()(str(installed))) == installed
     # the installed library imports from there, and the worker and the batch script run from there
     env = {**os.environ, "PYTHONPATH": str(installed)}
-    probe = ("import MMContourLib, MMContourLib.slicer_io, MMContourLib.worker as w; "
+    probe = ("import MMContourLib, MMContourLib.slicer.mrml, MMContourLib.slicer.worker as w; "
              "print(MMContourLib.__file__); c = w.WorkerClient(pythonpath=[%r]); "
              "print(c.request('ping', timeout=60)['event']); c.close()" % str(installed))
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env,

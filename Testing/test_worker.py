@@ -17,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import make_ct
-from MMContourLib.worker import WorkerClient, explain_exit, read_bundle_summary
+from MMContourLib.slicer.worker import WorkerClient, explain_exit, read_bundle_summary
 
 pytest.importorskip("torch")
 
@@ -76,7 +76,7 @@ def _progress_until(client, rid, stage, done_at_least, timeout=60):
 
 
 def test_contour_then_edit_note_does_not_reload_and_is_fast(client, ct_file, tiny_bundle, tmp_path, record_property):
-    from MMContourLib.predict import Contourer
+    from MMContourLib.inference.contourer import Contourer
 
     t0 = time.perf_counter()
     first = _contour(client, ct_file, tiny_bundle, tmp_path)
@@ -123,7 +123,7 @@ def test_compare_notes_in_one_request(client, ct_file, tiny_bundle, tmp_path):
 
 
 def test_structured_note_fields_reach_the_model_unchanged(client, ct_file, tiny_bundle, tmp_path):
-    from MMContourLib.note import ClinicalNote
+    from MMContourLib.note.clinical import ClinicalNote
 
     note = ClinicalNote.from_fields(side="both", n_stage="left:N0;right:N2", surgery="left:bcs;right:mastectomy",
                                     age=58, pathology="IDC")
@@ -172,8 +172,8 @@ def test_cancel_mid_run_keeps_the_model_warm_and_writes_nothing(client, big_ct_f
 
 def test_slicer_scene_to_segmentation_through_the_warm_worker(client, tiny_bundle, tmp_path):
     slicer = pytest.importorskip("slicer")
-    from MMContourLib import slicer_io
-    from MMContourLib.predict import Contourer
+    from MMContourLib.slicer import mrml as slicer_io
+    from MMContourLib.inference.contourer import Contourer
 
     scene = slicer.vtkMRMLScene()
     slicer.vtkSlicerSegmentationsModuleLogic().SetMRMLScene(scene)
@@ -305,8 +305,8 @@ def batch_manifest(tmp_path_factory):
 
 
 def test_batch_contours_every_case_writes_a_summary_and_resumes(batch_manifest, tiny_bundle, tmp_path):
-    from MMContourLib.imageio import read_segmentation
-    from MMContourLib.predict import Contourer
+    from MMContourLib.image.readwrite import read_segmentation
+    from MMContourLib.inference.contourer import Contourer
 
     out = tmp_path / "out"
     done = _batch("--", "--manifest", batch_manifest, "--bundle", tiny_bundle, "--out", out, "--device", "cpu",

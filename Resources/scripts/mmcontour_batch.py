@@ -63,7 +63,7 @@ def parse_args(argv):
 
 
 def ensure_dependencies(install: bool, bundle: Path) -> None:
-    from MMContourLib.slicer_io import missing_requirements, model_package_requirements
+    from MMContourLib.slicer.mrml import missing_requirements, model_package_requirements
 
     resources = _library_root() / "Resources"
     requirements = resources / "requirements-slicer.txt"
@@ -93,7 +93,7 @@ def ensure_dependencies(install: bool, bundle: Path) -> None:
         raise BatchError(f"could not install: {', '.join(still)}")
 
 
-# -- the batch: MMContourLib.batch does the work ------------------------------------------------------
+# -- the batch: MMContourLib.inference.batch does the work ------------------------------------------------------
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -130,7 +130,7 @@ def _show_case(position: int, total: int, entry: dict) -> None:
 
 
 def run(args) -> int:
-    from MMContourLib import batch
+    from MMContourLib.inference import batch
 
     manifest = Path(args.manifest).expanduser()
     out = Path(args.out).expanduser()
@@ -145,7 +145,7 @@ def run(args) -> int:
         return EXIT_OK
 
     def load_model():
-        from MMContourLib.predict import Contourer
+        from MMContourLib.inference.contourer import Contourer
 
         _say(f"mmcontour_batch: {len(rows)} case(s) from {manifest}; loading {bundle} ...")
         try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .metrics import dice
+from ..image.metrics import dice
 
 #: The demo phantom's seed; a test checks that the demo bundle's training set (``write_dataset``
 #: with its hashed per-case seeds) never produced it.
@@ -28,7 +28,7 @@ def _say(message: str) -> None:
 
 def counterfactual_notes(note):
     """The true note, the other side, and the other nodal status (paper Fig. 5)."""
-    from .note import ClinicalNote
+    from ..note.clinical import ClinicalNote
 
     variants = [("true note", note)]
     if note.side in ("left", "right"):
@@ -81,14 +81,14 @@ def figure(path: Path, ct: sitk.Image, panels: list[tuple[str, sitk.Image, sitk.
 
 def run_demo(out_dir: str | Path, bundle: str | Path | None = None, llm: str | None = None,
              device: str = "auto", seed: int = DEMO_SEED, note_text: str = DEMO_NOTE) -> dict:
-    from .bundle import BundleError
-    from .cli import default_bundle_path
-    from .evaluate import clinical_check, region_coverage
-    from .fileio import write_json
-    from .imageio import write_image, write_segmentation
-    from .note import ClinicalNote
-    from .phantom import PhantomConfig, ctv_for_note, generate_case
-    from .predict import Contourer
+    from ..model.bundle import BundleError
+    from .main import default_bundle_path
+    from ..training.evaluate import clinical_check, region_coverage
+    from ..image.fileio import write_json
+    from ..image.readwrite import write_image, write_segmentation
+    from ..note.clinical import ClinicalNote
+    from ..data.phantom import PhantomConfig, ctv_for_note, generate_case
+    from ..inference.contourer import Contourer
 
     started = time.perf_counter()
     out = Path(out_dir)

@@ -9,25 +9,25 @@ import os
 import sys
 from pathlib import Path
 
-from . import __version__
+from .. import __version__
 
 #: Modules that add subcommands (imported lazily; a module that is not present is skipped).
-SUBCOMMAND_MODULES = ("phantom_dataset", "train", "evaluate", "demo", "dicom_import", "bench", "batch")
+SUBCOMMAND_MODULES = ("data.phantom_dataset", "training.train", "training.evaluate", "cli.demo", "dicom.archive", "bench.measure", "inference.batch")
 
 #: Subcommands whose module is imported only when that subcommand is parsed: name -> (module, the help line
 #: ``mmcontour --help`` lists, the same as the module's ``register_cli`` gives; test_cli checks that they
 #: agree). ``mmcontour --help`` and ``mmcontour phantom --help`` then need neither torch nor MONAI. A module of
 #: SUBCOMMAND_MODULES that has no entry here is imported when the parser is built.
 LAZY_SUBCOMMANDS = {
-    "phantom": ("phantom_dataset", "write synthetic breast CTs, CTVs, sub-region labels and manifest.csv"),
-    "train": ("train", "train a model bundle from a manifest of CTs, CTVs and clinical notes"),
-    "evaluate": ("evaluate", "Dice / IoU / HD95 with bootstrap CIs, clinical accuracy and text-following"),
-    "demo": ("demo", "offline end-to-end demo on a synthetic CT with several notes"),
-    "import-dicom": ("dicom_import", "convert planning CT + RTSTRUCT exports into a training manifest"),
-    "bench": ("bench", "measure speed and memory (contouring, note edits, training)"),
+    "phantom": ("data.phantom_dataset", "write synthetic breast CTs, CTVs, sub-region labels and manifest.csv"),
+    "train": ("training.train", "train a model bundle from a manifest of CTs, CTVs and clinical notes"),
+    "evaluate": ("training.evaluate", "Dice / IoU / HD95 with bootstrap CIs, clinical accuracy and text-following"),
+    "demo": ("cli.demo", "offline end-to-end demo on a synthetic CT with several notes"),
+    "import-dicom": ("dicom.archive", "convert planning CT + RTSTRUCT exports into a training manifest"),
+    "bench": ("bench.measure", "measure speed and memory (contouring, note edits, training)"),
 }
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class UsageError(Exception):
@@ -53,7 +53,7 @@ def add_note_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def note_from_args(args):
-    from .note import ClinicalNote
+    from ..note.clinical import ClinicalNote
 
     fields = {k: getattr(args, k) for k in ("age", "side", "t_stage", "n_stage", "m_stage", "surgery",
                                             "chemotherapy", "pathology") if getattr(args, k, None) not in (None, "")}
@@ -94,7 +94,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def contourer_from_args(args):
-    from .predict import Contourer
+    from ..inference.contourer import Contourer
 
     bundle = Path(args.bundle) if args.bundle else default_bundle_path()
     return Contourer.from_bundle(bundle, llm=args.llm, device=args.device, dtype=args.dtype, roi_size=args.roi,
@@ -135,11 +135,9 @@ def _check_output(path: Path, overwrite: bool) -> None:
 
 
 def cmd_predict(args) -> dict:
-    from .imageio import read_image, write_segmentation
+    from ..image.readwrite import read_image, write_segmentation
 
     if args.manifest:
-        from .batch import run_manifest  # archive-scale batch (optional module)
-
         return run_manifest(args)
     if not args.ct or not args.out:
         raise UsageError("predict needs --ct and --out (or --manifest CSV --out DIR)")
@@ -157,7 +155,7 @@ def cmd_predict(args) -> dict:
     write_segmentation(out, {"CTV": result.mask}, attributes=result.provenance, sides=sides)
     summary = {"ct": str(args.ct), "out": str(out), **result.summary(), "llm_calls": contourer.llm_calls}
     if extra_outputs:
-        from .dicomrt import export_prediction
+        from ..dicom.export import export_prediction
 
         if not Path(args.ct).is_dir():
             raise UsageError("--out-rtstruct / --out-dicom-seg need --ct to be the CT's DICOM series folder")
@@ -168,6 +166,59 @@ def cmd_predict(args) -> dict:
     if not args.json:
         print(f"CTV: {summary['volume_cc']:.1f} cc, prompt '{result.prompt}', {result.timings['total']:.1f} s -> {out}")
     return summary
+
+
+def run_manifest(args) -> dict:
+    """``mmcontour predict --manifest CSV --out DIR``: contour this process's share of the cases."""
+    from ..inference.batch import _device_for, _run_id, contour_manifest, my_share, read_manifest, shard
+
+    if not args.out:
+        raise UsageError("--manifest needs --out DIR (the folder for <case_id>.seg.nrrd and summary.json)")
+    if getattr(args, "ct", None):
+        raise UsageError("give either --ct (one CT) or --manifest (many), not both")
+    note_args = ("note", "age", "side", "t_stage", "n_stage", "m_stage", "surgery", "chemotherapy", "pathology")
+    if any(getattr(args, k, None) for k in note_args):
+        raise UsageError("with --manifest each case's note comes from its row; drop --note / --side / --n ...")
+    if getattr(args, "out_rtstruct", None) or getattr(args, "out_dicom_seg", None):
+        raise UsageError("--out-rtstruct / --out-dicom-seg work for one CT; with --manifest the output is DIR/*.seg.nrrd")
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {out_dir} is a file; with --manifest give a folder")
+    rows = read_manifest(args.manifest)
+    rank, world, local_rank = shard()
+    device = _device_for(args.device, world, local_rank)
+
+    show = not args.json
+    bar = None
+    if show:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(my_share(rows, rank, world)), desc=f"cases (rank {rank}/{world})" if world > 1 else "cases", file=sys.stderr)
+
+    def on_case(position: int, total: int, entry: dict) -> None:
+        if entry["status"] == "failed":
+            print(f"mmcontour predict: case {entry['case_id']} failed: {entry['error']}", file=sys.stderr)
+        if bar is not None:
+            bar.update(1)
+
+    try:
+        report = contour_manifest(rows, out_dir, lambda: contourer_from_args(_with(args, device=device)),
+                                  overwrite=args.overwrite, rank=rank, world=world, run=_run_id(world),
+                                  info={"manifest": str(args.manifest), "bundle": str(args.bundle or "")},
+                                  on_case=on_case)
+    finally:
+        if bar is not None:
+            bar.close()
+    if show:
+        print(f"{report['ok']} contoured, {report['failed']} failed, {report['skipped']} skipped "
+              f"of {report['cases_total']} cases in {report['seconds']:.1f} s -> {out_dir}", file=sys.stderr)
+    return report
+
+
+def _with(args, **changes):
+    import argparse
+
+    return argparse.Namespace(**{**vars(args), **changes})
 
 
 class _LazySubParsersAction(argparse._SubParsersAction):
@@ -190,7 +241,7 @@ class _LazySubParsersAction(argparse._SubParsersAction):
         names = [n for n, m in self._lazy_modules.items() if m == module_name]
         for n in names:
             del self._lazy_modules[n]
-        module = importlib.import_module(f".{module_name}", __package__)
+        module = importlib.import_module(f"MMContourLib.{module_name}")
         placeholders = {n: self._name_parser_map.pop(n) for n in names}  # register_cli adds them afresh
         listed = list(self._choices_actions)
         module.register_cli(self)
@@ -215,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ct", help="CT file (NIfTI, NRRD, MHA) or DICOM series folder")
     p.add_argument("--out", help="output .seg.nrrd (Slicer) or .nii.gz labelmap; with --manifest, a folder")
     p.add_argument("--manifest", help="CSV of cases (DESIGN.md columns) to contour in one run")
-    from .dicomrt import add_export_arguments
+    from ..dicom.export import add_export_arguments
 
     add_export_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -227,14 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name in SUBCOMMAND_MODULES:
         lazy = [(command, help_line) for command, (module, help_line) in LAZY_SUBCOMMANDS.items() if module == name]
         if lazy:
-            if importlib.util.find_spec(f".{name}", __package__) is not None:
+            if importlib.util.find_spec(f"MMContourLib.{name}") is not None:
                 for command, help_line in lazy:
                     sub.add_lazy_parser(command, name, help_line)
             continue
         try:
-            module = importlib.import_module(f".{name}", __package__)
+            module = importlib.import_module(f"MMContourLib.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name == f"{__package__}.{name}":
+            if exc.name == f"MMContourLib.{name}":
                 continue
             raise
         if hasattr(module, "register_cli"):
@@ -252,7 +303,7 @@ def load_subcommands(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 
 def main(argv=None) -> int:
-    from .note import ContradictionError, NoteError
+    from ..note.clinical import ContradictionError, NoteError
 
     parser = build_parser()
     args = parser.parse_args(argv)

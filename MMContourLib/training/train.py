@@ -34,14 +34,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .fileio import atomic_write
-from .data import (AugmentConfig, PatchDataset, build_cache, collate, epoch_plan, manifest_hash, read_manifest,
+from ..image.fileio import atomic_write
+from ..data.dataset import (AugmentConfig, PatchDataset, build_cache, collate, epoch_plan, manifest_hash, read_manifest,
                    sample_transforms, select_fraction, steps_per_epoch)
-from .preprocess import PreprocessConfig
-from .text import MINILM_SOURCE, SMOLLM2_SOURCE, TextEncoder, TextEncoderSpec, build_text_encoder
+from ..image.preprocess import PreprocessConfig
+from ..model.text import MINILM_SOURCE, SMOLLM2_SOURCE, TextEncoder, TextEncoderSpec, build_text_encoder
 
 if TYPE_CHECKING:
-    from .network import TextConditionedUNet
+    from ..model.network import TextConditionedUNet
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
@@ -404,9 +404,9 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
            callbacks) -> TrainResult:
     from tqdm import tqdm
 
-    from .bundle import InferenceConfig, ModelBundle
+    from ..model.bundle import InferenceConfig, ModelBundle
     from .losses import weighted_dice_ce
-    from .network import NetworkConfig, TextConditionedUNet, count_parameters
+    from ..model.network import NetworkConfig, TextConditionedUNet, count_parameters
 
     cases = read_manifest(config.manifest)
     train_cases = [c for c in cases if c.split == config.train_split]

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
-from .note import MANIFEST_COLUMNS, ClinicalNote, ContradictionError, NoteError
-from .preprocess import PreprocessConfig, mask_to_model_grid, to_model_grid
+from ..note.clinical import MANIFEST_COLUMNS, ClinicalNote, ContradictionError, NoteError
+from ..image.preprocess import PreprocessConfig, mask_to_model_grid, to_model_grid
 
 if TYPE_CHECKING:  # MONAI takes seconds to import: only the functions that build pipelines load it
     from monai.data import CacheDataset
@@ -129,7 +129,7 @@ class LoadCaseOnModelGridd:
     def __call__(self, data: dict) -> dict:
         import SimpleITK as sitk
 
-        from .imageio import read_image
+        from ..image.readwrite import read_image
 
         ct = read_image(data["ct"])
         model_input = to_model_grid(ct, self.preprocessing)

@@ -32,7 +32,7 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
         raise FileNotFoundError(f"CT not found: {path}")
     if path.is_dir():
         try:
-            from .dicom_import import read_ct_series
+            from .ctseries import read_ct_series
         except ImportError:  # pragma: no cover - dicom_import is part of the package
             read_ct_series = None
         if read_ct_series is not None:

@@ -20,13 +20,12 @@ import csv
 import json
 import os
 import re
-import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Callable
 
-from .fileio import write_json
+from ..image.fileio import write_json
 
 SUMMARY_NAME = "summary.json"
 NOTE_COLUMNS = ("side", "n_stage", "surgery")  # needed when there is no 'note' column
@@ -81,7 +80,7 @@ def read_manifest(path: str | os.PathLike, split: str | None = None, check: bool
 
 
 def _check_row(row: dict[str, str], where: str) -> None:
-    from .note import ContradictionError, NoteError
+    from ..note.clinical import ContradictionError, NoteError
 
     try:
         _note_for(row)
@@ -135,7 +134,7 @@ def _run_id(world: int) -> str:
 
 
 def _note_for(row: dict[str, str]):
-    from .note import ClinicalNote
+    from ..note.clinical import ClinicalNote
 
     if row.get("note"):
         return ClinicalNote.parse(row["note"])
@@ -153,8 +152,8 @@ def contour_case(contourer, row: dict[str, str], out_dir: Path, overwrite: bool,
     """Contour one manifest row; never raises for a problem with the case itself. ``score``: with a
     ``ctv`` in the row, add the Dice of the contour against it (a CTV that cannot be read fails the
     case before its output is written)."""
-    from .imageio import read_image, write_segmentation
-    from .metrics import dice
+    from ..image.readwrite import read_image, write_segmentation
+    from ..image.metrics import dice
 
     out = output_path(out_dir, row["case_id"])
     entry: dict = {"case_id": row["case_id"], "ct": row.get("ct", ""), "out": str(out)}
@@ -282,56 +281,3 @@ def contour_manifest(rows: list[dict[str, str]], out_dir: str | os.PathLike, loa
     else:
         report["summary"] = str(target)
     return report
-
-
-def run_manifest(args) -> dict:
-    """``mmcontour predict --manifest CSV --out DIR``: contour this process's share of the cases."""
-    from .cli import UsageError, contourer_from_args
-
-    if not args.out:
-        raise UsageError("--manifest needs --out DIR (the folder for <case_id>.seg.nrrd and summary.json)")
-    if getattr(args, "ct", None):
-        raise UsageError("give either --ct (one CT) or --manifest (many), not both")
-    note_args = ("note", "age", "side", "t_stage", "n_stage", "m_stage", "surgery", "chemotherapy", "pathology")
-    if any(getattr(args, k, None) for k in note_args):
-        raise UsageError("with --manifest each case's note comes from its row; drop --note / --side / --n ...")
-    if getattr(args, "out_rtstruct", None) or getattr(args, "out_dicom_seg", None):
-        raise UsageError("--out-rtstruct / --out-dicom-seg work for one CT; with --manifest the output is DIR/*.seg.nrrd")
-    out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--out {out_dir} is a file; with --manifest give a folder")
-    rows = read_manifest(args.manifest)
-    rank, world, local_rank = shard()
-    device = _device_for(args.device, world, local_rank)
-
-    show = not args.json
-    bar = None
-    if show:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(my_share(rows, rank, world)), desc=f"cases (rank {rank}/{world})" if world > 1 else "cases", file=sys.stderr)
-
-    def on_case(position: int, total: int, entry: dict) -> None:
-        if entry["status"] == "failed":
-            print(f"mmcontour predict: case {entry['case_id']} failed: {entry['error']}", file=sys.stderr)
-        if bar is not None:
-            bar.update(1)
-
-    try:
-        report = contour_manifest(rows, out_dir, lambda: contourer_from_args(_with(args, device=device)),
-                                  overwrite=args.overwrite, rank=rank, world=world, run=_run_id(world),
-                                  info={"manifest": str(args.manifest), "bundle": str(args.bundle or "")},
-                                  on_case=on_case)
-    finally:
-        if bar is not None:
-            bar.close()
-    if show:
-        print(f"{report['ok']} contoured, {report['failed']} failed, {report['skipped']} skipped "
-              f"of {report['cases_total']} cases in {report['seconds']:.1f} s -> {out_dir}", file=sys.stderr)
-    return report
-
-
-def _with(args, **changes):
-    import argparse
-
-    return argparse.Namespace(**{**vars(args), **changes})

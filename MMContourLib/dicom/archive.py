@@ -1,9 +1,9 @@
 """DICOM in: CT series + RTSTRUCT from a hospital's planning export into images, masks and a training manifest.
 
-``read_ct_series`` reads one CT series (geometry validated by ``dicomrt.scan_ct_series``), ``rtstruct_to_mask``
+``image.ctseries.read_ct_series`` reads one CT series (geometry validated there), ``rtstruct_to_mask``
 rasterises the matching structures of an RTSTRUCT onto it, ``import_dicom`` (``mmcontour import-dicom``) walks a
 folder of exports, pairs each CT with its RTSTRUCT, joins the clinical table and writes NIfTI + manifest.csv.
-Writing RTSTRUCT / DICOM SEG back is ``dicomrt``.
+Writing RTSTRUCT / DICOM SEG back is ``dicom.export``.
 
 SimpleITK (GDCM) decodes the CT pixels, so JPEG lossless / JPEG 2000 exports read as well as uncompressed ones;
 pydicom reads the headers; matplotlib's ``Path`` fills contour polygons into masks.
@@ -25,11 +25,12 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .dicomrt import (CTSeriesInfo, DicomError, DicomGeometryError, EmptyContourError, NoMatchingStructureError,
-                      WrongSeriesError, _floats, _list_files, _read_header, _text, scan_ct_series)
-from .fileio import write_text as _write_text
-from .imageio import write_image
-from .note import MANIFEST_COLUMNS, ClinicalNote
+from ..image.ctseries import (CTSeriesInfo, DicomError, DicomGeometryError, EmptyContourError,
+                              NoMatchingStructureError, WrongSeriesError, _floats, _list_files, _read_header, _text,
+                              read_ct_series)
+from ..image.fileio import write_text as _write_text
+from ..image.readwrite import write_image
+from ..note.clinical import MANIFEST_COLUMNS, ClinicalNote
 
 if TYPE_CHECKING:  # pydicom is imported where it is used
     from pydicom.dataset import Dataset
@@ -40,31 +41,6 @@ DEFAULT_CTV_PATTERNS = ("CTV", "CTV_*", "CTV[0-9]*", "CTVp", "CTVp_*", "CTVn", "
 DEFAULT_EXCLUDE_PATTERNS = ("z*", "_*", "*boost*", "*_tb", "*_tb_*", "*tumo*bed*", "*eval*", "*old*",
                             "*opt*", "*ptv*", "*ring*", "*^*")
 SPLIT_FRACTIONS = (("train", 0.8), ("val", 0.1), ("test", 0.1))
-
-
-# -- CT series: read -------------------------------------------------------------------------------
-def read_ct_series(folder_or_files) -> tuple[sitk.Image, CTSeriesInfo]:
-    """Read one CT series (a folder, searched recursively, or its files) in HU on its validated grid.
-    Raises DicomGeometryError (missing/duplicate slice, gantry-tilt shear, ...) or another DicomError."""
-    info = scan_ct_series(folder_or_files)
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames([str(f) for f in info.files])
-    reader.SetOutputPixelType(sitk.sitkFloat32)  # GDCM applies each slice's own rescale slope/intercept
-    try:
-        volume = sitk.GetArrayFromImage(reader.Execute())
-    except RuntimeError as exc:
-        raise DicomError(f"cannot decode the pixels of series {info.series_instance_uid}: "
-                         f"{str(exc).strip().splitlines()[-1]}") from None
-    if volume.shape != info.size[::-1]:
-        raise DicomGeometryError(f"series {info.series_instance_uid}: pixel data {volume.shape[::-1]} does not match "
-                                 f"the headers {info.size}")
-    if np.all(volume == np.round(volume)) and volume.min() >= -32768 and volume.max() <= 32767:
-        volume = volume.astype(np.int16)
-    image = sitk.GetImageFromArray(volume)
-    image.SetSpacing(info.spacing)
-    image.SetOrigin(info.origin)
-    image.SetDirection(info.direction)
-    return image, info
 
 
 # -- structure names ---------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ DEVICE_CHOICES = {"auto": "auto", "CPU": "cpu", "GPU": "cuda"}
 
 def form_choices() -> dict[str, tuple[str, ...]]:
     """Items of each clinical-note combo box, in order (the first is the default)."""
-    from . import note as n
+    from . import clinical as n
 
     return {"side": ("left", "right", "both"),
             "n_stage": n.N_STAGES,
@@ -43,7 +43,7 @@ def _stated(value) -> str:
 def note_from_form(values: Mapping[str, object]):
     """A ClinicalNote from form values (parameter names as in FORM_PARAMETERS; age 0 = not stated).
     Raises NoteError (``.field`` names the field) or ContradictionError with a message for the user."""
-    from .note import ClinicalNote, normalise_side
+    from .clinical import ClinicalNote, normalise_side
 
     side = normalise_side(values.get("side") or "left")
     sides = ("left", "right") if side == "both" else (side,)
@@ -85,7 +85,7 @@ def note_warnings(note) -> list[str]:
 def suggest_variants(note) -> list:
     """Up to three informative alternatives to compare (paper Fig. 5): the other side, node-negative
     (or node-positive), and the other surgery."""
-    from .note import ClinicalNote
+    from .clinical import ClinicalNote
 
     variants = []
     if note.side in ("left", "right"):

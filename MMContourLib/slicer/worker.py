@@ -4,7 +4,7 @@ Why a process: Slicer's GUI must never freeze, Cancel must always work (even ins
 CUDA call), and a crash or out-of-memory must not take Slicer down. Why long-lived: loading the LLM
 and the U-Net is the slow part; editing the note and pressing Apply again must not reload them.
 
-Protocol (one JSON object per line; ``python -m MMContourLib.worker``)::
+Protocol (one JSON object per line; ``python -m MMContourLib.slicer.worker``)::
 
     stdin  {"id": "7", "op": "contour", "ct": "/tmp/ct.nrrd", "notes": ["N1, bcs, left side"],
             "bundle": "B", "llm": null, "device": "auto", "out_dir": "/tmp/out"}
@@ -135,8 +135,8 @@ class _Server:
     # -- ops -----------------------------------------------------------------------------------------
     def _ensure_contourer(self, request, progress) -> bool:
         """The Contourer for (bundle, llm, device), loading it only when that changed; True if loaded now."""
-        from .bundle import ModelBundle
-        from .predict import Contourer
+        from ..model.bundle import ModelBundle
+        from ..inference.contourer import Contourer
 
         bundle = str(Path(request["bundle"]).expanduser().resolve())
         llm = request.get("llm") or None
@@ -174,7 +174,7 @@ class _Server:
         self.emit(id=str(request.get("id", "")), event="info", **device_info())
 
     def _read_ct(self, path: str):
-        from .imageio import read_image
+        from ..image.readwrite import read_image
 
         stat = Path(path).stat()
         key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
@@ -220,7 +220,7 @@ class _Server:
         try:
             for index, note in enumerate(notes):
                 if isinstance(note, dict):  # the form's structured fields: nothing lost to free-text parsing
-                    from .note import ClinicalNote
+                    from ..note.clinical import ClinicalNote
                     note = ClinicalNote.from_fields(**note)
                 progress = self._progress_fn(rid, request, index, len(notes))
                 r = self._contourer.contour(image, note, progress=progress, cancel=lambda: self.is_cancelled(rid))
@@ -251,7 +251,7 @@ class _Cancel(Exception):
 
 def _cancelled_type():
     try:
-        from .predict import Cancelled
+        from ..inference.contourer import Cancelled
         return Cancelled
     except Exception:
         return None
@@ -349,13 +349,13 @@ def kill_process_tree(process: subprocess.Popen) -> None:
 
 
 class WorkerClient:
-    """Starts and talks to ``python -m MMContourLib.worker``; safe to call from a GUI thread (never blocks
+    """Starts and talks to ``python -m MMContourLib.slicer.worker``; safe to call from a GUI thread (never blocks
     except in :meth:`wait` and :meth:`close`)."""
 
     def __init__(self, python: str | None = None, pythonpath: Iterable[str] = (), env: Mapping[str, str] | None = None,
                  log: Callable[[str], None] | None = None, stderr_lines: int = 200):
         self.python = python or sys.executable
-        self.pythonpath = [str(p) for p in pythonpath] or [str(Path(__file__).resolve().parent.parent)]
+        self.pythonpath = [str(p) for p in pythonpath] or [str(Path(__file__).resolve().parents[2])]
         self.env = dict(env or {})
         self.log = log
         self._process: subprocess.Popen | None = None
@@ -392,7 +392,7 @@ class WorkerClient:
             kwargs["start_new_session"] = True  # own process group: Cancel can kill the whole tree
         self._stderr.clear()
         self.ready = None
-        process = subprocess.Popen([self.python, "-m", "MMContourLib.worker"], stdin=subprocess.PIPE,
+        process = subprocess.Popen([self.python, "-m", "MMContourLib.slicer.worker"], stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
                                    encoding="utf-8", errors="replace", bufsize=1, **kwargs)
         self._process = process

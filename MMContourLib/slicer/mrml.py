@@ -177,7 +177,7 @@ def image_to_volume_node(scene, image: sitk.Image, name: str = "CT", node_class:
 
 def export_volume(node, path: str | os.PathLike) -> Path:
     """Write a volume node to an image file (the worker's input); atomic, so the worker never reads half a file."""
-    from .imageio import write_image
+    from ..image.readwrite import write_image
 
     return write_image(volume_node_to_image(node), path, compress=False)  # uncompressed: fastest both ways
 
@@ -185,7 +185,7 @@ def export_volume(node, path: str | os.PathLike) -> Path:
 # -- segmentations -------------------------------------------------------------------------------
 
 def _terminology(side: str | None) -> str:
-    from .imageio import terminology_entry
+    from ..image.readwrite import terminology_entry
 
     return terminology_entry(side)
 
@@ -218,7 +218,7 @@ def build_segmentation(ct_node, masks: Mapping[str, object], provenance: Mapping
     with name, colour, terminology, tags, the CT as reference geometry and MMContour attributes."""
     import slicer
 
-    from . import __version__
+    from .. import __version__
 
     if not masks:
         raise ValueError("no segment to write")
@@ -363,14 +363,14 @@ def segment_ids(segmentation_node) -> list[str]:
 
 
 def result_colors(count: int) -> list[tuple[float, float, float]]:
-    from .imageio import DEFAULT_COLORS
+    from ..image.readwrite import DEFAULT_COLORS
 
     return [tuple(DEFAULT_COLORS[i % len(DEFAULT_COLORS)]) for i in range(count)]
 
 
 def short_note_label(note) -> str:
     """A few words that tell results apart in the Data module: 'N2 BCS left', 'N0 BCS left + N2 TM right'."""
-    from .note import note_from_any
+    from ..note.clinical import note_from_any
 
     note = note_from_any(note)
     surgery = {"bcs": "BCS", "mastectomy": "TM"}
@@ -434,7 +434,7 @@ class CtFileCache:
 
 class ContourJob:
     """One Apply (or Compare notes): a CT volume node and notes in, a segmentation node out, through a
-    :class:`~MMContourLib.worker.WorkerClient`. Nothing blocks: ``start`` sends the request and
+    :class:`~MMContourLib.slicer.worker.WorkerClient`. Nothing blocks: ``start`` sends the request and
     ``poll`` (called from a timer) advances it. The scene changes only when the result is complete;
     a cancelled or failed job writes nothing.
 
@@ -448,7 +448,7 @@ class ContourJob:
         if not notes:
             raise ValueError("no clinical note to contour with")
         self.client, self.scene, self.ct_node = client, scene, ct_node
-        from .note import note_from_any
+        from ..note.clinical import note_from_any
 
         self.notes = [note_from_any(n).to_fields() for n in notes]  # a bad note fails here, before any work
         self.bundle, self.llm, self.device = str(bundle), (str(llm) if llm else None), device or "auto"

@@ -24,76 +24,14 @@ import contextlib
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
-NOTES = [f"{n}, {s}, {side} side" for side in ("left", "right")
-         for s in ("breast conserving surgery", "total mastectomy surgery")
-         for n in ("N0", "N1mi", "N1", "N2", "N3")]
-
-TINY_LLM = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=None)
-SMOLLM2_135M_SHAPE = dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536, num_attention_heads=9,
-                          num_key_value_heads=3, vocab_size=49152)
-THORAX_CT = dict(size=(512, 512, 120), spacing=(0.98, 0.98, 2.5))
-
-
-@dataclass
-class Preset:
-    name: str
-    llm_shape: dict
-    feature_size: int
-    spacing: tuple[float, float, float]
-    roi: tuple[int, int, int]
-    overlap: float
-    ct_size: tuple[int, int, int] = THORAX_CT["size"]
-    ct_spacing: tuple[float, float, float] = THORAX_CT["spacing"]
-    device: str = "cpu"
-    llm_dtype: str = "auto"
-    precision: str = "auto"
-    channels_last: bool = False
-    compile: bool = False
-    cache_features: str = "auto"
-    offload_llm: bool = False
-    edited_note: bool = True
-    sw_batch_size: int = 1
-    repeats: int = 3
-    train_patch: tuple[int, int, int] = (32, 32, 16)
-    train_batch: int = 2
-    train_steps: int = 3
-    activation_checkpointing: bool = False
-    reference_windows: int = 0  # 0: the whole CT; K: time K windows and scale by the window count
-    notes: list[str] = field(default_factory=list)
-
-
-def _llama7b(layers: int | None = None) -> dict:
-    from .randomllm import LLAMA2_7B_SHAPE
-
-    return {**LLAMA2_7B_SHAPE, **({"num_hidden_layers": layers} if layers else {})}
-
-
-PRESETS = {
-    "tiny": lambda: Preset("tiny", TINY_LLM, 4, (6.0, 6.0, 8.0), (32, 32, 16), 0.25, ct_size=(64, 56, 30),
-                           ct_spacing=(4.0, 4.0, 6.0), llm_dtype="fp32", repeats=3, train_steps=2),
-    "small": lambda: Preset("small", SMOLLM2_135M_SHAPE, 16, (2.0, 2.0, 6.0), (128, 128, 64), 0.25,
-                            llm_dtype="fp32", train_patch=(128, 128, 64), reference_windows=0),
-    # 16 GB of host memory hold the 13.5 GB bf16 LLM and one fp32 channels-last U-Net window of
-    # ~1 M voxels (~1.3 kB per voxel measured; bf16 autocast halves that but was no faster on this
-    # CPU); 112 slices cover the whole 100-slice model grid of a 120 x 2.5 mm CT in one window.
-    "cpu": lambda: Preset("cpu", _llama7b(), 48, (1.0, 1.0, 3.0), (96, 96, 112), 0.1, llm_dtype="bf16",
-                          precision="fp32", channels_last=True, repeats=1, train_patch=(64, 64, 32),
-                          train_steps=2, reference_windows=2),
-    "gpu-7b": lambda: Preset("gpu-7b", _llama7b(), 48, (1.0, 1.0, 3.0), (384, 384, 128), 0.5, device="cuda",
-                             llm_dtype="bf16", precision="bf16", channels_last=True, repeats=3,
-                             train_patch=(384, 384, 128), train_batch=2, train_steps=4,
-                             activation_checkpointing=True),
-}
-
+from .presets import NOTES, PRESETS, THORAX_CT, Preset, med
 
 # -- measuring ------------------------------------------------------------------------------------
 
@@ -157,11 +95,6 @@ class Measure:
         self.host_mib = self.host.mib
 
 
-def med(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return round(statistics.median(values), 4) if values else None
-
-
 def environment(device) -> dict:
     import monai
     import numpy
@@ -195,7 +128,7 @@ def environment(device) -> dict:
 
 def _source_revision() -> str:
     """The git commit the package runs from (+ "-dirty" with local changes), when it is a checkout."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     try:
         rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=10).stdout.strip()
@@ -262,10 +195,10 @@ def make_bundle(llm: Path, preset: Preset, folder: Path, text_dim: int, seed: in
     fingerprint on first use)."""
     import torch
 
-    from .bundle import InferenceConfig, ModelBundle
-    from .network import NetworkConfig, TextConditionedUNet
-    from .preprocess import PreprocessConfig
-    from .text import TextEncoderSpec
+    from ..model.bundle import InferenceConfig, ModelBundle
+    from ..model.network import NetworkConfig, TextConditionedUNet
+    from ..image.preprocess import PreprocessConfig
+    from ..model.text import TextEncoderSpec
 
     torch.manual_seed(seed)
     net = TextConditionedUNet(NetworkConfig(feature_size=preset.feature_size, text_dim=text_dim))
@@ -282,7 +215,7 @@ def make_bundle(llm: Path, preset: Preset, folder: Path, text_dim: int, seed: in
 # -- the measurements ---------------------------------------------------------------------------
 
 def parameter_counts(text_dim: int = 4096, feature_size: int = 48) -> dict:
-    from .network import NetworkConfig, TextConditionedUNet, count_parameters
+    from ..model.network import NetworkConfig, TextConditionedUNet, count_parameters
 
     vision = count_parameters(TextConditionedUNet(NetworkConfig(feature_size=feature_size)))
     multimodal = count_parameters(TextConditionedUNet(NetworkConfig(feature_size=feature_size, text_dim=text_dim)))
@@ -348,7 +281,7 @@ def warm_up(contourer) -> None:
     in the first timed contour."""
     import torch
 
-    from .predict import autocast_context
+    from ..inference.contourer import autocast_context
 
     x = torch.rand(contourer.sw_batch_size, 1, *contourer.roi_size, device=contourer.device)
     if contourer.channels_last:
@@ -375,8 +308,8 @@ def bench_window_ratio(preset: Preset, device, text_dim: int, repeats: int) -> d
     """Forward time of one window: vision-only vs multimodal network of the same size (same settings)."""
     import torch
 
-    from .network import NetworkConfig, TextConditionedUNet
-    from .predict import autocast_context
+    from ..model.network import NetworkConfig, TextConditionedUNet
+    from ..inference.contourer import autocast_context
 
     nets = {}
     for name, dim in (("vision_only", None), ("multimodal", text_dim)):
@@ -411,8 +344,8 @@ def bench_reference(contourer, ct, note: str, preset: Preset, work_llm: Path, sa
     import torch
     from monai.inferers import sliding_window_inference
 
-    from .predict import count_windows
-    from .text import TextEncoderSpec, build_text_encoder
+    from ..inference.contourer import count_windows
+    from ..model.text import TextEncoderSpec, build_text_encoder
 
     need = _fp32_llm_bytes(preset.llm_shape)
     if not _fits(need, contourer.device):
@@ -549,14 +482,14 @@ def run_bench(preset: Preset, work: Path, *, what: set[str], llm: str | None = N
               offload_modes: bool = False, scaleout: int = 0, say=lambda m: None) -> dict:
     import torch
 
-    from .predict import Contourer, resolve_device
+    from ..inference.contourer import Contourer, resolve_device
 
     device = resolve_device(preset.device)
     report: dict = {"preset": asdict(preset), "environment": environment(device), "measured": {}, "notes": []}
     report["parameters"] = parameter_counts()
     work.mkdir(parents=True, exist_ok=True)
     if bundle and not llm:  # the bundle's own LLM, found where the bundle says
-        from .text import resolve_source
+        from ..model.text import resolve_source
 
         source = json.loads((Path(bundle) / "config.json").read_text())["text_encoder"]["source"]
         llm_path, made_s = resolve_source(source), 0.0
@@ -761,7 +694,7 @@ def preset_from_args(args) -> Preset:
 
 
 def cmd_bench(args) -> dict:
-    from .text import cache_root
+    from ..model.text import cache_root
 
     preset = preset_from_args(args)
     what = set(args.only or ALL) - set(args.skip)

@@ -1,6 +1,6 @@
 """Scale-out measurement for ``mmcontour bench --scaleout N``: training throughput of N CPU processes
 under ``torchrun`` (gloo, DistributedDataParallel) against one process; each process plays the part of
-one GPU. ``python -m MMContourLib.scaleout ...`` is one such process (started by ``bench_scaleout``)."""
+one GPU. ``python -m MMContourLib.bench.scaleout ...`` is one such process (started by ``bench_scaleout``)."""
 from __future__ import annotations
 
 import datetime
@@ -14,7 +14,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .bench import NOTES, PRESETS, Preset, med
+from .presets import NOTES, PRESETS, Preset, med
 
 
 def scaleout_worker(args) -> None:
@@ -24,8 +24,8 @@ def scaleout_worker(args) -> None:
     from monai.losses import DiceCELoss
     from torch import nn
 
-    from .network import NetworkConfig, TextConditionedUNet
-    from .text import TextEncoderSpec, build_text_encoder
+    from ..model.network import NetworkConfig, TextConditionedUNet
+    from ..model.text import TextEncoderSpec, build_text_encoder
 
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))  # a lost peer fails, not hangs
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -94,7 +94,7 @@ def bench_scaleout(preset: Preset, llm: Path, nprocs: int, steps: int, say, thre
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "result.json"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                   "-m", "MMContourLib.scaleout", "--preset", preset.name, "--llm", str(llm),
+                   "-m", "MMContourLib.bench.scaleout", "--preset", preset.name, "--llm", str(llm),
                    "--steps", str(steps), "--threads", str(threads), "--out", str(out),
                    "--patch", *map(str, preset.train_patch), "--batch", str(preset.train_batch)]
             env = {**os.environ, "OMP_NUM_THREADS": str(threads)}

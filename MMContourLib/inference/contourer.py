@@ -25,10 +25,10 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import __version__
-from .bundle import ModelBundle
-from .note import PROMPT_TEMPLATE_VERSION, ClinicalNote, note_from_any
-from .preprocess import ModelInput, probabilities_to_ct_grid, threshold, to_model_grid
+from .. import __version__
+from ..model.bundle import ModelBundle
+from ..note.clinical import PROMPT_TEMPLATE_VERSION, ClinicalNote, note_from_any
+from ..image.preprocess import ModelInput, probabilities_to_ct_grid, threshold, to_model_grid
 
 Progress = Callable[[str, int, int], None]
 FEATURE_CACHE_MODES = ("auto", "device", "host", "off")

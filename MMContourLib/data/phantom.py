@@ -24,7 +24,7 @@ from typing import Mapping
 import numpy as np
 import SimpleITK as sitk
 
-from .note import ClinicalNote, SideFindings, note_from_any
+from ..note.clinical import ClinicalNote, SideFindings, note_from_any
 
 REGION_LABELS: dict[str, int] = {
     "breast_left": 1, "breast_right": 2, "chestwall_left": 3, "chestwall_right": 4,

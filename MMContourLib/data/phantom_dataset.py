@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .fileio import write_text as _write_text
-from .note import MANIFEST_COLUMNS as NOTE_MANIFEST_COLUMNS
-from .note import ClinicalNote
+from ..image.fileio import write_text as _write_text
+from ..note.clinical import MANIFEST_COLUMNS as NOTE_MANIFEST_COLUMNS
+from ..note.clinical import ClinicalNote
 from .phantom import REGION_LABELS, PhantomConfig, generate_case, sample_note
 
 MANIFEST_COLUMNS = NOTE_MANIFEST_COLUMNS + ("regions",)  # the sub-region label maps
@@ -55,7 +55,7 @@ def _assign_splits(notes: list[ClinicalNote], fractions, seed: int) -> list[str]
 
 def _is_phantom_folder(out: Path) -> bool:
     try:
-        return json.loads((out / "phantom.json").read_text()).get("generator") == "MMContourLib.phantom"
+        return json.loads((out / "phantom.json").read_text()).get("generator") == "MMContourLib.data.phantom"
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -69,7 +69,7 @@ def write_dataset(n: int, out_dir, seed: int = 0, config: PhantomConfig | None =
     made is overwritten; a phantom folder is rewritten in place (files of its old cases are removed)."""
     from tqdm import tqdm
 
-    from .imageio import write_image
+    from ..image.readwrite import write_image
 
     if int(n) < 1:
         raise ValueError(f"n must be at least 1, got {n}")
@@ -86,7 +86,7 @@ def write_dataset(n: int, out_dir, seed: int = 0, config: PhantomConfig | None =
     notes = [sample_note(s, cfg) for s in seeds]
     splits = _assign_splits(notes, split_fractions, seed)
     (out / "cases").mkdir(parents=True, exist_ok=True)
-    meta = {"generator": "MMContourLib.phantom", "seed": int(seed), "n": int(n), "config": cfg.to_dict(),
+    meta = {"generator": "MMContourLib.data.phantom", "seed": int(seed), "n": int(n), "config": cfg.to_dict(),
             "region_labels": REGION_LABELS, "cases": previous, "complete": False}
     _write_text(marker, json.dumps(meta, indent=1, default=str))  # claims the folder before any case is written
     rows, infos = [], {}

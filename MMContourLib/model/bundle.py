@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import __version__
+from .. import __version__
 from .network import NetworkConfig, TextConditionedUNet
-from .note import PROMPT_TEMPLATE_VERSION
-from .preprocess import PreprocessConfig
+from ..note.clinical import PROMPT_TEMPLATE_VERSION
+from ..image.preprocess import PreprocessConfig
 from .text import TextEncoder, TextEncoderSpec, build_text_encoder
 
 BUNDLE_FORMAT = 1

@@ -1,0 +1,1 @@
+"""Benchmarks: presets, measurements, scale-out, the random LLM and synthetic inputs they share with the tests."""

@@ -1,0 +1,1 @@
+"""The mmcontour command: one module per subcommand; argparse lives only here."""

@@ -1,0 +1,1 @@
+"""The manifest, training datasets and patches, synthetic phantoms."""

@@ -1,0 +1,1 @@
+"""DICOM RT: RTSTRUCT and DICOM SEG export, planning-archive import."""

@@ -1,0 +1,270 @@
+"""DICOM RT out: a prediction written back as an RTSTRUCT or DICOM SEG that references the CT series it was
+made on (``export_prediction``, used by ``mmcontour predict --out-rtstruct / --out-dicom-seg``). The series'
+geometry is validated by ``image.ctseries``; importing a planning archive is ``dicom.archive``.
+
+Library choice: pydicom reads every header and builds the RTSTRUCT (no maintained library writes an
+RTSTRUCT from a mask on an arbitrary, possibly oblique, grid without pulling OpenCV in: rt-utils needs
+opencv-python and assumes its own slice handling); highdicom builds the DICOM SEG, copying patient and
+study from the CT; contourpy (matplotlib's marching squares) turns mask slices into closed polygons.
+"""
+from __future__ import annotations
+
+import os
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..image.ctseries import RTSTRUCT_STORAGE, STUDY_COMPONENT_SOP_CLASS, DicomError, _check_on_grid, _ct_info
+from ..image.fileio import atomic_write as _atomic_write
+from ..note.clinical import ClinicalNote
+
+if TYPE_CHECKING:  # pydicom is imported where it is used, so `mmcontour --help` does not load it
+    from pydicom.dataset import Dataset
+
+#: TG-263-style ROI name for exports; ``{lat}`` becomes ``_L``, ``_R`` or nothing for both sides.
+DEFAULT_ROI_TEMPLATE = "CTV{lat}"
+DEFAULT_COLOR = (255, 0, 0)
+
+
+# -- ROI names ------------------------------------------------------------------------------------
+def format_roi_name(template: str = DEFAULT_ROI_TEMPLATE, note: ClinicalNote | None = None) -> str:
+    """A TG-263-style ROI name: ``{lat}`` -> ``_L`` / ``_R`` / '' (both sides or no note)."""
+    lat = {"left": "_L", "right": "_R"}.get(note.side if note is not None else "", "")
+    try:
+        name = template.format(lat=lat)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"ROI name template {template!r}: only the placeholder {{lat}} is known ({exc})") from None
+    if not re.fullmatch(r"[A-Za-z0-9_^~\-]{1,16}", name):
+        raise ValueError(f"ROI name {name!r} is not TG-263 style: 1-16 characters, letters, digits, _ ^ ~ -, "
+                         f"no spaces (e.g. 'CTV', 'CTV_L', 'CTVp_Breast_L')")
+    return name
+
+
+# -- RTSTRUCT / SEG out ---------------------------------------------------------------------------------
+def _slice_polygons(slice_mask: np.ndarray) -> list[np.ndarray]:
+    """Closed polygons (continuous (i, j) index, not repeating the first point) bounding a 2D mask; pixel
+    centres inside the polygons (even-odd) are exactly the mask's voxels."""
+    from contourpy import LineType, contour_generator
+
+    padded = np.pad(slice_mask.astype(np.float64), 1)  # so every line closes inside the image
+    lines = contour_generator(z=padded, line_type=LineType.Separate).lines(0.5)
+    polygons = []
+    for line in lines:
+        pts = np.asarray(line, dtype=float) - 1.0
+        if len(pts) > 1 and np.allclose(pts[0], pts[-1]):
+            pts = pts[:-1]
+        prev, nxt = np.roll(pts, 1, axis=0), np.roll(pts, -1, axis=0)
+        cross = (pts[:, 0] - prev[:, 0]) * (nxt[:, 1] - pts[:, 1]) - (pts[:, 1] - prev[:, 1]) * (nxt[:, 0] - pts[:, 0])
+        pts = pts[np.abs(cross) > 1e-9]  # drop vertices in the middle of a straight run: lossless
+        if len(pts) >= 3:
+            polygons.append(pts)
+    return polygons
+
+
+def _ds(number: float) -> str:
+    text = f"{number:.4f}".rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
+def _code_item(code) -> Dataset:
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code.value, code.scheme_designator, code.meaning
+    return item
+
+
+def _copy_identity(target: Dataset, ct: Dataset) -> None:
+    """Patient and study from the CT; type-2 attributes the CT lacks stay empty rather than invented."""
+    for keyword in ("SpecificCharacterSet", "IssuerOfPatientID", "PatientAge", "OtherPatientIDsSequence",
+                    "StudyDescription", "PatientIdentityRemoved", "DeidentificationMethod"):
+        if keyword in ct:
+            setattr(target, keyword, ct[keyword].value)
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
+                    "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber"):
+        setattr(target, keyword, ct[keyword].value if keyword in ct else "")
+
+
+def _check_color(color: Sequence[int]) -> list[int]:
+    rgb = [int(c) for c in color]
+    if len(rgb) != 3 or any(not 0 <= c <= 255 for c in rgb):
+        raise ValueError(f"colour {tuple(color)} must be three integers 0-255")
+    return rgb
+
+
+def write_rtstruct(mask: sitk.Image, ct_series_folder, out_path: str | os.PathLike, roi_name: str = "CTV",
+                   color: Sequence[int] = DEFAULT_COLOR, algorithm_name: str = "MMContour",
+                   algorithm_version: str = "0.1.0", description: str = "") -> Path:
+    """Write ``mask`` (on the CT's grid) as an RTSTRUCT referencing the CT series: one CLOSED_PLANAR contour
+    per boundary per slice (holes as inner contours), ROI generation AUTOMATIC with the algorithm's name and
+    version, approval UNAPPROVED (a clinician reviews it). ``ct_series_folder``: folder, files or CTSeriesInfo."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+
+    info = _ct_info(ct_series_folder)
+    array = _check_on_grid(mask, info)
+    rgb = _check_color(color)
+    if not roi_name or len(roi_name) > 64 or "\\" in roi_name:
+        raise ValueError(f"ROI name {roi_name!r} must be 1-64 characters without a backslash")
+    ct = info.header
+    now = datetime.now()
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = RTSTRUCT_STORAGE
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.SOPClassUID, ds.SOPInstanceUID = RTSTRUCT_STORAGE, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
+    _copy_identity(ds, ct)
+    ds.Modality = "RTSTRUCT"
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = ""
+    ds.SeriesDate, ds.SeriesTime = date, time
+    ds.SeriesDescription = (description or f"{algorithm_name} {algorithm_version} {roi_name}")[:64]
+    ds.OperatorsName = ""
+    ds.Manufacturer = "MMContour"
+    ds.ManufacturerModelName = algorithm_name[:64]
+    ds.SoftwareVersions = algorithm_version[:64]
+    ds.FrameOfReferenceUID = info.frame_of_reference_uid
+    ds.PositionReferenceIndicator = ct.get("PositionReferenceIndicator", "")
+    ds.StructureSetLabel = (algorithm_name or "MMContour")[:16]
+    ds.StructureSetName = f"{algorithm_name} {algorithm_version}"[:64]
+    if description:
+        ds.StructureSetDescription = description[:1024]
+    ds.StructureSetDate, ds.StructureSetTime = date, time
+
+    def image_ref(k: int) -> Dataset:
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = info.sop_class_uid, info.sop_instance_uids[k]
+        return item
+
+    series_ref = Dataset()
+    series_ref.SeriesInstanceUID = info.series_instance_uid
+    series_ref.ContourImageSequence = DicomSequence([image_ref(k) for k in range(info.size[2])])
+    study_ref = Dataset()
+    study_ref.ReferencedSOPClassUID, study_ref.ReferencedSOPInstanceUID = STUDY_COMPONENT_SOP_CLASS, \
+        info.study_instance_uid
+    study_ref.RTReferencedSeriesSequence = DicomSequence([series_ref])
+    frame_ref = Dataset()
+    frame_ref.FrameOfReferenceUID = info.frame_of_reference_uid
+    frame_ref.RTReferencedStudySequence = DicomSequence([study_ref])
+    ds.ReferencedFrameOfReferenceSequence = DicomSequence([frame_ref])
+
+    algorithm = Dataset()
+    algorithm.AlgorithmFamilyCodeSequence = DicomSequence([_code_item(codes.cid7162.ArtificialIntelligence)])
+    algorithm.AlgorithmName, algorithm.AlgorithmVersion = algorithm_name[:64], algorithm_version[:64]
+    roi = Dataset()
+    roi.ROINumber = 1
+    roi.ReferencedFrameOfReferenceUID = info.frame_of_reference_uid
+    roi.ROIName = roi_name
+    roi.ROIGenerationAlgorithm = "AUTOMATIC"
+    roi.ROIGenerationDescription = f"{algorithm_name} {algorithm_version}"[:64]
+    roi.ROIDerivationAlgorithmIdentificationSequence = DicomSequence([algorithm])
+    ds.StructureSetROISequence = DicomSequence([roi])
+
+    to_physical = info.index_to_physical()
+    contours = []
+    for k in np.flatnonzero(array.any(axis=(1, 2))):
+        for polygon in _slice_polygons(array[k]):
+            points = np.column_stack([polygon, np.full(len(polygon), float(k)), np.ones(len(polygon))]) @ to_physical.T
+            item = Dataset()
+            item.ContourImageSequence = DicomSequence([image_ref(int(k))])
+            item.ContourGeometricType = "CLOSED_PLANAR"
+            item.NumberOfContourPoints = len(points)
+            item.ContourNumber = len(contours) + 1
+            item.ContourData = [_ds(v) for v in points[:, :3].ravel()]
+            contours.append(item)
+    roi_contour = Dataset()
+    roi_contour.ROIDisplayColor = rgb
+    roi_contour.ReferencedROINumber = 1
+    roi_contour.ContourSequence = DicomSequence(contours)
+    ds.ROIContourSequence = DicomSequence([roi_contour])
+
+    observation = Dataset()
+    observation.ObservationNumber, observation.ReferencedROINumber = 1, 1
+    observation.RTROIInterpretedType = "CTV"
+    observation.ROIInterpreter = ""
+    ds.RTROIObservationsSequence = DicomSequence([observation])
+    ds.ApprovalStatus = "UNAPPROVED"
+    return _atomic_write(Path(out_path), lambda tmp: ds.save_as(tmp, enforce_file_format=True))
+
+
+def write_dicom_seg(mask: sitk.Image, ct_series_folder, out_path: str | os.PathLike, segment_label: str = "CTV",
+                    algorithm_name: str = "MMContour", algorithm_version: str = "0.1.0",
+                    color: Sequence[int] = DEFAULT_COLOR, description: str = "") -> Path:
+    """Write ``mask`` as a binary DICOM Segmentation (highdicom) referencing the CT series: segment type
+    Clinical target volume (SCT 228792002) in category RT Target, algorithm AUTOMATIC with name and version."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    info = _ct_info(ct_series_folder)
+    array = _check_on_grid(mask, info).astype(np.uint8)
+    rgb = _check_color(color)
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in info.files]
+    segment = hd.seg.SegmentDescription(
+        segment_number=1, segment_label=segment_label[:64], segmented_property_category=codes.cid9580.RTTarget,
+        segmented_property_type=codes.SCT.ClinicalTargetVolume,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name=algorithm_name[:64], family=codes.cid7162.ArtificialIntelligence, version=algorithm_version[:64]),
+        display_color=hd.color.CIELabColor.from_rgb(*rgb))
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=sources, pixel_array=array, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=[segment], series_instance_uid=generate_uid(), series_number=1,
+            sop_instance_uid=generate_uid(), instance_number=1, manufacturer="MMContour",
+            manufacturer_model_name=algorithm_name[:64], software_versions=algorithm_version[:64],
+            device_serial_number=algorithm_version[:64], content_label="CTV",
+            content_description=(description or f"{algorithm_name} {algorithm_version}")[:64])
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise DicomError(f"highdicom refused to build the DICOM SEG on series {info.series_instance_uid}: "
+                         f"{exc}") from None
+    return _atomic_write(Path(out_path), lambda tmp: seg.save_as(tmp))
+
+
+def add_export_arguments(parser) -> None:
+    """The DICOM outputs of ``mmcontour predict`` (and the Slicer batch): the CT must be a DICOM series folder."""
+    parser.add_argument("--out-rtstruct", type=Path, metavar="FILE",
+                        help="also write the CTV as a DICOM RTSTRUCT referencing the input CT series")
+    parser.add_argument("--out-dicom-seg", type=Path, metavar="FILE",
+                        help="also write the CTV as a DICOM Segmentation referencing the input CT series")
+    parser.add_argument("--roi-name", default=DEFAULT_ROI_TEMPLATE, metavar="TEMPLATE",
+                        help="TG-263-style ROI name; {lat} becomes _L/_R from the note (default: %(default)s)")
+    parser.add_argument("--roi-color", default="255,0,0", metavar="R,G,B", help="ROI colour (default: %(default)s)")
+
+
+def export_prediction(mask: sitk.Image, ct_series, *, out_rtstruct=None, out_dicom_seg=None,
+                      note: ClinicalNote | None = None, roi_template: str = DEFAULT_ROI_TEMPLATE,
+                      color: Sequence[int] | str = DEFAULT_COLOR,
+                      provenance: Mapping[str, str] | None = None) -> dict[str, Path]:
+    """Write the requested DICOM outputs for a prediction; the algorithm name/version come from the
+    Contourer's provenance (bundle name; bundle version or id), the prompt goes in the description."""
+    if isinstance(color, str):
+        color = [int(c) for c in color.replace(" ", "").split(",")]
+    provenance = dict(provenance or {})
+    name = provenance.get("bundle_name") or "MMContour"
+    version = (provenance.get("bundle_version") or provenance.get("bundle_id") or provenance.get("mmcontour_version")
+               or "unknown")
+    prompt = provenance.get("prompt") or (note.to_prompt() if note is not None else "")
+    description = f"{name} {version}; note: {prompt}" if prompt else ""
+    roi_name = format_roi_name(roi_template, note)
+    info = _ct_info(ct_series)
+    written = {}
+    if out_rtstruct:
+        written["rtstruct"] = write_rtstruct(mask, info, out_rtstruct, roi_name=roi_name, color=color,
+                                             algorithm_name=name, algorithm_version=version, description=description)
+    if out_dicom_seg:
+        written["dicom_seg"] = write_dicom_seg(mask, info, out_dicom_seg, segment_label=roi_name,
+                                               algorithm_name=name, algorithm_version=version, color=color)
+    return written

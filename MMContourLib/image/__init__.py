@@ -1,0 +1,1 @@
+"""Image files, the CT-series reader, grids, preprocessing to the model grid and back, metrics."""

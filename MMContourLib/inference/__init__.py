@@ -1,0 +1,1 @@
+"""The Contourer and manifest batches."""

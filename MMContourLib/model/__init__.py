@@ -1,0 +1,1 @@
+"""The network, text-image alignment, text encoders and LLM files, model bundles."""

@@ -1,0 +1,1 @@
+"""MRML conversion, the Slicer Apply job, the model worker (client and server); imports Slicer only inside functions."""
