@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from MMContourLib.cli.main import default_bundle_path
+from MMContourLib.model.bundle_info import default_bundle_path
 from MMContourLib.cli.demo import DEMO_SEED, run_demo
 from MMContourLib.data.phantom_dataset import case_seed
 

@@ -17,7 +17,8 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import make_ct
-from MMContourLib.slicer.worker import WorkerClient, explain_exit, read_bundle_summary
+from MMContourLib.model.bundle_info import read_bundle_summary
+from MMContourLib.slicer.worker import WorkerClient, explain_exit
 
 pytest.importorskip("torch")
 

@@ -82,7 +82,7 @@ def figure(path: Path, ct: sitk.Image, panels: list[tuple[str, sitk.Image, sitk.
 def run_demo(out_dir: str | Path, bundle: str | Path | None = None, llm: str | None = None,
              device: str = "auto", seed: int = DEMO_SEED, note_text: str = DEMO_NOTE) -> dict:
     from ..model.bundle import BundleError
-    from .main import default_bundle_path
+    from ..model.bundle_info import default_bundle_path
     from ..training.evaluate import clinical_check, region_coverage
     from ..image.fileio import write_json
     from ..image.readwrite import write_image, write_segmentation

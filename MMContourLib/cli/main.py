@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .. import __version__
+from ..model.bundle_info import default_bundle_path
 
 #: Modules that add subcommands (imported lazily; a module that is not present is skipped).
 SUBCOMMAND_MODULES = ("data.phantom_dataset", "training.train", "training.evaluate", "cli.demo", "dicom.archive", "bench.measure", "inference.batch")
@@ -27,16 +28,8 @@ LAZY_SUBCOMMANDS = {
     "bench": ("bench.measure", "measure speed and memory (contouring, note edits, training)"),
 }
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
 class UsageError(Exception):
     """A problem with what the user asked for; printed without a traceback, exit status 2."""
-
-
-def default_bundle_path() -> Path:
-    env = os.environ.get("MMCONTOUR_BUNDLE")
-    return Path(env) if env else REPO_ROOT / "Resources" / "Models" / "demo"
 
 
 def add_note_arguments(parser: argparse.ArgumentParser) -> None:

@@ -588,7 +588,7 @@ def model_package_requirements(bundle: str | os.PathLike, nodeps_file: str | os.
     when the bundle names it as ``pkg:<package>/<file>`` and that package is not installed."""
     import importlib.util
 
-    from .worker import read_bundle_summary
+    from ..model.bundle_info import read_bundle_summary
 
     try:
         source = read_bundle_summary(bundle).get("llm_source", "")

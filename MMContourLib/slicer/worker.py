@@ -565,24 +565,5 @@ class WorkerClient:
         self.close()
 
 
-def read_bundle_summary(bundle: str | os.PathLike) -> dict:
-    """What the form shows about a bundle without importing torch: name, version, id and the LLM it needs.
-    Raises FileNotFoundError / ValueError with a message for the user."""
-    path = Path(bundle).expanduser()
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no model bundle at {path} (config.json missing)")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{config_file} is not valid JSON: {exc}") from None
-    text = config.get("text_encoder") or {}
-    return {"name": config.get("name", path.name), "version": str(config.get("version", "")),
-            "bundle_id": config.get("bundle_id", ""), "llm_kind": text.get("kind", ""),
-            "llm_name": text.get("name", ""), "llm_source": text.get("source", ""),
-            "llm_fingerprint": text.get("fingerprint", ""),
-            "prompt_template_version": config.get("prompt_template_version", "")}
-
-
 if __name__ == "__main__":
     sys.exit(main())
