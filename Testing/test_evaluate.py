@@ -15,7 +15,8 @@ from MMContourLib.cli.main import main
 from MMContourLib.training.evaluate import (EvalConfig, bootstrap_ci, clinical_check, counterfactual_notes, evaluate,
                                    region_coverage, segmentation_metrics, side_volumes)
 from MMContourLib.note.clinical import ClinicalNote
-from MMContourLib.data.phantom import PhantomConfig, ctv_for_note, generate_case
+from MMContourLib.data.phantom import PhantomConfig, generate_case
+from MMContourLib.note.targets import ctv_for_note
 from MMContourLib.data.phantom_dataset import write_dataset
 
 COARSE = PhantomConfig(in_plane_spacing=6.0, slice_thickness=10.0)

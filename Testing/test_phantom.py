@@ -17,9 +17,10 @@ from scipy import ndimage
 from MMContourLib.data import phantom as ph
 from MMContourLib.data import phantom_dataset as dataset
 from MMContourLib.note.clinical import ClinicalNote
-from MMContourLib.data.phantom import REGION_LABELS as L
+from MMContourLib.note.targets import REGION_LABELS as L
 from MMContourLib.data.phantom import TISSUE_LABELS as T
-from MMContourLib.data.phantom import PhantomConfig, ctv_for_note, generate_case
+from MMContourLib.data.phantom import PhantomConfig, generate_case
+from MMContourLib.note.targets import ctv_for_note
 
 CONFIGS = {
     "lps": PhantomConfig(orientation_mix={"LPS": 1.0}),

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from MMContourLib.model.text import (MINILM_SOURCE, LLMMismatchError, LLMNotFoundError, TextEncoderSpec,
+from MMContourLib.model.sources import MINILM_SOURCE
+from MMContourLib.model.text import (LLMMismatchError, LLMNotFoundError, TextEncoderSpec,
                                build_text_encoder)
 
 PROMPTS = ["N1, breast conserving surgery, left side",

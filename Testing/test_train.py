@@ -351,7 +351,7 @@ def test_two_gloo_processes_train_the_model_one_process_trains(manifest, tiny_ll
 
 
 def test_default_emphasis_labels_are_the_phantoms_nodal_levels():
-    from MMContourLib.data.phantom import NODAL_REGIONS, REGION_LABELS
+    from MMContourLib.note.targets import NODAL_REGIONS, REGION_LABELS
     from MMContourLib.training.train import DEFAULT_EMPHASIS_LABELS
 
     assert set(DEFAULT_EMPHASIS_LABELS) == {REGION_LABELS[f"{r}_{s}"] for r in NODAL_REGIONS for s in ("left", "right")}

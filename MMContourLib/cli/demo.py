@@ -87,7 +87,8 @@ def run_demo(out_dir: str | Path, bundle: str | Path | None = None, llm: str | N
     from ..image.fileio import write_json
     from ..image.readwrite import write_image, write_segmentation
     from ..note.clinical import ClinicalNote
-    from ..data.phantom import PhantomConfig, ctv_for_note, generate_case
+    from ..data.phantom import PhantomConfig, generate_case
+    from ..note.targets import ctv_for_note
     from ..inference.contourer import Contourer
 
     started = time.perf_counter()

@@ -1,8 +1,8 @@
 """Synthetic breast-radiotherapy planning CTs with guideline CTVs (tests, demo, benchmarks).
 
 One seed gives one patient: a clinical note drawn from the case mix of paper Table 6, an anatomy
-that agrees with the note, a CT in HU and the CTV the note asks for under the target rules of
-``shared/METHOD.md``. The anatomy is made of analytic primitives in physical LPS millimetres
+that agrees with the note, a CT in HU and the CTV the note asks for under the guideline target rules
+(``note.targets``, docs/method.md). The anatomy is made of analytic primitives in physical LPS millimetres
 (x towards the patient's left, y posterior, z superior) evaluated at voxel centres, then blurred
 (partial volume, scanner PSF) and given CT noise.
 
@@ -25,13 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..note.clinical import ClinicalNote, SideFindings, note_from_any
-
-REGION_LABELS: dict[str, int] = {
-    "breast_left": 1, "breast_right": 2, "chestwall_left": 3, "chestwall_right": 4,
-    "axilla_left": 5, "axilla_right": 6, "supraclavicular_left": 7, "supraclavicular_right": 8,
-    "internal_mammary_left": 9, "internal_mammary_right": 10,
-}
-NODAL_REGIONS = ("axilla", "supraclavicular", "internal_mammary")
+from ..note.targets import REGION_LABELS, ctv_for_note
 
 #: Tissue classes of ``PhantomCase.tissues`` (what each voxel is made of, before blur and noise).
 TISSUE_LABELS: dict[str, int] = {
@@ -179,37 +173,6 @@ def sample_note(seed: "int | np.random.Generator", config: PhantomConfig | None 
         findings.append(SideFindings(s, "N0" if in_situ else n_stage, "mastectomy" if mast else "bcs",
                                      "Tis" if in_situ else t_stage))
     return ClinicalNote(sides=tuple(findings), age=age, m_stage=m_stage, chemotherapy=chemo, pathology=pathology)
-
-
-def region_names_for_note(note: ClinicalNote, has_breast: Mapping[str, bool] | None = None) -> list[str]:
-    """The sub-regions (keys of REGION_LABELS) that the note's CTV is made of (METHOD.md target rules).
-
-    Breast-conserving surgery -> the whole breast; mastectomy -> the chest wall; N1 or more (N1mi
-    counts as N0) -> also axilla I-III, supraclavicular / level IV and internal mammary, on that side.
-    A note asking for a breast on a side whose breast was removed gets that side's chest wall."""
-    names = []
-    for s in note.sides:
-        breast = s.surgery == "bcs" and (has_breast is None or has_breast.get(s.side, True))
-        names.append(f"{'breast' if breast else 'chestwall'}_{s.side}")
-        if s.node_positive:
-            names += [f"{r}_{s.side}" for r in NODAL_REGIONS]
-    return names
-
-
-def ctv_for_note(regions: "sitk.Image | np.ndarray", note: ClinicalNote) -> "sitk.Image | np.ndarray":
-    """The guideline CTV that ``note`` (a ClinicalNote, or text / a row note_from_any reads) asks for on
-    this anatomy, as uint8 0/1 of the same type and grid as ``regions``."""
-    note = note_from_any(note)
-    arr = sitk.GetArrayViewFromImage(regions) if isinstance(regions, sitk.Image) else np.asarray(regions)
-    present = set(np.unique(arr).tolist())
-    has_breast = {s: REGION_LABELS[f"breast_{s}"] in present for s in ("left", "right")}
-    labels = [REGION_LABELS[n] for n in region_names_for_note(note, has_breast)]
-    mask = np.isin(arr, labels).astype(np.uint8)
-    if not isinstance(regions, sitk.Image):
-        return mask
-    out = sitk.GetImageFromArray(mask)
-    out.CopyInformation(regions)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -854,5 +817,4 @@ def generate_case(seed: int, config: PhantomConfig | None = None, note: Clinical
                        regions=region_img, note=note, tissues=tissue_out, info=info)
 
 
-__all__ = ["REGION_LABELS", "NODAL_REGIONS", "TISSUE_LABELS", "TISSUE_HU", "PhantomConfig", "PhantomCase",
-           "generate_case", "ctv_for_note", "sample_note", "region_names_for_note"]
+__all__ = ["TISSUE_LABELS", "TISSUE_HU", "PhantomConfig", "PhantomCase", "generate_case", "sample_note"]

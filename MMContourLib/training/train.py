@@ -38,7 +38,9 @@ from ..image.fileio import atomic_write
 from ..data.dataset import (AugmentConfig, PatchDataset, build_cache, collate, epoch_plan, manifest_hash, read_manifest,
                    sample_transforms, select_fraction, steps_per_epoch)
 from ..image.preprocess import PreprocessConfig
-from ..model.text import MINILM_SOURCE, SMOLLM2_SOURCE, TextEncoder, TextEncoderSpec, build_text_encoder
+from ..note.targets import NODAL_LABELS
+from ..model.sources import MINILM_SOURCE, SMOLLM2_SOURCE
+from ..model.text import TextEncoder, TextEncoderSpec, build_text_encoder
 
 if TYPE_CHECKING:
     from ..model.network import TextConditionedUNet
@@ -47,7 +49,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
 #: Label values of the manifest's ``regions`` maps that ``--region-weight`` emphasises by default: the
 #: nodal levels (axilla, supraclavicular, internal mammary, both sides) of ``phantom.REGION_LABELS``.
-DEFAULT_EMPHASIS_LABELS = (5, 6, 7, 8, 9, 10)
+DEFAULT_EMPHASIS_LABELS = NODAL_LABELS
 TEXT_ENCODER_KINDS = {"llm": "causal-lm", "encoder": "encoder", "none": "none"}
 DEFAULT_SOURCES = {"causal-lm": SMOLLM2_SOURCE, "encoder": MINILM_SOURCE, "none": ""}
 #: Settings that do not change what is learned: a resumed run may change them.
