@@ -44,17 +44,34 @@ def _key(value: object) -> str:
     return re.sub(r"[\s_\-.]+", " ", str(value).strip().lower()).strip()
 
 
+#: Words of other languages clinics write (German, Spanish, French, Korean); free-text reading uses them too.
+_FOREIGN = {
+    "left": ("links", "linke", "linken", "linker", "linksseitig", "izquierda", "izquierdo", "gauche", "좌측", "왼쪽"),
+    "right": ("rechts", "rechte", "rechten", "rechter", "rechtsseitig", "derecha", "derecho", "droite", "droit",
+              "우측", "오른쪽"),
+    "both": ("beidseits", "beidseitig", "bilateral", "양측"),
+    "bcs": ("brusterhaltende operation", "brusterhaltende therapie", "cirugía conservadora", "cirugia conservadora",
+            "tumorectomía", "tumorectomia", "cuadrantectomía", "cuadrantectomia", "chirurgie conservatrice",
+            "tumorectomie", "유방보존술", "유방보존수술", "부분절제술"),
+    "mastectomy": ("mastektomie", "ablatio mammae", "mastectomía", "mastectomia", "mastectomie", "유방전절제술",
+                   "유방절제술", "전절제술"),
+}
 _SIDE_ALIASES = {
-    "left": ("l", "lt", "left", "left breast", "lt breast", "l breast", "left side", "sin", "sinister"),
-    "right": ("r", "rt", "right", "right breast", "rt breast", "r breast", "right side", "dex", "dexter"),
-    "both": ("both", "b", "bil", "bilateral", "both breasts", "both sides", "left and right", "lt rt", "l r"),
+    "left": ("l", "lt", "left", "left breast", "lt breast", "l breast", "left side", "sin", "sinister",
+             *_FOREIGN["left"]),
+    "right": ("r", "rt", "right", "right breast", "rt breast", "r breast", "right side", "dex", "dexter",
+              *_FOREIGN["right"]),
+    "both": ("both", "b", "bil", "bilateral", "both breasts", "both sides", "left and right", "lt rt", "l r",
+             *_FOREIGN["both"]),
 }
 _SURGERY_ALIASES = {
     "bcs": ("bcs", "breast conserving", "breast conserving surgery", "breast conservation", "partial mastectomy",
-            "lumpectomy", "wide local excision", "wle", "quadrantectomy", "segmentectomy", "segmental mastectomy"),
+            "lumpectomy", "wide local excision", "wle", "quadrantectomy", "segmentectomy", "segmental mastectomy",
+            "bct", "breast conserving therapy", "breast conservation surgery", "breast conservation therapy",
+            *_FOREIGN["bcs"]),
     "mastectomy": ("mastectomy", "total", "total mastectomy", "total mastectomy surgery", "tm", "simple mastectomy",
                    "modified radical mastectomy", "mrm", "radical mastectomy", "skin sparing mastectomy",
-                   "nipple sparing mastectomy"),
+                   "nipple sparing mastectomy", "ssm", "nsm", *_FOREIGN["mastectomy"]),
 }
 _CHEMO_ALIASES = {
     "none": ("none", "no", "n", "nil", "0", "no chemotherapy", "no chemo", "-"),
