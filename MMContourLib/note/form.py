@@ -7,6 +7,7 @@ Slicer or Qt; ``slicer_io`` is the MRML side.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -148,5 +149,73 @@ def describe_devices(info: Mapping) -> str:
     return "No GPU found: the CPU is used (slower)"
 
 
+@dataclass(frozen=True)
+class FormFill:
+    """Form values read from a pasted note: ``values`` by form parameter, ``tooltips`` (where each came from),
+    and ``undecided`` (the parameters to mark for the user: not found, or stated twice with different values)."""
+
+    values: dict[str, object]
+    tooltips: dict[str, str] = field(default_factory=dict)
+    undecided: tuple[str, ...] = ()
+
+
+def _parameters(key: str, sides: tuple[str, ...]) -> tuple[str, ...]:
+    """Form parameters of a reading key ('n_stage', 'n_stage.left', 'side', ...)."""
+    name, _, side = key.partition(".")
+    names = FORM_PARAMETERS.get(name, ())
+    if len(names) == 1:
+        return names
+    wanted = (side,) if side else sides or ("left", "right")
+    return tuple(n for n in names if n.startswith(wanted))
+
+
+def _display(key: str, value: str) -> object:
+    name = key.partition(".")[0]
+    if name == "age":
+        return int(value) if value else 0
+    if name == "surgery":
+        return SURGERY_LABELS[value]
+    return value or (NOT_STATED if name in ("t_stage", "m_stage", "chemotherapy", "pathology") else value)
+
+
+def form_from_reading(reading) -> FormFill:
+    """The form filled from a ``freetext.NoteReading``. Per-side values go to the side the note names; when the
+    side is undecided they fill both columns, and the side is marked for the user."""
+    sides = reading.sides
+    values: dict[str, object] = {}
+    tooltips: dict[str, str] = {}
+    for key, value in reading.values.items():
+        for parameter in _parameters(key, sides):
+            values[parameter] = _display(key, value)
+            found = "; ".join(f"'{e.text}' ({e.rule}, characters {e.start}-{e.end})"
+                              for e in reading.evidence.get(key, []))
+            tooltips[parameter] = f"{value}: from {found}" if found else f"{value}"
+    for name in ("age", "t_stage", "m_stage", "chemotherapy", "pathology"):  # a pasted note replaces old values
+        for parameter in _parameters(name, sides):
+            values.setdefault(parameter, _display(name, ""))
+    undecided: list[str] = []
+    for key in [*reading.unresolved, *(x["field"] for x in reading.conflicts)]:
+        for parameter in _parameters(key, sides):
+            if parameter not in undecided:
+                undecided.append(parameter)
+                reason = reading.reasons.get(key) or "not found in the note"
+                if any(x["field"] == key for x in reading.conflicts):
+                    reason = "the note states different values: " + ", ".join(
+                        next(x["values"] for x in reading.conflicts if x["field"] == key))
+                tooltips[parameter] = f"undecided: {reason}"
+                values.pop(parameter, None)
+    return FormFill(values, tooltips, tuple(undecided))
+
+
+def merge(extracted: FormFill, user_edits: Mapping[str, object]) -> FormFill:
+    """The user's edits win over the extraction: an edited parameter takes the user's value, loses the
+    extraction's tooltip and is no longer undecided."""
+    values = {**extracted.values, **user_edits}
+    tooltips = {k: ("set by you" if k in user_edits else v) for k, v in extracted.tooltips.items()}
+    tooltips.update({k: "set by you" for k in user_edits})
+    return FormFill(values, tooltips, tuple(p for p in extracted.undecided if p not in user_edits))
+
+
 __all__ = ["NOT_STATED", "SURGERY_LABELS", "DEVICE_CHOICES", "FORM_PARAMETERS", "form_choices", "note_from_form",
-           "form_from_note", "note_warnings", "suggest_variants", "llm_location_status", "describe_devices"]
+           "form_from_note", "note_warnings", "suggest_variants", "llm_location_status", "describe_devices",
+           "FormFill", "form_from_reading", "merge"]
