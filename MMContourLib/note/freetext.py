@@ -324,7 +324,7 @@ def _node_facts(text: _Text, parts: list[_Part], locate) -> list[_Fact]:
                 continue
             counted = True
             rule = {"itc": "isolated tumour cells", "micro": "micrometastasis"}.get(modifier, "node count")
-            if positive == 0 and re.search(_NEGATIVE, near):
+            if positive == 0 and re.search(_NEGATIVE, s[a:min(b, y + 30)]):
                 rule = "negation"
             facts.append(_Fact("n_stage", _n_category(positive, modifier), clinical, text.evidence(x, y, rule),
                                locate(x), count=(positive, examined, modifier)))
@@ -358,7 +358,8 @@ def _alias_pattern(names) -> str:
 
 _OPTION_BEFORE = (r"(?<![a-z])(?:declined|refused|avoid\w*|rather than|instead of|over|not a candidate for|contraindicat\w*|"
                   r"vs\.?|versus|or|considering|discussed|options?(?: of| include)?)\s+(?:\w+\s+){0,2}$")
-_OPTION_AFTER = r"^\s*(?:vs\.?|versus|or\b|but (?:the )?(?:patient|she|he) (?:declined|refused)|was declined)"
+_OPTION_AFTER = (r"^\s*(?:vs\.?|versus|or\b)|^[^,]{0,40}?(?<![a-z])(?:declined|refused)(?!\s+(?:\w+\s+)?(?:chemo|radi|rt\b|"
+                 r"endocrine|tamoxifen|therapy|treatment|reconstruction))")
 _LATER = r"(?<![a-z])(?:completion|subsequent(?:ly)?|converted to|then|followed by)\s+(?:\w+\s+){0,2}$"
 
 
