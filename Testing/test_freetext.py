@@ -94,6 +94,8 @@ def test_bilateral_cases_keep_per_side_facts():
     assert (reading.values["n_stage.left"], reading.values["n_stage.right"]) == ("N0", "N2")
     assert reading.fields["surgery"] == "left:bcs;right:mastectomy"
     assert reading.prompt() == "N0, breast conserving surgery, left side; N2, total mastectomy surgery, right side"
+    unsure = read_note("Left breast: lumpectomy, 0/2 SLN. Right breast: mastectomy, 4/9 nodes positive.")
+    assert "n_stage" in unsure.unresolved and "n_stage" not in unsure.values  # never the two sides' counts added
 
 
 @pytest.mark.parametrize("text", ["Lt BCS + SLNB, pN0", "L lumpectomy, SLNB 0/2", "s/p Rt MRM, ALND 0/12",

@@ -49,7 +49,7 @@ _FOREIGN = {
     "left": ("links", "linke", "linken", "linker", "linksseitig", "izquierda", "izquierdo", "gauche", "좌측", "왼쪽"),
     "right": ("rechts", "rechte", "rechten", "rechter", "rechtsseitig", "derecha", "derecho", "droite", "droit",
               "우측", "오른쪽"),
-    "both": ("beidseits", "beidseitig", "bilateral", "양측"),
+    "both": ("beidseits", "beidseitig", "양측"),
     "bcs": ("brusterhaltende operation", "brusterhaltende therapie", "cirugía conservadora", "cirugia conservadora",
             "tumorectomía", "tumorectomia", "cuadrantectomía", "cuadrantectomia", "chirurgie conservatrice",
             "tumorectomie", "유방보존술", "유방보존수술", "부분절제술"),

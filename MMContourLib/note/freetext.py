@@ -435,7 +435,7 @@ def _other_facts(text: _Text, locate) -> list[_Fact]:
 
 # -- deciding --------------------------------------------------------------------------------------------------------
 
-_BILATERAL = (r"bilateral (?:\w+ ){0,2}(?:cancers?|carcinomas?|ca|disease|idc|ilc|dcis)(?![a-z])|synchronous|"
+_BILATERAL = (r"bilateral\s+(?:\w+\s+){0,2}(?:cancers?|carcinomas?|ca|disease|idc|ilc|dcis)(?![a-z])|synchronous|"
               r"bilateral\s*:|both breasts")
 _CANCER = r"carcinoma|cancer|(?<![a-z])(?:ca|idc|ilc|dcis)(?![a-z])|tumou?r|malignan|(?<![a-z])(?:yp|p|c)?[tn][0-4is]"
 
@@ -641,6 +641,11 @@ def _assemble(text: str, facts: list[_Fact], side: _Decision) -> NoteReading:
         for target in sides:
             key = f"{name}.{target}" if bilateral else name
             found = [f for f in facts if f.field == name and belongs(f, target, bilateral)]
+            named = {f.part.attributed for f in found if f.part is not None and f.part.attributed}
+            if target is None and len(frozenset().union(*named)) > 1 and len({f.value for f in found}) > 1:
+                record(key, _Decision(reason=f"the note gives {name} for both sides but its side is undecided"),
+                       True)
+                continue
             record(key, _decide(name, found), name in NEEDED)
     for name in ("age", "m_stage", "chemotherapy", "pathology"):
         if name == "pathology" and bilateral:
