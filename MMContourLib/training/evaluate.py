@@ -210,13 +210,11 @@ def evaluate(config: EvalConfig,
     -> result with ``.mask``, ``.bundle``) instead of loading one."""
     from tqdm import tqdm
 
-    from ..data.dataset import read_manifest
+    from ..data.manifest import read_cases
     from ..image.readwrite import read_image
     from ..inference.contourer import Contourer
 
-    cases = read_manifest(config.manifest, split=config.split)
-    if not cases:
-        raise ValueError(f"manifest {config.manifest} has no cases in split {config.split!r}")
+    cases = read_cases(config.manifest, split=config.split)  # ManifestError when the split has no case
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     factory = contourer_factory or (lambda b: Contourer.from_bundle(b, llm=config.llm, device=config.device))
