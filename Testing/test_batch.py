@@ -223,3 +223,18 @@ def test_one_light_dice_for_demo_and_batch(tmp_path):
              "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
+def test_one_grid_rule_relative_to_the_voxel_size():
+    from MMContourLib.image.grid import check_same_grid, same_grid
+
+    ct = make_ct(size=(40, 30, 10))
+    nudged, moved = sitk.Image(ct), sitk.Image(ct)
+    spacing = min(ct.GetSpacing())
+    nudged.SetOrigin([o + 0.005 * spacing for o in ct.GetOrigin()])  # rounding in a file header
+    moved.SetOrigin([o + 0.05 * spacing for o in ct.GetOrigin()])
+    assert same_grid(nudged, ct) and not same_grid(moved, ct)
+    stretched = sitk.Image(ct)
+    stretched.SetSpacing([s * 1.001 for s in ct.GetSpacing()])  # the far corner moves 0.04 voxel
+    with pytest.raises(ValueError, match=r"the CT \(spacing .* vs .*\); resample"):
+        check_same_grid(stretched, ct, "the CT", advice="resample")

@@ -142,7 +142,7 @@ class FakeContourer:
     that ignores the note)."""
 
     def __init__(self, manifest, follow_note: bool):
-        from MMContourLib.data.dataset import read_manifest
+        from MMContourLib.data.manifest import read_cases as read_manifest
         from MMContourLib.image.readwrite import read_image
 
         self.follow_note = follow_note

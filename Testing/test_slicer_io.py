@@ -331,3 +331,24 @@ def test_contour_job_refuses_a_non_empty_target_before_sending(scene, tmp_path):
                      target_node=users, replace_confirmed=True, workdir=tmp_path).start().wait(timeout=5)
     assert job.segmentation_node is users and len(segment_ids(users)) == 2
     assert json.loads(users.GetAttribute("MMContour.compared_notes")) == 2
+
+
+def test_a_seg_nrrd_file_and_a_node_say_the_same_about_each_segment(scene, tmp_path):
+    from MMContourLib.image.readwrite import read_segmentation, write_segmentation
+
+    ct_node, _ = _ct_in_study(scene)
+    ct = volume_node_to_image(ct_node)
+    whole, part = _mask_like(ct), _mask_like(ct, (slice(2, 4), slice(5, 9), slice(5, 9)))  # overlapping
+    path = write_segmentation(tmp_path / "r.seg.nrrd", {"CTV": whole, "note 2": part}, sides={"CTV": "left"},
+                              attributes={"prompt": "N1, breast conserving surgery,\nleft side"})
+    back = read_segmentation(path)
+    assert list(back) == ["CTV", "note 2"]
+    for name, mask in (("CTV", whole), ("note 2", part)):
+        assert slicer_io.same_grid(back[name], ct)
+        assert np.array_equal(sitk.GetArrayViewFromImage(back[name]), sitk.GetArrayViewFromImage(mask))
+    header = sitk.ReadImage(str(path))
+    assert header.GetMetaData("MMContour_prompt") == "N1, breast conserving surgery, left side"
+    node = slicer_io.build_segmentation(ct_node, {"CTV": SegmentSpec(whole, slicer_io.result_colors(1)[0], "left")})
+    segment = node.GetSegmentation().GetSegment("CTV")
+    assert header.GetMetaData("Segment0_Tags") == f"TerminologyEntry:{segment.GetTerminology()}|"
+    assert np.allclose([float(c) for c in header.GetMetaData("Segment0_Color").split()], segment.GetColor())

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from MMContourLib.model.bundle import ModelBundle
 from MMContourLib.cli.main import main
-from MMContourLib.data.dataset import (ManifestError, PatchDataset, build_cache, collate, epoch_plan, read_manifest,
+from MMContourLib.data.manifest import ManifestError, read_cases as read_manifest
+from MMContourLib.data.dataset import (PatchDataset, build_cache, collate, epoch_plan,
                                sample_transforms, select_fraction)
 from MMContourLib.image.preprocess import PreprocessConfig
 from MMContourLib.training.train import TrainConfig, TrainingError, train
@@ -88,7 +89,7 @@ def test_read_manifest_resolves_paths_and_names_bad_rows(manifest, tmp_path):
     with pytest.raises(ManifestError, match=r"line 2 \(case c0\).*surgery"):
         read_manifest(bad)
     bad.write_text("\n".join([text[0], text[1].replace("cases/c0_ct", "cases/nope")]) + "\n")
-    with pytest.raises(ManifestError, match="ct file not found"):
+    with pytest.raises(ManifestError, match="ct not found"):
         read_manifest(bad)
     bad.write_text(text[0].replace("split,", "") + "\n")
     with pytest.raises(ManifestError, match="lacks the column"):

@@ -1,10 +1,9 @@
-"""Manifest datasets for training and evaluation.
+"""Manifest datasets for training.
 
-A manifest is a CSV with one row per case (``case_id, ct, ctv, split`` and the clinical-note
-columns of ``note.FIELDS``; paths relative to the CSV; phantoms add ``regions``). For training,
-each case is resampled once to the model grid and cached (MONAI ``CacheDataset``); a training
-sample is then a random patch of it (``RandCropByPosNegLabeld`` around the CTV or elsewhere in
-the body) with intensity augmentation, plus the case's prompt.
+The cases come from ``manifest.read_cases``. Each case is resampled once to the model grid and
+cached (MONAI ``CacheDataset``); a training sample is then a random patch of it
+(``RandCropByPosNegLabeld`` around the CTV or elsewhere in the body) with intensity augmentation,
+plus the case's prompt.
 
 Every random choice is derived from ``(seed, epoch, position in the epoch)``: the data order of
 an epoch and the transform state of each sample. So a resumed run sees exactly the samples an
@@ -13,92 +12,21 @@ batches as one process with batch ``world_size * b``.
 """
 from __future__ import annotations
 
-import csv
-import hashlib
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 
-from ..note.clinical import MANIFEST_COLUMNS, ClinicalNote, ContradictionError, NoteError
 from ..image.preprocess import PreprocessConfig, mask_to_model_grid, to_model_grid
+from .manifest import Case
 
 if TYPE_CHECKING:  # MONAI takes seconds to import: only the functions that build pipelines load it
     from monai.data import CacheDataset
     from monai.transforms import Compose
 
-REQUIRED_COLUMNS = ("case_id", "ct", "ctv", "split", "side", "n_stage", "surgery")
 #: Voxels above this (scaled 0..1; 0.3 is -400 HU) are in the body: negative patches are centred there.
 BODY_THRESHOLD = 0.3
-
-
-class ManifestError(ValueError):
-    """A manifest that cannot be used; the message names the file, row and column."""
-
-
-@dataclass(frozen=True)
-class Case:
-    case_id: str
-    ct: Path
-    ctv: Path | None
-    split: str
-    note: ClinicalNote
-    regions: Path | None = None
-    row: dict = field(default_factory=dict, compare=False, hash=False)
-
-    @property
-    def prompt(self) -> str:
-        return self.note.to_prompt()
-
-
-def read_manifest(path: str | Path, split: str | None = None, require_ctv: bool = True) -> list[Case]:
-    """Cases of a manifest (only ``split`` if given), checked: columns, unique ids, existing files, valid notes."""
-    path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"manifest not found: {path}")
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    if missing:
-        raise ManifestError(f"manifest {path} lacks the column(s) {', '.join(missing)}; "
-                            f"expected: {', '.join(MANIFEST_COLUMNS)} (paths relative to the CSV)")
-    base = path.parent
-    cases, seen = [], set()
-    for number, row in enumerate(rows, start=2):  # line 1 is the header
-        where = f"manifest {path}, line {number} (case {row.get('case_id') or '?'})"
-        if split is not None and row["split"] != split:
-            continue
-        if not row["case_id"]:
-            raise ManifestError(f"{where}: case_id is empty")
-        if row["case_id"] in seen:
-            raise ManifestError(f"{where}: case_id {row['case_id']!r} appears twice")
-        seen.add(row["case_id"])
-        try:
-            note = ClinicalNote.from_row(row)
-        except (NoteError, ContradictionError) as exc:
-            raise ManifestError(f"{where}: {exc}") from None
-        files = {}
-        for column in ("ct", "ctv", "regions"):
-            value = row.get(column, "")
-            if not value:
-                if column == "ct" or (column == "ctv" and require_ctv):
-                    raise ManifestError(f"{where}: column {column} is empty")
-                files[column] = None
-                continue
-            file = (base / value) if not Path(value).is_absolute() else Path(value)
-            if not file.exists():
-                raise ManifestError(f"{where}: {column} file not found: {file}")
-            files[column] = file
-        cases.append(Case(row["case_id"], files["ct"], files["ctv"], row["split"], note, files["regions"], row))
-    return cases
-
-
-def manifest_hash(path: str | Path) -> str:
-    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:24]
 
 
 def select_fraction(cases: Sequence[Case], fraction: float, seed: int) -> list[Case]:

@@ -3,8 +3,6 @@
 folder, with seeded per-case seeds and splits balanced by target kind."""
 from __future__ import annotations
 
-import csv
-import io
 import json
 import sys
 import time
@@ -13,12 +11,11 @@ from pathlib import Path
 import numpy as np
 
 from ..image.fileio import write_text as _write_text
-from ..note.clinical import MANIFEST_COLUMNS as NOTE_MANIFEST_COLUMNS
 from ..note.clinical import ClinicalNote
 from ..note.targets import REGION_LABELS
+from .manifest import write_manifest
 from .phantom import PhantomConfig, generate_case, sample_note
 
-MANIFEST_COLUMNS = NOTE_MANIFEST_COLUMNS + ("regions",)  # the sub-region label maps
 SPLITS = ("train", "val", "test")
 
 
@@ -102,11 +99,7 @@ def write_dataset(n: int, out_dir, seed: int = 0, config: PhantomConfig | None =
     for old in set(previous) - set(infos):
         for key in ("ct", "ctv", "regions"):
             (out / "cases" / f"{old}_{key}.nii.gz").unlink(missing_ok=True)
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    _write_text(manifest, text.getvalue())
+    write_manifest(manifest, rows)  # with the regions column
     _write_text(marker, json.dumps({**meta, "cases": infos, "complete": True}, indent=1, default=str))
     return manifest
 
@@ -155,4 +148,4 @@ def _cli_phantom(args) -> dict:
     return summary
 
 
-__all__ = ["MANIFEST_COLUMNS", "SPLITS", "case_seed", "target_kind", "write_dataset", "summarize", "register_cli"]
+__all__ = ["SPLITS", "case_seed", "target_kind", "write_dataset", "summarize", "register_cli"]

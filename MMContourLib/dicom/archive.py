@@ -30,7 +30,8 @@ from ..image.ctseries import (CTSeriesInfo, DicomError, DicomGeometryError, Empt
                               read_ct_series)
 from ..image.fileio import write_text as _write_text
 from ..image.readwrite import write_image
-from ..note.clinical import MANIFEST_COLUMNS, ClinicalNote
+from ..data.manifest import MANIFEST_COLUMNS, write_manifest
+from ..note.clinical import ClinicalNote
 
 if TYPE_CHECKING:  # pydicom is imported where it is used
     from pydicom.dataset import Dataset
@@ -465,11 +466,7 @@ def import_dicom(in_dir: str | os.PathLike, clinical_table: str | os.PathLike, o
                                                                   f"but not in the DICOM export"))
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(sorted(rows, key=lambda r: r["case_id"]))
-    _write_text(manifest_path, buffer.getvalue())
+    write_manifest(manifest_path, sorted(rows, key=lambda r: r["case_id"]))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=("patient_id", "reason", "message", "source"), lineterminator="\n")
     writer.writeheader()

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from .grid import Grid, check_same_grid
+
 if TYPE_CHECKING:  # pydicom is imported where it is used, so `mmcontour --help` does not load it
     from pydicom.dataset import Dataset
 
@@ -102,10 +104,6 @@ def _floats(ds: Dataset, keyword: str) -> np.ndarray | None:
         return np.array([float(v) for v in (value if isinstance(value, Iterable) else [value])], dtype=float)
     except (TypeError, ValueError):
         return None
-
-
-def _fmt(values: Sequence[float]) -> str:
-    return "(" + ", ".join(f"{v:.2f}" for v in values) + ")"
 
 
 # -- CT series: sort, validate ---------------------------------------------------------------------
@@ -263,18 +261,9 @@ def _ct_info(ct_series) -> CTSeriesInfo:
 
 def _check_on_grid(mask: sitk.Image, info: CTSeriesInfo) -> np.ndarray:
     """The mask as a (k, j, i) bool array, after checking it lies on the CT's own grid."""
-    problems = []
-    if tuple(mask.GetSize()) != info.size:
-        problems.append(f"size {mask.GetSize()} vs {info.size}")
-    if not np.allclose(mask.GetSpacing(), info.spacing, rtol=1e-3, atol=1e-4):
-        problems.append(f"spacing {_fmt(mask.GetSpacing())} vs {_fmt(info.spacing)}")
-    if not np.allclose(mask.GetOrigin(), info.origin, atol=max(0.01, 0.05 * min(info.spacing))):
-        problems.append(f"origin {_fmt(mask.GetOrigin())} vs {_fmt(info.origin)}")
-    if not np.allclose(mask.GetDirection(), info.direction, atol=1e-4):
-        problems.append("direction differs")
-    if problems:
-        raise DicomGeometryError(f"the mask is not on the grid of CT series {info.series_instance_uid} "
-                                 f"({'; '.join(problems)}): contour that CT, or resample the mask onto it first")
+    check_same_grid(mask, Grid(info.size, info.spacing, info.origin, info.direction),
+                    f"the mask is not on the grid of CT series {info.series_instance_uid}", DicomGeometryError,
+                    "contour that CT, or resample the mask onto it first")
     array = sitk.GetArrayViewFromImage(mask) > 0
     if not array.any():
         raise EmptyContourError("the mask is empty: there is no CTV to export")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .grid import check_same_grid
+
 
 def _mask(x) -> np.ndarray:
     if hasattr(x, "GetSize"):  # a SimpleITK image (imported only by whoever passes one)
@@ -15,15 +17,8 @@ def _mask(x) -> np.ndarray:
 
 
 def _check_same_grid(a, b) -> None:
-    if not (hasattr(a, "GetSize") and hasattr(b, "GetSize")):
-        return
-    same = (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=1e-4)
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-3)
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-5))
-    if not same:
-        raise ValueError(f"the masks are on different grids (size {a.GetSize()} vs {b.GetSize()}, spacing "
-                         f"{a.GetSpacing()} vs {b.GetSpacing()}, origin {a.GetOrigin()} vs {b.GetOrigin()}); "
-                         "resample one onto the other first")
+    if hasattr(a, "GetSize") and hasattr(b, "GetSize"):
+        check_same_grid(a, b, "the masks are on different grids")
 
 
 def dice(a, b) -> float:

@@ -16,81 +16,17 @@ The same engine runs ``Resources/scripts/mmcontour_batch.py`` (headless through 
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
-import re
 import time
 import traceback
 from pathlib import Path
 from typing import Callable
 
+from ..data.manifest import ManifestError, note_for, read_manifest  # the engine's callers read manifests here
 from ..image.fileio import write_json
 
 SUMMARY_NAME = "summary.json"
-NOTE_COLUMNS = ("side", "n_stage", "surgery")  # needed when there is no 'note' column
-
-
-class ManifestError(ValueError):
-    """A manifest that cannot be used as a whole (the message says which row and column)."""
-
-
-def read_manifest(path: str | os.PathLike, split: str | None = None, check: bool = False) -> list[dict[str, str]]:
-    """Rows of a manifest CSV, ``ct`` and ``ctv`` resolved against the CSV's folder; ids checked to be
-    usable file names. ``split``: only the rows whose ``split`` column has this value.
-
-    ``check``: every row is checked up front (its note parses, its ``ct`` and any ``ctv`` exist) and a
-    bad row fails the whole manifest, before any model is loaded; without it such a row is a failed
-    case and the others go on."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest not found: {path}")
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        missing = [c for c in ("case_id", "ct") if c not in columns]
-        if check and "note" not in columns:
-            missing += [c for c in NOTE_COLUMNS if c not in columns]
-        if missing:
-            raise ManifestError(f"manifest {path} lacks the column(s) {', '.join(missing)} "
-                                f"(has: {', '.join(columns)}); it needs case_id, ct and the note: "
-                                "a 'note' column or side, n_stage, surgery")
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
-    if split is not None and "split" not in columns:
-        raise ManifestError(f"split {split!r} asked for, but manifest {path} has no 'split' column")
-    selected = [(line, row) for line, row in enumerate(rows, start=2) if split is None or row.get("split") == split]
-    seen: dict[str, int] = {}
-    for i, row in selected:
-        case = row["case_id"]
-        if not case or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", case):
-            raise ManifestError(f"manifest {path}, line {i}: case_id {case!r} must be letters, digits, '.', '_' or '-' "
-                                "(it names the output file)")
-        if case in seen:
-            raise ManifestError(f"manifest {path}: case_id {case!r} appears on lines {seen[case]} and {i}")
-        seen[case] = i
-        for column in ("ct", "ctv"):
-            if row.get(column):
-                file = Path(row[column]).expanduser()
-                row[column] = str(file if file.is_absolute() else path.parent / file)
-        if check:
-            _check_row(row, f"manifest {path}, line {i} (case {case})")
-    if check and not selected:
-        raise ManifestError(f"manifest {path} has no case" + (f" with split {split!r}" if split is not None else ""))
-    return [row for _, row in selected]
-
-
-def _check_row(row: dict[str, str], where: str) -> None:
-    from ..note.clinical import ContradictionError, NoteError
-
-    try:
-        _note_for(row)
-    except (NoteError, ContradictionError) as exc:
-        raise ManifestError(f"{where}: {exc}") from None
-    if not row.get("ct"):
-        raise ManifestError(f"{where}: ct is empty")
-    for column in ("ct", "ctv"):
-        if row.get(column) and not Path(row[column]).exists():
-            raise ManifestError(f"{where}: {column} not found: {row[column]}")
 
 
 def output_path(out_dir: str | os.PathLike, case_id: str) -> Path:
@@ -133,17 +69,9 @@ def _run_id(world: int) -> str:
     return f"{env('TORCHELASTIC_RUN_ID', '')}@{env('MASTER_ADDR', '')}:{env('MASTER_PORT', '')}"
 
 
-def _note_for(row: dict[str, str]):
-    from ..note.clinical import ClinicalNote
-
-    if row.get("note"):
-        return ClinicalNote.parse(row["note"])
-    return ClinicalNote.from_row(row)
-
-
 def _prompt_for(row: dict[str, str]) -> dict[str, str]:
     try:
-        return {"prompt": _note_for(row).to_prompt()}
+        return {"prompt": note_for(row).to_prompt()}
     except ValueError:  # NoteError, ContradictionError
         return {}
 
@@ -164,7 +92,7 @@ def contour_case(contourer, row: dict[str, str], out_dir: Path, overwrite: bool,
     stage = "note"
     scores = {}
     try:
-        note = _note_for(row)
+        note = note_for(row)
         entry["prompt"] = note.to_prompt()
         stage = "read CT"
         if not row.get("ct"):
@@ -281,3 +209,7 @@ def contour_manifest(rows: list[dict[str, str]], out_dir: str | os.PathLike, loa
     else:
         report["summary"] = str(target)
     return report
+
+
+__all__ = ["ManifestError", "read_manifest", "output_path", "pending", "shard", "my_share", "contour_case",
+           "contour_manifest"]

@@ -24,8 +24,6 @@ CHEMOTHERAPIES = ("none", "adjuvant", "neoadjuvant")
 PATHOLOGIES = ("IDC", "ILC", "DCIS", "mixed", "mucinous", "tubular", "medullary", "metaplastic", "other")
 SURGERY_PROMPT = {"bcs": "breast conserving surgery", "mastectomy": "total mastectomy surgery"}
 FIELDS = ("age", "side", "t_stage", "n_stage", "m_stage", "surgery", "chemotherapy", "pathology")
-#: Columns of a case manifest CSV (DESIGN.md): the files, the split, and the note's fields.
-MANIFEST_COLUMNS = ("case_id", "ct", "ctv", "split") + FIELDS
 
 
 class NoteError(ValueError):

@@ -4,16 +4,16 @@ Per case, on the CT's own grid with its spacing (MONAI metrics): Dice, IoU, HD95
 cases: means with 95% bootstrap confidence intervals (1,000 seeded resamples of cases).
 
 Where the manifest has a ``regions`` column (phantoms: the sub-region label map of
-``phantom.REGION_LABELS``), two more things are checked per case:
+``note.targets.REGION_LABELS``), two more things are checked per case:
 
 * clinical accuracy, the paper's expert review made automatic: a region counts as *targeted*
   when the contour covers more than ``coverage_threshold`` of it; the case is correct when the
-  targeted regions are exactly those the note asks for (``phantom.region_names_for_note``).
+  targeted regions are exactly those the note asks for (``note.targets.region_names_for_note``).
   Side(s), nodal regions (present iff node-positive) and breast vs chest wall are also reported
   on their own.
 * text-following: the case is contoured again with counterfactual notes (side flipped, for
   unilateral cases; N0 <-> N2) and checked against the counterfactual's own truth
-  (``phantom.ctv_for_note``): volumes on each side, nodal coverage, and whether the contour moved
+  (``note.targets.ctv_for_note``): volumes on each side, nodal coverage, and whether the contour moved
   as the note says.
 
 Writes ``metrics.json``, ``cases.csv``, ``table.md`` (laid out like paper Table 1) and
@@ -36,6 +36,7 @@ import SimpleITK as sitk
 import torch
 
 from ..image.fileio import atomic_write as _atomic, write_json
+from ..image.grid import on_grid
 from ..note.clinical import ClinicalNote
 
 SIDES = ("left", "right")
@@ -47,16 +48,6 @@ N_FLIP = {"N0": "N2", "N1mi": "N2", "N1": "N0", "N2": "N0", "N3": "N0"}
 def _array_xyz(image: sitk.Image) -> np.ndarray:
     """sitk (z, y, x) array -> (x, y, z) bool, the axis order of ``image.GetSpacing()``."""
     return np.ascontiguousarray(sitk.GetArrayViewFromImage(image).transpose(2, 1, 0) > 0)
-
-
-def on_grid(mask: sitk.Image, reference: sitk.Image) -> sitk.Image:
-    """``mask`` on ``reference``'s grid (nearest neighbour); unchanged if already there."""
-    same = (mask.GetSize() == reference.GetSize() and np.allclose(mask.GetSpacing(), reference.GetSpacing())
-            and np.allclose(mask.GetOrigin(), reference.GetOrigin(), atol=1e-3)
-            and np.allclose(mask.GetDirection(), reference.GetDirection(), atol=1e-6))
-    if same:
-        return mask
-    return sitk.Resample(mask, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, mask.GetPixelID())
 
 
 def segmentation_metrics(prediction: sitk.Image, truth: sitk.Image) -> dict[str, float]:
@@ -84,17 +75,21 @@ def segmentation_metrics(prediction: sitk.Image, truth: sitk.Image) -> dict[str,
 
 
 def bootstrap_ci(values: Sequence[float], n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
-    """Mean and percentile bootstrap CI over cases; NaNs are left out and counted in ``excluded``."""
+    """Mean and percentile bootstrap CI over cases (``scipy.stats.bootstrap``); NaNs are left out and
+    counted in ``excluded``. One case has no spread to resample: its CI is its value."""
+    from scipy.stats import bootstrap
+
     x = np.asarray(values, float)
     finite = x[np.isfinite(x)]
     result = {"mean": None, "ci_low": None, "ci_high": None, "n": int(finite.size), "excluded": int(x.size - finite.size)}
     if finite.size == 0:
         return result
-    rng = np.random.default_rng(seed)
-    means = finite[rng.integers(0, finite.size, size=(n_resamples, finite.size))].mean(1)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    result.update(mean=float(finite.mean()), ci_low=float(low), ci_high=float(high))
+    low = high = float(finite.mean())
+    if finite.size > 1:
+        ci = bootstrap((finite,), np.mean, n_resamples=n_resamples, confidence_level=level, method="percentile",
+                       rng=np.random.default_rng(seed)).confidence_interval
+        low, high = float(ci.low), float(ci.high)
+    result.update(mean=float(finite.mean()), ci_low=low, ci_high=high)
     return result
 
 
@@ -210,13 +205,11 @@ def evaluate(config: EvalConfig,
     -> result with ``.mask``, ``.bundle``) instead of loading one."""
     from tqdm import tqdm
 
-    from ..data.dataset import read_manifest
+    from ..data.manifest import read_cases
     from ..image.readwrite import read_image
     from ..inference.contourer import Contourer
 
-    cases = read_manifest(config.manifest, split=config.split)
-    if not cases:
-        raise ValueError(f"manifest {config.manifest} has no cases in split {config.split!r}")
+    cases = read_cases(config.manifest, split=config.split)  # ManifestError when the split has no case
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     factory = contourer_factory or (lambda b: Contourer.from_bundle(b, llm=config.llm, device=config.device))

@@ -35,8 +35,9 @@ import torch
 from torch import nn
 
 from ..image.fileio import atomic_write
-from ..data.dataset import (AugmentConfig, PatchDataset, build_cache, collate, epoch_plan, manifest_hash, read_manifest,
-                   sample_transforms, select_fraction, steps_per_epoch)
+from ..data.dataset import (AugmentConfig, PatchDataset, build_cache, collate, epoch_plan, sample_transforms,
+                            select_fraction, steps_per_epoch)
+from ..data.manifest import manifest_hash, read_cases
 from ..image.preprocess import PreprocessConfig
 from ..note.targets import NODAL_LABELS
 from ..model.sources import MINILM_SOURCE, SMOLLM2_SOURCE
@@ -410,7 +411,7 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
     from .losses import weighted_dice_ce
     from ..model.network import NetworkConfig, TextConditionedUNet, count_parameters
 
-    cases = read_manifest(config.manifest)
+    cases = read_cases(config.manifest)
     train_cases = [c for c in cases if c.split == config.train_split]
     if not train_cases:
         splits = sorted({c.split for c in cases})

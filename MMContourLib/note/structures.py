@@ -1,0 +1,99 @@
+"""What a segment means: the one table of contoured structures (name, colour, terminology codes).
+
+Both segmentation writers read it: the ``.seg.nrrd`` file writer (``image.readwrite``) and the
+MRML segmentation node builder (``slicer.mrml``), so a file and a Slicer node say the same thing.
+
+A row is one structure, named in the TG-263 style of METHOD.md without its side; the side adds the
+name suffix (``_L`` / ``_R``) and the terminology's anatomic region modifier. A per-region
+structure is one more row, e.g.::
+
+    Structure("CTVp_Breast", (0.95, 0.55, 0.55)),
+    Structure("CTVn_L1", (0.35, 0.60, 0.95), region=Code("SCT", "<code>", "Axillary lymph node group"))
+
+Segments that are no row (compare-notes results, named by their note's prompt) are clinical
+target volumes: they take the ``CTV`` row's codes and a colour from ``PALETTE`` by position.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Code:
+    """A coded concept (DICOM: coding scheme designator, code value, code meaning)."""
+    scheme: str
+    value: str
+    meaning: str
+
+    def __str__(self) -> str:  # Slicer's terminology form
+        return f"{self.scheme}^{self.value}^{self.meaning}"
+
+
+#: Slicer's terminology contexts (DICOM master lists) the codes below come from.
+CATEGORY_CONTEXT = "Segmentation category and type - DICOM master list"
+ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+ANATOMICAL_STRUCTURE = Code("SCT", "91723000", "Anatomical Structure")
+CLINICAL_TARGET_VOLUME = Code("SCT", "228792002", "Clinical target volume")
+BREAST = Code("SCT", "76752008", "Breast")
+SIDE_MODIFIER = {"left": Code("SCT", "7771000", "Left"), "right": Code("SCT", "24028007", "Right"),
+                 "both": Code("SCT", "51440002", "Right and left")}
+SIDE_SUFFIX = {"left": "L", "right": "R"}
+#: Colours of segments that are not rows of the table, by position (the first is the CTV's).
+PALETTE = ((0.90, 0.20, 0.20), (0.15, 0.55, 0.95), (0.20, 0.80, 0.30), (0.95, 0.70, 0.10))
+
+
+@dataclass(frozen=True)
+class Structure:
+    name: str  # without the side suffix: "CTV", "CTVp_Breast", "CTVn_L1", "CTVn_IMN"
+    color: tuple[float, float, float]
+    category: Code = ANATOMICAL_STRUCTURE
+    type: Code = CLINICAL_TARGET_VOLUME
+    region: Code | None = BREAST
+
+    def name_for(self, side: str | None = None) -> str:
+        """The segment name on ``side`` ('left' / 'right'; none or 'both': the plain name)."""
+        return f"{self.name}_{SIDE_SUFFIX[side]}" if side in SIDE_SUFFIX else self.name
+
+    def terminology(self, side: str | None = None) -> str:
+        """Slicer's terminology entry string:
+        context~category~type~typeModifier~anatomicContext~region~regionModifier."""
+        region = str(self.region) if self.region else "^^"
+        modifier = str(SIDE_MODIFIER[side]) if self.region and side in SIDE_MODIFIER else "^^"
+        return f"{CATEGORY_CONTEXT}~{self.category}~{self.type}~^^~{ANATOMIC_CONTEXT}~{region}~{modifier}"
+
+
+STRUCTURES: dict[str, Structure] = {s.name: s for s in (
+    Structure("CTV", PALETTE[0]),  # the union of every targeted region (METHOD.md "Structures and names")
+)}
+
+
+def structure_for(name: str) -> tuple[Structure | None, str | None]:
+    """The table row of a segment name and the side its suffix names: "CTVn_L1_L" -> (CTVn_L1, 'left');
+    a name that is no row -> (None, None)."""
+    if name in STRUCTURES:
+        return STRUCTURES[name], None
+    for side, suffix in SIDE_SUFFIX.items():
+        if name.endswith("_" + suffix) and name[:-len(suffix) - 1] in STRUCTURES:
+            return STRUCTURES[name[:-len(suffix) - 1]], side
+    return None, None
+
+
+def segment_color(name: str, index: int = 0) -> tuple[float, float, float]:
+    """The table's colour for a structure; a segment that is no row: the ``index``-th palette colour."""
+    row, _ = structure_for(name)
+    return row.color if row else palette_color(index)
+
+
+def palette_color(index: int) -> tuple[float, float, float]:
+    return PALETTE[index % len(PALETTE)]
+
+
+def terminology_entry(name: str = "CTV", side: str | None = None) -> str:
+    """The terminology string of segment ``name`` on ``side`` (default: the side its name's suffix says);
+    a segment that is no row is a clinical target volume of the breast."""
+    row, named_side = structure_for(name)
+    return (row or STRUCTURES["CTV"]).terminology(side or named_side)
+
+
+__all__ = ["Code", "Structure", "STRUCTURES", "SIDE_MODIFIER", "PALETTE", "structure_for", "segment_color",
+           "palette_color", "terminology_entry"]
