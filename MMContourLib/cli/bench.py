@@ -1,8 +1,10 @@
 """``mmcontour bench`` (and ``python -m MMContourLib.bench bench ...``): the command line of ``bench.measure``."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from ..bench.presets import PRESETS, Preset
@@ -53,8 +55,6 @@ def register(subparsers) -> None:
 
 
 def preset_from_args(args) -> Preset:
-    from dataclasses import replace
-
     preset = PRESETS[args.preset]()
     changes = {}
     if args.bundle:  # the bundle's own model, grid and windows unless the command line says otherwise
@@ -111,8 +111,6 @@ def format_table(summary: dict) -> str:
 def main(argv=None) -> int:
     """``python -m MMContourLib.bench bench ...``: the bench alone, without the other subcommands'
     imports (the GPU machine has no DICOM libraries)."""
-    import argparse
-
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m MMContourLib.bench")
     register(parser.add_subparsers(dest="command", required=True))
