@@ -107,7 +107,7 @@ def _slicerPackaging():
 
 def loadPhantomSample():
     """A synthetic breast planning CT (never used for training), generated once into Slicer's cache."""
-    from MMContourLib.cli.demo import DEMO_NOTE, DEMO_SEED
+    from MMContourLib.inference.demo import DEMO_NOTE, DEMO_SEED
     from MMContourLib.image.readwrite import write_image
     from MMContourLib.data.phantom import PhantomConfig, generate_case
 

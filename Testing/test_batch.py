@@ -202,7 +202,7 @@ def test_one_light_dice_for_demo_and_batch(tmp_path):
 
     import numpy as np
 
-    from MMContourLib.cli import demo
+    from MMContourLib.inference import demo
     from MMContourLib.image.metrics import dice
 
     assert demo.dice is dice

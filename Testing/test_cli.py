@@ -135,26 +135,30 @@ def test_predict_from_dicom_series_writes_rtstruct_and_dicom_seg(tiny_bundle, tm
     assert pydicom.dcmread(dseg).Modality == "SEG"
 
 
-def test_lazy_subcommands_list_the_help_line_their_module_registers():
-    """`mmcontour --help` lists LAZY_SUBCOMMANDS from cli's table; it must say what each module's register_cli says."""
-    import argparse
-    import importlib
-
-    from MMContourLib.cli import main as cli
-
-    for command, (module, help_line) in cli.LAZY_SUBCOMMANDS.items():
-        assert module in cli.SUBCOMMAND_MODULES
-        sub = argparse.ArgumentParser().add_subparsers()
-        importlib.import_module(f"MMContourLib.{module}").register_cli(sub)
-        assert {a.dest: a.help for a in sub._choices_actions}.get(command) == help_line, command
-
-
-def test_help_needs_neither_torch_nor_monai():
-    """`mmcontour --help` and `mmcontour phantom --help` import only what they show (start-up time)."""
+def test_command_modules_import_neither_torch_nor_monai():
+    """Every module under cli/ registers its subcommand with light imports; the heavy ones wait for the run."""
+    import pkgutil
     import subprocess
     import sys
 
-    for argv in (["--help"], ["phantom", "--help"], ["import-dicom", "--help"]):
+    import MMContourLib.cli
+
+    names = [m.name for m in pkgutil.iter_modules(MMContourLib.cli.__path__) if m.name != "__main__"]
+    assert {"main", "common", "predict", "phantom", "train", "evaluate", "demo", "import_dicom", "bench"} <= set(names)
+    code = ("import importlib, sys\nfor name in %r:\n    importlib.import_module('MMContourLib.cli.' + name)\n"
+            "print(sorted(m for m in ('torch', 'monai', 'transformers', 'pydicom', 'matplotlib') if m in sys.modules))"
+            % (names,))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]", out[-500:]
+
+
+def test_help_needs_neither_torch_nor_monai():
+    """`mmcontour --help` and each subcommand's --help import only what they show (start-up time)."""
+    import subprocess
+    import sys
+
+    commands = ("predict", "phantom", "train", "evaluate", "demo", "import-dicom", "bench")
+    for argv in (["--help"], *([c, "--help"] for c in commands)):
         code = ("import sys\nfrom MMContourLib.cli.main import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
                 "print(sorted(m for m in ('torch', 'monai', 'transformers', 'pydicom', 'matplotlib') if m in sys.modules))"
                 % (argv,))
@@ -162,12 +166,13 @@ def test_help_needs_neither_torch_nor_monai():
         assert out.strip().splitlines()[-1] == "[]", (argv, out[-500:])
 
 
-def test_lazy_subcommand_parses_like_an_eager_one(tmp_path):
-    from MMContourLib.cli.main import build_parser, load_subcommands
+def test_subcommands_parse_into_their_run_function(tmp_path):
+    from MMContourLib.cli import import_dicom, phantom
+    from MMContourLib.cli.main import build_parser
 
     args = build_parser().parse_args(["phantom", "--n", "2", "--out", str(tmp_path)])
-    assert args.command == "phantom" and args.n == 2 and callable(args.func)
-    parser = load_subcommands(build_parser())
+    assert args.command == "phantom" and args.n == 2 and args.func is phantom.run
+    parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert not sub._lazy_modules and sub.choices["import-dicom"].parse_args(
-        ["--in", "a", "--clinical", "b", "--out", "c"]).json is False
+    assert sub.choices["import-dicom"].parse_args(["--in", "a", "--clinical", "b", "--out", "c"]).json is False
+    assert parser.parse_args(["import-dicom", "--in", "a", "--clinical", "b", "--out", "c"]).func is import_dicom.run

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from MMContourLib.model.bundle_info import default_bundle_path
-from MMContourLib.cli.demo import DEMO_SEED, run_demo
+from MMContourLib.inference.demo import DEMO_SEED, run_demo
 from MMContourLib.data.phantom_dataset import case_seed
 
 

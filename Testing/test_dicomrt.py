@@ -21,6 +21,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from MMContourLib.cli import import_dicom as import_dicom_cli
+from MMContourLib.cli.predict import add_export_arguments
 from MMContourLib.dicom import archive as dicom_import
 from MMContourLib.dicom import export as dicomrt
 from MMContourLib.dicom.archive import rtstruct_to_mask
@@ -409,7 +411,7 @@ def test_export_prediction_uses_provenance_and_note(tmp_path):
     mask = sitk.GetImageFromArray(ctv.astype(np.uint8))
     mask.CopyInformation(image)
     parser = argparse.ArgumentParser()
-    dicomrt.add_export_arguments(parser)
+    add_export_arguments(parser)
     args = parser.parse_args(["--out-rtstruct", str(tmp_path / "rs.dcm"), "--roi-name", "CTVp_Breast{lat}",
                               "--roi-color", "0,0,255"])
     written = dicomrt.export_prediction(
@@ -473,7 +475,7 @@ def test_import_dicom_builds_the_manifest_and_reports_every_skip(tmp_path, capsy
         csv.writer(fh).writerows([fields] + rows)
 
     parser = argparse.ArgumentParser()
-    dicom_import.register_cli(parser.add_subparsers())
+    import_dicom_cli.register(parser.add_subparsers())
     out = tmp_path / "dataset"
     args = parser.parse_args(["import-dicom", "--in", str(root), "--clinical", str(table), "--out", str(out), "--json"])
     summary = args.func(args)  # what `mmcontour import-dicom --json` prints

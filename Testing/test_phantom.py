@@ -14,6 +14,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
+from MMContourLib.cli import phantom as phantom_cli
 from MMContourLib.data import phantom as ph
 from MMContourLib.data import phantom_dataset as dataset
 from MMContourLib.note.clinical import ClinicalNote
@@ -337,7 +338,7 @@ def test_write_dataset_writes_manifest_images_and_notes(tmp_path):
 
 def test_cli_phantom_writes_a_dataset_and_prints_a_summary(tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="mmcontour")
-    dataset.register_cli(parser.add_subparsers(dest="command"))  # the same hook cli.main uses
+    phantom_cli.register(parser.add_subparsers(dest="command"))  # the same hook cli.main uses
     args = parser.parse_args(["phantom", "--n", "2", "--out", str(tmp_path / "ds"), "--seed", "4"])
     summary = args.func(args)
     printed = capsys.readouterr().out

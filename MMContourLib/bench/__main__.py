@@ -1,6 +1,6 @@
 """``python -m MMContourLib.bench bench ...``: the benchmark alone, without the other subcommands' imports."""
 import sys
 
-from .measure import main
+from ..cli.bench import main
 
 sys.exit(main())

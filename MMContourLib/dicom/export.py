@@ -233,17 +233,6 @@ def write_dicom_seg(mask: sitk.Image, ct_series_folder, out_path: str | os.PathL
     return _atomic_write(Path(out_path), lambda tmp: seg.save_as(tmp))
 
 
-def add_export_arguments(parser) -> None:
-    """The DICOM outputs of ``mmcontour predict`` (and the Slicer batch): the CT must be a DICOM series folder."""
-    parser.add_argument("--out-rtstruct", type=Path, metavar="FILE",
-                        help="also write the CTV as a DICOM RTSTRUCT referencing the input CT series")
-    parser.add_argument("--out-dicom-seg", type=Path, metavar="FILE",
-                        help="also write the CTV as a DICOM Segmentation referencing the input CT series")
-    parser.add_argument("--roi-name", default=DEFAULT_ROI_TEMPLATE, metavar="TEMPLATE",
-                        help="TG-263-style ROI name; {lat} becomes _L/_R from the note (default: %(default)s)")
-    parser.add_argument("--roi-color", default="255,0,0", metavar="R,G,B", help="ROI colour (default: %(default)s)")
-
-
 def export_prediction(mask: sitk.Image, ct_series, *, out_rtstruct=None, out_dicom_seg=None,
                       note: ClinicalNote | None = None, roi_template: str = DEFAULT_ROI_TEMPLATE,
                       color: Sequence[int] | str = DEFAULT_COLOR,

@@ -1,0 +1,109 @@
+"""What the subcommands share: the usage error, the note and model argument groups and what they build, the
+progress bar, the output check. Light at import (``mmcontour --help`` loads no model code)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..model.bundle_info import default_bundle_path
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; printed without a traceback, exit status 2."""
+
+
+def add_note_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("clinical note (free text or structured fields)")
+    g.add_argument("--note", help='e.g. "N1, breast conserving surgery, left side" (paper Table 5 form)')
+    g.add_argument("--age")
+    g.add_argument("--side", help="left / right / both (Lt, Rt, bilateral ...)")
+    g.add_argument("--t", dest="t_stage", help="T stage, e.g. cT1c, Tis")
+    g.add_argument("--n", dest="n_stage", help="N stage, e.g. N0, 1mi, pN1a, ypN2; bilateral: left:N0;right:N2")
+    g.add_argument("--m", dest="m_stage", help="M stage, e.g. M0")
+    g.add_argument("--surgery", help="bcs / mastectomy (lumpectomy, partial, total, MRM ...)")
+    g.add_argument("--chemotherapy", help="none / adjuvant / neoadjuvant")
+    g.add_argument("--pathology", help="IDC / ILC / DCIS / ...")
+
+
+def note_from_args(args):
+    from ..note.clinical import ClinicalNote
+
+    fields = {k: getattr(args, k) for k in ("age", "side", "t_stage", "n_stage", "m_stage", "surgery",
+                                            "chemotherapy", "pathology") if getattr(args, k, None) not in (None, "")}
+    if args.note and fields:
+        note = ClinicalNote.parse(args.note)
+        return note.replace(**fields)
+    if args.note:
+        return ClinicalNote.parse(args.note)
+    if not fields:
+        raise UsageError("give the clinical note: --note TEXT, or --side, --n and --surgery (and optional fields)")
+    return ClinicalNote.from_fields(**{"side": fields.pop("side", ""), "n_stage": fields.pop("n_stage", ""),
+                                       "surgery": fields.pop("surgery", ""), **fields})
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--bundle", default=None, help="model bundle folder (default: the shipped demo bundle)")
+    g.add_argument("--llm", help="where the bundle's LLM is: a local folder or a .gguf file (default: as the bundle says)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--dtype", default="auto",
+                   help="LLM weights: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32 | int8 (8-bit, bitsandbytes)")
+    g.add_argument("--roi", type=int, nargs=3, metavar=("X", "Y", "Z"), help="sliding-window size (multiples of 16)")
+    g.add_argument("--overlap", type=float, help="sliding-window overlap (default: the bundle's)")
+    g.add_argument("--sw-batch-size", type=int, default=1)
+    g.add_argument("--allow-download", action="store_true",
+                   help="let --llm name a Hugging Face hub id and download it (off by default: MMContour works offline)")
+    s = parser.add_argument_group("speed and memory (docs/performance.md)")
+    s.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="U-Net arithmetic: auto (bf16 autocast on a GPU, fp32 on the CPU)")
+    s.add_argument("--channels-last", action="store_true", help="channels-last 3D memory layout for the U-Net")
+    s.add_argument("--compile", action="store_true", help="torch.compile the U-Net (the first contour pays for it)")
+    s.add_argument("--cache-features", default="auto", choices=("auto", "device", "host", "off"),
+                   help="keep the note-independent encoder features of the last CT, so an edited note skips "
+                        "them (auto: on the GPU if there is room, else host memory)")
+    s.add_argument("--offload-llm", action="store_true",
+                   help="move the LLM off the GPU after encoding the note; on a CPU, free it and load it again "
+                        "for the next new note (less memory while the U-Net runs, slower note edits)")
+
+
+def contourer_from_args(args):
+    from ..inference.contourer import Contourer
+
+    bundle = Path(args.bundle) if args.bundle else default_bundle_path()
+    return Contourer.from_bundle(bundle, llm=args.llm, device=args.device, dtype=args.dtype, roi_size=args.roi,
+                                 overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+                                 allow_download=args.allow_download, precision=args.precision,
+                                 channels_last=args.channels_last, compile=args.compile,
+                                 cache_features=args.cache_features, offload_llm=args.offload_llm)
+
+
+def tqdm_progress(enabled: bool = True):
+    """A progress(stage, done, total) callback drawing one tqdm bar per stage on stderr."""
+    from tqdm import tqdm
+
+    state = {"stage": None, "bar": None}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if not enabled:
+            return
+        if state["stage"] != stage:
+            if state["bar"] is not None:
+                state["bar"].close()
+            state["stage"], state["bar"] = stage, tqdm(total=total, desc=stage, file=sys.stderr, leave=False)
+        bar = state["bar"]
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+        if done >= total and stage == "postprocess":
+            bar.close()
+
+    return progress
+
+
+def check_output(path: Path, overwrite: bool) -> None:
+    """Refuse an output that exists (unless --overwrite) or whose folder does not, before anything heavy runs."""
+    if path.exists() and not overwrite:
+        raise UsageError(f"{path} exists; MMContour never overwrites a file unless you pass --overwrite")
+    if not path.parent.exists():
+        raise UsageError(f"output folder {path.parent} does not exist")

@@ -1,0 +1,119 @@
+"""``mmcontour predict``: one CT (``--ct``), or a manifest of CTs (``--manifest``, sharded under torchrun)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..dicom.export import DEFAULT_ROI_TEMPLATE
+from .common import (UsageError, add_model_arguments, add_note_arguments, check_output, contourer_from_args,
+                     note_from_args, tqdm_progress)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("predict", help="contour one CT (or a manifest of CTs) from its clinical note")
+    p.add_argument("--ct", help="CT file (NIfTI, NRRD, MHA) or DICOM series folder")
+    p.add_argument("--out", help="output .seg.nrrd (Slicer) or .nii.gz labelmap; with --manifest, a folder")
+    p.add_argument("--manifest", help="CSV of cases (DESIGN.md columns) to contour in one run")
+    add_export_arguments(p)
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--json", action="store_true", help="print one JSON summary")
+    add_note_arguments(p)
+    add_model_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_export_arguments(parser) -> None:
+    """The DICOM outputs of ``mmcontour predict``: the CT must be a DICOM series folder."""
+    parser.add_argument("--out-rtstruct", type=Path, metavar="FILE",
+                        help="also write the CTV as a DICOM RTSTRUCT referencing the input CT series")
+    parser.add_argument("--out-dicom-seg", type=Path, metavar="FILE",
+                        help="also write the CTV as a DICOM Segmentation referencing the input CT series")
+    parser.add_argument("--roi-name", default=DEFAULT_ROI_TEMPLATE, metavar="TEMPLATE",
+                        help="TG-263-style ROI name; {lat} becomes _L/_R from the note (default: %(default)s)")
+    parser.add_argument("--roi-color", default="255,0,0", metavar="R,G,B", help="ROI colour (default: %(default)s)")
+
+
+def run(args) -> dict:
+    from ..image.readwrite import read_image, write_segmentation
+
+    if args.manifest:
+        return run_manifest(args)
+    if not args.ct or not args.out:
+        raise UsageError("predict needs --ct and --out (or --manifest CSV --out DIR)")
+    out = Path(args.out)
+    if not str(out).endswith((".seg.nrrd", ".nii.gz", ".nii", ".nrrd")):
+        raise UsageError(f"--out {out}: use a .seg.nrrd (Slicer segmentation) or .nii.gz / .nrrd (labelmap) name")
+    extra_outputs = [Path(p) for p in (args.out_rtstruct, args.out_dicom_seg) if p]
+    for path in [out, *extra_outputs]:
+        check_output(path, args.overwrite)
+    note = note_from_args(args)  # fail on a bad note before loading any model
+    image = read_image(args.ct)
+    contourer = contourer_from_args(args)
+    result = contourer.contour(image, note, progress=tqdm_progress(not args.json))
+    sides = {"CTV": note.side}
+    write_segmentation(out, {"CTV": result.mask}, attributes=result.provenance, sides=sides)
+    summary = {"ct": str(args.ct), "out": str(out), **result.summary(), "llm_calls": contourer.llm_calls}
+    if extra_outputs:
+        from ..dicom.export import export_prediction
+
+        if not Path(args.ct).is_dir():
+            raise UsageError("--out-rtstruct / --out-dicom-seg need --ct to be the CT's DICOM series folder")
+        written = export_prediction(result.mask, args.ct, out_rtstruct=args.out_rtstruct,
+                                    out_dicom_seg=args.out_dicom_seg, note=note, roi_template=args.roi_name,
+                                    color=args.roi_color, provenance=result.provenance)
+        summary.update({k: str(v) for k, v in written.items()})
+    if not args.json:
+        print(f"CTV: {summary['volume_cc']:.1f} cc, prompt '{result.prompt}', {result.timings['total']:.1f} s -> {out}")
+    return summary
+
+
+def run_manifest(args) -> dict:
+    """``mmcontour predict --manifest CSV --out DIR``: contour this process's share of the cases."""
+    from ..inference.batch import _device_for, _run_id, contour_manifest, my_share, read_manifest, shard
+
+    if not args.out:
+        raise UsageError("--manifest needs --out DIR (the folder for <case_id>.seg.nrrd and summary.json)")
+    if getattr(args, "ct", None):
+        raise UsageError("give either --ct (one CT) or --manifest (many), not both")
+    note_args = ("note", "age", "side", "t_stage", "n_stage", "m_stage", "surgery", "chemotherapy", "pathology")
+    if any(getattr(args, k, None) for k in note_args):
+        raise UsageError("with --manifest each case's note comes from its row; drop --note / --side / --n ...")
+    if getattr(args, "out_rtstruct", None) or getattr(args, "out_dicom_seg", None):
+        raise UsageError("--out-rtstruct / --out-dicom-seg work for one CT; with --manifest the output is DIR/*.seg.nrrd")
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {out_dir} is a file; with --manifest give a folder")
+    rows = read_manifest(args.manifest)
+    rank, world, local_rank = shard()
+    device = _device_for(args.device, world, local_rank)
+
+    show = not args.json
+    bar = None
+    if show:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(my_share(rows, rank, world)), desc=f"cases (rank {rank}/{world})" if world > 1 else "cases", file=sys.stderr)
+
+    def on_case(position: int, total: int, entry: dict) -> None:
+        if entry["status"] == "failed":
+            print(f"mmcontour predict: case {entry['case_id']} failed: {entry['error']}", file=sys.stderr)
+        if bar is not None:
+            bar.update(1)
+
+    try:
+        report = contour_manifest(rows, out_dir, lambda: contourer_from_args(_with(args, device=device)),
+                                  overwrite=args.overwrite, rank=rank, world=world, run=_run_id(world),
+                                  info={"manifest": str(args.manifest), "bundle": str(args.bundle or "")},
+                                  on_case=on_case)
+    finally:
+        if bar is not None:
+            bar.close()
+    if show:
+        print(f"{report['ok']} contoured, {report['failed']} failed, {report['skipped']} skipped "
+              f"of {report['cases_total']} cases in {report['seconds']:.1f} s -> {out_dir}", file=sys.stderr)
+    return report
+
+
+def _with(args, **changes):
+    return argparse.Namespace(**{**vars(args), **changes})
