@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from MMContourLib.slicer.requirements import MissingPackages, missing_packages, requirement_name
+from MMContourLib.slicer.requirements import MissingPackages, missing_packages, requirement_name, unsupported
 
 #: pip arguments as a list: each item is one argument, so paths with spaces or backslashes stay whole.
 PipInstall = Callable[[Sequence[str]], None]
@@ -56,8 +56,10 @@ class InstallLogic:
     installs (Slicer's ``slicer.util.pip_install`` inside Slicer, pip in a subprocess elsewhere)."""
 
     def __init__(self, root: str | os.PathLike, pip_install: PipInstall = pip_in_subprocess,
-                 install_torch: TorchInstall | None = None):
+                 install_torch: TorchInstall | None = None, slicer_version: tuple[int, int] | None = None,
+                 python_version: tuple[int, int] = tuple(sys.version_info[:2])):
         self.root = Path(root)
+        self.slicer_version, self.python_version = slicer_version, python_version
         self.pip_install = pip_install
         self.install_torch = install_torch or (lambda line: pip_install([line]))
 
@@ -67,7 +69,8 @@ class InstallLogic:
         slicer = sys.modules.get("slicer")
         if slicer is None or not hasattr(slicer, "app"):
             return cls(root)
-        return cls(root, pip_install=_pip_install_in_slicer, install_torch=_install_torch_in_slicer)
+        return cls(root, pip_install=_pip_install_in_slicer, install_torch=_install_torch_in_slicer,
+                   slicer_version=(int(slicer.app.majorVersion), int(slicer.app.minorVersion)))
 
     # -- what is needed ----------------------------------------------------------------------------
     @property
@@ -104,7 +107,10 @@ class InstallLogic:
                allow_hint: str = f"set {INSTALL_ENVIRONMENT_VARIABLE}=1, or open the module once in the Slicer GUI") -> bool:
         """True when everything is installed (installing it first if allowed); False when ``confirm`` declined.
         Without ``confirm`` (headless) it installs only if ``install``, else raises with the commands to run
-        and ``allow_hint`` (how to let it install)."""
+        and ``allow_hint`` (how to let it install). An unsupported Slicer or Python is refused first."""
+        reason = unsupported(self.python_version, self.slicer_version)
+        if reason is not None:
+            raise DependencyError(reason)
         missing = self.missing(bundle)
         if not missing:
             return True

@@ -3,7 +3,6 @@ pip is replaced by a recorder, so what would be installed, in which order and wi
 from __future__ import annotations
 
 import os
-import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +133,71 @@ def test_batch_script_default_bundle_is_mmcontour_bundle(tmp_path):
     done = subprocess.run([sys.executable, str(script), "--manifest", str(tmp_path / "cases.csv"), "--out",
                            str(tmp_path / "out"), "--device", "cpu"], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 2 and "cannot load the model" in done.stderr and "their-bundle" in done.stderr
+
+
+# -- which Slicer and Python (docs/slicer.md, supported versions) --------------------------------------------
+
+def test_old_slicer_and_python_are_refused_before_anything_is_installed(root):
+    from MMContourLib.slicer.requirements import MIN_SLICER, unsupported
+
+    assert unsupported((3, 12), (5, 10)) is None and unsupported((3, 12), None) is None
+    assert "Slicer 5.10 or later; this is Slicer 5.8" in unsupported((3, 9), (5, 8))
+    assert "Python 3.11 or later; this Python is 3.9" in unsupported((3, 9), None)
+    recorder = Recorder()
+    old = InstallLogic(root, pip_install=recorder.pip, install_torch=recorder.torch, slicer_version=(5, 8),
+                       python_version=(3, 9))
+    with pytest.raises(DependencyError, match="Slicer 5.10"):
+        old.ensure(root / "Resources" / "Models" / "demo", confirm=lambda listed: True)
+    assert recorder.calls == [] and MIN_SLICER == (5, 10)
+
+
+def _installed_pins():
+    from importlib import metadata
+
+    pins = []
+    for line in read_requirements(REPO / "Resources" / "requirements-slicer.txt"):
+        if requirement_name(line) == "torch":
+            continue
+        try:
+            version = metadata.version(requirement_name(line))
+        except metadata.PackageNotFoundError:
+            continue
+        if "==" not in line or line.split("==")[1].strip() == version:  # the metadata read is the pinned one
+            pins.append(line)
+    if not any("monai==" in p for p in pins):
+        pytest.skip("monai is not installed at its pinned version: its metadata is not here to read")
+    return pins
+
+
+def test_torch_requirement_is_what_the_pinned_packages_declare():
+    from packaging.requirements import Requirement
+
+    from MMContourLib.slicer.requirements import required_specifier
+
+    declared = required_specifier("torch", _installed_pins())
+    (line,) = [r for r in read_requirements(REPO / "Resources" / "requirements-slicer.txt")
+               if requirement_name(r) == "torch"]
+    ours = Requirement(line).specifier
+    for version in ("2.0.0", "2.4.1", "2.7.1", "2.8.0", "2.9.1", "3.0"):
+        assert ours.contains(version) == declared.contains(version), (version, str(ours), str(declared))
+
+
+def test_minimum_python_is_what_the_pinned_packages_declare():
+    from importlib import metadata
+
+    from packaging.specifiers import SpecifierSet
+
+    from MMContourLib.slicer.requirements import MIN_PYTHON
+
+    needed = []
+    for line in _installed_pins():
+        requires = metadata.metadata(requirement_name(line)).get("Requires-Python")
+        if requires:
+            needed.append(SpecifierSet(requires))
+    oldest = next(f"3.{minor}" for minor in range(6, 20) if all(s.contains(f"3.{minor}.0") for s in needed))
+    assert tuple(int(v) for v in oldest.split(".")) == MIN_PYTHON
+
+
+def test_slicer_requirements_leave_slicers_own_pydicom_alone():
+    names = {requirement_name(r) for r in read_requirements(REPO / "Resources" / "requirements-slicer.txt")}
+    assert "pydicom" not in names and "numpy" not in names and "simpleitk" not in names

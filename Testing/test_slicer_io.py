@@ -333,3 +333,42 @@ def test_contour_job_refuses_a_non_empty_target_before_sending(scene, tmp_path):
                      target_node=users, replace_confirmed=True, workdir=tmp_path).start().wait(timeout=5)
     assert job.segmentation_node is users and len(segment_ids(users)) == 2
     assert json.loads(users.GetAttribute("MMContour.compared_notes")) == 2
+
+
+def test_segment_mask_reads_back_under_a_linear_transform(scene):
+    ct_node = slicer_io.image_to_volume_node(scene, make_ct(direction=OBLIQUE), "CT")
+    transform = slicer.vtkMRMLLinearTransformNode()
+    scene.AddNode(transform)
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 37.0)
+    matrix.SetElement(1, 3, -12.5)
+    transform.SetMatrixTransformToParent(matrix)
+    ct_node.SetAndObserveTransformNodeID(transform.GetID())
+    mask = _mask_like(volume_node_to_image(ct_node))  # the worker's grid: where the user sees the CT
+    node = write_mask_to_segmentation(scene, ct_node, {"CTV": mask}, {})
+    assert node.GetTransformNodeID() == transform.GetID()
+    back = segment_mask(node, "CTV", ct_node)
+    assert np.array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(mask))
+
+
+def test_closing_the_scene_during_a_job_writes_nothing_and_raises_nothing(scene, tmp_path):
+    """The module's form lives through scene close and load at any moment of a job: the job ends (cancelled
+    when the module cancels it at StartClose, failed when the result arrives after the close) and the
+    new scene gets no half-result."""
+    ct_node, _ = _ct_in_study(scene)
+    ct = volume_node_to_image(ct_node)
+    job = ContourJob(FakeClient(tmp_path, ct), scene, ct_node, ["N1, bcs, left side"], bundle="/b",
+                     workdir=tmp_path).start()
+    job.poll()  # progress
+    scene.Clear()  # File > Close scene while the worker runs, the module not cancelling it
+    job.wait(timeout=5)
+    assert job.state == "failed" and "not in this scene" in job.error and _node_count(scene) == 0
+    assert not list(tmp_path.glob("mask-*.nrrd"))
+
+    ct_node, _ = _ct_in_study(scene)
+    cancelled = ContourJob(FakeClient(tmp_path, volume_node_to_image(ct_node)), scene, ct_node, ["N1, bcs, left side"],
+                           bundle="/b", workdir=tmp_path).start()
+    cancelled.cancel(grace_s=0)  # what the module does at StartCloseEvent
+    scene.Clear()
+    cancelled.wait(timeout=5)
+    assert cancelled.state == "cancelled" and _node_count(scene) == 0

@@ -342,7 +342,8 @@ def segment_mask(segmentation_node, segment_id: str, reference_volume) -> sitk.I
         segmentation_node, segment_id, labelmap)
     reference = slicer.vtkOrientedImageData()
     reference.SetExtent(reference_volume.GetImageData().GetExtent())
-    reference.SetImageToWorldMatrix(_numpy_to_matrix(ijk_to_ras(reference_volume, world=False)))
+    # the labelmap comes with the segmentation's parent transform applied, so the reference is in world too
+    reference.SetImageToWorldMatrix(_numpy_to_matrix(ijk_to_ras(reference_volume, world=True)))
     resampled = slicer.vtkOrientedImageData()
     slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference, resampled)
     dims = resampled.GetDimensions()

@@ -9,12 +9,32 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
+
+#: The oldest Slicer the module works in: vtkSegment.SetTerminology and Python 3.12 arrive in 5.10 (docs/slicer.md).
+MIN_SLICER = (5, 10)
+#: The oldest Python the pinned packages install on (their Requires-Python; Testing/test_install.py checks it).
+MIN_PYTHON = (3, 11)
+
+
+def unsupported(python: tuple[int, ...] = tuple(sys.version_info[:2]),
+                slicer: tuple[int, int] | None = None) -> str | None:
+    """Why MMContour cannot run in this Python / Slicer (None when it can): checked before installing anything,
+    so an old Slicer is told so instead of failing after PyTorch's 2 GB are in."""
+    if slicer is not None and tuple(slicer) < MIN_SLICER:
+        return (f"MMContour needs 3D Slicer {'.'.join(map(str, MIN_SLICER))} or later; this is Slicer "
+                f"{'.'.join(map(str, slicer))}. Install a current Slicer from download.slicer.org")
+    if tuple(python[:2]) < MIN_PYTHON:
+        return (f"MMContour's packages need Python {'.'.join(map(str, MIN_PYTHON))} or later; this Python is "
+                f"{'.'.join(map(str, python[:2]))}" + (" (Slicer 5.10 and later ship Python 3.12)" if slicer else ""))
+    return None
 
 
 def requirement_name(line: str) -> str:
@@ -68,6 +88,27 @@ def model_package_requirements(bundle: str | os.PathLike, nodeps_file: str | os.
         return []
     wanted = canonicalize_name(package)
     return [line for line in read_requirements(nodeps_file) if requirement_name(line) == wanted]
+
+
+def required_specifier(dependency: str, requirements: list[str]) -> SpecifierSet:
+    """What the installed distributions named in ``requirements`` declare they need of ``dependency``
+    (their Requires-Dist without extras), intersected: how the torch line of requirements-slicer.txt is
+    derived and checked. Distributions that are not installed have no metadata here and add nothing."""
+    wanted = canonicalize_name(dependency)
+    combined = SpecifierSet()
+    for line in requirements:
+        try:
+            declared = metadata.requires(Requirement(line).name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for text in declared:
+            requirement = Requirement(text)
+            if canonicalize_name(requirement.name) != wanted:
+                continue
+            if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+                continue
+            combined &= requirement.specifier
+    return combined
 
 
 @dataclass
