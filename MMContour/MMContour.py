@@ -190,6 +190,7 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer = qt.QTimer()
         self.timer.setInterval(100)
         self.timer.connect("timeout()", self.onPoll)
+        self._itemToolTips = self.readItemToolTips()
         self.initializeParameterNode()
 
     def cleanup(self):
@@ -236,8 +237,26 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = parameterNode
         if self._parameterNode:
             self._guiTag = self._parameterNode.connectGui(self.ui)
+            self.restoreItemToolTips()
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateForm)
             self.updateForm()
+
+    # The parameter wrapper's combo-box connector clears and re-adds the items (Choice), which drops the
+    # .ui's per-item tooltips (what each N stage means); they are read once and put back after connectGui.
+    def _noteComboBoxes(self):
+        return [getattr(self.ui, name) for names in FIELD_WIDGETS.values() for name in names
+                if name.endswith("ComboBox")]
+
+    def readItemToolTips(self):
+        return {combo.objectName: {combo.itemText(i): combo.itemData(i, qt.Qt.ToolTipRole) for i in range(combo.count)}
+                for combo in self._noteComboBoxes()}
+
+    def restoreItemToolTips(self):
+        for combo in self._noteComboBoxes():
+            tips = self._itemToolTips.get(combo.objectName, {})
+            for i in range(combo.count):
+                if tips.get(combo.itemText(i)):
+                    combo.setItemData(i, tips[combo.itemText(i)], qt.Qt.ToolTipRole)
 
     # -- the form ----------------------------------------------------------------------------------
     def updateForm(self, caller=None, event=None):

@@ -425,3 +425,20 @@ def test_extension_build_installs_a_working_module(tmp_path):
                           timeout=60, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
     assert done.returncode == 0, done.stderr
     assert Path(done.stdout.strip()) == installed / "MMContourInstall.py"
+
+
+def test_grid_column_stretch_is_the_attribute_designer_writes():
+    root = ET.parse(UI_FILE).getroot()
+    grids = [layout for layout in root.iter("layout") if layout.get("class") == "QGridLayout"]
+    assert grids and all(_property(grid, "columnStretch") is None for grid in grids)  # a property Qt ignores
+    assert next(g for g in grids if g.get("name") == "noteGridLayout").get("columnstretch") == "0,1,0,1"
+
+
+def test_item_tooltips_survive_the_parameter_wrappers_combo_connector():
+    n_stage = _parameters()["leftNStage"]
+    assert all(item.find("property[@name='toolTip']/string") is not None for item in n_stage.findall("item"))
+    tree = _module_ast()
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MMContourWidget")
+    set_node = next(n for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == "setParameterNode")
+    calls = [n.func.attr for n in ast.walk(set_node) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]
+    assert calls.index("restoreItemToolTips") > calls.index("connectGui")
