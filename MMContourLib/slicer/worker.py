@@ -42,9 +42,17 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Protocol
+
+if TYPE_CHECKING:  # annotations only: the Slicer GUI imports this module, which must stay cheap
+    import SimpleITK as sitk
+
+    from ..model.bundle import ModelBundle
+    from ..note.clinical import ClinicalNote
 
 PROTOCOL = 1
+#: What ``WorkerClient`` runs with ``python -m``.
+WORKER_MODULE = "MMContourLib.slicer.worker"
 TERMINAL_EVENTS = ("result", "error", "cancelled", "loaded", "info", "pong")
 #: The Contourer's stages plus the worker's own; the GUI shows these names.
 STAGE_LABELS = {
@@ -58,14 +66,54 @@ STAGE_LABELS = {
 # Server (runs in the worker process)
 # ================================================================================================
 
+Progress = Callable[[str, int, int], None]
+
+
+class ContourOutcome(Protocol):
+    """One contour as the worker reports it (``inference.contourer.ContourResult``)."""
+
+    mask: "sitk.Image"
+    note: "ClinicalNote"
+    prompt: str
+    provenance: dict[str, str]
+    timings: dict[str, float]
+
+
+class WarmContourer(Protocol):
+    """What the worker keeps loaded between requests (``inference.contourer.Contourer``)."""
+
+    device: object  # reported as str()
+
+    @property
+    def llm_calls(self) -> int: ...
+
+    def provenance(self, prompt: str) -> dict[str, str]: ...
+
+    def contour(self, image: "sitk.Image", note: "ClinicalNote | str", progress: Progress | None = None,
+                cancel: Callable[[], bool] | None = None) -> ContourOutcome: ...
+
+
+class ContourerFactory(Protocol):
+    """Builds the warm model from a loaded bundle (``Contourer`` itself; the cancel tests pass a slow one)."""
+
+    def __call__(self, bundle: "ModelBundle", *, llm: str | None, device: str) -> WarmContourer: ...
+
+
+def _default_contourer_factory() -> ContourerFactory:
+    from ..inference.contourer import Contourer
+
+    return Contourer
+
+
 class _Server:
-    def __init__(self, out):
+    def __init__(self, out, contourer_factory: ContourerFactory | None = None):
         self._out = out
+        self._contourer_factory = contourer_factory
         self._out_lock = threading.Lock()
         self._requests: queue.Queue = queue.Queue()
         self._cancelled: set[str] = set()
         self._cancel_lock = threading.Lock()
-        self._contourer = None
+        self._contourer: WarmContourer | None = None
         self._contourer_key: tuple | None = None
         self._ct_cache: tuple[tuple, object] | None = None
         self.loads = 0
@@ -136,7 +184,6 @@ class _Server:
     def _ensure_contourer(self, request, progress) -> bool:
         """The Contourer for (bundle, llm, device), loading it only when that changed; True if loaded now."""
         from ..model.bundle import ModelBundle
-        from ..inference.contourer import Contourer
 
         bundle = str(Path(request["bundle"]).expanduser().resolve())
         llm = request.get("llm") or None
@@ -147,7 +194,8 @@ class _Server:
         progress("load-model", 0, 1)
         bundle_files = ModelBundle.load(bundle)  # a missing or damaged bundle fails here, keeping the warm model
         self._contourer = self._contourer_key = None  # free the old model before building the new one
-        self._contourer = Contourer(bundle_files, llm=llm, device=device)
+        factory = self._contourer_factory or _default_contourer_factory()
+        self._contourer = factory(bundle_files, llm=llm, device=device)
         self._contourer_key = key
         self.loads += 1
         progress("load-model", 1, 1)
@@ -156,17 +204,15 @@ class _Server:
     def _model_summary(self) -> dict:
         """What the client learns about the warm model: how often it was loaded, LLM passes, provenance."""
         c = self._contourer
-        summary = {"loads": self.loads, "llm_calls": getattr(c, "llm_calls", None),
-                   "device": str(getattr(c, "device", ""))}
-        provenance = getattr(c, "provenance", None)
-        if callable(provenance):
-            summary["model"] = {k: v for k, v in provenance("").items() if k != "prompt"}
-        return summary
+        if c is None:
+            return {"loads": self.loads, "llm_calls": None, "device": ""}
+        return {"loads": self.loads, "llm_calls": c.llm_calls, "device": str(c.device),
+                "model": {k: v for k, v in c.provenance("").items() if k != "prompt"}}
 
     def _load(self, request) -> None:
         rid = str(request.get("id", ""))
         start = time.perf_counter()
-        loaded = self._ensure_contourer(request, self._progress_fn(rid, request))
+        loaded = self._ensure_contourer(request, self._progress_fn(rid))
         self.emit(id=rid, event="loaded", loaded_model=loaded, seconds=time.perf_counter() - start,
                   **self._model_summary())
 
@@ -184,16 +230,12 @@ class _Server:
         self._ct_cache = (key, image)
         return image
 
-    def _progress_fn(self, rid: str, request, note_index: int = 0, notes: int = 1) -> Callable:
-        # Only for the cancel test: slows the sliding window so a test can cancel mid-run on a tiny model.
-        sleep_per_window = float(request.get("test_sleep_per_window_s") or 0.0)
+    def _progress_fn(self, rid: str, note_index: int = 0, notes: int = 1) -> Progress:
         last = [0.0]
 
         def progress(stage: str, done: int, total: int) -> None:
             if self.is_cancelled(rid):
                 raise _Cancel()
-            if stage == "windows" and sleep_per_window and done:
-                time.sleep(sleep_per_window)
             now = time.perf_counter()
             if done in (0, total) or now - last[0] > 0.1:  # at most ~10 events/s per stage
                 last[0] = now
@@ -211,8 +253,8 @@ class _Server:
         out_dir = Path(request.get("out_dir") or ".")
         out_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        loaded = self._ensure_contourer(request, self._progress_fn(rid, request))
-        progress = self._progress_fn(rid, request)
+        loaded = self._ensure_contourer(request, self._progress_fn(rid))
+        progress = self._progress_fn(rid)
         progress("read-ct", 0, 1)
         image = self._read_ct(request["ct"])
         progress("read-ct", 1, 1)
@@ -222,16 +264,14 @@ class _Server:
                 if isinstance(note, dict):  # the form's structured fields: nothing lost to free-text parsing
                     from ..note.clinical import ClinicalNote
                     note = ClinicalNote.from_fields(**note)
-                progress = self._progress_fn(rid, request, index, len(notes))
+                progress = self._progress_fn(rid, index, len(notes))
                 r = self._contourer.contour(image, note, progress=progress, cancel=lambda: self.is_cancelled(rid))
                 mask_path = out_dir / f"mask-{rid}-{index}.nrrd"
                 t = time.perf_counter()
                 sitk.WriteImage(r.mask, str(mask_path), True)
                 written.append(mask_path)
-                timings = dict(getattr(r, "timings", {}) or {})
-                timings["write-mask"] = time.perf_counter() - t
-                fields = note.to_fields() if hasattr(note, "to_fields") else getattr(r.note, "to_fields", dict)()
-                results.append({"note": fields or str(note), "prompt": r.prompt, "side": _note_side(r),
+                timings = {**r.timings, "write-mask": time.perf_counter() - t}
+                results.append({"note": r.note.to_fields(), "prompt": r.prompt, "side": r.note.side,
                                 "mask_path": str(mask_path), "voxels": int(sitk.GetArrayViewFromImage(r.mask).sum()),
                                 "provenance": {**(r.provenance or {}), "bundle": self._contourer_key[0]},
                                 "timings": timings})
@@ -257,11 +297,6 @@ def _cancelled_type():
         return None
 
 
-def _note_side(result) -> str | None:
-    note = getattr(result, "note", None)
-    return getattr(note, "side", None)
-
-
 def device_info() -> dict:
     """What the device combo box shows: torch version, GPUs with free/total memory, Apple MPS."""
     info: dict = {"cuda": False, "gpus": [], "mps": False}
@@ -282,7 +317,7 @@ def device_info() -> dict:
     return info
 
 
-def main(argv: Iterable[str] | None = None) -> int:
+def main(argv: Iterable[str] | None = None, contourer_factory: ContourerFactory | None = None) -> int:
     # The protocol gets a private copy of stdout; fd 1 itself becomes stderr, so stray prints go to the log.
     protocol_fd = os.dup(1)
     os.dup2(2, 1)
@@ -290,7 +325,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     out = os.fdopen(protocol_fd, "w", buffering=1, encoding="utf-8")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    server = _Server(out)
+    server = _Server(out, contourer_factory)
     try:
         server.serve(sys.stdin)
     finally:
@@ -331,6 +366,23 @@ def explain_exit(returncode: int | None, stderr_tail: str = "") -> str:
     return f"the contouring process exited with status {returncode}"
 
 
+def poll_until(finished: Callable[[], bool], poll: Callable[[], Iterable[dict]], timeout: float | None = None,
+               on_event: Callable[[dict], None] | None = None, what: str = "the request") -> None:
+    """Call ``poll`` until ``finished()``, handing every event to ``on_event``: the blocking form of the
+    GUI's poll timer (scripts, tests, ``WorkerClient.wait``, ``ContourJob.wait``). TimeoutError after
+    ``timeout`` seconds names ``what``."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        for event in poll():
+            if on_event is not None:
+                on_event(event)
+        if finished():
+            return
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not finish within {timeout} s")
+        time.sleep(0.02)
+
+
 def kill_process_tree(process: subprocess.Popen) -> None:
     """Kill a worker started by WorkerClient and everything it started (its own process group)."""
     if process.poll() is not None:
@@ -353,8 +405,9 @@ class WorkerClient:
     except in :meth:`wait` and :meth:`close`)."""
 
     def __init__(self, python: str | None = None, pythonpath: Iterable[str] = (), env: Mapping[str, str] | None = None,
-                 log: Callable[[str], None] | None = None, stderr_lines: int = 200):
+                 log: Callable[[str], None] | None = None, stderr_lines: int = 200, module: str = WORKER_MODULE):
         self.python = python or sys.executable
+        self.module = module  # run as ``python -m <module>``: this one, or one that calls main() with its own factory
         self.pythonpath = [str(p) for p in pythonpath] or [str(Path(__file__).resolve().parents[2])]
         self.env = dict(env or {})
         self.log = log
@@ -392,7 +445,7 @@ class WorkerClient:
             kwargs["start_new_session"] = True  # own process group: Cancel can kill the whole tree
         self._stderr.clear()
         self.ready = None
-        process = subprocess.Popen([self.python, "-m", "MMContourLib.slicer.worker"], stdin=subprocess.PIPE,
+        process = subprocess.Popen([self.python, "-m", self.module], stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
                                    encoding="utf-8", errors="replace", bufsize=1, **kwargs)
         self._process = process
@@ -525,16 +578,15 @@ class WorkerClient:
     def wait(self, request_id: str, timeout: float | None = None,
              on_event: Callable[[dict], None] | None = None) -> dict:
         """Block until ``request_id`` ends; returns its terminal event (result/loaded/info/error/cancelled)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            for event in self.poll():
-                if on_event is not None:
-                    on_event(event)
-                if str(event.get("id", "")) == request_id and event.get("event") in TERMINAL_EVENTS:
-                    return event
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"worker request {request_id} did not finish within {timeout} s")
-            time.sleep(0.02)
+        ended: list[dict] = []
+
+        def poll() -> list[dict]:
+            events = self.poll()
+            ended.extend(e for e in events if str(e.get("id", "")) == request_id and e.get("event") in TERMINAL_EVENTS)
+            return events
+
+        poll_until(lambda: bool(ended), poll, timeout, on_event, what=f"worker request {request_id}")
+        return ended[0]
 
     def request(self, op: str, timeout: float | None = None, on_event=None, **fields) -> dict:
         """send + wait."""

