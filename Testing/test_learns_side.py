@@ -1,7 +1,12 @@
 """The text path must be able to carry the note's side: on a mirror-symmetric image, the target
 (one of two identical blobs) is decided by the note alone. A network that ignores the text, or
 cannot locate voxels, stays at Dice ~0.67 (it must hedge on both blobs). This failed before the
-alignment had positional encodings and the note embedding was standardised (alignment.py)."""
+alignment had positional encodings and the note embedding was standardised (alignment.py).
+
+Training first hedges on both blobs and then, at a step that depends on the seed and on the CPU's
+floating-point kernels (150-200 steps for seeds 0-2 on an AMD EPYC; still hedging at 300 on an Intel
+Xeon), breaks the symmetry. So the test trains until the held-out case is contoured on the note's side
+(a validation case, not the test case) or a generous step budget runs out, instead of stopping at a step count that one CPU happens to reach."""
 import numpy as np
 import pytest
 import torch
@@ -26,6 +31,23 @@ def symmetric_case(rng):
     return image, blobs
 
 
+MAX_STEPS, CHECK_EVERY = 1000, 25
+
+
+def side_dice(net, text, image, blobs) -> dict[str, float]:
+    """Dice of the contour for each side's note on the two-blob case (the other blob is the wrong side)."""
+    net.eval()
+    with torch.no_grad():
+        g = text([NOTES["left"], NOTES["right"]])
+        pred = net(torch.from_numpy(np.stack([image, image]))[:, None], g).argmax(1).numpy()
+    net.train()
+    out = {}
+    for i, side in enumerate(("left", "right")):
+        truth = blobs[side]
+        out[side] = float(2 * (pred[i] & truth).sum() / (pred[i].sum() + truth.sum()))
+    return out
+
+
 @pytest.mark.slow
 def test_network_learns_to_follow_the_side_in_the_note(tiny_llm_dir):
     torch.manual_seed(0)
@@ -40,24 +62,23 @@ def test_network_learns_to_follow_the_side_in_the_note(tiny_llm_dir):
         params = list(net.parameters()) + [p for p in text.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-3)
         loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-        for _ in range(300):
-            image, blobs = symmetric_case(rng)
-            sides = ["left", "right"]
-            g = text([NOTES[s] for s in sides])
-            x = torch.from_numpy(np.stack([image, image]))[:, None]
-            y = torch.from_numpy(np.stack([blobs[s] for s in sides]).astype(np.float32))[:, None]
-            opt.zero_grad()
-            loss = loss_fn(net(x, g), y)
-            loss.backward()
-            opt.step()
-        net.eval()
-        image, blobs = symmetric_case(np.random.default_rng(123))
-        with torch.no_grad():
-            g = text([NOTES["left"], NOTES["right"]])
-            pred = net(torch.from_numpy(np.stack([image, image]))[:, None], g).argmax(1).numpy()
-        for i, side in enumerate(("left", "right")):
-            truth = blobs[side]
-            dice = 2 * (pred[i] & truth).sum() / (pred[i].sum() + truth.sum())
-            assert dice > 0.85, f"{side}: Dice {dice:.2f}; the note's side is not followed"
+        validation = symmetric_case(np.random.default_rng(321))  # decides when to stop; the test case does not
+        worst, step = 0.0, 0
+        while step < MAX_STEPS and worst <= 0.9:
+            for _ in range(CHECK_EVERY):
+                image, blobs = symmetric_case(rng)
+                sides = ["left", "right"]
+                g = text([NOTES[s] for s in sides])
+                x = torch.from_numpy(np.stack([image, image]))[:, None]
+                y = torch.from_numpy(np.stack([blobs[s] for s in sides]).astype(np.float32))[:, None]
+                opt.zero_grad()
+                loss = loss_fn(net(x, g), y)
+                loss.backward()
+                opt.step()
+            step += CHECK_EVERY
+            worst = min(side_dice(net, text, *validation).values())
+        dice = side_dice(net, text, *symmetric_case(np.random.default_rng(123)))
+        for side, value in dice.items():
+            assert value > 0.85, f"{side}: Dice {value:.2f} after {step} steps; the note's side is not followed"
     finally:
         torch.set_num_threads(threads)
