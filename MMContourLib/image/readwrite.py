@@ -1,6 +1,7 @@
 """Reading CTs and writing segmentations (files only; the MRML side is slicer/mrml.py)."""
 from __future__ import annotations
 
+import gzip
 import os
 from pathlib import Path
 from typing import Mapping
@@ -10,37 +11,92 @@ import SimpleITK as sitk
 
 from ..note.structures import segment_color, terminology_entry
 from .fileio import atomic_write
+from .nifti import NiftiError, check_nifti, is_nifti
 from .grid import check_same_grid
 
 
 def read_image(path: str | os.PathLike) -> sitk.Image:
-    """A CT from a file SimpleITK reads (NIfTI, NRRD, MHA, ...) or from a folder holding one DICOM series."""
+    """A CT from a file SimpleITK reads (NIfTI, NRRD, MHA, ...) or from a folder holding one DICOM series.
+    A file whose content is not what its name says, a truncated or damaged NIfTI, or a NIfTI with
+    NaN / infinite voxels (which ITK would read as 0) is refused with what it really is."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"CT not found: {path}")
     if path.is_dir():
-        try:
-            from .ctseries import read_ct_series
-        except ImportError:  # pragma: no cover - dicom_import is part of the package
-            read_ct_series = None
-        if read_ct_series is not None:
-            image, _info = read_ct_series(path)
-            return image
-        reader = sitk.ImageSeriesReader()
-        files = reader.GetGDCMSeriesFileNames(str(path))
-        if not files:
-            raise ValueError(f"no DICOM series in {path}")
-        reader.SetFileNames(files)
-        return reader.Execute()
+        from .ctseries import read_ct_series
+
+        image, _info = read_ct_series(path)
+        return image
+    _check_content(path)
+    if is_nifti(path):
+        info = check_nifti(path)
+        if info.nonfinite:
+            total = int(np.prod(info.shape))
+            what = "all" if info.nonfinite == total else f"{info.nonfinite} of {total}"
+            raise NiftiError(f"{path}: {what} voxels are NaN or infinite (undefined values; ITK would read them "
+                             "as 0 HU). Re-export the CT from the scanner or planning system")
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise ValueError(f"cannot read {path} as an image: {str(exc).strip().splitlines()[-1]}") from None
 
 
+#: (what the content is, a test on the first bytes), checked in this order.
+_SIGNATURES = (
+    ("a PNG picture", lambda b: b.startswith(b"\x89PNG\r\n\x1a\n")),
+    ("a JPEG picture", lambda b: b.startswith(b"\xff\xd8\xff")),
+    ("a TIFF picture", lambda b: b[:4] in (b"II*\x00", b"MM\x00*")),
+    ("a BMP picture", lambda b: b.startswith(b"BM") and len(b) > 14),
+    ("a PDF document", lambda b: b.startswith(b"%PDF")),
+    ("a ZIP archive", lambda b: b.startswith(b"PK\x03\x04")),
+    ("a DICOM file (give its series folder instead)", lambda b: b[128:132] == b"DICM"),
+    ("an NRRD image", lambda b: b.startswith(b"NRRD")),
+    ("a MetaImage (MHA) image", lambda b: b.lstrip().startswith((b"ObjectType", b"NDims"))),
+    ("a NIfTI image", lambda b: b[344:348] in (b"n+1\x00", b"ni1\x00") or b[4:8] in (b"n+2\x00", b"ni2\x00")),
+)
+_EXPECTED = {".nii": "a NIfTI image", ".nii.gz": "a NIfTI image", ".nrrd": "an NRRD image",
+             ".mha": "a MetaImage (MHA) image"}
+
+
+def _check_content(path: Path) -> None:
+    """Refuse a file whose first bytes say it is something else than its name says (a PNG named .nii.gz)."""
+    name = path.name.lower()
+    ext = next((e for e in (".nii.gz", ".nii", ".nrrd", ".mha") if name.endswith(e)), None)
+    if ext is None:
+        return
+    with open(path, "rb") as fh:
+        head = fh.read(1024)
+    if ext == ".nii.gz":
+        if not head.startswith(b"\x1f\x8b"):
+            kind = next((k for k, test in _SIGNATURES if test(head)), "not a gzip-compressed file")
+            raise ValueError(f"{path} is named like a compressed NIfTI image but is {kind}; give the CT as "
+                             "NIfTI, NRRD or MHA, or its DICOM series folder")
+        try:
+            with gzip.open(path, "rb") as fh:
+                head = fh.read(1024)
+        except (OSError, EOFError):
+            return  # check_nifti names the damage
+    kind = next((k for k, test in _SIGNATURES if test(head)), None)
+    if kind is not None and kind != _EXPECTED[ext]:
+        raise ValueError(f"{path} is named like {_EXPECTED[ext]} but is {kind}; give the CT as NIfTI, NRRD or MHA, "
+                         "or its DICOM series folder")
+
+
 def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
-    """Write atomically (``fileio.atomic_write``)."""
-    return atomic_write(path, lambda tmp: sitk.WriteImage(image, str(tmp), compress))
+    """Write atomically (``fileio.atomic_write``), verified by reading the file back: ITK's NIfTI writer
+    does not report a short write on a full disk."""
+    return atomic_write(path, lambda tmp: sitk.WriteImage(image, str(tmp), compress),
+                        verify=lambda tmp: _same_voxels(tmp, sitk.GetArrayViewFromImage(image)))
+
+
+def _same_voxels(path: Path, expected: np.ndarray) -> None:
+    """Raise unless the image file at ``path`` reads back whole with exactly ``expected``'s voxels."""
+    if is_nifti(path):
+        check_nifti(path)
+    image = sitk.ReadImage(str(path))  # kept: the view below does not keep the image alive
+    back = sitk.GetArrayViewFromImage(image)
+    if back.shape != expected.shape or not np.array_equal(back, expected):
+        raise ValueError("the voxels read back differ from those written")
 
 
 def write_segmentation(path: str | os.PathLike, masks: Mapping[str, sitk.Image],
@@ -85,7 +141,9 @@ def write_segmentation(path: str | os.PathLike, masks: Mapping[str, sitk.Image],
     segmentation["containedRepresentationNames"] = ["Binary labelmap"]
     for key, value in (attributes or {}).items():
         segmentation[f"MMContour_{key}"] = str(value).replace("\n", " ")
-    return atomic_write(path, lambda tmp: slicerio.write_segmentation(str(tmp), segmentation, compression_level=1))
+    stacked = np.stack(arrays, axis=-1) if len(arrays) > 1 else arrays[0]  # (k, j, i[, layer]) as ITK reads it
+    return atomic_write(path, lambda tmp: slicerio.write_segmentation(str(tmp), segmentation, compression_level=1),
+                        verify=lambda tmp: _same_voxels(tmp, stacked.view(np.uint8)))
 
 
 def read_segmentation(path: str | os.PathLike) -> dict[str, sitk.Image]:
