@@ -201,16 +201,17 @@ class _PromptTuned(TextEncoder):
         if not self.load_in_8bit:
             model.to(device)
         self._model_holder[0] = model
-        self.set_gradient_checkpointing(self._gradient_checkpointing)
+        if self._gradient_checkpointing:
+            self.set_gradient_checkpointing(True)
         self._attach(model)
 
     def set_gradient_checkpointing(self, on: bool) -> None:
-        self._gradient_checkpointing = on
+        was, self._gradient_checkpointing = self._gradient_checkpointing, on
         model = self._model_holder[0]
         if model is not None and hasattr(model, "gradient_checkpointing_enable"):
             if on:
                 model.gradient_checkpointing_enable()
-            elif getattr(model, "is_gradient_checkpointing", False):
+            elif was:
                 model.gradient_checkpointing_disable()
             self.train(self.training)
 

@@ -17,14 +17,14 @@ from .losses import weighted_dice_ce
 
 if TYPE_CHECKING:
     from ..model.network import TextConditionedUNet
-    from ..model.text import TextEncoder
+    from ..model.text import TextEncoderLike
 
 
 class TrainableModel(nn.Module):
     """The modules that learn: the U-Net and the text encoder's prompt vectors (its LLM is not a
     submodule, so DDP neither broadcasts nor synchronises it)."""
 
-    def __init__(self, network: TextConditionedUNet, text: TextEncoder):
+    def __init__(self, network: TextConditionedUNet, text: TextEncoderLike):
         super().__init__()
         self.network = network
         self.text = text
