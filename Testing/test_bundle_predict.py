@@ -10,7 +10,8 @@ from conftest import make_ct
 
 from MMContourLib.model.bundle import BundleError, ModelBundle
 from MMContourLib.model.network import NetworkConfig, TextConditionedUNet, count_parameters
-from MMContourLib.inference.contourer import Cancelled, Contourer, count_windows
+from MMContourLib.inference.contourer import Cancelled, Contourer
+from MMContourLib.model.windows import count_windows
 from MMContourLib.model.text import LLMMismatchError
 
 NOTE = "N1, breast conserving surgery, left side"

@@ -178,7 +178,7 @@ def test_sharded_batches_average_to_the_global_batch_gradient(manifest, tiny_llm
 
     from MMContourLib.model.network import NetworkConfig, TextConditionedUNet
     from MMContourLib.model.text import TextEncoderSpec, build_text_encoder
-    from MMContourLib.training.train import TrainableModel
+    from MMContourLib.training.step import TrainableModel
 
     text = build_text_encoder(TextEncoderSpec(kind="causal-lm", source=str(tiny_llm_dir), num_vectors=2))
     torch.manual_seed(0)

@@ -20,7 +20,6 @@ training throughput of N CPU processes under torchrun (gloo) against one.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -30,7 +29,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .presets import NOTES, THORAX_CT, Preset, med
+from .fixtures import make_bundle, random_llm_folder, synthetic_ct
+from .presets import NOTES, Preset, med
 
 # -- measuring ------------------------------------------------------------------------------------
 
@@ -148,69 +148,6 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
-# -- inputs -------------------------------------------------------------------------------------
-
-def synthetic_thorax(size=THORAX_CT["size"], spacing=THORAX_CT["spacing"], seed: int = 0):
-    """A CT-like volume in HU (air, body ellipse, two lungs, noise): the size of a planning CT."""
-    import numpy as np
-    import SimpleITK as sitk
-
-    x, y, z = size
-    yy, xx = np.mgrid[:y, :x]
-    cx, cy = (x - 1) / 2, (y - 1) / 2
-    body = ((xx - cx) / (0.42 * x)) ** 2 + ((yy - cy) / (0.33 * y)) ** 2 <= 1
-    lung = (((np.abs(xx - cx) - 0.18 * x) / (0.12 * x)) ** 2 + ((yy - cy) / (0.2 * y)) ** 2) <= 1
-    plane = np.full((y, x), -1000, np.int16)
-    plane[body] = 40
-    plane[lung & body] = -800
-    rng = np.random.default_rng(seed)
-    arr = np.repeat(plane[None], z, 0) + rng.integers(-10, 11, (z, y, x), dtype=np.int16)
-    img = sitk.GetImageFromArray(arr)
-    img.SetSpacing(tuple(float(s) for s in spacing))
-    img.SetOrigin((-x * spacing[0] / 2, -y * spacing[1] / 2, -z * spacing[2] / 2))
-    return img
-
-
-def llm_folder(shape: dict, work: Path, dtype: str) -> tuple[Path, float]:
-    """A random Llama of ``shape`` saved like a real one (made once, reused from ``work``)."""
-    import torch
-
-    from .randomllm import make_random_llama
-
-    tag = "-".join(f"{k[:3]}{v}" for k, v in sorted(shape.items()) if v is not None) + f"-{dtype}"
-    folder = work / f"llama-{tag}"
-    if (folder / "config.json").exists():
-        return folder, 0.0
-    start = time.perf_counter()
-    tmp = work / f".{folder.name}.tmp{os.getpid()}"
-    torch_dtype = torch.bfloat16 if dtype == "bf16" else None
-    make_random_llama(tmp, **shape, dtype=torch_dtype)
-    tmp.rename(folder)
-    return folder, time.perf_counter() - start
-
-
-def make_bundle(llm: Path, preset: Preset, folder: Path, text_dim: int, seed: int = 0) -> Path:
-    """A random bundle of the preset's shape naming ``llm`` (no LLM load: the Contourer records its
-    fingerprint on first use)."""
-    import torch
-
-    from ..model.bundle import InferenceConfig, ModelBundle
-    from ..model.network import NetworkConfig, TextConditionedUNet
-    from ..image.preprocess import PreprocessConfig
-    from ..model.text import TextEncoderSpec
-
-    torch.manual_seed(seed)
-    net = TextConditionedUNet(NetworkConfig(feature_size=preset.feature_size, text_dim=text_dim))
-    spec = TextEncoderSpec(kind="causal-lm", source=str(llm), name=llm.name, hidden_size=text_dim)
-    weights = {f"net.{k}": v.contiguous() for k, v in net.state_dict().items()}
-    weights["text.prompt_vectors"] = torch.randn(spec.num_sets, spec.num_vectors, text_dim) * 0.02
-    weights["text.seg_embedding"] = torch.randn(text_dim) * 0.02
-    bundle = ModelBundle(network=net.config, text_encoder=spec, preprocessing=PreprocessConfig(spacing=preset.spacing),
-                         inference=InferenceConfig(roi_size=preset.roi, overlap=preset.overlap),
-                         name=f"bench-{preset.name}", weights=weights)
-    return bundle.save(folder)
-
-
 # -- the measurements ---------------------------------------------------------------------------
 
 def parameter_counts(text_dim: int = 4096, feature_size: int = 48) -> dict:
@@ -280,7 +217,7 @@ def warm_up(contourer) -> None:
     in the first timed contour."""
     import torch
 
-    from ..inference.contourer import autocast_context
+    from ..model.device import autocast_context
 
     x = torch.rand(contourer.sw_batch_size, 1, *contourer.roi_size, device=contourer.device)
     if contourer.channels_last:
@@ -307,8 +244,8 @@ def bench_window_ratio(preset: Preset, device, text_dim: int, repeats: int) -> d
     """Forward time of one window: vision-only vs multimodal network of the same size (same settings)."""
     import torch
 
+    from ..model.device import autocast_context
     from ..model.network import NetworkConfig, TextConditionedUNet
-    from ..inference.contourer import autocast_context
 
     nets = {}
     for name, dim in (("vision_only", None), ("multimodal", text_dim)):
@@ -341,10 +278,10 @@ def bench_reference(contourer, ct, note: str, preset: Preset, work_llm: Path, sa
     """The reference code's way: the LLM (fp32) runs again for every sliding window, the U-Net in fp32
     with the plain attention, nothing cached. Same CT, same window size and overlap."""
     import torch
-    from monai.inferers import sliding_window_inference
 
-    from ..inference.contourer import count_windows
+    from ..model.network import TextConditionedUNet
     from ..model.text import TextEncoderSpec, build_text_encoder
+    from ..model.windows import SlidingWindow
 
     need = _fp32_llm_bytes(preset.llm_shape)
     if not _fits(need, contourer.device):
@@ -353,40 +290,26 @@ def bench_reference(contourer, ct, note: str, preset: Preset, work_llm: Path, sa
     with Measure(contourer.device) as load:
         text = build_text_encoder(spec, device=contourer.device, dtype="fp32")
         text.load_trainable_state_dict(contourer.text.trainable_state_dict())
-    net = contourer.network
-    fused, layout = net.fused_alignment, torch.channels_last_3d if contourer.channels_last else None
-    net.fused_alignment = False
-    net.to(memory_format=torch.contiguous_format)
+    net = TextConditionedUNet(contourer.network.config, fused_alignment=False)
+    net.load_state_dict(contourer.network.state_dict())
+    net.to(contourer.device).eval()
     model_input = contourer.prepare(ct)
     x = torch.from_numpy(model_input.array)[None, None].to(contourer.device)
-    total = count_windows(x.shape[2:], contourer.roi_size, contourer.overlap)
-    limit = preset.reference_windows or total
-    done, llm_calls = 0, 0
+    window = SlidingWindow(contourer.roi_size, contourer.overlap, sw_batch_size=1, precision="fp32")
+    total = window.windows(x.shape[2:])
+    llm_calls = 0
 
-    class Enough(Exception):
-        pass
-
-    def predictor(window):
-        nonlocal done, llm_calls
-        if done >= limit:
-            raise Enough
-        g = text.forward([note]).to(window.device)  # once per window, as the reference code does
+    def note_per_window() -> torch.Tensor:
+        nonlocal llm_calls
         llm_calls += 1
-        logits = net(window, g.expand(window.shape[0], -1, -1))
-        done += window.shape[0]
-        return torch.softmax(logits.float(), 1)[:, 1:2]
+        return text.forward([note])
 
     try:
-        with Measure(contourer.device) as m, torch.inference_mode():
-            try:
-                sliding_window_inference(x, contourer.roi_size, 1, predictor, contourer.overlap, mode="gaussian")
-            except Enough:
-                pass
+        with Measure(contourer.device) as m:
+            _, done = window.probability(x, lambda call, w: net.encode(w), net.decode,
+                                         note_per_window=note_per_window, max_windows=preset.reference_windows)
     finally:
-        net.fused_alignment = fused
-        if layout is not None:
-            net.to(memory_format=layout)
-        del text
+        text = net = None  # the fp32 LLM leaves before the next measurement
         if contourer.device.type == "cuda":
             torch.cuda.empty_cache()
     per_window = m.seconds / max(1, done)
@@ -415,26 +338,30 @@ def _fits(nbytes: int, device) -> bool:
 
 
 def bench_training(contourer, preset: Preset, say, steps: int | None = None) -> dict:
-    """Training steps (batch ``train_batch`` of ``train_patch``, prompt tuning through the frozen LLM,
-    Dice + CE, AdamW, autocast on the GPU), timed after one warm-up step."""
+    """The product's training step (``training.step``: prompt tuning through the frozen LLM, Dice + CE,
+    AdamW, autocast on the GPU) on a batch ``train_batch`` of ``train_patch``, timed after one warm-up
+    step. The U-Net is a copy of the contourer's (same weights), so contouring is left as it was."""
     import torch
-    from monai.losses import DiceCELoss
+
+    from ..model.network import TextConditionedUNet
+    from ..training.step import TrainableModel, TrainStep, adamw
 
     device = contourer.device
-    net, text = contourer.network, contourer.text
+    text = contourer.text
     steps = steps or preset.train_steps
     if contourer.offload_llm:
         text.move_llm(device)
-    llm = getattr(text, "llm", None)
     ckpt = preset.activation_checkpointing
-    if llm is not None and ckpt and hasattr(llm, "gradient_checkpointing_enable"):
-        llm.gradient_checkpointing_enable()
-        llm.train()  # HF checkpoints only in train mode; the LLM has no dropout
-    net.train()
-    net.activation_checkpointing = ckpt
-    params = [p for p in list(net.parameters()) + list(text.parameters()) if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-5)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    net = TextConditionedUNet(contourer.network.config, activation_checkpointing=ckpt)
+    net.load_state_dict(contourer.network.state_dict())
+    model = TrainableModel(net, text).to(device)
+    if contourer.channels_last:
+        net.to(memory_format=torch.channels_last_3d)
+    text.set_gradient_checkpointing(ckpt)
+    model.train()
+    optimizer = adamw(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    step = TrainStep(model, optimizer, device, precision=contourer.precision if device.type == "cuda" else "fp32")
     b = preset.train_batch
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(b, 1, *preset.train_patch, generator=gen).to(device)
@@ -442,37 +369,28 @@ def bench_training(contourer, preset: Preset, say, steps: int | None = None) -> 
     if contourer.channels_last:
         x = x.contiguous(memory_format=torch.channels_last_3d)
     prompts = [NOTES[i % len(NOTES)] for i in range(b)]
-    autocast = contourer._autocast() if device.type == "cuda" else contextlib.nullcontext()
     times, peak_gpu, peak_host = [], 0.0, 0.0
     try:
-        for step in range(steps + 1):
+        for i in range(steps + 1):
             with Measure(device) as m:
-                opt.zero_grad(set_to_none=True)
-                with autocast:
-                    g = text(prompts)  # the LLM runs every step: gradients reach the prompt vectors
-                    loss = loss_fn(net(x, g).float(), y)
-                loss.backward()
-                opt.step()
-            if step:
+                step(x, y, prompts)  # the LLM runs every step: gradients reach the prompt vectors
+            if i:
                 times.append(m.seconds)
                 peak_gpu = max(peak_gpu, m.gpu_mib or 0)
                 peak_host = max(peak_host, m.host_mib)
-            say(f"training step {step}{' (warm-up)' if not step else ''}: {m.seconds:.2f} s")
+            say(f"training step {i}{' (warm-up)' if not i else ''}: {m.seconds:.2f} s")
     finally:
-        net.eval()
-        net.activation_checkpointing = False
-        if llm is not None:
-            llm.eval()
-            if ckpt and hasattr(llm, "gradient_checkpointing_disable"):
-                llm.gradient_checkpointing_disable()
-        opt.zero_grad(set_to_none=True)
+        text.eval()
+        text.set_gradient_checkpointing(False)
+        optimizer.zero_grad(set_to_none=True)
+        del model, net, optimizer, step
         if device.type == "cuda":
             torch.cuda.empty_cache()
     step_s = med(times)
     return {"batch": b, "patch": list(preset.train_patch), "steps_timed": len(times), "step_s": step_s,
             "per_input_s": round(step_s / b, 4), "activation_checkpointing": ckpt,
             "peak_gpu_mib": peak_gpu if device.type == "cuda" else None, "peak_host_mib": peak_host,
-            "trainable_parameters": sum(p.numel() for p in params)}
+            "trainable_parameters": trainable}
 
 
 # -- orchestration -------------------------------------------------------------------------------------
@@ -481,14 +399,15 @@ def run_bench(preset: Preset, work: Path, *, what: set[str], llm: str | None = N
               offload_modes: bool = False, scaleout: int = 0, say=lambda m: None) -> dict:
     import torch
 
-    from ..inference.contourer import Contourer, resolve_device
+    from ..inference.contourer import Contourer
+    from ..model.device import resolve_device
 
     device = resolve_device(preset.device)
     report: dict = {"preset": asdict(preset), "environment": environment(device), "measured": {}, "notes": []}
     report["parameters"] = parameter_counts()
     work.mkdir(parents=True, exist_ok=True)
     if bundle and not llm:  # the bundle's own LLM, found where the bundle says
-        from ..model.text import resolve_source
+        from ..model.llm import resolve_source
 
         source = json.loads((Path(bundle) / "config.json").read_text())["text_encoder"]["source"]
         llm_path, made_s = resolve_source(source), 0.0
@@ -497,15 +416,16 @@ def run_bench(preset: Preset, work: Path, *, what: set[str], llm: str | None = N
         llm_path, made_s = Path(llm), 0.0
     else:
         say(f"random LLM of shape {preset.llm_shape} ({preset.llm_dtype})")
-        llm_path, made_s = llm_folder(preset.llm_shape, work, "bf16" if preset.llm_dtype in ("bf16", "int8") else "fp32")
+        llm_path, made_s = random_llm_folder(preset.llm_shape, work, "bf16" if preset.llm_dtype in ("bf16", "int8") else "fp32")
     report["llm"] = {"folder": str(llm_path), "shape": preset.llm_shape, "dtype": preset.llm_dtype,
                      "made_s": round(made_s, 2), "random_weights": not llm}
     if bundle:
         text_dim = json.loads((Path(bundle) / "config.json").read_text())["network"]["text_dim"] or 0
     else:
         text_dim = json.loads((llm_path / "config.json").read_text())["hidden_size"]
-    bundle_path = Path(bundle) if bundle else make_bundle(llm_path, preset, work / f"bundle-{preset.name}-{os.getpid()}",
-                                                          text_dim)
+    bundle_path = Path(bundle) if bundle else make_bundle(
+        work / f"bundle-{preset.name}-{os.getpid()}", llm_path, feature_size=preset.feature_size, roi=preset.roi,
+        spacing=preset.spacing, overlap=preset.overlap, name=f"bench-{preset.name}", version="0", text_dim=text_dim)
     say(f"loading the model on {device}")
     with Measure(device) as load:
         contourer = Contourer.from_bundle(bundle_path, device=str(device), llm=llm if not bundle else None,
@@ -516,7 +436,7 @@ def run_bench(preset: Preset, work: Path, *, what: set[str], llm: str | None = N
                                           offload_llm=preset.offload_llm)
     m = report["measured"]
     m["model_load"] = {"seconds": round(load.seconds, 3), "peak_gpu_mib": load.gpu_mib, "peak_host_mib": load.host_mib}
-    ct = synthetic_thorax(preset.ct_size, preset.ct_spacing)
+    ct = synthetic_ct(preset.ct_size, preset.ct_spacing)
     notes = preset.notes or NOTES
     if "window-ratio" in what:
         say("per-window time, multimodal vs vision-only")

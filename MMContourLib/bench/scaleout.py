@@ -18,14 +18,15 @@ from .presets import NOTES, PRESETS, Preset, med
 
 
 def scaleout_worker(args) -> None:
-    """One torchrun process: DDP training steps of the preset's trainable model on the CPU (gloo)."""
+    """One torchrun process: the product's training step (``training.step``) of the preset's model
+    under DistributedDataParallel on the CPU (gloo)."""
     import torch
     import torch.distributed as dist
-    from monai.losses import DiceCELoss
     from torch import nn
 
     from ..model.network import NetworkConfig, TextConditionedUNet
     from ..model.text import TextEncoderSpec, build_text_encoder
+    from ..training.step import TrainableModel, TrainStep, adamw
 
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))  # a lost peer fails, not hangs
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -33,34 +34,24 @@ def scaleout_worker(args) -> None:
     preset = replace(PRESETS[args.preset](), train_patch=tuple(args.patch), train_batch=args.batch)
     text = build_text_encoder(TextEncoderSpec(source=args.llm), device="cpu", dtype="fp32")
     torch.manual_seed(0)
-    net = TextConditionedUNet(NetworkConfig(feature_size=preset.feature_size, text_dim=text.dim))
-
-    class Trainable(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net, self.text = net, text
-
-        def forward(self, x, prompts):
-            return self.net(x, self.text(prompts))
-
-    model = nn.parallel.DistributedDataParallel(Trainable())
+    trainable = TrainableModel(TextConditionedUNet(NetworkConfig(feature_size=preset.feature_size, text_dim=text.dim)),
+                               text)
+    trainable.train()
+    model = nn.parallel.DistributedDataParallel(trainable)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    step = TrainStep(model, adamw(trainable), torch.device("cpu"))
     b = preset.train_batch
     gen = torch.Generator().manual_seed(rank)
     x = torch.rand(b, 1, *preset.train_patch, generator=gen)
     y = (torch.rand(b, 1, *preset.train_patch, generator=gen) > 0.7).float()
     prompts = [NOTES[(rank * b + i) % len(NOTES)] for i in range(b)]
     times, comm = [], []
-    for step in range(args.steps + 1):
+    for i in range(args.steps + 1):
         dist.barrier()
         t = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model(x, prompts), y).backward()
-        opt.step()
+        step(x, y, prompts)
         dist.barrier()
-        if step:
+        if i:
             times.append(time.perf_counter() - t)
     grads = torch.cat([p.grad.reshape(-1) for p in params])
     for _ in range(3):  # the all-reduce alone, for the share of a step it takes

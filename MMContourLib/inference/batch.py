@@ -49,11 +49,12 @@ def shard() -> tuple[int, int, int]:
 
 
 def _device_for(requested: str, world: int, local_rank: int) -> str:
-    import torch
+    """Under torchrun (``world`` > 1) ``auto`` / ``cuda`` become this process's own GPU."""
+    if world <= 1:
+        return requested
+    from ..model.device import resolve_device
 
-    if world > 1 and requested in ("auto", "cuda") and torch.cuda.is_available():
-        return f"cuda:{local_rank % torch.cuda.device_count()}"
-    return requested
+    return str(resolve_device(requested, local_rank))
 
 
 def my_share(rows: list, rank: int, world: int) -> list[tuple[int, dict[str, str]]]:

