@@ -88,7 +88,7 @@ def preset_from_args(args) -> Preset:
 
 def run(args) -> dict:
     from ..bench.measure import run_bench
-    from ..model.text import cache_root
+    from ..model.llm import cache_root
 
     preset = preset_from_args(args)
     what = set(args.only or ALL) - set(args.skip)

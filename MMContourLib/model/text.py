@@ -21,12 +21,11 @@ from typing import Protocol, Sequence
 import torch
 from torch import nn
 
-from .llm import (INT8_NAMES, LLMMismatchError, LLMNotFoundError, cache_root, display_name, fingerprint,
+from .llm import (INT8_NAMES, LLMMismatchError, LLMNotFoundError, display_name, fingerprint,
                   fingerprint_from_files, load_hf_model, parse_dtype)
 
-# cache_root lives in llm.py; ``mmcontour bench`` (on its way to cli/) still imports it from here
 __all__ = ["KINDS", "TextEncoderSpec", "TextEncoder", "TextEncoderLike", "NoTextEncoder", "CausalLMPromptEncoder",
-           "SentenceEncoderPromptEncoder", "build_text_encoder", "LLMMismatchError", "LLMNotFoundError", "cache_root"]
+           "SentenceEncoderPromptEncoder", "build_text_encoder", "LLMMismatchError", "LLMNotFoundError"]
 
 KINDS = ("causal-lm", "encoder", "none")
 
