@@ -1,0 +1,226 @@
+"""Bad inputs and faults, as a hostile user would try them (issue "never silently wrong").
+
+Each case is made by a fixture and run through the real command line (``mmcontour predict`` ...) or the
+real writer; every one must be refused with a clear message (exit 2) and leave nothing behind -- never
+exit 0 with a wrong result. Add the next one here, so no feature can bring an old one back.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import make_ct
+
+from MMContourLib.cli.main import main
+from MMContourLib.image import fileio
+from MMContourLib.image.readwrite import read_image, write_image, write_segmentation
+
+NOTE = "N1, breast conserving surgery, left side"
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def predict(capsys, ct, out, bundle, *extra):
+    return run(capsys, "predict", "--ct", ct, "--note", NOTE, "--bundle", bundle, "--out", out,
+               "--device", "cpu", *extra)
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+# -- CTs that are not what they seem ---------------------------------------------------------------
+
+def _ct_array(seed=0):
+    return sitk.GetArrayFromImage(make_ct(size=(48, 40, 24), seed=seed, dtype=sitk.sitkFloat32))
+
+
+def truncated_nifti(folder: Path) -> Path:
+    """A .nii.gz cut in half, as an interrupted copy leaves it (ITK reads it with zeros for the rest)."""
+    whole = folder / "whole.nii.gz"
+    sitk.WriteImage(make_ct(size=(48, 40, 24)), str(whole))
+    data = whole.read_bytes()
+    path = folder / "ct.nii.gz"
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def truncated_but_valid_gzip(folder: Path) -> Path:
+    """Half the voxels in a gzip stream that ends properly: only the header's promise tells."""
+    whole = folder / "whole.nii.gz"
+    sitk.WriteImage(make_ct(size=(48, 40, 24)), str(whole))
+    raw = gzip.decompress(whole.read_bytes())
+    path = folder / "ct.nii.gz"
+    path.write_bytes(gzip.compress(raw[: 352 + (len(raw) - 352) // 2]))
+    return path
+
+
+def uncompressed_truncated_nifti(folder: Path) -> Path:
+    whole = folder / "whole.nii"
+    sitk.WriteImage(make_ct(size=(48, 40, 24)), str(whole))
+    path = folder / "ct.nii"
+    path.write_bytes(whole.read_bytes()[:-4000])
+    return path
+
+
+def _nan_ct(folder: Path, fraction: float) -> Path:
+    arr = _ct_array()
+    arr.reshape(-1)[: int(arr.size * fraction)] = np.nan
+    image = sitk.GetImageFromArray(arr)
+    image.CopyInformation(make_ct(size=(48, 40, 24)))
+    path = folder / "ct.nii.gz"
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def partly_nan_nifti(folder: Path) -> Path:
+    """ITK's NIfTI reader turns NaN into 0: the check must see the file's own values."""
+    return _nan_ct(folder, 0.3)
+
+
+def all_nan_nifti(folder: Path) -> Path:
+    return _nan_ct(folder, 1.0)
+
+
+def png_named_nifti(folder: Path) -> Path:
+    png = folder / "slice.png"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((40, 48), np.uint8)), str(png))
+    path = folder / "ct.nii.gz"
+    shutil.copy(png, path)
+    return path
+
+
+def jpeg_named_mha(folder: Path) -> Path:
+    jpg = folder / "photo.jpg"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((40, 48), np.uint8)), str(jpg))
+    path = folder / "ct.mha"
+    shutil.copy(jpg, path)
+    return path
+
+
+BAD_CTS = {  # fixture -> words the message must contain
+    truncated_nifti: "truncated",
+    truncated_but_valid_gzip: "truncated",
+    uncompressed_truncated_nifti: "truncated",
+    partly_nan_nifti: "NaN",
+    all_nan_nifti: "all voxels are NaN",
+    png_named_nifti: "PNG",
+    jpeg_named_mha: "JPEG",
+}
+
+
+@pytest.mark.parametrize("make", list(BAD_CTS), ids=[f.__name__ for f in BAD_CTS])
+def test_a_damaged_or_mislabelled_ct_is_refused_before_the_model_loads(make, tiny_bundle, tmp_path, capsys):
+    ct = make(tmp_path)
+    out = tmp_path / "ctv.seg.nrrd"
+    code, _, err = predict(capsys, ct, out, tmp_path / "no-bundle-here")  # the CT is read before the bundle
+    assert code == 2 and BAD_CTS[make] in err, err
+    assert not out.exists() and "Traceback" not in err
+    with pytest.raises(ValueError, match=BAD_CTS[make]):
+        read_image(ct)
+
+
+def test_a_whole_nifti_still_reads():
+    """The checks refuse damage, not ordinary files (both compressions, integer and float voxels)."""
+    folder = Path(os.environ.get("TMPDIR", "/tmp"))
+    for name, dtype in (("ok.nii.gz", sitk.sitkInt16), ("ok.nii", sitk.sitkFloat32)):
+        path = folder / f"mmcontour-test-{os.getpid()}-{name}"
+        try:
+            sitk.WriteImage(make_ct(dtype=dtype), str(path))
+            assert read_image(path).GetSize() == (48, 40, 24)
+        finally:
+            path.unlink(missing_ok=True)
+
+
+# -- writes that do not reach the disk whole --------------------------------------------------------
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 64 KiB file system (tmpfs), nearly filled: a CT's segmentation does not fit."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root); test_a_short_write_is_caught covers the rule")
+    try:
+        (mount / "filler").write_bytes(b"\0" * 40_000)
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def _mask(seed=0):
+    rng = np.random.default_rng(seed)
+    image = sitk.GetImageFromArray((rng.random((60, 128, 128)) > 0.5).astype(np.uint8))  # compresses badly
+    return image
+
+
+@pytest.mark.parametrize("name", ["ctv.nii.gz", "ctv.seg.nrrd", "ctv.nrrd"])
+def test_a_full_disk_fails_clearly_and_leaves_nothing(small_disk, name):
+    """ITK writes a .nii.gz that is cut short without an error; the read-back check catches it."""
+    target = small_disk / name
+    with pytest.raises(fileio.WriteError, match="disk"):
+        if name.endswith(".seg.nrrd"):
+            write_segmentation(target, {"CTV": _mask()})
+        else:
+            write_image(_mask(), target)
+    assert not target.exists() and leftovers(small_disk) == []
+
+
+def test_a_short_write_is_caught(tmp_path, monkeypatch):
+    """Whatever the file system: a writer that silently writes less than it was given is caught."""
+    real = sitk.WriteImage
+
+    def short(image, path, *args):
+        real(image, path, *args)
+        data = Path(path).read_bytes()
+        Path(path).write_bytes(data[: len(data) * 3 // 4])
+
+    monkeypatch.setattr(sitk, "WriteImage", short)
+    for name in ("ctv.nii.gz", "ctv.nii"):
+        with pytest.raises(fileio.WriteError, match="does not read back"):
+            write_image(_mask(), tmp_path / name)
+        assert not (tmp_path / name).exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_a_killed_writers_temp_file_is_removed_by_the_next_write(tmp_path):
+    """kill -9 during a write leaves the temp file; the next write of that file removes it (this host's
+    dead process), and leaves a live process's temp file alone."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = fileio._host()
+    stale = tmp_path / f".summary.json.mmcontour-tmp.{host}.{dead.pid}.abc123.json"
+    stale.write_text("{")
+    live = tmp_path / f".summary.json.mmcontour-tmp.{host}.{os.getpid()}.def456.json"
+    live.write_text("{")
+    fileio.write_json(tmp_path / "summary.json", {"ok": True})
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"ok": True}
+    assert not stale.exists() and live.exists()
+
+
+def test_an_output_group_writes_all_or_nothing(tmp_path):
+    def fail(tmp):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(fileio.WriteError, match="disk is full"):
+        with fileio.OutputGroup() as group:
+            group.add(tmp_path / "a.txt", lambda tmp: tmp.write_text("a"))
+            group.add(tmp_path / "b.txt", fail)
+    assert list(tmp_path.iterdir()) == []
+    with fileio.OutputGroup() as group:
+        group.add(tmp_path / "a.txt", lambda tmp: tmp.write_text("a"))
+        group.add(tmp_path / "b.txt", lambda tmp: tmp.write_text("b"))
+        assert not (tmp_path / "a.txt").exists()  # nothing in place before the group ends
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
