@@ -143,6 +143,85 @@ def test_a_whole_nifti_still_reads():
             path.unlink(missing_ok=True)
 
 
+# -- training inputs ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def train_manifest(tmp_path_factory):
+    from test_train import write_cases
+
+    return write_cases(tmp_path_factory.mktemp("bad-train"), n=3, n_val=1)
+
+
+def _train(capsys, manifest, out, llm, *extra):
+    return run(capsys, "train", "--manifest", manifest, "--out", out, "--llm", llm, "--feature-size", "4",
+               "--spacing", "6", "6", "9", "--patch", "32", "32", "16", "--epochs", "1", "--batch-size", "2",
+               "--device", "cpu", "--warmup-epochs", "0", *extra)
+
+
+def test_a_corrupt_training_case_is_named_with_its_file(train_manifest, tiny_llm_dir, tmp_path, capsys):
+    """Not MONAI's 'applying transform <LoadCaseOnModelGridd object at 0x...>': the case and its file."""
+    folder = tmp_path / "data"
+    shutil.copytree(train_manifest.parent, folder)
+    ct = folder / "cases" / "c1_ct.nii.gz"
+    ct.write_bytes(ct.read_bytes()[:300])
+    code, _, err = _train(capsys, folder / "manifest.csv", tmp_path / "run", tiny_llm_dir)
+    assert code == 2 and "case c1" in err and str(ct) in err and "truncated" in err, err
+    assert "object at 0x" not in err and "applying transform" not in err
+
+
+def test_a_corrupt_manifest_is_named_with_its_line(train_manifest, tiny_llm_dir, tmp_path, capsys):
+    folder = tmp_path / "data"
+    shutil.copytree(train_manifest.parent, folder)
+    lines = (folder / "manifest.csv").read_text().splitlines()
+    lines[2] = lines[2].split(",", 1)[0] + ',"unterminated'
+    (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
+    code, _, err = _train(capsys, folder / "manifest.csv", tmp_path / "run", tiny_llm_dir)
+    assert code == 2 and "manifest.csv" in err and "line 3" in err, err
+
+
+def _evil_checkpoint(path: Path) -> None:
+    import torch
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo this would run",))
+
+    torch.save({"format": 1, "payload": Payload()}, path)
+
+
+def _truncated_checkpoint(path: Path) -> None:
+    import torch
+
+    torch.save({"format": 1, "weights": torch.zeros(10_000)}, path)
+    path.write_bytes(path.read_bytes()[:20_000])
+
+
+@pytest.mark.parametrize("make,words", [(_evil_checkpoint, "not an MMContour checkpoint"),
+                                         (_truncated_checkpoint, "damaged or truncated")])
+def test_a_bad_checkpoint_is_refused_without_torch_s_advice(make, words, train_manifest, tiny_llm_dir, tmp_path,
+                                                            capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    make(out / "checkpoint.pt")
+    code, _, err = _train(capsys, train_manifest, out, tiny_llm_dir, "--resume")
+    assert code == 2 and words in err and "start again" in err, err
+    assert "weights_only" not in err and "this would run" not in capsys.readouterr().out
+
+
+def test_a_bundle_is_readable_by_others_as_the_umask_says(tmp_path):
+    """safetensors creates its file 0600: a bundle on a shared workstation must follow the umask."""
+    from conftest import make_bundle
+
+    old = os.umask(0o022)
+    try:
+        bundle = make_bundle(None, tmp_path / "b")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in bundle.iterdir()}
+    assert modes == {"weights.safetensors": 0o644, "config.json": 0o644}, modes
+    assert bundle.stat().st_mode & 0o777 == 0o755 and leftovers(tmp_path) == []
+
+
 # -- writes that do not reach the disk whole --------------------------------------------------------
 
 @pytest.fixture()

@@ -44,6 +44,10 @@ def select_fraction(cases: Sequence[Case], fraction: float, seed: int) -> list[C
 
 # -- model-grid cache -----------------------------------------------------------------------------
 
+class CaseError(ValueError):
+    """One case of a manifest cannot be used for training; the message names the case and the file."""
+
+
 class LoadCaseOnModelGridd:
     """{"ct", "ctv", "regions", ...} paths -> on the model grid: "image" (1, X, Y, Z) float32 0..1, "label"
     (1, X, Y, Z) uint8 (CTV fraction > 0.5), "soft" (1, X, Y, Z) float32 (the CTV fraction of each voxel)
@@ -57,15 +61,24 @@ class LoadCaseOnModelGridd:
     def __call__(self, data: dict) -> dict:
         import SimpleITK as sitk
 
-        from ..image.readwrite import read_image
+        def read(kind: str):
+            from ..image.readwrite import read_image
 
-        ct = read_image(data["ct"])
-        model_input = to_model_grid(ct, self.preprocessing)
-        fraction = mask_to_model_grid(read_image(data["ctv"]), model_input).astype(np.float32)
+            try:
+                return read_image(data[kind])
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise CaseError(f"case {data['case_id']}: cannot use its {kind} file {data[kind]}: {exc}") from None
+
+        ct = read("ct")
+        try:
+            model_input = to_model_grid(ct, self.preprocessing)
+        except ValueError as exc:
+            raise CaseError(f"case {data['case_id']}: its CT {data['ct']} cannot be used: {exc}") from None
+        fraction = mask_to_model_grid(read("ctv"), model_input).astype(np.float32)
         label = fraction > 0.5
         emphasis = np.zeros(label.shape, np.float32)
         if self.emphasis_labels and data.get("regions"):
-            regions = read_image(data["regions"])
+            regions = read("regions")
             values = sitk.GetArrayViewFromImage(regions)
             inside = sitk.GetImageFromArray(np.isin(values, self.emphasis_labels).astype(np.uint8))
             inside.CopyInformation(regions)
@@ -90,8 +103,20 @@ def build_cache(cases: Sequence[Case], preprocessing: PreprocessConfig, patch_si
         FgBgToIndicesd("label", image_key="image", image_threshold=BODY_THRESHOLD),
         CastToTyped(("label_fg_indices", "label_bg_indices"), dtype=np.int32),  # half the memory of int64
     ])
-    return CacheDataset(items, transform, cache_rate=cache_rate, num_workers=num_workers, progress=progress,
-                        copy_cache=False)
+    try:
+        return CacheDataset(items, transform, cache_rate=cache_rate, num_workers=num_workers, progress=progress,
+                            copy_cache=False)
+    except RuntimeError as exc:  # MONAI wraps a transform's error as "applying transform <object at 0x...>"
+        raise case_error_in(exc) or exc
+
+
+def case_error_in(exc: BaseException) -> CaseError | None:
+    """The CaseError behind an exception MONAI wrapped (it chains the original as the cause)."""
+    while exc is not None:
+        if isinstance(exc, CaseError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 @dataclass(frozen=True)
@@ -132,7 +157,10 @@ class PatchDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, seed = key
-        case = self.cache[index]
+        try:
+            case = self.cache[index]  # a case beyond the cache rate is loaded here, in a loader worker
+        except RuntimeError as exc:
+            raise case_error_in(exc) or exc
         self.transforms.set_random_state(seed=int(seed))
         out = self.transforms(dict(case))
         out = out[0] if isinstance(out, list) else out

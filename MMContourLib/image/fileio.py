@@ -71,21 +71,22 @@ def temp_path(path: Path, directory: bool = False) -> Path:
     prefix = f".{path.name}{_TAG}{_host()}.{os.getpid()}."
     if directory:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: what we write is shared like any file
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700: what we write is shared like any file
         return tmp
     fd, name = tempfile.mkstemp(prefix=prefix, suffix=_suffix(path), dir=path.parent)
     os.close(fd)
-    os.chmod(name, 0o666 & ~_umask())  # mkstemp makes 0600
+    os.chmod(name, 0o666 & ~current_umask())  # mkstemp makes 0600
     return Path(name)
 
 
-def _umask() -> int:
+def current_umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
 
 
-def _explain(exc: OSError, path: Path) -> WriteError:
+def explain_write_error(exc: OSError, path: Path) -> WriteError:
+    """The WriteError to show for ``exc`` while writing ``path`` (full disk, read-only folder, ...)."""
     if exc.errno in _NO_SPACE:
         free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
         return WriteError(exc.errno, f"cannot write {path}: the disk is full ({free / 2**20:.1f} MiB free); "
@@ -116,16 +117,16 @@ def stage(path: str | os.PathLike, write: Callable[[Path], None],
         remove_stale_temps(path.parent, path.name)
         tmp = temp_path(path)
     except OSError as exc:
-        raise _explain(exc, path) from None
+        raise explain_write_error(exc, path) from None
     try:
         try:
             write(tmp)
             _sync(tmp)
         except OSError as exc:
-            raise _explain(exc, path) from None
+            raise explain_write_error(exc, path) from None
         except RuntimeError as exc:  # SimpleITK reports its I/O errors (a short write on a full disk) so
             reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "the writer failed"
-            raise _explain(OSError(errno.EIO, reason), path) from None
+            raise explain_write_error(OSError(errno.EIO, reason), path) from None
         if tmp.stat().st_size == 0:
             raise WriteError(errno.EIO, f"cannot write {path}: the writer produced an empty file. Nothing was written")
         if verify is not None:
@@ -151,7 +152,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], fsync: 
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise _explain(exc, path) from None
+        raise explain_write_error(exc, path) from None
     return path
 
 
@@ -175,7 +176,7 @@ class OutputGroup:
                 os.replace(tmp, path)
                 done.append(path)
         except OSError as exc:
-            raise _explain(exc, path) from None
+            raise explain_write_error(exc, path) from None
         finally:
             self.discard()
         return done

@@ -7,11 +7,11 @@ atomically (a new folder is renamed into place), so a crash never leaves a half-
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from .. import __version__
 from .network import NetworkConfig, TextConditionedUNet
 from ..note.clinical import PROMPT_TEMPLATE_VERSION
+from ..image.fileio import WriteError, current_umask, explain_write_error, remove_stale_temps, temp_path
 from ..image.preprocess import PreprocessConfig
 from .text import TextEncoder, TextEncoderSpec, build_text_encoder
 
@@ -114,23 +115,34 @@ class ModelBundle:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically: the bundle appears complete or not at all, and an existing one is replaced
-        only once the new one is fully written."""
+        only once the new one is fully written and read back. Files get the process's umask like any
+        other (safetensors creates its file 0600)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a bundle is shared with other users
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(path.parent, path.name)
+            tmp = temp_path(path, directory=True)
+        except OSError as exc:
+            raise explain_write_error(exc, path) from None
         try:
             weights_file = tmp / WEIGHTS_NAME
-            save_file({k: v.contiguous() for k, v in self.weights.items()}, str(weights_file),
-                      metadata={"format": "pt", "mmcontour": __version__})
-            digest = _sha256(weights_file)
-            config = self.config_dict(digest, weights_file.stat().st_size)
-            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
+            try:
+                save_file({k: v.contiguous() for k, v in self.weights.items()}, str(weights_file),
+                          metadata={"format": "pt", "mmcontour": __version__})
+                digest = _sha256(weights_file)
+                config = self.config_dict(digest, weights_file.stat().st_size)
+                (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+                mode = 0o666 & ~current_umask()
+                for f in tmp.iterdir():
+                    os.chmod(f, mode)
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+                ModelBundle.load(tmp)  # sizes, checksum and config read back before anything is replaced
+            except OSError as exc:
+                raise explain_write_error(exc, path) from None
+            except BundleError as exc:
+                raise WriteError(errno.EIO, f"cannot write bundle {path}: it does not read back ({exc}); "
+                                            "the disk may be full. Nothing was replaced") from None
             old = None
             if path.exists():
                 old = path.with_name(f".{path.name}.old-{os.getpid()}")

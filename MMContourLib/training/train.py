@@ -227,14 +227,32 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
+    """The state ``save_checkpoint`` wrote. Anything else is refused without unpickling it: a file that
+    holds Python objects is not one of ours, whatever torch suggests."""
+    import pickle
+    import zipfile
+
     if not path.is_file():
         raise TrainingError(f"nothing to resume: {path} does not exist (start without --resume)")
+    start_again = (f"start again without --resume (move {path} away first); the bundles already written "
+                   f"beside it (best/, last/) are whole and usable")
+    damaged = (f"checkpoint {path} is damaged or truncated (it does not read as a whole file); {start_again}")
+    with open(path, "rb") as fh:
+        zipped = fh.read(4) == b"PK\x03\x04"  # torch.save's format
+    if not zipped:
+        raise TrainingError(f"{path} is not an MMContour checkpoint (not a file torch.save wrote); {start_again}")
+    if not zipfile.is_zipfile(path):
+        raise TrainingError(damaged)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a damaged file; atomic writes make this unlikely
-        raise TrainingError(f"cannot read checkpoint {path}: {exc}") from None
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise TrainingError(f"{path} is not an MMContour checkpoint of format {CHECKPOINT_FORMAT}")
+    except pickle.UnpicklingError:
+        raise TrainingError(f"{path} is not an MMContour checkpoint: it holds Python objects that an MMContour "
+                            f"checkpoint never contains, so it is refused unread. If it should be this run's "
+                            f"checkpoint, {start_again}") from None
+    except Exception:  # anything else a damaged archive raises (RuntimeError, KeyError, EOFError, ...)
+        raise TrainingError(damaged) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise TrainingError(f"{path} is not an MMContour checkpoint of format {CHECKPOINT_FORMAT}; {start_again}")
     return state
 
 
