@@ -1,4 +1,4 @@
-"""Synthetic breast CT phantoms: determinism, HU, the METHOD.md target rules, what the CT shows and
+"""Synthetic breast CT phantoms: determinism, HU, the guideline target rules (docs/method.md), what the CT shows and
 does not show, counterfactual notes, manifests on disk and storage orientations."""
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ def register(subparsers) -> None:
                     "truth for counterfactual notes need a 'regions' column (phantom manifests).")
     p.add_argument("--bundle", required=True, nargs="+", help="one or more bundle folders (one table row each)")
     p.add_argument("--label", nargs="+", default=(), help="table names for the bundles (default: bundle names)")
-    p.add_argument("--manifest", required=True, help="CSV of cases (DESIGN.md columns)")
+    p.add_argument("--manifest", required=True, help="CSV of cases (columns: docs/INTERFACES.md)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--split", default="test", help="manifest split to evaluate ('all': every case; default test)")
     p.add_argument("--llm", help="where the bundles' LLM is, if not where they say")

@@ -7,7 +7,7 @@ import time
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "phantom", help="write synthetic breast CTs, CTVs, sub-region labels and manifest.csv",
-        description="Synthetic planning CTs (HU) with clinical notes and guideline CTVs (shared/METHOD.md rules). "
+        description="Synthetic planning CTs (HU) with clinical notes and guideline CTVs (target rules: docs/method.md). "
                     "Writes DIR/cases/*_ct.nii.gz, *_ctv.nii.gz, *_regions.nii.gz, DIR/manifest.csv, DIR/phantom.json.")
     p.add_argument("--n", type=int, required=True, help="number of cases")
     p.add_argument("--out", required=True, help="output folder")

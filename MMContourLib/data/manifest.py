@@ -1,4 +1,4 @@
-"""The case manifest: one CSV row per case (DESIGN.md), its one reader, writer and error.
+"""The case manifest: one CSV row per case (columns: docs/INTERFACES.md), its one reader, writer and error.
 
 Columns: ``MANIFEST_COLUMNS`` (the files, the split, the clinical note's fields; paths relative to
 the CSV's folder) and the optional ``regions`` (phantoms: the sub-region label map) and ``note``

@@ -3,7 +3,7 @@
 * ``CausalLMPromptEncoder``: a frozen decoder-only LLM (Llama-2-7B-chat in production; any
   Llama-family model, from a Hugging Face folder or a GGUF file). N sets of M learnable prompt
   vectors follow BOS, then the note tokens, then a learned ``[SEG]`` embedding; the final-norm
-  hidden state at ``[SEG]`` of each set is one context embedding (paper, METHOD.md).
+  hidden state at ``[SEG]`` of each set is one context embedding (paper; docs/method.md).
 * ``SentenceEncoderPromptEncoder``: the same with a bidirectional text tower (BERT / MiniLM /
   CLIP-text style), mean-pooled: the paper's CLIP baseline on the same code path.
 * ``NoTextEncoder``: vision-only.

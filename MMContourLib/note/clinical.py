@@ -211,7 +211,7 @@ class SideFindings:
 
     @property
     def node_positive(self) -> bool:
-        """Regional nodal irradiation is indicated (N1 or more; N1mi is treated as N0, METHOD.md)."""
+        """Regional nodal irradiation is indicated (N1 or more; N1mi is treated as N0, docs/method.md)."""
         return self.n_stage in ("N1", "N2", "N3")
 
     def to_prompt(self) -> str:

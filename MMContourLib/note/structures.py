@@ -3,7 +3,7 @@
 Both segmentation writers read it: the ``.seg.nrrd`` file writer (``image.readwrite``) and the
 MRML segmentation node builder (``slicer.mrml``), so a file and a Slicer node say the same thing.
 
-A row is one structure, named in the TG-263 style of METHOD.md without its side; the side adds the
+A row is one structure, named in TG-263 style without its side; the side adds the
 name suffix (``_L`` / ``_R``) and the terminology's anatomic region modifier. A per-region
 structure is one more row, e.g.::
 
@@ -63,7 +63,7 @@ class Structure:
 
 
 STRUCTURES: dict[str, Structure] = {s.name: s for s in (
-    Structure("CTV", PALETTE[0]),  # the union of every targeted region (METHOD.md "Structures and names")
+    Structure("CTV", PALETTE[0]),  # the union of every targeted region (docs/method.md)
 )}
 
 

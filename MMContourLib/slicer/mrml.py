@@ -5,7 +5,7 @@ Only MRML/VTK API is used (no ``slicer.util``, no Qt), so everything here runs a
 ``slicer`` and ``vtk`` are imported inside the functions: importing this module costs nothing
 and never needs Slicer.
 
-Rules this module keeps (DESIGN.md "nothing the user had is lost"):
+Rules this module keeps ("nothing the user had is lost"):
 
 * A new segmentation node is created by default, with a unique name.
 * A non-empty existing node is modified only when the caller says the user confirmed replacing it

@@ -52,7 +52,7 @@ RUNTIME_FIELDS = ("manifest", "out", "epochs", "device", "num_workers", "cache_r
 
 @dataclass
 class TrainConfig:
-    """Everything a run depends on (defaults: the paper's settings, METHOD.md)."""
+    """Everything a run depends on (defaults: the paper's settings, docs/method.md)."""
 
     manifest: str = ""
     out: str = ""
