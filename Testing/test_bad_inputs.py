@@ -93,20 +93,21 @@ def all_nan_nifti(folder: Path) -> Path:
     return _nan_ct(folder, 1.0)
 
 
-def png_named_nifti(folder: Path) -> Path:
-    png = folder / "slice.png"
-    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((40, 48), np.uint8)), str(png))
-    path = folder / "ct.nii.gz"
-    shutil.copy(png, path)
+def _picture_named(folder: Path, picture: str, name: str) -> Path:
+    """A 2D picture (written by its own format) renamed to look like a CT file."""
+    source = folder / picture
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((40, 48), np.uint8)), str(source))
+    path = folder / name
+    shutil.copy(source, path)
     return path
+
+
+def png_named_nifti(folder: Path) -> Path:
+    return _picture_named(folder, "slice.png", "ct.nii.gz")
 
 
 def jpeg_named_mha(folder: Path) -> Path:
-    jpg = folder / "photo.jpg"
-    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((40, 48), np.uint8)), str(jpg))
-    path = folder / "ct.mha"
-    shutil.copy(jpg, path)
-    return path
+    return _picture_named(folder, "photo.jpg", "ct.mha")
 
 
 BAD_CTS = {  # fixture -> words the message must contain
