@@ -147,6 +147,7 @@ FIELD_WIDGETS = {"age": ("ageSpinBox",), "side": ("sideComboBox",), "m_stage": (
 RIGHT_COLUMN = ("rightHeaderLabel", "rightNStageComboBox", "rightSurgeryComboBox", "rightTStageComboBox")
 LEFT_COLUMN = ("leftHeaderLabel", "leftNStageComboBox", "leftSurgeryComboBox", "leftTStageComboBox")
 OK_STYLE, BAD_STYLE, WARN_STYLE = "color: #1b7f3b;", "color: #b3261e;", "color: #9a6700;"
+UNDECIDED_STYLE = "QComboBox, QSpinBox { border: 2px solid #9a6700; background: #fff4d6; }"
 
 
 class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -164,6 +165,8 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._loadedModel = None  # (bundle, llm, device) the worker loaded, so the LLM fingerprint matched
         self._loadingModel = None
         self._shownJob = None
+        self._paste = noteform.PastedNote()  # the Paste note box: what it read, and the user's edits since
+        self._pasteBlocking = ""
 
     # -- setup / lifecycle -------------------------------------------------------------------------
     def setup(self):
@@ -185,6 +188,13 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.loadPhantomButton.connect("clicked(bool)", self.onLoadPhantom)
         self.ui.bundlePathLineEdit.connect("currentPathChanged(QString)", self.onBundlePathChanged)
         self.ui.llmPathLineEdit.connect("currentPathChanged(QString)", self.onLlmPathChanged)
+        self.ui.readNoteButton.connect("clicked(bool)", self.onReadNote)
+        # only the user's own changes (not the parameter node's) count as edits that win over a pasted note
+        for name in NOTE_PARAMETERS:
+            widget = getattr(self.ui, noteform.widget_name(name))
+            signal = "editingFinished()" if name == "age" else "activated(int)"
+            widget.connect(signal, lambda *args, name=name: self.onNoteFieldEdited(name))
+        self._fieldToolTips = {name: getattr(self.ui, noteform.widget_name(name)).toolTip for name in NOTE_PARAMETERS}
         self.ui.promptPreviewLabel.setFont(qt.QFontDatabase.systemFont(qt.QFontDatabase.FixedFont))
 
         self.timer = qt.QTimer()
@@ -213,6 +223,8 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event):
         self.logic.cancel(graceSeconds=0)  # its CT is going away; nothing is written
+        self._paste = noteform.PastedNote()  # the pasted note belongs to the patient being closed
+        self.ui.pasteNoteTextEdit.setPlainText("")
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -270,21 +282,28 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for widgets in FIELD_WIDGETS.values():
             for name in widgets:
                 getattr(self.ui, name).setStyleSheet("")
+        pasted = self._paste.display(p.side, self._fieldToolTips)
+        for name, tip in pasted.tooltips.items():
+            widget = getattr(self.ui, noteform.widget_name(name))
+            widget.toolTip = tip
+            if name in pasted.marked:
+                widget.setStyleSheet(UNDECIDED_STYLE)
+        self.ui.pasteStatusLabel.text = pasted.status
+        self.ui.pasteStatusLabel.setStyleSheet(WARN_STYLE if pasted.marked else "")
+        self._pasteBlocking = pasted.blocking
 
-        self._note = None
+        self._note, error = None, None
         try:
             self._note = noteform.note_from_form({name: getattr(p, name) for name in NOTE_PARAMETERS})
         except ValueError as exc:  # NoteError or ContradictionError: say which field, before Apply
+            error = str(exc)
             for name in FIELD_WIDGETS.get(getattr(exc, "field", ""), ()):
                 getattr(self.ui, name).setStyleSheet("QComboBox, QSpinBox { border: 2px solid #b3261e; }")
-            self.ui.promptPreviewLabel.text = "—"
-            self.ui.noteStatusLabel.text = f"✗ {exc}"
-            self.ui.noteStatusLabel.setStyleSheet(BAD_STYLE)
-        if self._note is not None:
-            self.ui.promptPreviewLabel.text = self._note.to_prompt()
-            warnings = noteform.note_warnings(self._note)
-            self.ui.noteStatusLabel.text = ("⚠ " + "; ".join(warnings)) if warnings else "✓ Valid note"
-            self.ui.noteStatusLabel.setStyleSheet(WARN_STYLE if warnings else OK_STYLE)
+        self.ui.promptPreviewLabel.text = self._note.to_prompt() if self._note is not None else "—"
+        warnings = [*(noteform.note_warnings(self._note) if self._note is not None else ()), *pasted.warnings]
+        text, kind = noteform.note_status(error, warnings, pasted.blocking)
+        self.ui.noteStatusLabel.text = text
+        self.ui.noteStatusLabel.setStyleSheet({"ok": OK_STYLE, "warn": WARN_STYLE, "bad": BAD_STYLE}[kind])
 
         for widget, value in ((self.ui.bundlePathLineEdit, self._bundle()), (self.ui.llmPathLineEdit, p.llmPath)):
             if widget.currentPath != value:
@@ -348,7 +367,7 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p is None:
             return
         running = self.logic.job is not None and self.logic.job.state == "running"
-        ready = bool(p.inputVolume) and self._note is not None and self._bundleValid
+        ready = bool(p.inputVolume) and self._note is not None and not self._pasteBlocking and self._bundleValid
         self.ui.applyButton.enabled = ready and not running
         self.ui.compareButton.enabled = ready and not running and bool(self._variants) and self._variantsValid
         self.ui.cancelButton.enabled = running
@@ -357,6 +376,8 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.applyButton.toolTip = "Choose the planning CT first."
         elif self._note is None:
             self.ui.applyButton.toolTip = "Fix the clinical note first (see the message under the prompt)."
+        elif self._pasteBlocking:
+            self.ui.applyButton.toolTip = f"First {self._pasteBlocking}."
         else:
             self.ui.applyButton.toolTip = f"Contour the CTV for: {self._note.to_prompt()}"
 
@@ -380,6 +401,20 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.variant1, self._parameterNode.variant2, self._parameterNode.variant3 = suggestions[:3]
         self.ui.compareCollapsibleButton.collapsed = False
 
+    def onReadNote(self):
+        values = self._paste.read(self.ui.pasteNoteTextEdit.plainText)
+        self.setNoteParameters(values)
+
+    def onNoteFieldEdited(self, name):
+        widget = getattr(self.ui, noteform.widget_name(name))
+        self.setNoteParameters(self._paste.edited(name, widget.value if name == "age" else widget.currentText))
+
+    def setNoteParameters(self, values):
+        with slicer.util.NodeModify(self._parameterNode):
+            for name, value in values.items():
+                setattr(self._parameterNode, name, value)
+        self.updateForm()  # also when nothing changed: the tooltips and marks are the paste's
+
     # -- running -----------------------------------------------------------------------------------
     def onApply(self):
         self.run([self._note])
@@ -391,6 +426,12 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if any(note is None for note in notes):
             return
+        if self._pasteBlocking:  # Apply is disabled then; this guards a script or a stale click
+            self.ui.statusLabel.text = f"✗ Not contouring: first {self._pasteBlocking}"
+            self.ui.statusLabel.setStyleSheet(BAD_STYLE)
+            return
+        for warning in self._paste.warnings(p.side):
+            self.log(f"Contouring although: {warning}")
         target = p.outputSegmentation
         replace = False
         if target is not None and target.GetSegmentation().GetNumberOfSegments():
