@@ -83,6 +83,21 @@ class MMContour(ScriptedLoadableModule):
             "Reproduces and extends LLMSeg (Oh, Park et al., Nat. Commun. 2024). This is research software: "
             "every contour must be reviewed by a qualified clinician.")
         slicer.app.connect("startupCompleted()", registerSampleData)
+        slicer.app.connect("startupCompleted()", registerTerminology)
+
+
+def registerTerminology():
+    """The CTV's category and type are in no terminology Slicer ships (note/structures.py says why): load the
+    module's own context, so the terminology selector finds the segments' codes."""
+    from MMContourLib.note.structures import CATEGORY_CONTEXT, TERMINOLOGY_FILE
+
+    terminologies = getattr(slicer.modules, "terminologies", None)
+    if terminologies is None:
+        return
+    logic = terminologies.logic()
+    if not logic.IsTerminologyContextLoaded(CATEGORY_CONTEXT):
+        if not logic.LoadTerminologyFromFile(os.path.join(ROOT, TERMINOLOGY_FILE)):
+            logging.warning("MMContour: cannot load the terminology %s", os.path.join(ROOT, TERMINOLOGY_FILE))
 
 
 def registerSampleData():
