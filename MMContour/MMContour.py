@@ -38,6 +38,8 @@ import qt  # noqa: E402
 import vtk  # noqa: E402
 
 import slicer  # noqa: E402
+from slicer.i18n import tr as _  # noqa: E402
+from slicer.i18n import translate  # noqa: E402
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode  # noqa: E402
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper  # noqa: E402
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,  # noqa: E402
@@ -61,13 +63,13 @@ NOT_STATED = noteform.NOT_STATED
 class MMContour(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "MMContour"
+        self.parent.title = _("MMContour")
         # Slicer looks for the icon in Resources/ beside the module file: true once installed, not in a checkout
         self.parent.icon = qt.QIcon(os.path.join(ROOT, "Resources", "Icons", "MMContour.png"))
-        self.parent.categories = ["Radiotherapy"]
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Radiotherapy")]
         self.parent.dependencies = []
         self.parent.contributors = ["MMContour developers"]
-        self.parent.helpText = (
+        self.parent.helpText = _(
             "Contours the clinical target volume (CTV) for breast-cancer radiotherapy on a planning CT, "
             "conditioned on the patient's clinical note (side, N stage, surgery, ...): a frozen large language "
             "model reads the note and steers a 3D U-Net. Fill in the note, press <b>Contour CTV</b>, edit the "
@@ -77,9 +79,9 @@ class MMContour(ScriptedLoadableModule):
             "from DICOM, contour, then in the Data module right-click the study, choose <i>Export to DICOM...</i>, "
             "select the segmentation and the <i>RT structure set</i> export type; the RTSTRUCT references the loaded "
             "CT series. Without SlicerRT: <tt>mmcontour predict --ct DICOM_FOLDER ... --out-rtstruct RS.dcm</tt>.<br>"
-            "Documentation: docs/slicer.md in the MMContour repository.<br><br>"
-            f"If you use this module, please cite: {CITATION}.")
-        self.parent.acknowledgementText = (
+            "See the <a href=\"https://github.com/mmcontour/MMContour/blob/main/docs/slicer.md\">module "
+            "documentation</a>.<br><br>If you use this module, please cite: {citation}.").format(citation=CITATION)
+        self.parent.acknowledgementText = _(
             "Reproduces and extends LLMSeg (Oh, Park et al., Nat. Commun. 2024). This is research software: "
             "every contour must be reviewed by a qualified clinician.")
         slicer.app.connect("startupCompleted()", registerSampleData)
@@ -228,7 +230,7 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # The worker (torch, a CUDA context) starts on first use, not when the module is shown.
         self.initializeParameterNode()
         if self.ui.deviceInfoLabel.text == "":
-            self.ui.deviceInfoLabel.text = "GPUs are listed once the model is loaded (Load model or Contour CTV)"
+            self.ui.deviceInfoLabel.text = _("GPUs are listed once the model is loaded (Load model or Contour CTV)")
 
     def exit(self):
         if self._parameterNode and self._guiTag is not None:
@@ -368,7 +370,7 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                         f"text model: {summary['llm_name'] or summary['llm_kind']}")
         self.ui.bundleInfoLabel.setStyleSheet("")
         if summary["llm_kind"] == "none":
-            self.ui.llmStatusLabel.text = "This bundle does not use a language model."
+            self.ui.llmStatusLabel.text = _("This bundle does not use a language model.")
             self.ui.llmStatusLabel.setStyleSheet("")
             return
         status, ok = noteform.llm_location_status(summary, p.llmPath)
@@ -388,9 +390,9 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.enabled = running
         self.ui.loadModelButton.enabled = self._bundleValid and not running
         if not p.inputVolume:
-            self.ui.applyButton.toolTip = "Choose the planning CT first."
+            self.ui.applyButton.toolTip = _("Choose the planning CT first.")
         elif self._note is None:
-            self.ui.applyButton.toolTip = "Fix the clinical note first (see the message under the prompt)."
+            self.ui.applyButton.toolTip = _("Fix the clinical note first (see the message under the prompt).")
         elif self._pasteBlocking:
             self.ui.applyButton.toolTip = f"First {self._pasteBlocking}."
         else:
@@ -453,7 +455,7 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             count = target.GetSegmentation().GetNumberOfSegments()
             if not slicer.util.confirmOkCancelDisplay(
                     f"'{target.GetName()}' already holds {count} segment(s). Replace them with the new contour?\n\n"
-                    "Choose Cancel and 'Create new segmentation' as output to keep them.", "Replace segmentation?"):
+                    "Choose Cancel and 'Create new segmentation' as output to keep them.", _("Replace segmentation?")):
                 return
             replace = True
         try:
@@ -467,20 +469,20 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.requestDeviceInfo()
         self.log(f"Contouring {len(notes)} note(s): " + " | ".join(n.to_prompt() for n in notes))
         self.ui.progressBar.setRange(0, 0)
-        self.ui.statusLabel.text = "Starting…"
+        self.ui.statusLabel.text = _("Starting…")
         self.ui.statusLabel.setStyleSheet("")
         self.timer.start()
         self.updateButtons()
 
     def onCancel(self):
         self.logic.cancel()
-        self.ui.statusLabel.text = "Cancelling… (nothing will be written)"
+        self.ui.statusLabel.text = _("Cancelling… (nothing will be written)")
 
     def onLoadModel(self):
         p = self._parameterNode
         try:
             if not self.logic.ensureDependencies(interactive=True, bundle=self._bundle()):
-                self.showLlmStatus("✗ Not loaded: the Python packages it needs were not installed", BAD_STYLE)
+                self.showLlmStatus(_("✗ Not loaded: the Python packages it needs were not installed"), BAD_STYLE)
                 return
             self._loadRequest = self.logic.requestLoad(self._bundle(), p.llmPath or None,
                                                        noteform.DEVICE_CHOICES[p.device])
@@ -490,7 +492,7 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._loadingModel = self._modelKey()
         self.requestDeviceInfo()
-        self.showLlmStatus("Loading the model in the background…", "")
+        self.showLlmStatus(_("Loading the model in the background…"), "")
         self.timer.start()
 
     def showLlmStatus(self, text, style):
@@ -507,7 +509,7 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onLoadPhantom(self):
         # numpy, scipy and SimpleITK are all the phantom needs, and Slicer ships them: no install here
-        with slicer.util.tryWithErrorDisplay("Could not create the phantom CT.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Could not create the phantom CT."), waitCursor=True):
             self._parameterNode.inputVolume = self.logic.loadPhantomSample()
 
     def onPoll(self):

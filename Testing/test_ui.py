@@ -463,3 +463,21 @@ def test_the_shipped_terminology_is_the_structure_table_and_slicer_can_load_it()
     tree = _module_ast()
     module = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MMContour")
     assert "registerTerminology" in ast.unparse(module)
+
+
+def test_extension_matches_slicers_template_where_the_layout_allows():
+    import re
+    import tomllib
+
+    top = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    # Slicer 5.10's template: 3.20.6...3.22.6; 5.12 and later: 3.28.0...3.28.0
+    assert re.search(r"cmake_minimum_required\(VERSION 3\.20\.6\.\.\.3\.28\.0 FATAL_ERROR\)", top)
+    assert re.search(r'set\(EXTENSION_HOMEPAGE "https://github\.com/\S+/docs/slicer\.md"\)', top)
+    licence = (REPO / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in licence and "Version 2.0, January 2004" in licence
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert project["license"] == {"text": "Apache-2.0"}
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    assert "from slicer.i18n import tr as _" in source and 'self.parent.title = _("MMContour")' in source
+    assert 'translate("qSlicerAbstractCoreModule", "Radiotherapy")' in source
+    assert "docs/slicer.md" in source.split("self.parent.helpText = _(")[1].split("self.parent.acknowledgementText")[0]
