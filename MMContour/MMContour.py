@@ -38,6 +38,8 @@ import qt  # noqa: E402
 import vtk  # noqa: E402
 
 import slicer  # noqa: E402
+from slicer.i18n import tr as _  # noqa: E402
+from slicer.i18n import translate  # noqa: E402
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode  # noqa: E402
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper  # noqa: E402
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,  # noqa: E402
@@ -61,13 +63,13 @@ NOT_STATED = noteform.NOT_STATED
 class MMContour(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "MMContour"
+        self.parent.title = _("MMContour")
         # Slicer looks for the icon in Resources/ beside the module file: true once installed, not in a checkout
         self.parent.icon = qt.QIcon(os.path.join(ROOT, "Resources", "Icons", "MMContour.png"))
-        self.parent.categories = ["Radiotherapy"]
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Radiotherapy")]
         self.parent.dependencies = []
         self.parent.contributors = ["MMContour developers"]
-        self.parent.helpText = (
+        self.parent.helpText = _(
             "Contours the clinical target volume (CTV) for breast-cancer radiotherapy on a planning CT, "
             "conditioned on the patient's clinical note (side, N stage, surgery, ...): a frozen large language "
             "model reads the note and steers a 3D U-Net. Fill in the note, press <b>Contour CTV</b>, edit the "
@@ -77,12 +79,27 @@ class MMContour(ScriptedLoadableModule):
             "from DICOM, contour, then in the Data module right-click the study, choose <i>Export to DICOM...</i>, "
             "select the segmentation and the <i>RT structure set</i> export type; the RTSTRUCT references the loaded "
             "CT series. Without SlicerRT: <tt>mmcontour predict --ct DICOM_FOLDER ... --out-rtstruct RS.dcm</tt>.<br>"
-            "Documentation: docs/slicer.md in the MMContour repository.<br><br>"
-            f"If you use this module, please cite: {CITATION}.")
-        self.parent.acknowledgementText = (
+            "See the <a href=\"https://github.com/mmcontour/MMContour/blob/main/docs/slicer.md\">module "
+            "documentation</a>.<br><br>If you use this module, please cite: {citation}.").format(citation=CITATION)
+        self.parent.acknowledgementText = _(
             "Reproduces and extends LLMSeg (Oh, Park et al., Nat. Commun. 2024). This is research software: "
             "every contour must be reviewed by a qualified clinician.")
         slicer.app.connect("startupCompleted()", registerSampleData)
+        slicer.app.connect("startupCompleted()", registerTerminology)
+
+
+def registerTerminology():
+    """The CTV's category and type are in no terminology Slicer ships (note/structures.py says why): load the
+    module's own context, so the terminology selector finds the segments' codes."""
+    from MMContourLib.note.structures import CATEGORY_CONTEXT, TERMINOLOGY_FILE
+
+    terminologies = getattr(slicer.modules, "terminologies", None)
+    if terminologies is None:
+        return
+    logic = terminologies.logic()
+    if not logic.IsTerminologyContextLoaded(CATEGORY_CONTEXT):
+        if not logic.LoadTerminologyFromFile(os.path.join(ROOT, TERMINOLOGY_FILE)):
+            logging.warning("MMContour: cannot load the terminology %s", os.path.join(ROOT, TERMINOLOGY_FILE))
 
 
 def registerSampleData():
@@ -147,6 +164,7 @@ FIELD_WIDGETS = {"age": ("ageSpinBox",), "side": ("sideComboBox",), "m_stage": (
 RIGHT_COLUMN = ("rightHeaderLabel", "rightNStageComboBox", "rightSurgeryComboBox", "rightTStageComboBox")
 LEFT_COLUMN = ("leftHeaderLabel", "leftNStageComboBox", "leftSurgeryComboBox", "leftTStageComboBox")
 OK_STYLE, BAD_STYLE, WARN_STYLE = "color: #1b7f3b;", "color: #b3261e;", "color: #9a6700;"
+UNDECIDED_STYLE = "QComboBox, QSpinBox { border: 2px solid #9a6700; background: #fff4d6; }"
 
 
 class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -164,6 +182,8 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._loadedModel = None  # (bundle, llm, device) the worker loaded, so the LLM fingerprint matched
         self._loadingModel = None
         self._shownJob = None
+        self._paste = noteform.PastedNote()  # the Paste note box: what it read, and the user's edits since
+        self._pasteBlocking = ""
 
     # -- setup / lifecycle -------------------------------------------------------------------------
     def setup(self):
@@ -185,6 +205,13 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.loadPhantomButton.connect("clicked(bool)", self.onLoadPhantom)
         self.ui.bundlePathLineEdit.connect("currentPathChanged(QString)", self.onBundlePathChanged)
         self.ui.llmPathLineEdit.connect("currentPathChanged(QString)", self.onLlmPathChanged)
+        self.ui.readNoteButton.connect("clicked(bool)", self.onReadNote)
+        # only the user's own changes (not the parameter node's) count as edits that win over a pasted note
+        for name in NOTE_PARAMETERS:
+            widget = getattr(self.ui, noteform.widget_name(name))
+            signal = "editingFinished()" if name == "age" else "activated(int)"
+            widget.connect(signal, lambda *args, name=name: self.onNoteFieldEdited(name))
+        self._fieldToolTips = {name: getattr(self.ui, noteform.widget_name(name)).toolTip for name in NOTE_PARAMETERS}
         self.ui.promptPreviewLabel.setFont(qt.QFontDatabase.systemFont(qt.QFontDatabase.FixedFont))
 
         self.timer = qt.QTimer()
@@ -203,7 +230,7 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # The worker (torch, a CUDA context) starts on first use, not when the module is shown.
         self.initializeParameterNode()
         if self.ui.deviceInfoLabel.text == "":
-            self.ui.deviceInfoLabel.text = "GPUs are listed once the model is loaded (Load model or Contour CTV)"
+            self.ui.deviceInfoLabel.text = _("GPUs are listed once the model is loaded (Load model or Contour CTV)")
 
     def exit(self):
         if self._parameterNode and self._guiTag is not None:
@@ -213,6 +240,8 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event):
         self.logic.cancel(graceSeconds=0)  # its CT is going away; nothing is written
+        self._paste = noteform.PastedNote()  # the pasted note belongs to the patient being closed
+        self.ui.pasteNoteTextEdit.setPlainText("")
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -270,21 +299,28 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for widgets in FIELD_WIDGETS.values():
             for name in widgets:
                 getattr(self.ui, name).setStyleSheet("")
+        pasted = self._paste.display(p.side, self._fieldToolTips)
+        for name, tip in pasted.tooltips.items():
+            widget = getattr(self.ui, noteform.widget_name(name))
+            widget.toolTip = tip
+            if name in pasted.marked:
+                widget.setStyleSheet(UNDECIDED_STYLE)
+        self.ui.pasteStatusLabel.text = pasted.status
+        self.ui.pasteStatusLabel.setStyleSheet(WARN_STYLE if pasted.marked else "")
+        self._pasteBlocking = pasted.blocking
 
-        self._note = None
+        self._note, error = None, None
         try:
             self._note = noteform.note_from_form({name: getattr(p, name) for name in NOTE_PARAMETERS})
         except ValueError as exc:  # NoteError or ContradictionError: say which field, before Apply
+            error = str(exc)
             for name in FIELD_WIDGETS.get(getattr(exc, "field", ""), ()):
                 getattr(self.ui, name).setStyleSheet("QComboBox, QSpinBox { border: 2px solid #b3261e; }")
-            self.ui.promptPreviewLabel.text = "—"
-            self.ui.noteStatusLabel.text = f"✗ {exc}"
-            self.ui.noteStatusLabel.setStyleSheet(BAD_STYLE)
-        if self._note is not None:
-            self.ui.promptPreviewLabel.text = self._note.to_prompt()
-            warnings = noteform.note_warnings(self._note)
-            self.ui.noteStatusLabel.text = ("⚠ " + "; ".join(warnings)) if warnings else "✓ Valid note"
-            self.ui.noteStatusLabel.setStyleSheet(WARN_STYLE if warnings else OK_STYLE)
+        self.ui.promptPreviewLabel.text = self._note.to_prompt() if self._note is not None else "—"
+        warnings = [*(noteform.note_warnings(self._note) if self._note is not None else ()), *pasted.warnings]
+        text, kind = noteform.note_status(error, warnings, pasted.blocking)
+        self.ui.noteStatusLabel.text = text
+        self.ui.noteStatusLabel.setStyleSheet({"ok": OK_STYLE, "warn": WARN_STYLE, "bad": BAD_STYLE}[kind])
 
         for widget, value in ((self.ui.bundlePathLineEdit, self._bundle()), (self.ui.llmPathLineEdit, p.llmPath)):
             if widget.currentPath != value:
@@ -334,7 +370,7 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                         f"text model: {summary['llm_name'] or summary['llm_kind']}")
         self.ui.bundleInfoLabel.setStyleSheet("")
         if summary["llm_kind"] == "none":
-            self.ui.llmStatusLabel.text = "This bundle does not use a language model."
+            self.ui.llmStatusLabel.text = _("This bundle does not use a language model.")
             self.ui.llmStatusLabel.setStyleSheet("")
             return
         status, ok = noteform.llm_location_status(summary, p.llmPath)
@@ -348,15 +384,17 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p is None:
             return
         running = self.logic.job is not None and self.logic.job.state == "running"
-        ready = bool(p.inputVolume) and self._note is not None and self._bundleValid
+        ready = bool(p.inputVolume) and self._note is not None and not self._pasteBlocking and self._bundleValid
         self.ui.applyButton.enabled = ready and not running
         self.ui.compareButton.enabled = ready and not running and bool(self._variants) and self._variantsValid
         self.ui.cancelButton.enabled = running
         self.ui.loadModelButton.enabled = self._bundleValid and not running
         if not p.inputVolume:
-            self.ui.applyButton.toolTip = "Choose the planning CT first."
+            self.ui.applyButton.toolTip = _("Choose the planning CT first.")
         elif self._note is None:
-            self.ui.applyButton.toolTip = "Fix the clinical note first (see the message under the prompt)."
+            self.ui.applyButton.toolTip = _("Fix the clinical note first (see the message under the prompt).")
+        elif self._pasteBlocking:
+            self.ui.applyButton.toolTip = f"First {self._pasteBlocking}."
         else:
             self.ui.applyButton.toolTip = f"Contour the CTV for: {self._note.to_prompt()}"
 
@@ -380,6 +418,20 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.variant1, self._parameterNode.variant2, self._parameterNode.variant3 = suggestions[:3]
         self.ui.compareCollapsibleButton.collapsed = False
 
+    def onReadNote(self):
+        values = self._paste.read(self.ui.pasteNoteTextEdit.plainText)
+        self.setNoteParameters(values)
+
+    def onNoteFieldEdited(self, name):
+        widget = getattr(self.ui, noteform.widget_name(name))
+        self.setNoteParameters(self._paste.edited(name, widget.value if name == "age" else widget.currentText))
+
+    def setNoteParameters(self, values):
+        with slicer.util.NodeModify(self._parameterNode):
+            for name, value in values.items():
+                setattr(self._parameterNode, name, value)
+        self.updateForm()  # also when nothing changed: the tooltips and marks are the paste's
+
     # -- running -----------------------------------------------------------------------------------
     def onApply(self):
         self.run([self._note])
@@ -391,13 +443,19 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if any(note is None for note in notes):
             return
+        if self._pasteBlocking:  # Apply is disabled then; this guards a script or a stale click
+            self.ui.statusLabel.text = f"✗ Not contouring: first {self._pasteBlocking}"
+            self.ui.statusLabel.setStyleSheet(BAD_STYLE)
+            return
+        for warning in self._paste.warnings(p.side):
+            self.log(f"Contouring although: {warning}")
         target = p.outputSegmentation
         replace = False
         if target is not None and target.GetSegmentation().GetNumberOfSegments():
             count = target.GetSegmentation().GetNumberOfSegments()
             if not slicer.util.confirmOkCancelDisplay(
                     f"'{target.GetName()}' already holds {count} segment(s). Replace them with the new contour?\n\n"
-                    "Choose Cancel and 'Create new segmentation' as output to keep them.", "Replace segmentation?"):
+                    "Choose Cancel and 'Create new segmentation' as output to keep them.", _("Replace segmentation?")):
                 return
             replace = True
         try:
@@ -411,20 +469,20 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.requestDeviceInfo()
         self.log(f"Contouring {len(notes)} note(s): " + " | ".join(n.to_prompt() for n in notes))
         self.ui.progressBar.setRange(0, 0)
-        self.ui.statusLabel.text = "Starting…"
+        self.ui.statusLabel.text = _("Starting…")
         self.ui.statusLabel.setStyleSheet("")
         self.timer.start()
         self.updateButtons()
 
     def onCancel(self):
         self.logic.cancel()
-        self.ui.statusLabel.text = "Cancelling… (nothing will be written)"
+        self.ui.statusLabel.text = _("Cancelling… (nothing will be written)")
 
     def onLoadModel(self):
         p = self._parameterNode
         try:
             if not self.logic.ensureDependencies(interactive=True, bundle=self._bundle()):
-                self.showLlmStatus("✗ Not loaded: the Python packages it needs were not installed", BAD_STYLE)
+                self.showLlmStatus(_("✗ Not loaded: the Python packages it needs were not installed"), BAD_STYLE)
                 return
             self._loadRequest = self.logic.requestLoad(self._bundle(), p.llmPath or None,
                                                        noteform.DEVICE_CHOICES[p.device])
@@ -434,7 +492,7 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._loadingModel = self._modelKey()
         self.requestDeviceInfo()
-        self.showLlmStatus("Loading the model in the background…", "")
+        self.showLlmStatus(_("Loading the model in the background…"), "")
         self.timer.start()
 
     def showLlmStatus(self, text, style):
@@ -451,7 +509,7 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onLoadPhantom(self):
         # numpy, scipy and SimpleITK are all the phantom needs, and Slicer ships them: no install here
-        with slicer.util.tryWithErrorDisplay("Could not create the phantom CT.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Could not create the phantom CT."), waitCursor=True):
             self._parameterNode.inputVolume = self.logic.loadPhantomSample()
 
     def onPoll(self):

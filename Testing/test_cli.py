@@ -38,7 +38,7 @@ def test_predict_writes_slicer_segmentation_on_ct_grid(tiny_bundle, ct_file, tmp
     assert mask.GetSize() == ct.GetSize() and np.allclose(mask.GetOrigin(), ct.GetOrigin())
     assert int(sitk.GetArrayFromImage(mask).sum()) == summary["voxels"]
     header = sitk.ReadImage(str(out))
-    assert "228792002" in header.GetMetaData("Segment0_Tags")  # SNOMED CT: clinical target volume
+    assert "DCM^130041^RT Target~SCT^228792002^" in header.GetMetaData("Segment0_Tags")  # RT target: CTV
     assert header.GetMetaData("MMContour_prompt") == summary["prompt"]
 
 

@@ -127,7 +127,9 @@ def test_new_segmentation_node_has_the_mask_on_the_ct_grid_and_its_metadata(scen
     assert segment.GetName() == "CTV"
     assert np.allclose(segment.GetColor(), (0.9, 0.2, 0.2))
     terminology = segment.GetTerminology()
-    assert "SCT^228792002^Clinical target volume" in terminology
+    # DICOM's RT Target category (CID 9580) and CTV type, in the context the module registers (note/structures.py)
+    assert terminology.startswith("Segmentation category and type - MMContour radiotherapy targets~"
+                                  "DCM^130041^RT Target~SCT^228792002^Clinical target volume~")
     assert terminology.endswith("SCT^7771000^Left") and terminology.count("~") == 6
     for key, value in provenance.items():
         assert node.GetAttribute(f"MMContour.{key}") == value

@@ -385,6 +385,7 @@ endfunction()
 def test_extension_build_installs_a_working_module(tmp_path):
     # what must be installed: listed before configuring (the working tree may gain files meanwhile)
     expected = ["MMContour.py", "MMContourInstall.py", "Resources/UI/MMContour.ui", "Resources/Icons/MMContour.png", "Resources/requirements.txt",
+                "Resources/Terminology/SegmentationCategoryTypeModifier-MMContour.json",
                 "Resources/requirements-slicer.txt", "Resources/requirements-nodeps.txt",
                 "Resources/scripts/mmcontour_batch.py"]
     expected += [p.relative_to(REPO).as_posix() for p in (REPO / "MMContourLib").rglob("*.py")]
@@ -442,3 +443,41 @@ def test_item_tooltips_survive_the_parameter_wrappers_combo_connector():
     set_node = next(n for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == "setParameterNode")
     calls = [n.func.attr for n in ast.walk(set_node) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]
     assert calls.index("restoreItemToolTips") > calls.index("connectGui")
+
+
+def test_the_shipped_terminology_is_the_structure_table_and_slicer_can_load_it():
+    import json
+
+    from MMContourLib.note import structures
+
+    shipped = json.loads((REPO / structures.TERMINOLOGY_FILE).read_text(encoding="utf-8"))
+    assert shipped == structures.terminology_context()
+    # what vtkSlicerTerminologiesModuleLogic::LoadTerminologyFromFile checks (Slicer 5.10 - 5.13)
+    assert shipped["@schema"] == "https://raw.githubusercontent.com/qiicr/dcmqi/master/doc/segment-context-schema.json#"
+    entry = structures.terminology_entry("CTV", "left").split("~")
+    assert entry[0] == shipped["SegmentationCategoryTypeContextName"]
+    category = next(c for c in shipped["SegmentationCodes"]["Category"] if entry[1] == "^".join(
+        (c["CodingSchemeDesignator"], c["CodeValue"], c["CodeMeaning"])))
+    assert any(entry[2] == "^".join((t["CodingSchemeDesignator"], t["CodeValue"], t["CodeMeaning"]))
+               for t in category["Type"]) and category["showAnatomy"] is True
+    tree = _module_ast()
+    module = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MMContour")
+    assert "registerTerminology" in ast.unparse(module)
+
+
+def test_extension_matches_slicers_template_where_the_layout_allows():
+    import re
+    import tomllib
+
+    top = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    # Slicer 5.10's template: 3.20.6...3.22.6; 5.12 and later: 3.28.0...3.28.0
+    assert re.search(r"cmake_minimum_required\(VERSION 3\.20\.6\.\.\.3\.28\.0 FATAL_ERROR\)", top)
+    assert re.search(r'set\(EXTENSION_HOMEPAGE "https://github\.com/\S+/docs/slicer\.md"\)', top)
+    licence = (REPO / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in licence and "Version 2.0, January 2004" in licence
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert project["license"] == {"text": "Apache-2.0"}
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    assert "from slicer.i18n import tr as _" in source and 'self.parent.title = _("MMContour")' in source
+    assert 'translate("qSlicerAbstractCoreModule", "Radiotherapy")' in source
+    assert "docs/slicer.md" in source.split("self.parent.helpText = _(")[1].split("self.parent.acknowledgementText")[0]

@@ -343,7 +343,7 @@ def test_batch_contours_every_case_writes_a_summary_and_resumes(batch_manifest, 
         sitk.ReadImage(str(batch_manifest.parent / "cts" / "a.nrrd")), "N1, breast conserving surgery, left side")
     assert np.array_equal(sitk.GetArrayViewFromImage(segments["CTV"]), sitk.GetArrayViewFromImage(expected.mask))
     header = sitk.ReadImage(str(out / "a.seg.nrrd"))
-    assert "228792002" in header.GetMetaData("Segment0_Tags")
+    assert "DCM^130041^RT Target~SCT^228792002^" in header.GetMetaData("Segment0_Tags")
 
     # the whole manifest: a and b are kept, c is contoured, the broken CT fails without stopping the batch
     again = _batch("--manifest", batch_manifest, "--bundle", tiny_bundle, "--out", out, "--device", "cpu")

@@ -7,7 +7,7 @@ Slicer or Qt; ``slicer_io`` is the MRML side.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -152,11 +152,15 @@ def describe_devices(info: Mapping) -> str:
 @dataclass(frozen=True)
 class FormFill:
     """Form values read from a pasted note: ``values`` by form parameter, ``tooltips`` (where each came from),
-    and ``undecided`` (the parameters to mark for the user: not found, or stated twice with different values)."""
+    ``undecided`` (the parameters to mark for the user: not found, or stated twice with different values),
+    ``conflicts`` (what the note states twice, for the status area) and, after ``merge``, ``overridden``
+    (parameter -> (the note's value, the user's value) where the user chose differently)."""
 
     values: dict[str, object]
     tooltips: dict[str, str] = field(default_factory=dict)
     undecided: tuple[str, ...] = ()
+    conflicts: tuple[str, ...] = ()
+    overridden: dict[str, tuple[object, object]] = field(default_factory=dict)
 
 
 def _parameters(key: str, sides: tuple[str, ...]) -> tuple[str, ...]:
@@ -202,9 +206,36 @@ def form_from_reading(reading) -> FormFill:
                 if any(x["field"] == key for x in reading.conflicts):
                     reason = "the note states different values: " + ", ".join(
                         next(x["values"] for x in reading.conflicts if x["field"] == key))
-                tooltips[parameter] = f"undecided: {reason}"
+                tooltips[parameter] = f"undecided: {reason}: choose"
                 values.pop(parameter, None)
-    return FormFill(values, tooltips, tuple(undecided))
+    conflicts = tuple(f"the note states {_label_of(x['field'])} twice: " + " and ".join(
+        f"'{e['text']}' (characters {e['start']}-{e['end']})" for e in x["evidence"])
+        if x["evidence"] else x.get("message", "") for x in reading.conflicts)
+    return FormFill(values, tooltips, tuple(undecided), conflicts)
+
+
+FIELD_LABELS = {"age": "age", "side": "treated side", "t_stage": "T stage", "n_stage": "N stage", "m_stage": "M stage",
+                "surgery": "surgery", "chemotherapy": "chemotherapy", "pathology": "pathology"}
+
+
+def parameter_label(parameter: str) -> str:
+    """How the form names a parameter to the user: 'N stage (left)', 'treated side'."""
+    for name, parameters in FORM_PARAMETERS.items():
+        if parameter in parameters:
+            side = "left" if parameter.startswith("left") else "right"
+            return FIELD_LABELS[name] + (f" ({side})" if len(parameters) > 1 else "")
+    return parameter
+
+
+def _label_of(key: str) -> str:
+    """A reading key ('n_stage', 'n_stage.right') as the form names it."""
+    name, _, side = key.partition(".")
+    return FIELD_LABELS.get(name, name) + (f" ({side})" if side else "")
+
+
+def widget_name(parameter: str) -> str:
+    """The .ui widget bound to a form parameter (Testing/test_ui.py checks the bindings)."""
+    return parameter + ("SpinBox" if parameter == "age" else "ComboBox")
 
 
 def merge(extracted: FormFill, user_edits: Mapping[str, object]) -> FormFill:
@@ -213,9 +244,140 @@ def merge(extracted: FormFill, user_edits: Mapping[str, object]) -> FormFill:
     values = {**extracted.values, **user_edits}
     tooltips = {k: ("set by you" if k in user_edits else v) for k, v in extracted.tooltips.items()}
     tooltips.update({k: "set by you" for k in user_edits})
-    return FormFill(values, tooltips, tuple(p for p in extracted.undecided if p not in user_edits))
+    overridden = {k: (extracted.values[k], v) for k, v in user_edits.items()
+                  if k in extracted.tooltips and k not in extracted.undecided and extracted.values.get(k) != v}
+    return FormFill(values, tooltips, tuple(p for p in extracted.undecided if p not in user_edits),
+                    extracted.conflicts, overridden)
+
+
+def _shown(parameter: str, side: str) -> bool:
+    """Whether the form shows a parameter for this side (the other side's column is hidden)."""
+    return not ((side == "left" and parameter.startswith("right")) or (side == "right" and parameter.startswith("left")))
+
+
+def _moved(parameter: str, old: str, new: str) -> str:
+    return new + parameter[len(old):] if parameter.startswith(old) else parameter
+
+
+def _for_side(extracted: FormFill, side: str) -> FormFill:
+    """The extraction as it applies to the form's current side. A one-sided note's per-side values follow the
+    side the user chooses (they describe the one cancer); with 'both', the side the note does not describe
+    has no N stage or surgery from it: those are undecided."""
+    noted = extracted.values.get("side")
+    if noted not in ("left", "right") or side == noted:
+        return extracted
+    other = "right" if noted == "left" else "left"
+    if side == other:
+        return replace(extracted, values={_moved(k, noted, other): v for k, v in extracted.values.items()},
+                       tooltips={_moved(k, noted, other): v for k, v in extracted.tooltips.items()},
+                       undecided=tuple(_moved(p, noted, other) for p in extracted.undecided))
+    missing = (other + "NStage", other + "Surgery")
+    tooltips = {**extracted.tooltips, **{p: f"undecided: the pasted note describes only the {noted} side: choose"
+                                         for p in missing}}
+    return replace(extracted, tooltips=tooltips, undecided=(*extracted.undecided, *missing))
+
+
+@dataclass
+class PastedNote:
+    """The Paste note box between widget events: the form filled from the pasted text (``extracted``) and
+    the parameters the user set since (``edits``), which win (``merge``)."""
+
+    extracted: FormFill | None = None
+    edits: dict[str, object] = field(default_factory=dict)
+
+    def read(self, text: str, scorer=None) -> dict[str, object]:
+        """Read a pasted note; returns the form values to set (undecided parameters keep theirs, marked)."""
+        from .freetext import read_note
+
+        self.edits = {}
+        self.extracted = form_from_reading(read_note(text, scorer)) if text.strip() else None
+        return dict(self.extracted.values) if self.extracted else {}
+
+    def side(self) -> str | None:
+        return self.edits.get("side", self.extracted.values.get("side") if self.extracted else None)
+
+    def edited(self, parameter: str, value: object) -> dict[str, object]:
+        """The user set a parameter (after a paste); returns the form values that follow from it: changing a
+        one-sided note's side takes its per-side values (the note's and the user's) to the new column."""
+        if self.extracted is None:
+            return {}
+        old = self.side()
+        shown = self.view(old or "both")
+        if value == shown.values.get(parameter) and parameter not in shown.undecided:
+            return {}  # a field left as it was (a spin box reports every focus change) is not the user's value
+        self.edits[parameter] = value
+        if parameter != "side" or {old, value} != {"left", "right"}:
+            return {}
+        self.edits = {_moved(k, old, value): v for k, v in self.edits.items()}
+        shown = merge(_for_side(self.extracted, value), self.edits).values
+        return {k: v for k, v in shown.items() if k.startswith(value)}
+
+    def view(self, side: str) -> FormFill | None:
+        """What the form shows for ``side``: values, tooltips, the undecided parameters and overrides of the
+        shown columns, and the note's conflicts. None before a paste."""
+        if self.extracted is None:
+            return None
+        merged = merge(_for_side(self.extracted, side), self.edits)
+        return replace(merged, undecided=tuple(p for p in merged.undecided if _shown(p, side)),
+                       overridden={k: v for k, v in merged.overridden.items() if _shown(k, side)})
+
+    def display(self, side: str, default_tooltips: Mapping[str, str]) -> "PasteDisplay":
+        """Everything the widget shows about the paste for ``side``; tooltips fall back to ``default_tooltips``
+        (the .ui's) for every parameter there."""
+        view = self.view(side)
+        tooltips = {name: (view.tooltips if view else {}).get(name, tip) for name, tip in default_tooltips.items()}
+        marked = view.undecided if view else ()
+        status = "" if view is None else ("⚠ Choose the marked fields" if marked
+                                          else "✓ Form filled: hover a field to see where its value came from")
+        return PasteDisplay(tooltips, marked, status, self.blocking(side), tuple(self.warnings(side)))
+
+    def blocking(self, side: str) -> str:
+        """Why Apply must wait for the user ('' when it need not)."""
+        view = self.view(side)
+        if view is None or not view.undecided:
+            return ""
+        return ("choose what the pasted note leaves open (marked in the form): "
+                + ", ".join(parameter_label(p) for p in view.undecided))
+
+    def warnings(self, side: str) -> list[str]:
+        """For the status area: the note's conflicts, and each value the user chose differently from the
+        note, naming both values (the user's edit wins, but never silently)."""
+        view = self.view(side)
+        if view is None:
+            return []
+        noted_tips = _for_side(self.extracted, side).tooltips
+        warnings = [f"pasted note: {c}" for c in view.conflicts]
+        for parameter, (noted, chosen) in view.overridden.items():
+            where = noted_tips.get(parameter, "").partition(": from ")[2]
+            warnings.append(f"{parameter_label(parameter)} is '{chosen}' (set by you), but the pasted note says "
+                            f"'{noted}'" + (f", from {where}" if where else ""))
+        return warnings
+
+
+@dataclass(frozen=True)
+class PasteDisplay:
+    """What the widget shows for the Paste note box: every note parameter's tooltip, the parameters to mark
+    (undecided), the line under the box, why Apply waits ('' when it need not) and the status area's warnings."""
+
+    tooltips: dict[str, str]
+    marked: tuple[str, ...]
+    status: str
+    blocking: str
+    warnings: tuple[str, ...]
+
+
+def note_status(error: str | None, warnings=(), blocking: str = "") -> tuple[str, str]:
+    """The line under the prompt and its kind ('ok', 'warn', 'bad'): the note's error or what the user must
+    still choose, then every warning; '✓ Valid note' when there is nothing to say."""
+    lines = [f"✗ {error}"] if error else []
+    if blocking and not error:
+        lines.append(f"✗ {blocking[0].upper()}{blocking[1:]}")
+    lines += [f"⚠ {w}" for w in warnings]
+    kind = "bad" if error or blocking else "warn" if warnings else "ok"
+    return "\n".join(lines) or "✓ Valid note", kind
 
 
 __all__ = ["NOT_STATED", "SURGERY_LABELS", "DEVICE_CHOICES", "FORM_PARAMETERS", "form_choices", "note_from_form",
            "form_from_note", "note_warnings", "suggest_variants", "llm_location_status", "describe_devices",
-           "FormFill", "form_from_reading", "merge"]
+           "FormFill", "form_from_reading", "merge", "FIELD_LABELS", "parameter_label", "widget_name", "PastedNote",
+           "PasteDisplay", "note_status"]

@@ -29,10 +29,16 @@ class Code:
         return f"{self.scheme}^{self.value}^{self.meaning}"
 
 
-#: Slicer's terminology contexts (DICOM master lists) the codes below come from.
-CATEGORY_CONTEXT = "Segmentation category and type - DICOM master list"
+#: Slicer's DICOM master category list has no radiotherapy target (no CTV in any category, Slicer 5.10 to
+#: 5.13: Modules/Loadable/Terminologies/Resources/SegmentationCategoryTypeModifier-DICOM-Master.json), so
+#: the category and type come from DICOM itself, as the DICOM SEG export writes them (CID 9580 RT Segment
+#: Categories: RT Target; SNOMED CT Clinical target volume), in a context of their own that the module
+#: registers with Slicer's Terminologies (``terminology_context()``, shipped as TERMINOLOGY_FILE). The
+#: anatomic region (Breast, with the side) is in Slicer's DICOM master anatomic list.
+CATEGORY_CONTEXT = "Segmentation category and type - MMContour radiotherapy targets"
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
-ANATOMICAL_STRUCTURE = Code("SCT", "91723000", "Anatomical Structure")
+TERMINOLOGY_FILE = "Resources/Terminology/SegmentationCategoryTypeModifier-MMContour.json"  # from the root
+RT_TARGET = Code("DCM", "130041", "RT Target")
 CLINICAL_TARGET_VOLUME = Code("SCT", "228792002", "Clinical target volume")
 BREAST = Code("SCT", "76752008", "Breast")
 SIDE_MODIFIER = {"left": Code("SCT", "7771000", "Left"), "right": Code("SCT", "24028007", "Right"),
@@ -46,7 +52,7 @@ PALETTE = ((0.90, 0.20, 0.20), (0.15, 0.55, 0.95), (0.20, 0.80, 0.30), (0.95, 0.
 class Structure:
     name: str  # without the side suffix: "CTV", "CTVp_Breast", "CTVn_L1", "CTVn_IMN"
     color: tuple[float, float, float]
-    category: Code = ANATOMICAL_STRUCTURE
+    category: Code = RT_TARGET
     type: Code = CLINICAL_TARGET_VOLUME
     region: Code | None = BREAST
 
@@ -95,5 +101,24 @@ def terminology_entry(name: str = "CTV", side: str | None = None) -> str:
     return (row or STRUCTURES["CTV"]).terminology(side or named_side)
 
 
+def terminology_context() -> dict:
+    """The terminology context of the table's categories and types, in the JSON form Slicer's
+    ``vtkSlicerTerminologiesModuleLogic.LoadTerminologyFromFile`` reads (Testing/test_ui.py checks that
+    TERMINOLOGY_FILE is this)."""
+    def code(c: Code) -> dict:
+        return {"CodingSchemeDesignator": c.scheme, "CodeValue": c.value, "CodeMeaning": c.meaning}
+
+    categories: dict[Code, dict[Code, tuple[float, float, float]]] = {}
+    for row in STRUCTURES.values():
+        categories.setdefault(row.category, {}).setdefault(row.type, row.color)
+    return {"SegmentationCategoryTypeContextName": CATEGORY_CONTEXT,
+            "@schema": "https://raw.githubusercontent.com/qiicr/dcmqi/master/doc/segment-context-schema.json#",
+            "SegmentationCodes": {"Category": [
+                {**code(category), "showAnatomy": True,
+                 "Type": [{**code(kind), "recommendedDisplayRGBValue": [round(255 * v) for v in color]}
+                          for kind, color in types.items()]}
+                for category, types in categories.items()]}}
+
+
 __all__ = ["Code", "Structure", "STRUCTURES", "SIDE_MODIFIER", "PALETTE", "structure_for", "segment_color",
-           "palette_color", "terminology_entry"]
+           "palette_color", "terminology_entry", "terminology_context", "CATEGORY_CONTEXT", "TERMINOLOGY_FILE"]
