@@ -52,7 +52,8 @@ from MMContourLib.note import form as noteform  # noqa: E402
 from MMContourLib.note.clinical import ClinicalNote  # noqa: E402
 from MMContourLib.model.bundle_info import read_bundle_summary  # noqa: E402
 from MMContourLib.slicer.bundle_ref import bundle_reference, resolve_bundle  # noqa: E402
-from MMContourLib.slicer.worker import STAGE_LABELS, WorkerClient, poll_until  # noqa: E402
+from MMContourLib.slicer.worker import STAGE_LABELS  # noqa: E402
+from MMContourLib.slicer.worker_client import WorkerClient, poll_until  # noqa: E402
 
 CITATION = ("Oh Y, Park S, et al. LLM-driven multimodal target volume contouring in radiation oncology. "
             "Nat Commun 15, 2024. arXiv:2311.01908")

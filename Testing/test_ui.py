@@ -408,7 +408,7 @@ def test_extension_build_installs_a_working_module(tmp_path):
     assert Path(_find_root_function()(str(installed))) == installed
     # the installed library imports from there, and the worker and the batch script run from there
     env = {**os.environ, "PYTHONPATH": str(installed)}
-    probe = ("import MMContourLib, MMContourLib.slicer.mrml, MMContourLib.slicer.worker as w; "
+    probe = ("import MMContourLib, MMContourLib.slicer.mrml, MMContourLib.slicer.worker_client as w; "
              "print(MMContourLib.slicer.mrml.__file__); c = w.WorkerClient(pythonpath=[%r]); "
              "print(c.request('ping', timeout=60)['event']); c.close()" % str(installed))
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env,

@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from conftest import make_ct
 from MMContourLib.model.bundle_info import read_bundle_summary
-from MMContourLib.slicer.worker import WorkerClient, explain_exit
+from MMContourLib.slicer.worker_client import WorkerClient, explain_exit
 
 pytest.importorskip("torch")
 

@@ -17,11 +17,11 @@ from typing import Mapping, Protocol, Sequence
 import SimpleITK as sitk
 
 from .mrml import SegmentationNotEmptyError, SegmentSpec, export_volume, result_colors, write_mask_to_segmentation
-from .worker import poll_until
+from .worker_client import poll_until
 
 
 class WorkerConnection(Protocol):
-    """What a job needs of a worker client (:class:`~MMContourLib.slicer.worker.WorkerClient`; tests pass fakes)."""
+    """What a job needs of a worker client (:class:`~MMContourLib.slicer.worker_client.WorkerClient`; tests pass fakes)."""
 
     def send(self, op: str, **fields) -> str: ...
 
@@ -94,7 +94,7 @@ class CtFileCache:
 
 class ContourJob:
     """One Apply (or Compare notes): a CT volume node and notes in, a segmentation node out, through a
-    :class:`~MMContourLib.slicer.worker.WorkerClient`. Nothing blocks: ``start`` sends the request and
+    :class:`~MMContourLib.slicer.worker_client.WorkerClient`. Nothing blocks: ``start`` sends the request and
     ``poll`` (called from a timer) advances it. The scene changes only when the result is complete;
     a cancelled or failed job writes nothing.
 
