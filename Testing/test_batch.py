@@ -238,3 +238,26 @@ def test_one_grid_rule_relative_to_the_voxel_size():
     stretched.SetSpacing([s * 1.001 for s in ct.GetSpacing()])  # the far corner moves 0.04 voxel
     with pytest.raises(ValueError, match=r"the CT \(spacing .* vs .*\); resample"):
         check_same_grid(stretched, ct, "the CT", advice="resample")
+
+
+def test_a_note_column_and_structured_columns_that_disagree_are_refused(archive, tmp_path, capsys):
+    import runpy
+    from pathlib import Path
+
+    ct = archive.parent / "cts" / "ct0.nrrd"
+    agree = write_manifest(tmp_path, [{"case_id": "a", "ct": str(ct), "note": "N1, breast conserving surgery, left side",
+                                       "side": "left", "n_stage": "pN1a", "surgery": "lumpectomy"}])
+    assert [r["case_id"] for r in read_manifest(agree, check=True)] == ["a"]
+    bad = write_manifest(tmp_path, [{"case_id": "a", "ct": str(ct), "note": "N1, breast conserving surgery, left side",
+                                     "side": "right", "n_stage": "N1", "surgery": "bcs"}])
+    with pytest.raises(ManifestError) as info:
+        read_manifest(bad, check=True)
+    message = str(info.value)
+    assert "line 2 (case a)" in message and "'side' column" in message and "'note' column" in message
+    assert "'left'" in message and "'right'" in message and "correct one of them" in message
+    script = Path(__file__).resolve().parent.parent / "Resources" / "scripts" / "mmcontour_batch.py"
+    batch_script = runpy.run_path(str(script))
+    assert batch_script["main"](["--manifest", str(bad), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "'side' column" in err and "'left'" in err and "'right'" in err
+    assert not (tmp_path / "out").exists()

@@ -98,3 +98,40 @@ def test_from_row_reads_manifest_rows():
            "surgery": "total mastectomy", "chemotherapy": "none", "pathology": "ILC", "ct": "a.nii.gz"}
     note = ClinicalNote.from_row(row)
     assert note.to_prompt() == "N1mi, total mastectomy surgery, right side" and not note.sides[0].node_positive
+
+
+def test_note_from_parts_takes_each_fact_from_where_it_is_stated():
+    from MMContourLib.note.clinical import note_from_parts
+
+    note = note_from_parts("N1, BCS, left", {"side": "Lt", "n_stage": "pN1a", "age": 61, "pathology": "",
+                                             "chemotherapy": None, "case_id": "x"})
+    assert note.to_prompt() == "N1, breast conserving surgery, left side" and note.age == 61
+    assert note.chemotherapy == ""  # None and '' are not stated
+    assert note_from_parts("N1, BCS", {"side": "left"}) == note_from_parts("N1, BCS, left", {})
+    assert note_from_parts(None, {"side": "R", "n_stage": "N0", "surgery": "MRM"}).to_prompt() == \
+        "N0, total mastectomy surgery, right side"
+    both = "N0, BCS, left side; N2, MRM, right side"
+    assert note_from_parts(both, {"side": "bilateral", "n_stage": "left:N0;right:ypN2", "age": "50"}).age == 50
+    with pytest.raises(ContradictionError, match="neoadjuvant"):  # checked with the text's own yp prefix
+        note_from_parts("ypN1, BCS, left", {"chemotherapy": "adjuvant"})
+    with pytest.raises(NoteError) as info:
+        note_from_parts("N1, BCS", {})
+    assert info.value.field == "side"
+
+
+@pytest.mark.parametrize("text,fields,field,values", [
+    ("N1, breast conserving surgery, left side", {"side": "right"}, "side", ("left", "right")),
+    ("N1, breast conserving surgery, left side", {"side": "both"}, "side", ("left", "both")),
+    ("N1, breast conserving surgery, left side", {"n_stage": "N0"}, "n_stage", ("N1", "N0")),
+    ("N1, BCS, left", {"surgery": "mastectomy"}, "surgery", ("bcs", "mastectomy")),
+    ("N1, BCS, left, age 61", {"age": "62"}, "age", ("61", "62")),
+    ("N0, BCS, left side; N2, MRM, right side", {"n_stage": "left:N0;right:N1"}, "n_stage",
+     ("left:N0;right:N2", "left:N0;right:N1")),
+])
+def test_note_from_parts_refuses_a_fact_stated_twice_differently(text, fields, field, values):
+    from MMContourLib.note.clinical import note_from_parts
+
+    with pytest.raises(ContradictionError) as info:
+        note_from_parts(text, fields)
+    assert info.value.field == field and info.value.values == (values[0], fields[field])
+    assert all(repr(v) in str(info.value) for v in (values[0], fields[field])) and field in str(info.value)

@@ -2,7 +2,7 @@
 
 Columns: ``MANIFEST_COLUMNS`` (the files, the split, the clinical note's fields; paths relative to
 the CSV's folder) and the optional ``regions`` (phantoms: the sub-region label map) and ``note``
-(free text, used instead of the structured fields when filled). Training reads it as ``Case``
+(free text; what it and the structured fields both state must agree). Training reads it as ``Case``
 objects (``read_cases``: every row checked, a CTV required); the contouring batch reads plain rows
 (``read_manifest``), checked up front or, without ``check``, row by row as the cases run.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from ..image.fileio import write_text
-from ..note.clinical import FIELDS, ClinicalNote, ContradictionError, NoteError
+from ..note.clinical import FIELDS, ClinicalNote, ContradictionError, NoteError, note_from_parts
 
 MANIFEST_COLUMNS = ("case_id", "ct", "ctv", "split") + FIELDS
 #: Written after MANIFEST_COLUMNS when a row has them.
@@ -46,10 +46,8 @@ class ManifestNotFoundError(ManifestError, FileNotFoundError):
 
 
 def note_for(row: Mapping[str, str]) -> ClinicalNote:
-    """The row's clinical note: its free-text ``note`` when filled, else the structured fields."""
-    if row.get("note"):
-        return ClinicalNote.parse(row["note"])
-    return ClinicalNote.from_row(row)
+    """The row's clinical note: its free-text ``note`` and the structured fields, which must agree."""
+    return note_from_parts(row.get("note"), row, text_name="the 'note' column", field_name="the '{}' column")
 
 
 def read_manifest(path: str | os.PathLike, split: str | None = None, check: bool = False,

@@ -1,7 +1,7 @@
 """Archive-scale contouring: ``mmcontour predict --manifest CSV --out DIR``.
 
 Every case of the manifest (DESIGN.md columns; a free-text ``note`` column, when present and
-filled, is used instead of the structured fields) is contoured with one ``Contourer`` (the LLM is
+filled, adds to the structured fields and must agree with them) is contoured with one ``Contourer`` (the LLM is
 loaded once per process, and not at all when every output exists) into ``DIR/<case_id>.seg.nrrd``.
 A case that fails is reported and the others go on; ``DIR/summary.json`` lists every case with its
 status, error, timings and volume, and is rewritten after each case so progress survives a crash.

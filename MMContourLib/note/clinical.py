@@ -398,6 +398,64 @@ def _classify(token: str) -> tuple[str, str]:
                     "chemotherapy, pathology), e.g. 'N1mi, breast conserving surgery, left side'")
 
 
+_NORMALISERS = {"age": normalise_age, "side": normalise_side, "t_stage": normalise_t_stage,
+                "n_stage": normalise_n_stage, "m_stage": normalise_m_stage, "surgery": normalise_surgery,
+                "chemotherapy": normalise_chemotherapy, "pathology": normalise_pathology}
+
+
+def _normalised(name: str, value: object, sides: tuple[str, ...]) -> object:
+    if name in ("n_stage", "surgery", "t_stage"):
+        per = _split_per_side(name, value, sides)
+        return {s: _NORMALISERS[name](v) if v else "" for s, v in per.items()}
+    return _NORMALISERS[name](value)
+
+
+def note_from_parts(text: str | None, fields: Mapping[str, object], *, text_name: str = "the note",
+                    field_name: str = "the {} field") -> ClinicalNote:
+    """One note from a free-text part (a prompt-style note ``ClinicalNote.parse`` reads, e.g. ``N1, BCS, left``)
+    and structured fields (FIELDS keys; other keys, None, '' and 'nan' are ignored): a fact stated in one place
+    is taken from there; stated in both, the normalised values must be equal, else ContradictionError with
+    ``.field`` and ``.values`` (text's, field's). ``text_name`` / ``field_name`` word the message for the
+    caller ("the 'note' column", "--side")."""
+    given = {k: v for k, v in fields.items() if k in FIELDS and v is not None and _key(v) not in ("", "nan")}
+    if text is None or not str(text).strip():
+        return ClinicalNote.from_row(given)
+    text, bilateral = str(text), ";" in str(text)
+
+    def token(name: str) -> str:
+        """A structured value as one more fact of a single-part text, so that parse checks it with the rest."""
+        value = given[name]
+        if re.search(r"[,;:/]", str(value)) or (bilateral and name in ("side", "n_stage", "surgery", "t_stage")):
+            return ""
+        return str(_NORMALISERS[name](value) or "")
+
+    added: set[str] = set()
+    while True:
+        try:
+            note = ClinicalNote.parse(text)
+            break
+        except NoteError as error:  # the text leaves a needed fact (side, N, surgery) to the fields
+            if error.value != "" or error.field not in given or error.field in added or not token(error.field):
+                raise
+            text = f"{text}, {token(error.field)}"
+            added.add(error.field)
+    stated = {k: v for k, v in note.to_fields().items() if v != ""}
+    sides = tuple(s.side for s in note.sides)
+    for name, value in sorted(given.items(), key=lambda item: item[0] != "side"):  # side first: it splits the rest
+        if name in stated and _normalised(name, stated[name], sides) != _normalised(name, value, sides):
+            error = ContradictionError(
+                f"{name} is stated twice with different values: {stated[name]!r} in {text_name} and {value!r} in "
+                f"{field_name.format(name)}; correct one of them, or leave one out")
+            error.field, error.values = name, (stated[name], value)
+            raise error
+    extra = [k for k in given if k not in stated]
+    tokens = [k for k in extra if token(k)]
+    if tokens:
+        note = ClinicalNote.parse(text + "".join(f", {token(k)}" for k in tokens))
+    rest = {k: given[k] for k in extra if k not in tokens}
+    return note.replace(**rest) if rest else note
+
+
 def note_from_any(note: "ClinicalNote | str | Mapping[str, object]") -> ClinicalNote:
     if isinstance(note, ClinicalNote):
         return note
@@ -407,4 +465,5 @@ def note_from_any(note: "ClinicalNote | str | Mapping[str, object]") -> Clinical
 
 
 __all__ = ["ClinicalNote", "SideFindings", "NoteError", "ContradictionError", "PROMPT_TEMPLATE_VERSION", "FIELDS",
-           "N_STAGES", "T_STAGES", "M_STAGES", "SURGERIES", "CHEMOTHERAPIES", "PATHOLOGIES", "note_from_any"]
+           "N_STAGES", "T_STAGES", "M_STAGES", "SURGERIES", "CHEMOTHERAPIES", "PATHOLOGIES", "note_from_any",
+           "note_from_parts"]

@@ -7,7 +7,8 @@
 Manifest: CSV with ``case_id`` and ``ct`` (paths relative to the CSV; a file or a DICOM series
 folder) and the note, either as a ``note`` column ("N1, breast conserving surgery, left side") or
 as the columns ``side, n_stage, surgery`` (+ optional ``age, t_stage, m_stage, chemotherapy,
-pathology``; bilateral as ``left:N0;right:N2``). A ``ctv`` column, when present, adds a Dice per
+pathology``; bilateral as ``left:N0;right:N2``), or both: a fact stated in both must agree (a ``note``
+saying left and a ``side`` column saying right refuses the manifest). A ``ctv`` column, when present, adds a Dice per
 case to the summary. Other columns (``split``...) are ignored unless ``--split`` selects on them.
 
 The model is loaded once. Every input row is checked before any work starts. Outputs are written
