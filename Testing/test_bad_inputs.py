@@ -224,3 +224,36 @@ def test_an_output_group_writes_all_or_nothing(tmp_path):
         group.add(tmp_path / "b.txt", lambda tmp: tmp.write_text("b"))
         assert not (tmp_path / "a.txt").exists()  # nothing in place before the group ends
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
+
+
+# -- a fact stated twice: the note and a flag ---------------------------------------------------------
+
+@pytest.fixture()
+def ct_file(tmp_path) -> Path:
+    path = tmp_path / "ct.nrrd"
+    sitk.WriteImage(make_ct(), str(path))
+    return path
+
+
+NOTE_VS_FLAG = {  # flags given with NOTE -> (field, the note's value, the flag's value)
+    ("--side", "right"): ("side", "'left'", "'right'"),
+    ("--n", "N0"): ("n_stage", "'N1'", "'N0'"),
+    ("--surgery", "mastectomy"): ("surgery", "'bcs'", "'mastectomy'"),
+}
+
+
+@pytest.mark.parametrize("flag", list(NOTE_VS_FLAG), ids=[f[0] for f in NOTE_VS_FLAG])
+def test_a_flag_that_contradicts_the_note_is_refused(flag, ct_file, tmp_path, capsys):
+    out = tmp_path / "ctv.seg.nrrd"
+    code, _, err = predict(capsys, ct_file, out, tmp_path / "no-bundle-here", *flag)  # refused before the bundle
+    field, in_note, in_flag = NOTE_VS_FLAG[flag]
+    assert code == 2 and field in err and in_note in err and in_flag in err and flag[0] in err, err
+    assert not out.exists() and "Traceback" not in err
+
+
+def test_a_flag_that_agrees_with_the_note_is_fine(ct_file, tiny_bundle, tmp_path, capsys):
+    out = tmp_path / "ctv.seg.nrrd"
+    code, stdout, err = predict(capsys, ct_file, out, tiny_bundle, "--side", "Lt", "--n", "pN1a", "--age", "61",
+                                "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["prompt"] == NOTE and out.exists()

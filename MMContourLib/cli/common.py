@@ -26,20 +26,19 @@ def add_note_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pathology", help="IDC / ILC / DCIS / ...")
 
 
-def note_from_args(args):
-    from ..note.clinical import ClinicalNote
+#: Each note field's flag, so that a conflict names what the user typed.
+NOTE_FLAGS = {"age": "--age", "side": "--side", "t_stage": "--t", "n_stage": "--n", "m_stage": "--m",
+              "surgery": "--surgery", "chemotherapy": "--chemotherapy", "pathology": "--pathology"}
 
-    fields = {k: getattr(args, k) for k in ("age", "side", "t_stage", "n_stage", "m_stage", "surgery",
-                                            "chemotherapy", "pathology") if getattr(args, k, None) not in (None, "")}
-    if args.note and fields:
-        note = ClinicalNote.parse(args.note)
-        return note.replace(**fields)
-    if args.note:
-        return ClinicalNote.parse(args.note)
-    if not fields:
+
+def note_from_args(args):
+    """The note from --note and the field flags: a fact both state must agree (note.clinical.note_from_parts)."""
+    from ..note.clinical import note_from_parts
+
+    fields = {k: getattr(args, k) for k in NOTE_FLAGS if getattr(args, k, None) not in (None, "")}
+    if not args.note and not fields:
         raise UsageError("give the clinical note: --note TEXT, or --side, --n and --surgery (and optional fields)")
-    return ClinicalNote.from_fields(**{"side": fields.pop("side", ""), "n_stage": fields.pop("n_stage", ""),
-                                       "surgery": fields.pop("surgery", ""), **fields})
+    return note_from_parts(args.note, fields, text_name="--note", field_name=NOTE_FLAGS)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
