@@ -16,6 +16,9 @@ class UsageError(Exception):
 def add_note_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("clinical note (free text or structured fields)")
     g.add_argument("--note", help='e.g. "N1, breast conserving surgery, left side" (paper Table 5 form)')
+    g.add_argument("--note-file", type=Path, metavar="FILE",
+                   help="the note as free text (consult note, pathology report; see mmcontour read-note): an "
+                        "undecided or conflicting field stops the run")
     g.add_argument("--age")
     g.add_argument("--side", help="left / right / both (Lt, Rt, bilateral ...)")
     g.add_argument("--t", dest="t_stage", help="T stage, e.g. cT1c, Tis")
@@ -31,13 +34,37 @@ NOTE_FLAGS = {"age": "--age", "side": "--side", "t_stage": "--t", "n_stage": "--
               "surgery": "--surgery", "chemotherapy": "--chemotherapy", "pathology": "--pathology"}
 
 
+def note_text(text: str | None, file: Path | None) -> str:
+    """The note's text from ``--text`` or a file, refused when empty."""
+    if file is not None:
+        if not file.is_file():
+            raise UsageError(f"note file not found: {file}")
+        try:
+            text = file.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{file} is not UTF-8 text ({exc.reason}); save the note as plain UTF-8 text") from None
+    if not (text or "").strip():
+        raise UsageError(f"the note {'in ' + str(file) if file else 'text'} is empty")
+    return text
+
+
 def note_from_args(args):
     """The note from --note and the field flags: a fact both state must agree (note.clinical.note_from_parts)."""
     from ..note.clinical import note_from_parts
 
     fields = {k: getattr(args, k) for k in NOTE_FLAGS if getattr(args, k, None) not in (None, "")}
+    note_file = getattr(args, "note_file", None)
+    if note_file is not None:
+        from ..note.clinical import note_from_reading
+        from ..note.freetext import read_note
+
+        if args.note:
+            raise UsageError("give the note once: --note TEXT or --note-file FILE, not both")
+        return note_from_reading(read_note(note_text(None, note_file)), fields, text_name=f"the note file {note_file}",
+                                 field_name=NOTE_FLAGS)
     if not args.note and not fields:
-        raise UsageError("give the clinical note: --note TEXT, or --side, --n and --surgery (and optional fields)")
+        raise UsageError("give the clinical note: --note TEXT, --note-file FILE, or --side, --n and --surgery "
+                         "(and optional fields)")
     return note_from_parts(args.note, fields, text_name="--note", field_name=NOTE_FLAGS)
 
 

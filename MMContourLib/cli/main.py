@@ -8,11 +8,11 @@ import os
 import sys
 
 from .. import __version__
-from . import bench, demo, evaluate, import_dicom, phantom, predict, train
+from . import bench, demo, evaluate, import_dicom, phantom, predict, read_note, train
 from .common import UsageError
 
 #: The subcommand modules, in the order ``mmcontour --help`` lists them.
-COMMANDS = (predict, phantom, train, evaluate, demo, import_dicom, bench)
+COMMANDS = (predict, phantom, train, evaluate, demo, read_note, import_dicom, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +41,8 @@ def main(argv=None) -> int:
             raise
         print(f"mmcontour {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    if isinstance(result, int):  # the command printed its own answer (read-note: exactly the reading)
+        return result
     if getattr(args, "json", False) and result is not None:
         print(json.dumps(result, indent=2, default=str))
     if isinstance(result, dict) and result.get("failed"):

@@ -76,9 +76,9 @@ def run_manifest(args) -> dict:
         raise UsageError("--manifest needs --out DIR (the folder for <case_id>.seg.nrrd and summary.json)")
     if getattr(args, "ct", None):
         raise UsageError("give either --ct (one CT) or --manifest (many), not both")
-    note_args = ("note", "age", "side", "t_stage", "n_stage", "m_stage", "surgery", "chemotherapy", "pathology")
+    note_args = ("note", "note_file", "age", "side", "t_stage", "n_stage", "m_stage", "surgery", "chemotherapy", "pathology")
     if any(getattr(args, k, None) for k in note_args):
-        raise UsageError("with --manifest each case's note comes from its row; drop --note / --side / --n ...")
+        raise UsageError("with --manifest each case's note comes from its row; drop --note / --note-file / --side / --n ...")
     if getattr(args, "out_rtstruct", None) or getattr(args, "out_dicom_seg", None):
         raise UsageError("--out-rtstruct / --out-dicom-seg work for one CT; with --manifest the output is DIR/*.seg.nrrd")
     out_dir = Path(args.out)
