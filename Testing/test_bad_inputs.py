@@ -257,3 +257,133 @@ def test_a_flag_that_agrees_with_the_note_is_fine(ct_file, tiny_bundle, tmp_path
                                 "--json")
     assert code == 0, err
     assert json.loads(stdout)["prompt"] == NOTE and out.exists()
+
+
+# -- outputs: never an input, checked before anything loads, written together or not at all -----------------
+
+@pytest.fixture()
+def dicom_ct(tmp_path) -> Path:
+    from test_dicomrt import Series, phantom
+
+    hu, _ = phantom(shape=(30, 80, 80))  # covers what the tiny bundle needs
+    return Series(tmp_path / "dicom", hu).folder
+
+
+def out_is_the_ct(tmp_path, ct, dicom):
+    return [ct, ct, "--overwrite"]
+
+
+def out_is_a_link_to_the_ct(tmp_path, ct, dicom):
+    link = tmp_path / "link.nrrd"
+    link.symlink_to(ct)
+    return [ct, link, "--overwrite"]
+
+
+def rtstruct_over_a_slice(tmp_path, ct, dicom):
+    return [dicom, tmp_path / "ctv.seg.nrrd", "--out-rtstruct", sorted(dicom.iterdir())[0], "--overwrite"]
+
+
+def rtstruct_inside_the_series(tmp_path, ct, dicom):
+    return [dicom, tmp_path / "ctv.seg.nrrd", "--out-rtstruct", dicom / "RS.dcm"]
+
+
+def two_outputs_one_file(tmp_path, ct, dicom):
+    return [dicom, tmp_path / "ctv.seg.nrrd", "--out-rtstruct", tmp_path / "x.dcm", "--out-dicom-seg", tmp_path / "x.dcm"]
+
+
+def bad_roi_name(tmp_path, ct, dicom):
+    return [dicom, tmp_path / "ctv.seg.nrrd", "--out-rtstruct", tmp_path / "rs.dcm", "--roi-name", "CTV {side}"]
+
+
+def roi_color_word(tmp_path, ct, dicom):
+    return [dicom, tmp_path / "ctv.seg.nrrd", "--out-rtstruct", tmp_path / "rs.dcm", "--roi-color", "red"]
+
+
+def roi_color_out_of_range(tmp_path, ct, dicom):
+    return [dicom, tmp_path / "ctv.seg.nrrd", "--out-rtstruct", tmp_path / "rs.dcm", "--roi-color", "300,0,0"]
+
+
+def rtstruct_from_a_nifti_ct(tmp_path, ct, dicom):
+    return [ct, tmp_path / "ctv.seg.nrrd", "--out-rtstruct", tmp_path / "rs.dcm"]
+
+
+def not_a_ct_in_hu(tmp_path, ct, dicom):
+    scaled = sitk.Cast(make_ct(), sitk.sitkFloat32) / 4000.0 + 0.5  # an image rescaled to 0..1
+    path = tmp_path / "scaled.nrrd"
+    sitk.WriteImage(scaled, str(path))
+    return [path, tmp_path / "ctv.seg.nrrd"]
+
+
+BAD_OUTPUTS = {  # fixture -> words the message must contain
+    out_is_the_ct: "is the input",
+    out_is_a_link_to_the_ct: "is the input",
+    rtstruct_over_a_slice: "inside the input folder",
+    rtstruct_inside_the_series: "inside the input folder",
+    two_outputs_one_file: "same file",
+    bad_roi_name: "placeholder {lat}",
+    roi_color_word: "'red' must be three integers",
+    roi_color_out_of_range: "'300,0,0' must be three integers",
+    rtstruct_from_a_nifti_ct: "DICOM series folder",
+    not_a_ct_in_hu: "does not look like a CT",
+}
+
+
+@pytest.mark.parametrize("make", list(BAD_OUTPUTS), ids=[f.__name__ for f in BAD_OUTPUTS])
+def test_bad_outputs_and_options_are_refused_before_the_model_loads(make, ct_file, dicom_ct, tmp_path, capsys):
+    before = {p: p.read_bytes() for p in [ct_file, *dicom_ct.iterdir()]}
+    ct, out, *extra = make(tmp_path, ct_file, dicom_ct)
+    code, _, err = predict(capsys, ct, out, tmp_path / "no-bundle-here", *extra)  # refused before the bundle
+    assert code == 2 and BAD_OUTPUTS[make] in err and "Traceback" not in err, err
+    assert {p: p.read_bytes() for p in [ct_file, *dicom_ct.iterdir()]} == before  # the inputs are untouched
+    assert not (tmp_path / "ctv.seg.nrrd").exists() and not (tmp_path / "rs.dcm").exists()
+    assert leftovers(tmp_path) == [] and sorted(p.name for p in dicom_ct.iterdir()) == sorted(p.name for p in before
+                                                                                              if p.parent == dicom_ct)
+
+
+@pytest.fixture()
+def read_only_folder(tmp_path):
+    """A folder nobody may write in: a read-only tmpfs as root (root ignores modes), mode 0555 otherwise."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    if shutil.which("mount") is None or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_a_read_only_output_folder_is_refused_before_the_model_loads(read_only_folder, ct_file, tmp_path, capsys):
+    code, _, err = predict(capsys, ct_file, read_only_folder / "ctv.seg.nrrd", tmp_path / "no-bundle-here")
+    assert code == 2 and "cannot write in the output folder" in err and "Traceback" not in err, err
+
+
+def test_one_runs_outputs_are_written_together_or_not_at_all(dicom_ct, tiny_bundle, tmp_path, capsys, monkeypatch):
+    """The DICOM SEG fails on a full disk after the .seg.nrrd and the RTSTRUCT were made: none of them stays."""
+    import errno
+
+    from pydicom.dataset import Dataset
+
+    real = Dataset.save_as
+
+    def full_disk(self, filename, *args, **kwargs):
+        if getattr(self, "Modality", "") == "SEG":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, filename, *args, **kwargs)
+
+    monkeypatch.setattr(Dataset, "save_as", full_disk)
+    outputs = [tmp_path / "ctv.seg.nrrd", tmp_path / "rs.dcm", tmp_path / "seg.dcm"]
+    code, _, err = predict(capsys, dicom_ct, outputs[0], tiny_bundle, "--out-rtstruct", outputs[1],
+                           "--out-dicom-seg", outputs[2])
+    assert code == 2 and "disk is full" in err, err
+    assert not any(p.exists() for p in outputs) and leftovers(tmp_path) == []
+    monkeypatch.setattr(Dataset, "save_as", real)
+    code, _, err = predict(capsys, dicom_ct, outputs[0], tiny_bundle, "--out-rtstruct", outputs[1],
+                           "--out-dicom-seg", outputs[2])
+    assert code == 0 and all(p.exists() for p in outputs), err  # the corrected re-run is not blocked by leftovers

@@ -3,6 +3,7 @@ progress bar, the output check. Light at import (``mmcontour --help`` loads no m
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -127,9 +128,40 @@ def tqdm_progress(enabled: bool = True):
     return progress
 
 
-def check_output(path: Path, overwrite: bool) -> None:
-    """Refuse an output that exists (unless --overwrite) or whose folder does not, before anything heavy runs."""
+def check_output(path: Path, overwrite: bool, inputs=()) -> None:
+    """Refuse, before anything heavy runs, an output that is one of ``inputs`` (the same file after resolving
+    links, or inside an input folder such as the CT's DICOM series), that exists (unless --overwrite), or whose
+    folder does not exist or cannot be written (tried with a temp file, which also catches a read-only mount)."""
+    from ..image.fileio import temp_path
+
+    path = Path(path)
+    for given in inputs:
+        if not given:
+            continue
+        source = Path(given).expanduser()
+        same = path.exists() and source.exists() and os.path.samefile(path, source)
+        if same or path.resolve() == source.resolve():
+            raise UsageError(f"{path} is the input {given}: an output never replaces an input; choose another name")
+        if source.is_dir() and source.resolve() in path.resolve().parents:
+            raise UsageError(f"{path} is inside the input folder {given}: it could replace one of its files or be "
+                             "read as part of it next time; write it elsewhere")
     if path.exists() and not overwrite:
         raise UsageError(f"{path} exists; MMContour never overwrites a file unless you pass --overwrite")
     if not path.parent.exists():
         raise UsageError(f"output folder {path.parent} does not exist")
+    try:
+        temp_path(path).unlink()
+    except OSError as exc:
+        raise UsageError(f"cannot write in the output folder {path.parent} ({exc.strerror or exc}); choose "
+                         "another output folder") from None
+
+
+def check_outputs(paths, overwrite: bool, inputs=()) -> None:
+    """``check_output`` for each output of one run, which must also differ from each other."""
+    seen = {}
+    for path in paths:
+        key = Path(path).resolve()
+        if key in seen:
+            raise UsageError(f"{seen[key]} and {path} are the same file: give each output its own name")
+        seen[key] = path
+        check_output(Path(path), overwrite, inputs)

@@ -25,11 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from ..image.fileio import WriteError
     from ..note.clinical import ContradictionError, NoteError
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    known = (UsageError, NoteError, ContradictionError, FileNotFoundError, ValueError, RuntimeError)
+    known = (UsageError, NoteError, ContradictionError, FileNotFoundError, ValueError, RuntimeError, WriteError)
     try:
         result = args.func(args)
     except KeyboardInterrupt:

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ..dicom.export import DEFAULT_ROI_TEMPLATE
-from .common import (UsageError, add_model_arguments, add_note_arguments, check_output, contourer_from_args,
+from .common import (UsageError, add_model_arguments, add_note_arguments, check_outputs, contourer_from_args,
                      note_from_args, tqdm_progress)
 
 
@@ -35,6 +35,10 @@ def add_export_arguments(parser) -> None:
 
 
 def run(args) -> dict:
+    """Every argument and output is checked, then the CT is read and checked, then the model loads; the
+    outputs (segmentation, RTSTRUCT, DICOM SEG) are written together or not at all."""
+    from ..image.fileio import OutputGroup
+    from ..image.preprocess import validate_ct
     from ..image.readwrite import read_image, write_segmentation
 
     if args.manifest:
@@ -45,24 +49,30 @@ def run(args) -> dict:
     if not str(out).endswith((".seg.nrrd", ".nii.gz", ".nii", ".nrrd")):
         raise UsageError(f"--out {out}: use a .seg.nrrd (Slicer segmentation) or .nii.gz / .nrrd (labelmap) name")
     extra_outputs = [Path(p) for p in (args.out_rtstruct, args.out_dicom_seg) if p]
-    for path in [out, *extra_outputs]:
-        check_output(path, args.overwrite)
+    if extra_outputs and not Path(args.ct).is_dir():
+        raise UsageError("--out-rtstruct / --out-dicom-seg need --ct to be the CT's DICOM series folder")
     note = note_from_args(args)  # fail on a bad note before loading any model
+    if extra_outputs:
+        from ..dicom.export import check_export_options
+
+        check_export_options(args.roi_name, args.roi_color, note)
+    inputs = [args.ct, getattr(args, "note_file", None), args.bundle, args.llm]
+    check_outputs([out, *extra_outputs], args.overwrite, inputs)
     image = read_image(args.ct)
+    validate_ct(image)  # a CT that cannot be contoured is refused before the model loads
     contourer = contourer_from_args(args)
     result = contourer.contour(image, note, progress=tqdm_progress(not args.json))
-    sides = {"CTV": note.side}
-    write_segmentation(out, {"CTV": result.mask}, attributes=result.provenance, sides=sides)
     summary = {"ct": str(args.ct), "out": str(out), **result.summary(), "llm_calls": contourer.llm_calls}
-    if extra_outputs:
-        from ..dicom.export import export_prediction
+    with OutputGroup() as group:
+        write_segmentation(out, {"CTV": result.mask}, attributes=result.provenance, sides={"CTV": note.side},
+                           group=group)
+        if extra_outputs:
+            from ..dicom.export import export_prediction
 
-        if not Path(args.ct).is_dir():
-            raise UsageError("--out-rtstruct / --out-dicom-seg need --ct to be the CT's DICOM series folder")
-        written = export_prediction(result.mask, args.ct, out_rtstruct=args.out_rtstruct,
-                                    out_dicom_seg=args.out_dicom_seg, note=note, roi_template=args.roi_name,
-                                    color=args.roi_color, provenance=result.provenance)
-        summary.update({k: str(v) for k, v in written.items()})
+            written = export_prediction(result.mask, args.ct, out_rtstruct=args.out_rtstruct,
+                                        out_dicom_seg=args.out_dicom_seg, note=note, roi_template=args.roi_name,
+                                        color=args.roi_color, provenance=result.provenance, group=group)
+            summary.update({k: str(v) for k, v in written.items()})
     if not args.json:
         print(f"CTV: {summary['volume_cc']:.1f} cc, prompt '{result.prompt}', {result.timings['total']:.1f} s -> {out}")
     return summary
