@@ -387,3 +387,45 @@ def test_one_runs_outputs_are_written_together_or_not_at_all(dicom_ct, tiny_bund
     code, _, err = predict(capsys, dicom_ct, outputs[0], tiny_bundle, "--out-rtstruct", outputs[1],
                            "--out-dicom-seg", outputs[2])
     assert code == 0 and all(p.exists() for p in outputs), err  # the corrected re-run is not blocked by leftovers
+
+
+# -- manifest re-runs: an output answers the note it was made from --------------------------------------
+
+def _one_case_manifest(folder: Path, ct: Path, note: str) -> Path:
+    path = folder / "manifest.csv"
+    path.write_text(f'case_id,ct,note\na,{ct.name},"{note}"\n')
+    return path
+
+
+def test_a_rerun_after_the_note_changed_redoes_the_case(ct_file, tiny_bundle, tmp_path, capsys):
+    out = tmp_path / "out"
+
+    def rerun(note):
+        manifest = _one_case_manifest(tmp_path, ct_file, note)
+        code, _, err = run(capsys, "predict", "--manifest", manifest, "--out", out, "--bundle", tiny_bundle,
+                           "--device", "cpu", "--json")
+        assert code == 0, err
+        return json.loads((out / "summary.json").read_text())["cases"][0]
+
+    assert rerun(NOTE)["status"] == "ok"
+    assert rerun(NOTE)["status"] == "skipped"  # unchanged: the old output still answers it
+    right = "N1, breast conserving surgery, right side"
+    case = rerun(right)
+    assert case["status"] == "redone: note changed" and case["prompt"] == right and case["previous"]["prompt"] == NOTE
+    header = sitk.ImageFileReader()
+    header.SetFileName(str(out / "a.seg.nrrd"))
+    header.ReadImageInformation()
+    assert header.GetMetaData("MMContour_prompt") == right  # the summary never pairs a prompt with another's file
+
+
+def test_a_rerun_never_replaces_a_file_it_did_not_make(ct_file, tiny_bundle, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    sitk.WriteImage(sitk.Image([4, 4, 4], sitk.sitkUInt8), str(out / "a.seg.nrrd"))  # the user's own file
+    before = (out / "a.seg.nrrd").read_bytes()
+    manifest = _one_case_manifest(tmp_path, ct_file, NOTE)
+    code, _, _ = run(capsys, "predict", "--manifest", manifest, "--out", out, "--bundle", tiny_bundle,
+                     "--device", "cpu", "--json")
+    case = json.loads((out / "summary.json").read_text())["cases"][0]
+    assert code == 1 and case["status"] == "failed" and "--overwrite" in case["error"]
+    assert (out / "a.seg.nrrd").read_bytes() == before

@@ -81,6 +81,7 @@ def run(args) -> dict:
 def run_manifest(args) -> dict:
     """``mmcontour predict --manifest CSV --out DIR``: contour this process's share of the cases."""
     from ..inference.batch import _device_for, _run_id, contour_manifest, my_share, read_manifest, shard
+    from ..model.bundle_info import default_bundle_path, read_bundle_summary
 
     if not args.out:
         raise UsageError("--manifest needs --out DIR (the folder for <case_id>.seg.nrrd and summary.json)")
@@ -95,6 +96,10 @@ def run_manifest(args) -> dict:
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out_dir} is a file; with --manifest give a folder")
     rows = read_manifest(args.manifest)
+    try:  # an output made by another bundle is redone; read without torch, so a finished run loads nothing
+        bundle_id = read_bundle_summary(args.bundle or default_bundle_path()).get("bundle_id") or None
+    except (FileNotFoundError, ValueError):
+        bundle_id = None  # loading the bundle (if a case needs it) reports the problem
     rank, world, local_rank = shard()
     device = _device_for(args.device, world, local_rank)
 
@@ -115,7 +120,7 @@ def run_manifest(args) -> dict:
         report = contour_manifest(rows, out_dir, lambda: contourer_from_args(_with(args, device=device)),
                                   overwrite=args.overwrite, rank=rank, world=world, run=_run_id(world),
                                   info={"manifest": str(args.manifest), "bundle": str(args.bundle or "")},
-                                  on_case=on_case)
+                                  on_case=on_case, bundle_id=bundle_id)
     finally:
         if bar is not None:
             bar.close()
