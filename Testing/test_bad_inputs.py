@@ -424,8 +424,50 @@ def test_a_rerun_never_replaces_a_file_it_did_not_make(ct_file, tiny_bundle, tmp
     sitk.WriteImage(sitk.Image([4, 4, 4], sitk.sitkUInt8), str(out / "a.seg.nrrd"))  # the user's own file
     before = (out / "a.seg.nrrd").read_bytes()
     manifest = _one_case_manifest(tmp_path, ct_file, NOTE)
-    code, _, _ = run(capsys, "predict", "--manifest", manifest, "--out", out, "--bundle", tiny_bundle,
-                     "--device", "cpu", "--json")
+    code, stdout, _ = run(capsys, "predict", "--manifest", manifest, "--out", out, "--bundle", tiny_bundle,
+                          "--device", "cpu", "--json")
     case = json.loads((out / "summary.json").read_text())["cases"][0]
     assert code == 1 and case["status"] == "failed" and "--overwrite" in case["error"]
+    assert json.loads(stdout)["exit_code"] == 1 and "cases failed" in json.loads(stdout)["meaning"]
     assert (out / "a.seg.nrrd").read_bytes() == before
+
+
+# -- --json answers every failure with JSON ------------------------------------------------------------
+
+def json_refused_note(tmp_path, ct):
+    return ["predict", "--ct", ct, "--note", "N7, BCS, left", "--out", tmp_path / "o.seg.nrrd", "--json"], 2
+
+
+def json_bad_flag(tmp_path, ct):
+    return ["predict", "--ct", ct, "--note", NOTE, "--out", tmp_path / "o.seg.nrrd", "--precision", "fp8",
+            "--json"], 2
+
+
+def json_missing_manifest(tmp_path, ct):
+    return ["train", "--manifest", tmp_path / "missing.csv", "--out", tmp_path / "b", "--json"], 2
+
+
+def json_missing_bundle(tmp_path, ct):
+    return ["evaluate", "--bundle", tmp_path / "nobundle", "--manifest", tmp_path / "m.csv", "--out",
+            tmp_path / "e", "--json"], 2
+
+
+def json_import_nothing(tmp_path, ct):
+    return ["import-dicom", "--in", tmp_path / "none", "--clinical", tmp_path / "c.csv", "--out", tmp_path / "i",
+            "--json"], 2
+
+
+JSON_FAILURES = [json_refused_note, json_bad_flag, json_missing_manifest, json_missing_bundle, json_import_nothing]
+
+
+@pytest.mark.parametrize("make", JSON_FAILURES, ids=[f.__name__ for f in JSON_FAILURES])
+def test_a_failed_json_run_answers_in_json(make, ct_file, tmp_path, capsys):
+    argv, expected = make(tmp_path, ct_file)
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse's own refusal keeps its exit
+        code = exc.code
+    out, err = capsys.readouterr()
+    data = json.loads(out)
+    assert code == expected and data["ok"] is False and data["exit_code"] == expected, (out, err)
+    assert data["error"] and "refused" in data["meaning"] and "Traceback" not in err
