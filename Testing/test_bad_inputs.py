@@ -471,3 +471,42 @@ def test_a_failed_json_run_answers_in_json(make, ct_file, tmp_path, capsys):
     data = json.loads(out)
     assert code == expected and data["ok"] is False and data["exit_code"] == expected, (out, err)
     assert data["error"] and "refused" in data["meaning"] and "Traceback" not in err
+
+
+# -- grids no planning CT has ---------------------------------------------------------------------------
+
+def _ct_with(folder: Path, spacing=(4.0, 4.0, 6.0), direction=None, size=(48, 40, 24)) -> Path:
+    path = folder / "odd.nrrd"
+    image = make_ct(size=size, spacing=spacing)
+    if direction is not None:
+        image.SetDirection(direction)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+ODD_GRIDS = {  # fixture -> words the message must contain
+    lambda f: _ct_with(f, spacing=(50.0, 50.0, 50.0), size=(12, 10, 6)): "at most 5 mm",
+    lambda f: _ct_with(f, spacing=(2.0, 2.0, 15.0)): "slices at most 10 mm",
+    lambda f: _ct_with(f, direction=(1, 0.2, 0, 0, 1, 0, 0, 0, 1)): "not orthonormal",
+}
+
+
+@pytest.mark.parametrize("make", list(ODD_GRIDS), ids=["50mm-voxels", "15mm-slices", "sheared-direction"])
+def test_a_grid_no_planning_ct_has_is_refused_with_what_to_do(make, tmp_path, capsys):
+    ct = make(tmp_path)
+    out = tmp_path / "ctv.seg.nrrd"
+    code, _, err = predict(capsys, ct, out, tmp_path / "no-bundle-here")
+    assert code == 2 and ODD_GRIDS[make] in err and "Traceback" not in err, err
+    assert "planning CT" in err or "Re-export" in err
+    assert not out.exists()
+
+
+def test_coarse_but_clinical_grids_are_still_accepted():
+    from MMContourLib.image.preprocess import validate_ct
+
+    for spacing in ((5.0, 5.0, 10.0), (0.98, 0.98, 2.5)):
+        validate_ct(make_ct(spacing=spacing))
+    rotated = make_ct()
+    c, s = np.cos(0.3), np.sin(0.3)
+    rotated.SetDirection((c, -s, 0, s, c, 0, 0, 0, 1))  # oblique, but a rotation
+    validate_ct(rotated)
