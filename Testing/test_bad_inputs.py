@@ -304,3 +304,289 @@ def test_an_output_group_writes_all_or_nothing(tmp_path):
         group.add(tmp_path / "b.txt", lambda tmp: tmp.write_text("b"))
         assert not (tmp_path / "a.txt").exists()  # nothing in place before the group ends
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
+
+
+# -- a fact stated twice: the note and a flag ---------------------------------------------------------
+
+@pytest.fixture()
+def ct_file(tmp_path) -> Path:
+    path = tmp_path / "ct.nrrd"
+    sitk.WriteImage(make_ct(), str(path))
+    return path
+
+
+NOTE_VS_FLAG = {  # flags given with NOTE -> (field, the note's value, the flag's value)
+    ("--side", "right"): ("side", "'left'", "'right'"),
+    ("--n", "N0"): ("n_stage", "'N1'", "'N0'"),
+    ("--surgery", "mastectomy"): ("surgery", "'bcs'", "'mastectomy'"),
+}
+
+
+@pytest.mark.parametrize("flag", list(NOTE_VS_FLAG), ids=[f[0] for f in NOTE_VS_FLAG])
+def test_a_flag_that_contradicts_the_note_is_refused(flag, ct_file, tmp_path, capsys):
+    out = tmp_path / "ctv.seg.nrrd"
+    code, _, err = predict(capsys, ct_file, out, tmp_path / "no-bundle-here", *flag)  # refused before the bundle
+    field, in_note, in_flag = NOTE_VS_FLAG[flag]
+    assert code == 2 and field in err and in_note in err and in_flag in err and flag[0] in err, err
+    assert not out.exists() and "Traceback" not in err
+
+
+def test_a_flag_that_agrees_with_the_note_is_fine(ct_file, tiny_bundle, tmp_path, capsys):
+    out = tmp_path / "ctv.seg.nrrd"
+    code, stdout, err = predict(capsys, ct_file, out, tiny_bundle, "--side", "Lt", "--n", "pN1a", "--age", "61",
+                                "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["prompt"] == NOTE and out.exists()
+
+
+# -- outputs: never an input, checked before anything loads, written together or not at all -----------------
+
+@pytest.fixture()
+def dicom_ct(tmp_path) -> Path:
+    from test_dicomrt import Series, phantom
+
+    hu, _ = phantom(shape=(30, 80, 80))  # covers what the tiny bundle needs
+    return Series(tmp_path / "dicom", hu).folder
+
+
+def out_is_the_ct(tmp_path, ct, dicom):
+    return [ct, ct, "--overwrite"]
+
+
+def out_is_a_link_to_the_ct(tmp_path, ct, dicom):
+    link = tmp_path / "link.nrrd"
+    link.symlink_to(ct)
+    return [ct, link, "--overwrite"]
+
+
+def rtstruct_over_a_slice(tmp_path, ct, dicom):
+    return [dicom, tmp_path / "ctv.seg.nrrd", "--out-rtstruct", sorted(dicom.iterdir())[0], "--overwrite"]
+
+
+def rtstruct_inside_the_series(tmp_path, ct, dicom):
+    return [dicom, tmp_path / "ctv.seg.nrrd", "--out-rtstruct", dicom / "RS.dcm"]
+
+
+def two_outputs_one_file(tmp_path, ct, dicom):
+    return [dicom, tmp_path / "ctv.seg.nrrd", "--out-rtstruct", tmp_path / "x.dcm", "--out-dicom-seg", tmp_path / "x.dcm"]
+
+
+def bad_roi_name(tmp_path, ct, dicom):
+    return [dicom, tmp_path / "ctv.seg.nrrd", "--out-rtstruct", tmp_path / "rs.dcm", "--roi-name", "CTV {side}"]
+
+
+def roi_color_word(tmp_path, ct, dicom):
+    return [dicom, tmp_path / "ctv.seg.nrrd", "--out-rtstruct", tmp_path / "rs.dcm", "--roi-color", "red"]
+
+
+def roi_color_out_of_range(tmp_path, ct, dicom):
+    return [dicom, tmp_path / "ctv.seg.nrrd", "--out-rtstruct", tmp_path / "rs.dcm", "--roi-color", "300,0,0"]
+
+
+def rtstruct_from_a_nifti_ct(tmp_path, ct, dicom):
+    return [ct, tmp_path / "ctv.seg.nrrd", "--out-rtstruct", tmp_path / "rs.dcm"]
+
+
+def not_a_ct_in_hu(tmp_path, ct, dicom):
+    scaled = sitk.Cast(make_ct(), sitk.sitkFloat32) / 4000.0 + 0.5  # an image rescaled to 0..1
+    path = tmp_path / "scaled.nrrd"
+    sitk.WriteImage(scaled, str(path))
+    return [path, tmp_path / "ctv.seg.nrrd"]
+
+
+BAD_OUTPUTS = {  # fixture -> words the message must contain
+    out_is_the_ct: "is the input",
+    out_is_a_link_to_the_ct: "is the input",
+    rtstruct_over_a_slice: "inside the input folder",
+    rtstruct_inside_the_series: "inside the input folder",
+    two_outputs_one_file: "same file",
+    bad_roi_name: "placeholder {lat}",
+    roi_color_word: "'red' must be three integers",
+    roi_color_out_of_range: "'300,0,0' must be three integers",
+    rtstruct_from_a_nifti_ct: "DICOM series folder",
+    not_a_ct_in_hu: "does not look like a CT",
+}
+
+
+@pytest.mark.parametrize("make", list(BAD_OUTPUTS), ids=[f.__name__ for f in BAD_OUTPUTS])
+def test_bad_outputs_and_options_are_refused_before_the_model_loads(make, ct_file, dicom_ct, tmp_path, capsys):
+    before = {p: p.read_bytes() for p in [ct_file, *dicom_ct.iterdir()]}
+    ct, out, *extra = make(tmp_path, ct_file, dicom_ct)
+    code, _, err = predict(capsys, ct, out, tmp_path / "no-bundle-here", *extra)  # refused before the bundle
+    assert code == 2 and BAD_OUTPUTS[make] in err and "Traceback" not in err, err
+    assert {p: p.read_bytes() for p in [ct_file, *dicom_ct.iterdir()]} == before  # the inputs are untouched
+    assert not (tmp_path / "ctv.seg.nrrd").exists() and not (tmp_path / "rs.dcm").exists()
+    assert leftovers(tmp_path) == [] and sorted(p.name for p in dicom_ct.iterdir()) == sorted(p.name for p in before
+                                                                                              if p.parent == dicom_ct)
+
+
+@pytest.fixture()
+def read_only_folder(tmp_path):
+    """A folder nobody may write in: a read-only tmpfs as root (root ignores modes), mode 0555 otherwise."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    if shutil.which("mount") is None or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_a_read_only_output_folder_is_refused_before_the_model_loads(read_only_folder, ct_file, tmp_path, capsys):
+    code, _, err = predict(capsys, ct_file, read_only_folder / "ctv.seg.nrrd", tmp_path / "no-bundle-here")
+    assert code == 2 and "cannot write in the output folder" in err and "Traceback" not in err, err
+
+
+def test_one_runs_outputs_are_written_together_or_not_at_all(dicom_ct, tiny_bundle, tmp_path, capsys, monkeypatch):
+    """The DICOM SEG fails on a full disk after the .seg.nrrd and the RTSTRUCT were made: none of them stays."""
+    import errno
+
+    from pydicom.dataset import Dataset
+
+    real = Dataset.save_as
+
+    def full_disk(self, filename, *args, **kwargs):
+        if getattr(self, "Modality", "") == "SEG":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, filename, *args, **kwargs)
+
+    monkeypatch.setattr(Dataset, "save_as", full_disk)
+    outputs = [tmp_path / "ctv.seg.nrrd", tmp_path / "rs.dcm", tmp_path / "seg.dcm"]
+    code, _, err = predict(capsys, dicom_ct, outputs[0], tiny_bundle, "--out-rtstruct", outputs[1],
+                           "--out-dicom-seg", outputs[2])
+    assert code == 2 and "disk is full" in err, err
+    assert not any(p.exists() for p in outputs) and leftovers(tmp_path) == []
+    monkeypatch.setattr(Dataset, "save_as", real)
+    code, _, err = predict(capsys, dicom_ct, outputs[0], tiny_bundle, "--out-rtstruct", outputs[1],
+                           "--out-dicom-seg", outputs[2])
+    assert code == 0 and all(p.exists() for p in outputs), err  # the corrected re-run is not blocked by leftovers
+
+
+# -- manifest re-runs: an output answers the note it was made from --------------------------------------
+
+def _one_case_manifest(folder: Path, ct: Path, note: str) -> Path:
+    path = folder / "manifest.csv"
+    path.write_text(f'case_id,ct,note\na,{ct.name},"{note}"\n')
+    return path
+
+
+def test_a_rerun_after_the_note_changed_redoes_the_case(ct_file, tiny_bundle, tmp_path, capsys):
+    out = tmp_path / "out"
+
+    def rerun(note):
+        manifest = _one_case_manifest(tmp_path, ct_file, note)
+        code, _, err = run(capsys, "predict", "--manifest", manifest, "--out", out, "--bundle", tiny_bundle,
+                           "--device", "cpu", "--json")
+        assert code == 0, err
+        return json.loads((out / "summary.json").read_text())["cases"][0]
+
+    assert rerun(NOTE)["status"] == "ok"
+    assert rerun(NOTE)["status"] == "skipped"  # unchanged: the old output still answers it
+    right = "N1, breast conserving surgery, right side"
+    case = rerun(right)
+    assert case["status"] == "redone: note changed" and case["prompt"] == right and case["previous"]["prompt"] == NOTE
+    header = sitk.ImageFileReader()
+    header.SetFileName(str(out / "a.seg.nrrd"))
+    header.ReadImageInformation()
+    assert header.GetMetaData("MMContour_prompt") == right  # the summary never pairs a prompt with another's file
+
+
+def test_a_rerun_never_replaces_a_file_it_did_not_make(ct_file, tiny_bundle, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    sitk.WriteImage(sitk.Image([4, 4, 4], sitk.sitkUInt8), str(out / "a.seg.nrrd"))  # the user's own file
+    before = (out / "a.seg.nrrd").read_bytes()
+    manifest = _one_case_manifest(tmp_path, ct_file, NOTE)
+    code, stdout, _ = run(capsys, "predict", "--manifest", manifest, "--out", out, "--bundle", tiny_bundle,
+                          "--device", "cpu", "--json")
+    case = json.loads((out / "summary.json").read_text())["cases"][0]
+    assert code == 1 and case["status"] == "failed" and "--overwrite" in case["error"]
+    assert json.loads(stdout)["exit_code"] == 1 and "cases failed" in json.loads(stdout)["meaning"]
+    assert (out / "a.seg.nrrd").read_bytes() == before
+
+
+# -- --json answers every failure with JSON ------------------------------------------------------------
+
+def json_refused_note(tmp_path, ct):
+    return ["predict", "--ct", ct, "--note", "N7, BCS, left", "--out", tmp_path / "o.seg.nrrd", "--json"], 2
+
+
+def json_bad_flag(tmp_path, ct):
+    return ["predict", "--ct", ct, "--note", NOTE, "--out", tmp_path / "o.seg.nrrd", "--precision", "fp8",
+            "--json"], 2
+
+
+def json_missing_manifest(tmp_path, ct):
+    return ["train", "--manifest", tmp_path / "missing.csv", "--out", tmp_path / "b", "--json"], 2
+
+
+def json_missing_bundle(tmp_path, ct):
+    return ["evaluate", "--bundle", tmp_path / "nobundle", "--manifest", tmp_path / "m.csv", "--out",
+            tmp_path / "e", "--json"], 2
+
+
+def json_import_nothing(tmp_path, ct):
+    return ["import-dicom", "--in", tmp_path / "none", "--clinical", tmp_path / "c.csv", "--out", tmp_path / "i",
+            "--json"], 2
+
+
+JSON_FAILURES = [json_refused_note, json_bad_flag, json_missing_manifest, json_missing_bundle, json_import_nothing]
+
+
+@pytest.mark.parametrize("make", JSON_FAILURES, ids=[f.__name__ for f in JSON_FAILURES])
+def test_a_failed_json_run_answers_in_json(make, ct_file, tmp_path, capsys):
+    argv, expected = make(tmp_path, ct_file)
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse's own refusal keeps its exit
+        code = exc.code
+    out, err = capsys.readouterr()
+    data = json.loads(out)
+    assert code == expected and data["ok"] is False and data["exit_code"] == expected, (out, err)
+    assert data["error"] and "refused" in data["meaning"] and "Traceback" not in err
+
+
+# -- grids no planning CT has ---------------------------------------------------------------------------
+
+def _ct_with(folder: Path, spacing=(4.0, 4.0, 6.0), direction=None, size=(48, 40, 24)) -> Path:
+    path = folder / "odd.nrrd"
+    image = make_ct(size=size, spacing=spacing)
+    if direction is not None:
+        image.SetDirection(direction)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+ODD_GRIDS = {  # fixture -> words the message must contain
+    lambda f: _ct_with(f, spacing=(50.0, 50.0, 50.0), size=(12, 10, 6)): "at most 5 mm",
+    lambda f: _ct_with(f, spacing=(2.0, 2.0, 15.0)): "slices at most 10 mm",
+    lambda f: _ct_with(f, direction=(1, 0.2, 0, 0, 1, 0, 0, 0, 1)): "not orthonormal",
+}
+
+
+@pytest.mark.parametrize("make", list(ODD_GRIDS), ids=["50mm-voxels", "15mm-slices", "sheared-direction"])
+def test_a_grid_no_planning_ct_has_is_refused_with_what_to_do(make, tmp_path, capsys):
+    ct = make(tmp_path)
+    out = tmp_path / "ctv.seg.nrrd"
+    code, _, err = predict(capsys, ct, out, tmp_path / "no-bundle-here")
+    assert code == 2 and ODD_GRIDS[make] in err and "Traceback" not in err, err
+    assert "planning CT" in err or "Re-export" in err
+    assert not out.exists()
+
+
+def test_coarse_but_clinical_grids_are_still_accepted():
+    from MMContourLib.image.preprocess import validate_ct
+
+    for spacing in ((5.0, 5.0, 10.0), (0.98, 0.98, 2.5)):
+        validate_ct(make_ct(spacing=spacing))
+    rotated = make_ct()
+    c, s = np.cos(0.3), np.sin(0.3)
+    rotated.SetDirection((c, -s, 0, s, c, 0, 0, 0, 1))  # oblique, but a rotation
+    validate_ct(rotated)

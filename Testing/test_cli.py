@@ -87,7 +87,7 @@ def test_bad_notes_fail_before_loading_and_write_nothing(tiny_bundle, ct_file, t
     assert list(tmp_path.iterdir()) == [ct_file]
 
 
-def test_bad_images_and_bundles_write_nothing(tiny_bundle, tmp_path, capsys):
+def test_bad_images_and_bundles_write_nothing(tiny_bundle, ct_file, tmp_path, capsys):
     mr = tmp_path / "mr.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).uniform(0, 1, (24, 40, 48)).astype(np.float32)),
                     str(mr))
@@ -99,7 +99,8 @@ def test_bad_images_and_bundles_write_nothing(tiny_bundle, tmp_path, capsys):
                            "--out", out, "--device", "cpu")
         assert code == 2 and message in err, err
         assert not out.exists()
-    code, _, err = run(capsys, "predict", "--ct", mr, "--note", "N0, BCS, left", "--bundle", tmp_path / "nobundle",
+    # a CT that can be contoured: a bad one is refused before the bundle is looked at (test_bad_inputs)
+    code, _, err = run(capsys, "predict", "--ct", ct_file, "--note", "N0, BCS, left", "--bundle", tmp_path / "nobundle",
                        "--out", tmp_path / "o.seg.nrrd")
     assert code == 2 and "bundle" in err
     assert not any(p.name.startswith((".o", "o.")) for p in tmp_path.iterdir())

@@ -3,6 +3,7 @@ progress bar, the output check. Light at import (``mmcontour --help`` loads no m
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,9 @@ class UsageError(Exception):
 def add_note_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("clinical note (free text or structured fields)")
     g.add_argument("--note", help='e.g. "N1, breast conserving surgery, left side" (paper Table 5 form)')
+    g.add_argument("--note-file", type=Path, metavar="FILE",
+                   help="the note as free text (consult note, pathology report; see mmcontour read-note): an "
+                        "undecided or conflicting field stops the run")
     g.add_argument("--age")
     g.add_argument("--side", help="left / right / both (Lt, Rt, bilateral ...)")
     g.add_argument("--t", dest="t_stage", help="T stage, e.g. cT1c, Tis")
@@ -26,20 +30,43 @@ def add_note_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pathology", help="IDC / ILC / DCIS / ...")
 
 
-def note_from_args(args):
-    from ..note.clinical import ClinicalNote
+#: Each note field's flag, so that a conflict names what the user typed.
+NOTE_FLAGS = {"age": "--age", "side": "--side", "t_stage": "--t", "n_stage": "--n", "m_stage": "--m",
+              "surgery": "--surgery", "chemotherapy": "--chemotherapy", "pathology": "--pathology"}
 
-    fields = {k: getattr(args, k) for k in ("age", "side", "t_stage", "n_stage", "m_stage", "surgery",
-                                            "chemotherapy", "pathology") if getattr(args, k, None) not in (None, "")}
-    if args.note and fields:
-        note = ClinicalNote.parse(args.note)
-        return note.replace(**fields)
-    if args.note:
-        return ClinicalNote.parse(args.note)
-    if not fields:
-        raise UsageError("give the clinical note: --note TEXT, or --side, --n and --surgery (and optional fields)")
-    return ClinicalNote.from_fields(**{"side": fields.pop("side", ""), "n_stage": fields.pop("n_stage", ""),
-                                       "surgery": fields.pop("surgery", ""), **fields})
+
+def note_text(text: str | None, file: Path | None) -> str:
+    """The note's text from ``--text`` or a file, refused when empty."""
+    if file is not None:
+        if not file.is_file():
+            raise UsageError(f"note file not found: {file}")
+        try:
+            text = file.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{file} is not UTF-8 text ({exc.reason}); save the note as plain UTF-8 text") from None
+    if not (text or "").strip():
+        raise UsageError(f"the note {'in ' + str(file) if file else 'text'} is empty")
+    return text
+
+
+def note_from_args(args):
+    """The note from --note and the field flags: a fact both state must agree (note.clinical.note_from_parts)."""
+    from ..note.clinical import note_from_parts
+
+    fields = {k: getattr(args, k) for k in NOTE_FLAGS if getattr(args, k, None) not in (None, "")}
+    note_file = getattr(args, "note_file", None)
+    if note_file is not None:
+        from ..note.clinical import note_from_reading
+        from ..note.freetext import read_note
+
+        if args.note:
+            raise UsageError("give the note once: --note TEXT or --note-file FILE, not both")
+        return note_from_reading(read_note(note_text(None, note_file)), fields, text_name=f"the note file {note_file}",
+                                 field_name=NOTE_FLAGS)
+    if not args.note and not fields:
+        raise UsageError("give the clinical note: --note TEXT, --note-file FILE, or --side, --n and --surgery "
+                         "(and optional fields)")
+    return note_from_parts(args.note, fields, text_name="--note", field_name=NOTE_FLAGS)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,9 +128,40 @@ def tqdm_progress(enabled: bool = True):
     return progress
 
 
-def check_output(path: Path, overwrite: bool) -> None:
-    """Refuse an output that exists (unless --overwrite) or whose folder does not, before anything heavy runs."""
+def check_output(path: Path, overwrite: bool, inputs=()) -> None:
+    """Refuse, before anything heavy runs, an output that is one of ``inputs`` (the same file after resolving
+    links, or inside an input folder such as the CT's DICOM series), that exists (unless --overwrite), or whose
+    folder does not exist or cannot be written (tried with a temp file, which also catches a read-only mount)."""
+    from ..image.fileio import temp_path
+
+    path = Path(path)
+    for given in inputs:
+        if not given:
+            continue
+        source = Path(given).expanduser()
+        same = path.exists() and source.exists() and os.path.samefile(path, source)
+        if same or path.resolve() == source.resolve():
+            raise UsageError(f"{path} is the input {given}: an output never replaces an input; choose another name")
+        if source.is_dir() and source.resolve() in path.resolve().parents:
+            raise UsageError(f"{path} is inside the input folder {given}: it could replace one of its files or be "
+                             "read as part of it next time; write it elsewhere")
     if path.exists() and not overwrite:
         raise UsageError(f"{path} exists; MMContour never overwrites a file unless you pass --overwrite")
     if not path.parent.exists():
         raise UsageError(f"output folder {path.parent} does not exist")
+    try:
+        temp_path(path).unlink()
+    except OSError as exc:
+        raise UsageError(f"cannot write in the output folder {path.parent} ({exc.strerror or exc}); choose "
+                         "another output folder") from None
+
+
+def check_outputs(paths, overwrite: bool, inputs=()) -> None:
+    """``check_output`` for each output of one run, which must also differ from each other."""
+    seen = {}
+    for path in paths:
+        key = Path(path).resolve()
+        if key in seen:
+            raise UsageError(f"{seen[key]} and {path} are the same file: give each output its own name")
+        seen[key] = path
+        check_output(Path(path), overwrite, inputs)

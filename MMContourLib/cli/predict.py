@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ..dicom.export import DEFAULT_ROI_TEMPLATE
-from .common import (UsageError, add_model_arguments, add_note_arguments, check_output, contourer_from_args,
+from .common import (UsageError, add_model_arguments, add_note_arguments, check_outputs, contourer_from_args,
                      note_from_args, tqdm_progress)
 
 
@@ -35,6 +35,10 @@ def add_export_arguments(parser) -> None:
 
 
 def run(args) -> dict:
+    """Every argument and output is checked, then the CT is read and checked, then the model loads; the
+    outputs (segmentation, RTSTRUCT, DICOM SEG) are written together or not at all."""
+    from ..image.fileio import OutputGroup
+    from ..image.preprocess import validate_ct
     from ..image.readwrite import read_image, write_segmentation
 
     if args.manifest:
@@ -45,24 +49,30 @@ def run(args) -> dict:
     if not str(out).endswith((".seg.nrrd", ".nii.gz", ".nii", ".nrrd")):
         raise UsageError(f"--out {out}: use a .seg.nrrd (Slicer segmentation) or .nii.gz / .nrrd (labelmap) name")
     extra_outputs = [Path(p) for p in (args.out_rtstruct, args.out_dicom_seg) if p]
-    for path in [out, *extra_outputs]:
-        check_output(path, args.overwrite)
+    if extra_outputs and not Path(args.ct).is_dir():
+        raise UsageError("--out-rtstruct / --out-dicom-seg need --ct to be the CT's DICOM series folder")
     note = note_from_args(args)  # fail on a bad note before loading any model
+    if extra_outputs:
+        from ..dicom.export import check_export_options
+
+        check_export_options(args.roi_name, args.roi_color, note)
+    inputs = [args.ct, getattr(args, "note_file", None), args.bundle, args.llm]
+    check_outputs([out, *extra_outputs], args.overwrite, inputs)
     image = read_image(args.ct)
+    validate_ct(image)  # a CT that cannot be contoured is refused before the model loads
     contourer = contourer_from_args(args)
     result = contourer.contour(image, note, progress=tqdm_progress(not args.json))
-    sides = {"CTV": note.side}
-    write_segmentation(out, {"CTV": result.mask}, attributes=result.provenance, sides=sides)
     summary = {"ct": str(args.ct), "out": str(out), **result.summary(), "llm_calls": contourer.llm_calls}
-    if extra_outputs:
-        from ..dicom.export import export_prediction
+    with OutputGroup() as group:
+        write_segmentation(out, {"CTV": result.mask}, attributes=result.provenance, sides={"CTV": note.side},
+                           group=group)
+        if extra_outputs:
+            from ..dicom.export import export_prediction
 
-        if not Path(args.ct).is_dir():
-            raise UsageError("--out-rtstruct / --out-dicom-seg need --ct to be the CT's DICOM series folder")
-        written = export_prediction(result.mask, args.ct, out_rtstruct=args.out_rtstruct,
-                                    out_dicom_seg=args.out_dicom_seg, note=note, roi_template=args.roi_name,
-                                    color=args.roi_color, provenance=result.provenance)
-        summary.update({k: str(v) for k, v in written.items()})
+            written = export_prediction(result.mask, args.ct, out_rtstruct=args.out_rtstruct,
+                                        out_dicom_seg=args.out_dicom_seg, note=note, roi_template=args.roi_name,
+                                        color=args.roi_color, provenance=result.provenance, group=group)
+            summary.update({k: str(v) for k, v in written.items()})
     if not args.json:
         print(f"CTV: {summary['volume_cc']:.1f} cc, prompt '{result.prompt}', {result.timings['total']:.1f} s -> {out}")
     return summary
@@ -71,20 +81,25 @@ def run(args) -> dict:
 def run_manifest(args) -> dict:
     """``mmcontour predict --manifest CSV --out DIR``: contour this process's share of the cases."""
     from ..inference.batch import _device_for, _run_id, contour_manifest, my_share, read_manifest, shard
+    from ..model.bundle_info import default_bundle_path, read_bundle_summary
 
     if not args.out:
         raise UsageError("--manifest needs --out DIR (the folder for <case_id>.seg.nrrd and summary.json)")
     if getattr(args, "ct", None):
         raise UsageError("give either --ct (one CT) or --manifest (many), not both")
-    note_args = ("note", "age", "side", "t_stage", "n_stage", "m_stage", "surgery", "chemotherapy", "pathology")
+    note_args = ("note", "note_file", "age", "side", "t_stage", "n_stage", "m_stage", "surgery", "chemotherapy", "pathology")
     if any(getattr(args, k, None) for k in note_args):
-        raise UsageError("with --manifest each case's note comes from its row; drop --note / --side / --n ...")
+        raise UsageError("with --manifest each case's note comes from its row; drop --note / --note-file / --side / --n ...")
     if getattr(args, "out_rtstruct", None) or getattr(args, "out_dicom_seg", None):
         raise UsageError("--out-rtstruct / --out-dicom-seg work for one CT; with --manifest the output is DIR/*.seg.nrrd")
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out_dir} is a file; with --manifest give a folder")
     rows = read_manifest(args.manifest)
+    try:  # an output made by another bundle is redone; read without torch, so a finished run loads nothing
+        bundle_id = read_bundle_summary(args.bundle or default_bundle_path()).get("bundle_id") or None
+    except (FileNotFoundError, ValueError):
+        bundle_id = None  # loading the bundle (if a case needs it) reports the problem
     rank, world, local_rank = shard()
     device = _device_for(args.device, world, local_rank)
 
@@ -105,7 +120,7 @@ def run_manifest(args) -> dict:
         report = contour_manifest(rows, out_dir, lambda: contourer_from_args(_with(args, device=device)),
                                   overwrite=args.overwrite, rank=rank, world=world, run=_run_id(world),
                                   info={"manifest": str(args.manifest), "bundle": str(args.bundle or "")},
-                                  on_case=on_case)
+                                  on_case=on_case, bundle_id=bundle_id)
     finally:
         if bar is not None:
             bar.close()

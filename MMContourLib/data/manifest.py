@@ -19,6 +19,7 @@ from typing import Iterable, Mapping, Sequence
 
 from ..image.fileio import write_text
 from ..note.clinical import FIELDS, ClinicalNote, ContradictionError, NoteError, note_from_parts
+from ..note.freetext import NoteReadingError, read_note
 
 MANIFEST_COLUMNS = ("case_id", "ct", "ctv", "split") + FIELDS
 #: Written after MANIFEST_COLUMNS when a row has them.
@@ -47,7 +48,8 @@ class ManifestNotFoundError(ManifestError, FileNotFoundError):
 
 def note_for(row: Mapping[str, str]) -> ClinicalNote:
     """The row's clinical note: its free-text ``note`` and the structured fields, which must agree."""
-    return note_from_parts(row.get("note"), row, text_name="the 'note' column", field_name="the '{}' column")
+    return note_from_parts(row.get("note"), row, text_name="the 'note' column", field_name="the '{}' column",
+                           reader=read_note)
 
 
 def read_manifest(path: str | os.PathLike, split: str | None = None, check: bool = False,
@@ -106,7 +108,7 @@ def _check_row(path: Path, line: int, row: dict[str, str]) -> None:
     case = row["case_id"]
     try:
         note_for(row)
-    except (NoteError, ContradictionError) as exc:
+    except (NoteError, ContradictionError, NoteReadingError) as exc:
         raise ManifestError(path, str(exc), line, case) from None
     if not row.get("ct"):
         raise ManifestError(path, "ct is empty", line, case, "ct")

@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..image.ctseries import RTSTRUCT_STORAGE, STUDY_COMPONENT_SOP_CLASS, DicomError, _check_on_grid, _ct_info
-from ..image.fileio import atomic_write as _atomic_write
+from ..image.fileio import OutputGroup, atomic_write as _atomic_write
 from ..note.clinical import ClinicalNote
 
 if TYPE_CHECKING:  # pydicom is imported where it is used, so `mmcontour --help` does not load it
@@ -89,16 +89,32 @@ def _copy_identity(target: Dataset, ct: Dataset) -> None:
         setattr(target, keyword, ct[keyword].value if keyword in ct else "")
 
 
-def _check_color(color: Sequence[int]) -> list[int]:
-    rgb = [int(c) for c in color]
+def _check_color(color: Sequence[int] | str) -> list[int]:
+    """``R,G,B`` (a string, as ``--roi-color`` gives it) or three numbers -> three integers 0-255."""
+    parts = color.replace(" ", "").split(",") if isinstance(color, str) else list(color)
+    try:
+        rgb = [int(c) for c in parts]
+    except (TypeError, ValueError):
+        rgb = []
     if len(rgb) != 3 or any(not 0 <= c <= 255 for c in rgb):
-        raise ValueError(f"colour {tuple(color)} must be three integers 0-255")
+        shown = repr(color) if isinstance(color, str) else str(tuple(color))
+        raise ValueError(f"colour {shown} must be three integers 0-255 as R,G,B, e.g. 255,0,0 for red")
     return rgb
+
+
+def check_export_options(roi_template: str, color: Sequence[int] | str, note: ClinicalNote | None) -> None:
+    """Refuse a bad ROI name template or colour before anything runs (the writers check them again)."""
+    format_roi_name(roi_template, note)
+    _check_color(color)
+
+
+def _write(path, write, group: OutputGroup | None) -> Path:
+    return group.add(path, write) if group is not None else _atomic_write(Path(path), write)
 
 
 def write_rtstruct(mask: sitk.Image, ct_series_folder, out_path: str | os.PathLike, roi_name: str = "CTV",
                    color: Sequence[int] = DEFAULT_COLOR, algorithm_name: str = "MMContour",
-                   algorithm_version: str = "0.1.0", description: str = "") -> Path:
+                   algorithm_version: str = "0.1.0", description: str = "", group: OutputGroup | None = None) -> Path:
     """Write ``mask`` (on the CT's grid) as an RTSTRUCT referencing the CT series: one CLOSED_PLANAR contour
     per boundary per slice (holes as inner contours), ROI generation AUTOMATIC with the algorithm's name and
     version, approval UNAPPROVED (a clinician reviews it). ``ct_series_folder``: folder, files or CTSeriesInfo."""
@@ -195,12 +211,12 @@ def write_rtstruct(mask: sitk.Image, ct_series_folder, out_path: str | os.PathLi
     observation.ROIInterpreter = ""
     ds.RTROIObservationsSequence = DicomSequence([observation])
     ds.ApprovalStatus = "UNAPPROVED"
-    return _atomic_write(Path(out_path), lambda tmp: ds.save_as(tmp, enforce_file_format=True))
+    return _write(out_path, lambda tmp: ds.save_as(tmp, enforce_file_format=True), group)
 
 
 def write_dicom_seg(mask: sitk.Image, ct_series_folder, out_path: str | os.PathLike, segment_label: str = "CTV",
                     algorithm_name: str = "MMContour", algorithm_version: str = "0.1.0",
-                    color: Sequence[int] = DEFAULT_COLOR, description: str = "") -> Path:
+                    color: Sequence[int] = DEFAULT_COLOR, description: str = "", group: OutputGroup | None = None) -> Path:
     """Write ``mask`` as a binary DICOM Segmentation (highdicom) referencing the CT series: segment type
     Clinical target volume (SCT 228792002) in category RT Target, algorithm AUTOMATIC with name and version."""
     import highdicom as hd
@@ -230,17 +246,17 @@ def write_dicom_seg(mask: sitk.Image, ct_series_folder, out_path: str | os.PathL
     except (ValueError, TypeError, AttributeError) as exc:
         raise DicomError(f"highdicom refused to build the DICOM SEG on series {info.series_instance_uid}: "
                          f"{exc}") from None
-    return _atomic_write(Path(out_path), lambda tmp: seg.save_as(tmp))
+    return _write(out_path, lambda tmp: seg.save_as(tmp), group)
 
 
 def export_prediction(mask: sitk.Image, ct_series, *, out_rtstruct=None, out_dicom_seg=None,
                       note: ClinicalNote | None = None, roi_template: str = DEFAULT_ROI_TEMPLATE,
                       color: Sequence[int] | str = DEFAULT_COLOR,
-                      provenance: Mapping[str, str] | None = None) -> dict[str, Path]:
+                      provenance: Mapping[str, str] | None = None, group: OutputGroup | None = None) -> dict[str, Path]:
     """Write the requested DICOM outputs for a prediction; the algorithm name/version come from the
-    Contourer's provenance (bundle name; bundle version or id), the prompt goes in the description."""
-    if isinstance(color, str):
-        color = [int(c) for c in color.replace(" ", "").split(",")]
+    Contourer's provenance (bundle name; bundle version or id), the prompt goes in the description.
+    ``group``: stage them there, to appear with the run's other outputs or not at all."""
+    color = _check_color(color)
     provenance = dict(provenance or {})
     name = provenance.get("bundle_name") or "MMContour"
     version = (provenance.get("bundle_version") or provenance.get("bundle_id") or provenance.get("mmcontour_version")
@@ -252,8 +268,10 @@ def export_prediction(mask: sitk.Image, ct_series, *, out_rtstruct=None, out_dic
     written = {}
     if out_rtstruct:
         written["rtstruct"] = write_rtstruct(mask, info, out_rtstruct, roi_name=roi_name, color=color,
-                                             algorithm_name=name, algorithm_version=version, description=description)
+                                             algorithm_name=name, algorithm_version=version, description=description,
+                                             group=group)
     if out_dicom_seg:
         written["dicom_seg"] = write_dicom_seg(mask, info, out_dicom_seg, segment_label=roi_name,
-                                               algorithm_name=name, algorithm_version=version, color=color)
+                                               algorithm_name=name, algorithm_version=version, color=color,
+                                               group=group)
     return written

@@ -46,6 +46,11 @@ class ModelInput:
 
 
 _UNSIGNED = {sitk.sitkUInt8, sitk.sitkUInt16, sitk.sitkUInt32, sitk.sitkUInt64}
+#: The coarsest voxels a planning CT has (mm): slices up to 10 mm apart, pixels up to 5 mm. Coarser grids
+#: leave a breast CTV a handful of voxels (50 mm voxels: 6), so the contour would be meaningless.
+MAX_SLICE_SPACING, MAX_PIXEL_SPACING = 10.0, 5.0
+#: Direction cosines further than this from orthonormal are a shear (a broken header), not a rotation.
+DIRECTION_TOLERANCE = 1e-3
 
 
 def validate_ct(image: sitk.Image, config: PreprocessConfig = PreprocessConfig()) -> tuple[sitk.Image, list[str]]:
@@ -67,6 +72,20 @@ def validate_ct(image: sitk.Image, config: PreprocessConfig = PreprocessConfig()
     spacing = image.GetSpacing()
     if min(spacing) <= 0 or not np.all(np.isfinite(spacing)):
         raise InputImageError(f"the CT has invalid voxel spacing {spacing}")
+    if max(spacing[:2]) > MAX_PIXEL_SPACING or spacing[2] > MAX_SLICE_SPACING:
+        raise InputImageError(
+            f"the CT's voxels are {spacing[0]:g} x {spacing[1]:g} x {spacing[2]:g} mm; a planning CT has pixels of at "
+            f"most {MAX_PIXEL_SPACING:g} mm and slices at most {MAX_SLICE_SPACING:g} mm apart (coarser, a breast "
+            "CTV is only a few voxels). Give the original planning CT, not a downsampled or preview copy; if the "
+            "spacing in the header is wrong (e.g. cm written as mm), correct it")
+    direction = np.asarray(image.GetDirection(), float).reshape(3, 3)
+    off = float(np.abs(direction.T @ direction - np.eye(3)).max())
+    if off > DIRECTION_TOLERANCE:
+        raise InputImageError(
+            f"the CT's direction matrix is not orthonormal (off by {off:.3g}, allowed {DIRECTION_TOLERANCE:g}): its "
+            "axes are sheared or scaled, which a scanner never writes, and the contour would copy the shear. "
+            "Re-export the CT from the scanner or planning system (for DICOM, give the series folder so the slice "
+            "positions decide the geometry)")
     arr = sitk.GetArrayViewFromImage(image)
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         bad = int((~np.isfinite(arr)).sum())

@@ -10,7 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..note.structures import segment_color, terminology_entry
-from .fileio import atomic_write
+from .fileio import OutputGroup, atomic_write
 from .nifti import NiftiError, check_nifti, is_nifti
 from .grid import check_same_grid
 
@@ -82,11 +82,14 @@ def _check_content(path: Path) -> None:
                          "or its DICOM series folder")
 
 
-def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
+def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True,
+                group: OutputGroup | None = None) -> Path:
     """Write atomically (``fileio.atomic_write``), verified by reading the file back: ITK's NIfTI writer
-    does not report a short write on a full disk."""
-    return atomic_write(path, lambda tmp: sitk.WriteImage(image, str(tmp), compress),
-                        verify=lambda tmp: _same_voxels(tmp, sitk.GetArrayViewFromImage(image)))
+    does not report a short write on a full disk. With ``group`` the file is staged there instead (it
+    appears with the group's other outputs, or not at all)."""
+    return (group.add if group is not None else atomic_write)(
+        path, lambda tmp: sitk.WriteImage(image, str(tmp), compress),
+        verify=lambda tmp: _same_voxels(tmp, sitk.GetArrayViewFromImage(image)))
 
 
 def _same_voxels(path: Path, expected: np.ndarray) -> None:
@@ -101,10 +104,12 @@ def _same_voxels(path: Path, expected: np.ndarray) -> None:
 
 def write_segmentation(path: str | os.PathLike, masks: Mapping[str, sitk.Image],
                        colors: Mapping[str, tuple[float, float, float]] | None = None,
-                       attributes: Mapping[str, str] | None = None, sides: Mapping[str, str] | None = None) -> Path:
+                       attributes: Mapping[str, str] | None = None, sides: Mapping[str, str] | None = None,
+                       group: OutputGroup | None = None) -> Path:
     """Write masks (0/1, all on one grid) as a Slicer ``.seg.nrrd`` (slicerio: segment names, colours
     and terminology from ``note.structures``, full extents, ``MMContour_<key>`` attributes) or, for other
-    extensions, a labelmap (segment i -> label i+1). ``sides``: segment name -> 'left' / 'right' / 'both'."""
+    extensions, a labelmap (segment i -> label i+1). ``sides``: segment name -> 'left' / 'right' / 'both'.
+    ``group``: staged in that ``OutputGroup`` (as ``write_image``)."""
     path = Path(path)
     if not masks:
         raise ValueError("no segment to write")
@@ -119,7 +124,7 @@ def write_segmentation(path: str | os.PathLike, masks: Mapping[str, sitk.Image],
             labels[arr] = i + 1
         out = sitk.GetImageFromArray(labels)
         out.CopyInformation(reference)
-        return write_image(out, path)
+        return write_image(out, path, group=group)
     import slicerio
     from slicerio.segmentation import terminology_entry_from_string
 
@@ -142,8 +147,9 @@ def write_segmentation(path: str | os.PathLike, masks: Mapping[str, sitk.Image],
     for key, value in (attributes or {}).items():
         segmentation[f"MMContour_{key}"] = str(value).replace("\n", " ")
     stacked = np.stack(arrays, axis=-1) if len(arrays) > 1 else arrays[0]  # (k, j, i[, layer]) as ITK reads it
-    return atomic_write(path, lambda tmp: slicerio.write_segmentation(str(tmp), segmentation, compression_level=1),
-                        verify=lambda tmp: _same_voxels(tmp, stacked.view(np.uint8)))
+    return (group.add if group is not None else atomic_write)(
+        path, lambda tmp: slicerio.write_segmentation(str(tmp), segmentation, compression_level=1),
+        verify=lambda tmp: _same_voxels(tmp, stacked.view(np.uint8)))
 
 
 def read_segmentation(path: str | os.PathLike) -> dict[str, sitk.Image]:

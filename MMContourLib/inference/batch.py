@@ -23,6 +23,8 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+import SimpleITK as sitk
+
 from ..data.manifest import ManifestError, note_for, read_manifest  # the engine's callers read manifests here
 from ..image.fileio import write_json
 
@@ -33,9 +35,41 @@ def output_path(out_dir: str | os.PathLike, case_id: str) -> Path:
     return Path(out_dir) / f"{case_id}.seg.nrrd"
 
 
-def pending(rows: list[dict[str, str]], out_dir: str | os.PathLike, overwrite: bool = False) -> list[dict[str, str]]:
-    """The rows that still need contouring (all of them with ``overwrite``)."""
-    return [row for row in rows if overwrite or not output_path(out_dir, row["case_id"]).exists()]
+def pending(rows: list[dict[str, str]], out_dir: str | os.PathLike, overwrite: bool = False,
+            bundle_id: str | None = None) -> list[dict[str, str]]:
+    """The rows that still need contouring (all of them with ``overwrite``): no output yet, or one made
+    from another note or bundle (``stale``)."""
+    return [row for row in rows if overwrite or not output_path(out_dir, row["case_id"]).exists()
+            or stale(row, output_path(out_dir, row["case_id"]), bundle_id)]
+
+
+def made_with(out: Path) -> dict[str, str]:
+    """The prompt and bundle id an output was made with: its ``MMContour_`` attributes (header only)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(out))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return {}
+    return {k: reader.GetMetaData(f"MMContour_{k}") for k in ("prompt", "bundle_id")
+            if reader.HasMetaDataKey(f"MMContour_{k}")}
+
+
+def stale(row: dict[str, str], out: Path, bundle_id: str | None = None) -> str:
+    """Why the existing ``out`` does not answer ``row`` now ('' when it does): the note (so the prompt)
+    or the bundle changed since it was made, or it records neither (not ours, or damaged)."""
+    made = made_with(out)
+    if "prompt" not in made:
+        return "unrecorded"
+    try:
+        prompt = note_for(row).to_prompt()
+    except ValueError:  # NoteError, ContradictionError, NoteReadingError: running the case reports it
+        return "note changed"
+    if made["prompt"] != prompt:
+        return "note changed"
+    if bundle_id and made.get("bundle_id") != bundle_id:
+        return "bundle changed"
+    return ""
 
 
 def shard() -> tuple[int, int, int]:
@@ -77,18 +111,28 @@ def _prompt_for(row: dict[str, str]) -> dict[str, str]:
         return {}
 
 
-def contour_case(contourer, row: dict[str, str], out_dir: Path, overwrite: bool, score: bool = False) -> dict:
+def contour_case(contourer, row: dict[str, str], out_dir: Path, overwrite: bool, score: bool = False,
+                 bundle_id: str | None = None) -> dict:
     """Contour one manifest row; never raises for a problem with the case itself. ``score``: with a
     ``ctv`` in the row, add the Dice of the contour against it (a CTV that cannot be read fails the
-    case before its output is written)."""
+    case before its output is written). An existing output is kept only while it was made from this
+    note's prompt (and ``bundle_id``, when given); else the case is redone (status "redone: ...")."""
     from ..image.readwrite import read_image, write_segmentation
     from ..image.metrics import dice
 
     out = output_path(out_dir, row["case_id"])
     entry: dict = {"case_id": row["case_id"], "ct": row.get("ct", ""), "out": str(out)}
+    redone = ""
     if out.exists() and not overwrite:
-        return {**entry, "status": "skipped", "error": f"{out.name} exists (pass --overwrite to replace it)",
-                **_prompt_for(row)}
+        redone = stale(row, out, bundle_id)
+        if not redone:
+            return {**entry, "status": "skipped", "error": f"{out.name} exists (pass --overwrite to replace it)",
+                    **_prompt_for(row)}
+        if redone == "unrecorded":
+            return {**entry, "status": "failed", "error": f"{out.name} exists but does not record the note it was "
+                    "made from (not an MMContour output, or damaged); pass --overwrite to replace it",
+                    **_prompt_for(row)}
+        entry["previous"] = made_with(out)
     start = time.perf_counter()
     stage = "note"
     scores = {}
@@ -113,7 +157,7 @@ def contour_case(contourer, row: dict[str, str], out_dir: Path, overwrite: bool,
         detail = str(exc).strip() or exc.__class__.__name__
         return {**entry, "status": "failed", "error": f"{stage}: {exc.__class__.__name__}: {detail}",
                 "traceback": traceback.format_exc(limit=4), "seconds": round(time.perf_counter() - start, 3)}
-    return {**entry, "status": "ok", "error": "", "prompt": result.prompt, "voxels": result.voxels,
+    return {**entry, "status": f"redone: {redone}" if redone else "ok", "error": "", "prompt": result.prompt, "voxels": result.voxels,
             "volume_cc": round(result.volume_cc, 2), **scores, "windows": result.windows,
             "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
             "seconds": round(time.perf_counter() - start, 3)}
@@ -124,7 +168,9 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _counts(cases: list[dict]) -> dict[str, int]:
-    return {s: sum(c["status"] == s for c in cases) for s in ("ok", "failed", "skipped")}
+    """A redone case ("redone: note changed") counts as ok."""
+    return {s: sum(c["status"].split(":")[0].replace("redone", "ok") == s for c in cases)
+            for s in ("ok", "failed", "skipped")}
 
 
 def _merge_if_complete(out_dir: Path, run: str, world: int) -> Path | None:
@@ -154,7 +200,7 @@ def contour_manifest(rows: list[dict[str, str]], out_dir: str | os.PathLike, loa
                      overwrite: bool = False, stop_on_error: bool = False, score: bool = False,
                      rank: int = 0, world: int = 1, run: str = "single", info: dict | None = None,
                      summary_view: Callable[[dict], dict] | None = None,
-                     on_case: Callable[[int, int, dict], None] | None = None) -> dict:
+                     on_case: Callable[[int, int, dict], None] | None = None, bundle_id: str | None = None) -> dict:
     """Contour this process's share of ``rows`` (from ``read_manifest``) into ``out_dir``; returns the report.
 
     ``load_model()`` returns the ``Contourer``; it is called once, and only when some case needs work
@@ -164,15 +210,17 @@ def contour_manifest(rows: list[dict[str, str]], out_dir: str | os.PathLike, loa
     the report). The summary is rewritten after each case (``status`` "running"); an interrupt writes
     it with status "interrupted" and is re-raised. ``info`` (e.g. manifest, bundle) heads the report.
     ``on_case(position, total, entry)`` is called after each case; ``stop_on_error`` ends the run at
-    the first failed case; ``score`` adds a Dice per case that has a ``ctv``."""
+    the first failed case; ``score`` adds a Dice per case that has a ``ctv``. ``bundle_id``: the bundle
+    ``load_model`` loads, so that an output made by another bundle is redone (else the loaded one's)."""
     out_dir = Path(out_dir)
     mine = my_share(rows, rank, world)
     start = time.perf_counter()
     contourer, model_load_s = None, 0.0
-    if pending([row for _, row in mine], out_dir, overwrite):
+    if pending([row for _, row in mine], out_dir, overwrite, bundle_id):
         contourer = load_model()
         contourer.cache_features = "off"  # every CT is seen once: keeping its features would only cost memory
         model_load_s = time.perf_counter() - start
+        bundle_id = bundle_id or contourer.provenance("").get("bundle_id")
     out_dir.mkdir(parents=True, exist_ok=True)
     loaded = contourer is not None
     report = {**(info or {}), "run": run, "rank": rank, "world_size": world,
@@ -193,7 +241,8 @@ def contour_manifest(rows: list[dict[str, str]], out_dir: str | os.PathLike, loa
 
     try:
         for position, (order, row) in enumerate(mine, start=1):
-            entry = {"order": order, "rank": rank, **contour_case(contourer, row, out_dir, overwrite, score=score)}
+            entry = {"order": order, "rank": rank,
+                     **contour_case(contourer, row, out_dir, overwrite, score=score, bundle_id=bundle_id)}
             report["cases"].append(entry)
             write("running")
             if on_case is not None:
@@ -212,5 +261,5 @@ def contour_manifest(rows: list[dict[str, str]], out_dir: str | os.PathLike, loa
     return report
 
 
-__all__ = ["ManifestError", "read_manifest", "output_path", "pending", "shard", "my_share", "contour_case",
+__all__ = ["ManifestError", "read_manifest", "output_path", "pending", "made_with", "stale", "shard", "my_share", "contour_case",
            "contour_manifest"]

@@ -410,17 +410,37 @@ def _normalised(name: str, value: object, sides: tuple[str, ...]) -> object:
     return _NORMALISERS[name](value)
 
 
+def _given(fields: Mapping[str, object]) -> dict[str, object]:
+    return {k: v for k, v in fields.items() if k in FIELDS and v is not None and _key(v) not in ("", "nan")}
+
+
+def _check_agree(stated: Mapping[str, object], given: Mapping[str, object], sides: tuple[str, ...],
+                 text_name: str, field_name: "str | Mapping[str, str]") -> None:
+    """ContradictionError (``.field``, ``.values``) for the first fact stated in both with different values."""
+    for name, value in sorted(given.items(), key=lambda item: item[0] != "side"):  # side first: it splits the rest
+        if name in stated and _normalised(name, stated[name], sides) != _normalised(name, value, sides):
+            where = field_name.get(name, name) if isinstance(field_name, Mapping) else field_name.format(name)
+            error = ContradictionError(
+                f"{name} is stated twice with different values: {stated[name]!r} in {text_name} and {value!r} in "
+                f"{where}; correct one of them, or leave one out")
+            error.field, error.values = name, (stated[name], value)
+            raise error
+
+
 def note_from_parts(text: str | None, fields: Mapping[str, object], *, text_name: str = "the note",
-                    field_name: str = "the {} field") -> ClinicalNote:
+                    field_name: "str | Mapping[str, str]" = "the {} field", reader=None) -> ClinicalNote:
     """One note from a free-text part (a prompt-style note ``ClinicalNote.parse`` reads, e.g. ``N1, BCS, left``)
     and structured fields (FIELDS keys; other keys, None, '' and 'nan' are ignored): a fact stated in one place
     is taken from there; stated in both, the normalised values must be equal, else ContradictionError with
     ``.field`` and ``.values`` (text's, field's). ``text_name`` / ``field_name`` word the message for the
-    caller ("the 'note' column", "--side")."""
-    given = {k: v for k, v in fields.items() if k in FIELDS and v is not None and _key(v) not in ("", "nan")}
+    caller ("the 'note' column", "--side"; ``field_name`` may map each field to its own words).
+    ``reader`` (``note.freetext.read_note``; passed in, this module may not import it) reads a text that is
+    not in the prompt's form, under the same rule (``note_from_reading``)."""
+    given = _given(fields)
     if text is None or not str(text).strip():
         return ClinicalNote.from_row(given)
     text, bilateral = str(text), ";" in str(text)
+    original = text
 
     def token(name: str) -> str:
         """A structured value as one more fact of a single-part text, so that parse checks it with the rest."""
@@ -435,25 +455,42 @@ def note_from_parts(text: str | None, fields: Mapping[str, object], *, text_name
             note = ClinicalNote.parse(text)
             break
         except NoteError as error:  # the text leaves a needed fact (side, N, surgery) to the fields
+            if reader is not None and error.value != "" and not added:  # a phrase that is no prompt fact
+                return note_from_reading(reader(original), given, text_name=text_name, field_name=field_name)
             if error.value != "" or error.field not in given or error.field in added or not token(error.field):
                 raise
             text = f"{text}, {token(error.field)}"
             added.add(error.field)
     stated = {k: v for k, v in note.to_fields().items() if v != ""}
     sides = tuple(s.side for s in note.sides)
-    for name, value in sorted(given.items(), key=lambda item: item[0] != "side"):  # side first: it splits the rest
-        if name in stated and _normalised(name, stated[name], sides) != _normalised(name, value, sides):
-            error = ContradictionError(
-                f"{name} is stated twice with different values: {stated[name]!r} in {text_name} and {value!r} in "
-                f"{field_name.format(name)}; correct one of them, or leave one out")
-            error.field, error.values = name, (stated[name], value)
-            raise error
+    _check_agree(stated, given, sides, text_name, field_name)
     extra = [k for k in given if k not in stated]
     tokens = [k for k in extra if token(k)]
     if tokens:
         note = ClinicalNote.parse(text + "".join(f", {token(k)}" for k in tokens))
     rest = {k: given[k] for k in extra if k not in tokens}
     return note.replace(**rest) if rest else note
+
+
+def note_from_reading(reading, fields: Mapping[str, object], *, text_name: str = "the note",
+                      field_name: "str | Mapping[str, str]" = "the {} field") -> ClinicalNote:
+    """The note from a free-text reading (a ``note.freetext.NoteReading``) and structured fields, under
+    ``note_from_parts``' rule; a field the reading left undecided may come from the fields, one it found
+    conflicting may not: the reading's NoteReadingError names what is left (never a guess)."""
+    from dataclasses import replace
+
+    given = _given(fields)
+    stated = {k: v for k, v in reading.fields.items() if v}
+    _check_agree({k: v for k, v in stated.items() if k == "side"}, {k: v for k, v in given.items() if k == "side"},
+                 (), text_name, field_name)
+    side = stated.get("side") or given.get("side")
+    open_ = [k for k in reading.unresolved if k.split(".")[0] not in given]
+    narrowed = replace(reading, unresolved=open_)
+    if narrowed.blocking():
+        narrowed.note()  # raises, naming the undecided and conflicting fields
+    sides = SIDES if normalise_side(side) == "both" else (normalise_side(side),)
+    _check_agree(stated, given, sides, text_name, field_name)
+    return ClinicalNote.from_row({**stated, **given})
 
 
 def note_from_any(note: "ClinicalNote | str | Mapping[str, object]") -> ClinicalNote:
@@ -466,4 +503,4 @@ def note_from_any(note: "ClinicalNote | str | Mapping[str, object]") -> Clinical
 
 __all__ = ["ClinicalNote", "SideFindings", "NoteError", "ContradictionError", "PROMPT_TEMPLATE_VERSION", "FIELDS",
            "N_STAGES", "T_STAGES", "M_STAGES", "SURGERIES", "CHEMOTHERAPIES", "PATHOLOGIES", "note_from_any",
-           "note_from_parts"]
+           "note_from_parts", "note_from_reading"]
