@@ -49,3 +49,19 @@ def test_a_text_encoder_without_a_causal_llm_is_refused():
     vision_only = build_text_encoder(TextEncoderSpec(kind="none"))
     with pytest.raises(ValueError, match="not a causal LLM"):
         LLMChoiceScorer.from_text_encoder(vision_only)
+
+
+def test_read_note_llm_option_scores_only_the_undecided_fields(tiny_llm_dir, capsys):
+    import json
+
+    from MMContourLib.cli.main import main
+
+    code = main(["read-note", "--text", "s/p lumpectomy, pN1a (2/12).", "--llm", str(tiny_llm_dir),
+                 "--margin", "1000", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 2 and "side" in out["unresolved"]  # the random LLM never clears a 1000-nat margin
+    code = main(["read-note", "--text", "s/p lumpectomy, pN1a (2/12).", "--llm", str(tiny_llm_dir),
+                 "--margin", "0", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and [e["rule"] for e in out["evidence"]["side"]] == ["llm"]
+    assert out["fields"]["n_stage"] == "N1" and out["evidence"]["n_stage"][0]["rule"] != "llm"

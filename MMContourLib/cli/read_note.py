@@ -23,13 +23,26 @@ def register(subparsers) -> None:
     source.add_argument("--file", type=Path, help="a UTF-8 text file holding the note")
     p.add_argument("--json", action="store_true",
                    help='print {"prompt", "fields", "evidence", "unresolved", "conflicts"} as JSON')
+    p.add_argument("--llm", metavar="SOURCE",
+                   help="also let this causal LLM (folder, .gguf or pkg:...) choose, among the allowed values, what "
+                        "the rules leave undecided; off by default (docs/method.md: a small LLM is not reliable)")
+    p.add_argument("--margin", type=float, default=2.0,
+                   help="with --llm: accept its choice only when it beats the runner-up by this many nats "
+                        "(default: %(default)s)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..note.freetext import read_note
 
-    reading = read_note(note_text(args.text, args.file))
+    scorer = None
+    if args.llm:
+        from ..model.note_scorer import LLMChoiceScorer
+        from ..model.text import TextEncoderSpec, build_text_encoder
+
+        scorer = LLMChoiceScorer.from_text_encoder(build_text_encoder(TextEncoderSpec(kind="causal-lm",
+                                                                                      source=args.llm)))
+    reading = read_note(note_text(args.text, args.file), scorer=scorer, margin=args.margin)
     if args.json:
         print(json.dumps(reading.to_json(), ensure_ascii=False, indent=2))
     else:
