@@ -14,7 +14,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("predict", help="contour one CT (or a manifest of CTs) from its clinical note")
     p.add_argument("--ct", help="CT file (NIfTI, NRRD, MHA) or DICOM series folder")
     p.add_argument("--out", help="output .seg.nrrd (Slicer) or .nii.gz labelmap; with --manifest, a folder")
-    p.add_argument("--manifest", help="CSV of cases (DESIGN.md columns) to contour in one run")
+    p.add_argument("--manifest", help="CSV of cases (columns: docs/INTERFACES.md) to contour in one run")
     add_export_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--json", action="store_true", help="print one JSON summary")
