@@ -565,8 +565,8 @@ def _ct_with(folder: Path, spacing=(4.0, 4.0, 6.0), direction=None, size=(48, 40
 
 
 ODD_GRIDS = {  # fixture -> words the message must contain
-    lambda f: _ct_with(f, spacing=(50.0, 50.0, 50.0), size=(12, 10, 6)): "at most 5 mm",
-    lambda f: _ct_with(f, spacing=(2.0, 2.0, 15.0)): "slices at most 10 mm",
+    lambda f: _ct_with(f, spacing=(50.0, 50.0, 50.0), size=(12, 10, 6)): "more than 10 mm",
+    lambda f: _ct_with(f, spacing=(2.0, 2.0, 15.0)): "more than 10 mm",
     lambda f: _ct_with(f, direction=(1, 0.2, 0, 0, 1, 0, 0, 0, 1)): "not orthonormal",
 }
 
@@ -586,6 +586,8 @@ def test_coarse_but_clinical_grids_are_still_accepted():
 
     for spacing in ((5.0, 5.0, 10.0), (0.98, 0.98, 2.5)):
         validate_ct(make_ct(spacing=spacing))
+    _, notes = validate_ct(make_ct(spacing=(6.0, 6.0, 10.0)))  # a downsampled copy: contoured, with a note
+    assert any("coarser than a planning CT" in n for n in notes)
     rotated = make_ct()
     c, s = np.cos(0.3), np.sin(0.3)
     rotated.SetDirection((c, -s, 0, s, c, 0, 0, 0, 1))  # oblique, but a rotation

@@ -46,9 +46,10 @@ class ModelInput:
 
 
 _UNSIGNED = {sitk.sitkUInt8, sitk.sitkUInt16, sitk.sitkUInt32, sitk.sitkUInt64}
-#: The coarsest voxels a planning CT has (mm): slices up to 10 mm apart, pixels up to 5 mm. Coarser grids
-#: leave a breast CTV a handful of voxels (50 mm voxels: 6), so the contour would be meaningless.
-MAX_SLICE_SPACING, MAX_PIXEL_SPACING = 10.0, 5.0
+#: Voxels coarser than this (mm, along any axis) leave a breast CTV a handful of voxels (50 mm voxels: 6):
+#: refused. A planning CT has pixels up to ~1.5 mm and slices up to 5 mm; up to MAX_SPACING is contoured
+#: with a note (downsampled copies, the tests' coarse phantoms), beyond PLANNING_SPACING the note says so.
+MAX_SPACING, PLANNING_SPACING = 10.0, 5.0
 #: Direction cosines further than this from orthonormal are a shear (a broken header), not a rotation.
 DIRECTION_TOLERANCE = 1e-3
 
@@ -72,12 +73,15 @@ def validate_ct(image: sitk.Image, config: PreprocessConfig = PreprocessConfig()
     spacing = image.GetSpacing()
     if min(spacing) <= 0 or not np.all(np.isfinite(spacing)):
         raise InputImageError(f"the CT has invalid voxel spacing {spacing}")
-    if max(spacing[:2]) > MAX_PIXEL_SPACING or spacing[2] > MAX_SLICE_SPACING:
+    voxels = " x ".join(f"{s:g}" for s in spacing)
+    if max(spacing) > MAX_SPACING:
         raise InputImageError(
-            f"the CT's voxels are {spacing[0]:g} x {spacing[1]:g} x {spacing[2]:g} mm; a planning CT has pixels of at "
-            f"most {MAX_PIXEL_SPACING:g} mm and slices at most {MAX_SLICE_SPACING:g} mm apart (coarser, a breast "
-            "CTV is only a few voxels). Give the original planning CT, not a downsampled or preview copy; if the "
-            "spacing in the header is wrong (e.g. cm written as mm), correct it")
+            f"the CT's voxels are {voxels} mm; more than {MAX_SPACING:g} mm along an axis leaves a breast CTV only "
+            "a few voxels. Give the original planning CT, not a downsampled or preview copy; if the spacing in the "
+            "header is wrong (e.g. cm written as mm), correct it")
+    if max(spacing) > PLANNING_SPACING:
+        notes.append(f"voxels of {voxels} mm are coarser than a planning CT's (at most {PLANNING_SPACING:g} mm): "
+                     "the contour follows this grid; check it, or give the full-resolution CT")
     direction = np.asarray(image.GetDirection(), float).reshape(3, 3)
     off = float(np.abs(direction.T @ direction - np.eye(3)).max())
     if off > DIRECTION_TOLERANCE:
