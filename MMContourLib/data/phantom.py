@@ -44,6 +44,11 @@ class PhantomConfig:
     slice_thickness: float = 5.0
     fov_mm: tuple[float, float] = (400.0, 340.0)        # left-right, anterior-posterior
     scan_length_mm: float = 300.0                       # ~ below the breasts to above the clavicles
+    # a planning CT's field of view instead: neck (above the cricoid) to upper abdomen (liver, stomach,
+    # kidneys, bowel gas), extents in mm above / below the sternal notch; scan_length_mm is then unused
+    planning_fov: bool = False
+    neck_mm: float | tuple[float, float] = (80.0, 115.0)
+    abdomen_mm: float | tuple[float, float] = (330.0, 400.0)
     orientation_mix: Mapping[str, float] = field(default_factory=lambda: {"LPS": 0.8, "RAS": 0.1, "oblique": 0.1})
     oblique_max_deg: float = 10.0
     # scanner
@@ -85,6 +90,9 @@ class PhantomConfig:
                              f"{dict(self.n_stage_probs)}")
         if self.in_plane_spacing <= 0 or self.slice_thickness <= 0 or min(self.fov_mm) <= 0:
             raise ValueError("in_plane_spacing, slice_thickness and fov_mm must be positive")
+        if min(np.ravel(self.neck_mm)) < 60 or min(np.ravel(self.abdomen_mm)) < 250:
+            raise ValueError(f"neck_mm must reach above the cricoid (>= 60 mm above the sternal notch) and abdomen_mm "
+                             f"below the diaphragm (>= 250 mm below it); got {self.neck_mm}, {self.abdomen_mm}")
 
     @classmethod
     def clinical(cls, **changes) -> "PhantomConfig":
@@ -224,8 +232,14 @@ def generate_case(seed: int, config: PhantomConfig | None = None, note: Clinical
     note = sample_note(seed, cfg) if note is None else note_from_any(note)
     dx, thk = cfg.in_plane_spacing, cfg.slice_thickness
     nx, ny = (max(8, int(round(f / dx))) for f in cfg.fov_mm)
-    nz = max(4, int(round(cfg.scan_length_mm / thk)))
-    p = _draw_patient(np.random.default_rng([seed, 1]), note, cfg, nz * thk)
+    planning = np.random.default_rng([seed, 5]) if cfg.planning_fov else None
+    if planning is None:
+        nz, above = max(4, int(round(cfg.scan_length_mm / thk))), 55.0
+    else:
+        above = _draw(planning, cfg.neck_mm)
+        nz = max(4, int(round((above + _draw(planning, cfg.abdomen_mm)) / thk)))
+    p = _draw_patient(np.random.default_rng([seed, 1]), note, cfg, nz * thk, above)
+    p.planning = planning
     scan = np.random.default_rng([seed, 2])
     noise_hu, offset, scale = _draw(scan, cfg.noise_hu), _draw(scan, cfg.hu_offset), _draw(scan, cfg.hu_scale)
     orient_rng = np.random.default_rng([seed, 3])
@@ -280,7 +294,8 @@ def generate_case(seed: int, config: PhantomConfig | None = None, note: Clinical
         "seed": seed, "prompt": note.to_prompt(), "orientation": orientation,
         "oblique_deg": [round(float(a), 2) for a in angles_deg], "size": list(ct_img.GetSize()),
         "spacing": list(ct_img.GetSpacing()), "noise_hu": round(noise_hu, 2), "hu_offset": round(offset, 2),
-        "hu_scale": round(scale, 4), "arms": "up" if p.arms_up else "down", "body_scale": round(p.sw, 3),
+        "hu_scale": round(scale, 4), **({"field_of_view": "planning", "landmarks_z_mm": p.landmarks} if cfg.planning_fov else {}),
+        "arms": "up" if p.arms_up else "down", "body_scale": round(p.sw, 3),
         "fat_mm": round(p.fat, 1), "breast_density": round(p.density, 3),
         "sides": {n: {"breast": s.state, "size": round(float(s.size), 3), "seroma": bool(s.seroma),
                       "clips": bool(s.clips)} for n, s in p.sides.items()},

@@ -9,7 +9,7 @@ and the guideline sub-region map (``_regions``) on the same grid. ``cfg`` argume
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
@@ -22,17 +22,20 @@ from ..note.targets import REGION_LABELS
 TISSUE_LABELS: dict[str, int] = {
     "air": 0, "skin": 1, "fat": 2, "muscle": 3, "gland": 4, "lung": 5, "cancellous_bone": 6,
     "cortical_bone": 7, "cartilage": 8, "blood": 9, "organ": 10, "airway": 11, "soft": 12, "node": 13,
-    "seroma": 14, "clip": 15, "couch": 16,
+    "seroma": 14, "clip": 15, "couch": 16, "liver": 17, "kidney": 18, "gas": 19, "bowel": 20, "fluid": 21,
 }
 _T = TISSUE_LABELS
 #: Mean HU per tissue (non-contrast CT); each patient gets a small jitter around these.
 TISSUE_HU: dict[str, float] = {
     "air": -1000, "skin": 30, "fat": -100, "muscle": 50, "gland": 38, "lung": -850, "cancellous_bone": 380,
     "cortical_bone": 1000, "cartilage": 130, "blood": 40, "organ": 58, "airway": -990, "soft": 38, "node": 30,
-    "seroma": 14, "clip": 3000, "couch": 250,
+    "seroma": 14, "clip": 3000, "couch": 250, "liver": 60, "kidney": 32, "gas": -1000, "bowel": 28, "fluid": 12,
 }
+#: Tissues only a planning field of view shows; their jitter comes from the planning stream, so the
+#: thorax-only phantoms draw exactly what they drew before these existed.
+_PLANNING_TISSUES = ("liver", "kidney", "gas", "bowel", "fluid")
 _HU_JITTER = {"fat": 8, "gland": 8, "muscle": 5, "lung": 25, "cancellous_bone": 40, "cortical_bone": 60,
-              "blood": 5, "organ": 5, "skin": 5, "soft": 5}
+              "blood": 5, "organ": 5, "skin": 5, "soft": 5, "liver": 5, "kidney": 4, "bowel": 6, "fluid": 4}
 
 
 SKIN_MM = 2.0        # skin thickness
@@ -159,6 +162,8 @@ class _Patient:
     disc_phase: float
     sides: dict
     y_table: float = 0.0
+    planning: np.random.Generator | None = None  # draws the neck and abdomen of a planning field of view
+    landmarks: dict = field(default_factory=dict)  # z (mm, LPS) of what a planning field of view shows
 
     @property
     def a0(self):
@@ -170,6 +175,8 @@ class _Patient:
 
     def cage(self, zs):
         """Semi-axes (a, b) and centre y of the rib cage's outer surface at height zs."""
+        if self.planning is not None:  # the abdomen below the cage keeps the width of the lower ribs
+            zs = np.maximum(zs, -300.0)
         g = np.clip(1.0 - ((zs - _CAGE_ZC) / _CAGE_HZ) ** 2, 0.0, 1.0)
         return self.a0 * np.sqrt(g), self.b0 * g ** 0.35, self.sap * 0.12 * np.clip(zs + 120.0, 0.0, None)
 
@@ -219,18 +226,20 @@ def _draw_side(rng, cfg, sign: int, state: str, size: float) -> _Side:
         vein_r=5.5 + 1.5 * u[7])
 
 
-def _draw_patient(rng: np.random.Generator, note: ClinicalNote, cfg, scan_length: float) -> _Patient:
+def _draw_patient(rng: np.random.Generator, note: ClinicalNote, cfg, scan_length: float,
+                  above_notch: float = 55.0) -> _Patient:
     sw = _draw(rng, cfg.body_scale)
     sap = sw * (0.95 + 0.1 * rng.random())
     fat = _draw(rng, cfg.fat_mm)
     size = _draw(rng, cfg.breast_size) * (0.8 + 0.4 * fat / 30.0)
     density = _draw(rng, cfg.breast_density)
     u = rng.random(6)
-    hu = {k: v + _HU_JITTER.get(k, 0) * rng.normal() for k, v in TISSUE_HU.items()}
+    hu = {k: v + _HU_JITTER.get(k, 0) * rng.normal() for k, v in TISSUE_HU.items() if k not in _PLANNING_TISSUES}
+    hu.update({k: float(TISSUE_HU[k]) for k in _PLANNING_TISSUES})
     k = rng.normal(size=(10, 3))
     k *= (2 * np.pi / rng.uniform(12.0, 32.0, 10) / np.linalg.norm(k, axis=1))[:, None]
     p = _Patient(sw=sw, sap=sap, fat=fat, pec=8.0 + 8.0 * u[0], back=10.0 + 6.0 * u[1], para=20.0 + 6 * u[2],
-                 z_sn=scan_length - 55.0 + cfg.z_jitter_mm * (2 * u[3] - 1), density=density,
+                 z_sn=scan_length - above_notch + cfg.z_jitter_mm * (2 * u[3] - 1), density=density,
                  arms_up=u[4] < cfg.arms_up_fraction, hu=hu, lung_gradient=30 + 30 * u[5], waves=k,
                  phases=rng.uniform(0, 2 * np.pi, 10), disc_phase=rng.uniform(0, 24.0), sides={})
     for name, sign in (("left", 1), ("right", -1)):
@@ -384,8 +393,7 @@ def _draw_thorax(sc: _Scene) -> None:
     sc.cavity = cavity = sc.r < sc.R_rc - RIB_CAGE_MM
     T[cavity] = _T["lung"]
     T[cavity & (sc.absx < p.sw * (12.0 + 6.0 * (1.0 + np.clip(sc.dy / sc.b.clip(1), -1, 1))))] = _T["fat"]
-    yd = p.cage(-200.0)[2] + 10.0  # hemidiaphragm domes; the right (liver) one higher
-    dome = np.where(sc.X < 0, -195.0, -212.0) - ((sc.absx - 55.0) ** 2 + (sc.Y - yd) ** 2) / 260.0
+    dome = _dome(p, sc.X, sc.Y)
     T[cavity & (sc.zs < dome)] = _T["organ"]
     sl, depth = _ellipsoid(sc.grid, [18 * p.sw, -0.25 * p.b0, zn - 160], np.array([60, 50, 55]) * p.sw)
     T[sl][cavity[sl] & (depth > -4)] = _T["fat"]                                                  # pericardial fat
@@ -409,6 +417,60 @@ def _draw_thorax(sc: _Scene) -> None:
         ij = [(s * 32, y_va, zn), (s * 36, y_va + 4, zn + 45), (s * 38, y_va + 6, zn + 120)]
         sc.vessel(ij, side.vein_r + 1)                                                            # internal jugular
         sc.veins[name] = {"ij": ij, "ax": p.vein_points(s)}
+
+
+def _dome(p: _Patient, X, Y):
+    """Height (mm from the sternal notch) of the hemidiaphragm domes; the right (liver) one higher."""
+    yd = p.cage(-200.0)[2] + 10.0
+    return np.where(X < 0, -195.0, -212.0) - ((np.abs(X) - 55.0) ** 2 + (Y - yd) ** 2) / 260.0
+
+
+def _draw_neck_and_abdomen(sc: _Scene, rng: np.random.Generator) -> None:
+    """What a planning CT adds above and below the thorax (non-contrast, supine): the cricoid ring, and
+    under the diaphragm the liver (right dome), stomach with fluid and an anterior gas cap (left dome),
+    spleen, kidneys in perirenal fat, bowel with gas pockets, the abdominal aorta and the IVC."""
+    p, T, zn, grid = sc.p, sc.T, sc.p.z_sn, sc.grid
+    for k in _PLANNING_TISSUES:
+        p.hu[k] = TISSUE_HU[k] + _HU_JITTER.get(k, 0) * rng.normal()
+    u = rng.random(8)
+    ys = sc.y_spine
+    z_cric = zn + 60.0 + 16.0 * u[0]                               # lower border of the cricoid (~C6)
+    y_tr = ys(z_cric) - 31 * p.sap
+    sl, depth = _tube(grid, [(0, y_tr, z_cric), (0, y_tr - 3, z_cric + 14)], 14.0)
+    T[sl][(depth > 0) & (depth < 4) & (T[sl] != _T["airway"])] = _T["cartilage"]
+    dome, zs = _dome(p, sc.X, sc.Y), sc.zs
+    below = sc.cavity & (zs < dome)                                # what _draw_thorax made "organ"
+    T[below] = _T["bowel"]
+    T[below & (zs > dome - 6)] = _T["muscle"]                      # the diaphragm itself
+    inside = below & (zs < dome - 6)
+    # liver: the right upper quadrant, its lower edge rising towards the left lobe
+    z_low = zn - 330.0 - 40.0 * u[1] + 0.5 * (sc.X + 110.0 * p.sw)
+    T[inside & (sc.X < 55.0 * p.sw) & (sc.Z > z_low)] = _T["liver"]
+    zl = zn - 212.0
+    spleen = _ellipsoid(grid, [88 * p.sw, 0.35 * p.b0, zl - 55], np.array([24, 42, 50]) * p.sw)
+    T[spleen[0]][(spleen[1] > 0) & inside[spleen[0]]] = _T["organ"]
+    c = np.array([52 * p.sw, -0.25 * p.b0, zl - 62 - 10 * u[2]])  # stomach under the left dome
+    semi = np.array([42, 36, 52]) * p.sw * (0.85 + 0.3 * u[3])
+    ssl, depth = _ellipsoid(grid, c, semi)
+    ok = inside[ssl] & (zs[ssl[0]] < dome[:, ssl[1], ssl[2]] - 4)
+    T[ssl][ok & (depth > 0)] = _T["muscle"]                        # wall
+    lumen = ok & (depth > 4)
+    T[ssl][lumen] = _T["fluid"]
+    T[ssl][lumen & (sc.Y[:, ssl[1]] < c[1] - semi[1] * (1 - 2 * (0.2 + 0.25 * u[4])))] = _T["gas"]
+    for s, z in ((-1, zn - 310 - 10 * u[5]), (1, zn - 295 - 10 * u[6])):  # kidneys, the right one lower
+        c = (s * 62 * p.sw, ys(z) - 30 * p.sap, z)
+        for tissue, grow in ((_T["fat"], 9.0), (_T["kidney"], 0.0)):
+            ksl, depth = _ellipsoid(grid, c, np.array([26, 24, 52]) * p.sw + grow)
+            T[ksl][(depth > 0) & inside[ksl]] = tissue
+    bowel = below & (T == _T["bowel"])
+    for _ in range(3 + int(4 * u[7])):                             # gas in the bowel, anterior
+        c = [rng.uniform(-70, 70) * p.sw, rng.uniform(-0.9, -0.2) * p.b0, zn - rng.uniform(250, 400)]
+        gsl, depth = _ellipsoid(grid, c, rng.uniform(7.0, 18.0, 3))
+        T[gsl][(depth > 0) & bowel[gsl]] = _T["gas"]
+    z_axis = [zn - 215, zn - 320, grid.z[0] - 20]
+    sc.vessel([(16, ys(z) - 22, z) for z in z_axis], 11)                                          # aorta
+    sc.vessel([(-24, ys(z) - 18, z) for z in (zn - 215, grid.z[0] - 20)], 12, where=sc.cavity)    # IVC
+    p.landmarks = {"sternal_notch": float(zn), "cricoid": float(z_cric)}
 
 
 def _draw_axillae(sc: _Scene) -> None:
@@ -545,6 +607,8 @@ def _render(p: _Patient, grid: _Grid, cfg):
     _draw_breasts(sc)
     _draw_thorax(sc)
     _draw_axillae(sc)
+    if p.planning is not None:
+        _draw_neck_and_abdomen(sc, p.planning)
     bone = _draw_bones(sc)
     if cfg.couch:  # carbon-fibre table top: two thin shells
         for y0 in (1.0, 26.0):
