@@ -47,7 +47,7 @@ class PhantomConfig:
     # a planning CT's field of view instead: neck (above the cricoid) to upper abdomen (liver, stomach,
     # kidneys, bowel gas), extents in mm above / below the sternal notch; scan_length_mm is then unused
     planning_fov: bool = False
-    neck_mm: float | tuple[float, float] = (80.0, 115.0)
+    neck_mm: float | tuple[float, float] = (100.0, 140.0)
     abdomen_mm: float | tuple[float, float] = (330.0, 400.0)
     orientation_mix: Mapping[str, float] = field(default_factory=lambda: {"LPS": 0.8, "RAS": 0.1, "oblique": 0.1})
     oblique_max_deg: float = 10.0
@@ -294,12 +294,12 @@ def generate_case(seed: int, config: PhantomConfig | None = None, note: Clinical
         "seed": seed, "prompt": note.to_prompt(), "orientation": orientation,
         "oblique_deg": [round(float(a), 2) for a in angles_deg], "size": list(ct_img.GetSize()),
         "spacing": list(ct_img.GetSpacing()), "noise_hu": round(noise_hu, 2), "hu_offset": round(offset, 2),
-        "hu_scale": round(scale, 4), **({"field_of_view": "planning", "landmarks_z_mm": p.landmarks} if cfg.planning_fov else {}),
-        "arms": "up" if p.arms_up else "down", "body_scale": round(p.sw, 3),
+        "hu_scale": round(scale, 4), "arms": "up" if p.arms_up else "down", "body_scale": round(p.sw, 3),
         "fat_mm": round(p.fat, 1), "breast_density": round(p.density, 3),
         "sides": {n: {"breast": s.state, "size": round(float(s.size), 3), "seroma": bool(s.seroma),
                       "clips": bool(s.clips)} for n, s in p.sides.items()},
         "treatment_visible": visible,
+        **({"field_of_view": "planning", "landmarks_z_mm": p.landmarks} if cfg.planning_fov else {}),
         "generation_s": round(time.perf_counter() - t0, 3),
     }
     return PhantomCase(case_id=case_id or f"phantom-{seed}", ct=ct_img, ctv=ctv_for_note(region_img, note),

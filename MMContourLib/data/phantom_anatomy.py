@@ -438,6 +438,13 @@ def _draw_neck_and_abdomen(sc: _Scene, rng: np.random.Generator) -> None:
     y_tr = ys(z_cric) - 31 * p.sap
     sl, depth = _tube(grid, [(0, y_tr, z_cric), (0, y_tr - 3, z_cric + 14)], 14.0)
     T[sl][(depth > 0) & (depth < 4) & (T[sl] != _T["airway"])] = _T["cartilage"]
+    top = grid.z[-1] + 20
+    sc.vessel([(0, y_tr - 3, zn + 100), (0, y_tr + 6, top)], 8, _T["airway"])                   # pharynx
+    y_va = p.venous_angle_y()
+    for side in p.sides.values():                                                                # carotid, jugular
+        s = side.sign
+        sc.vessel([(s * 22, y_va + 12, zn + 110), (s * 24, y_va + 14, top)], 4)
+        sc.vessel([(s * 38, y_va + 6, zn + 110), (s * 40, y_va + 8, top)], side.vein_r + 1)
     dome, zs = _dome(p, sc.X, sc.Y), sc.zs
     below = sc.cavity & (zs < dome)                                # what _draw_thorax made "organ"
     T[below] = _T["bowel"]

@@ -28,7 +28,7 @@ LUNG_HU = -400.0                     # air density: lung parenchyma, airways, ga
 LUNG_MEDIAN_HU = (-960.0, -600.0)    # parenchyma; gas and the air outside sit at -1000
 MIN_LUNG_CC = 150.0
 #: A ptotic breast's inframammary fold can hang at or a little below the lowest lung slice on a supine
-#: planning CT; 30 mm below the lowest lung voxel keeps it (on the phantoms the CTV ends >= 10 mm above
+#: planning CT; 30 mm below the lowest lung voxel keeps it (on 15 planning-FOV phantoms the CTV ends 40-70 mm above
 #: that voxel) while an abdomen starts well below (stomach, liver and bowel lie 30-200 mm lower).
 CAUDAL_MARGIN_MM = 30.0
 #: The cricoid's lower border (C6) lies about two vertebral levels above the lung apices (T1).
@@ -172,7 +172,7 @@ def anatomical_range(ct: sitk.Image, mask: sitk.Image) -> tuple[sitk.Image, dict
         gone = ndimage.sum_labels(hit, labels, index)
         whole = ndimage.sum_labels(m, labels, index)
         for i in np.nonzero(gone)[0]:
-            report["components"].append({"cc": round(gone[i] * voxel_cc, 2), "reason": reason,
+            report["components"].append({"cc": round(float(gone[i]) * voxel_cc, 2), "reason": reason,
                                          "clipped": bool(gone[i] < whole[i])})
         removed |= hit
     m &= ~removed
@@ -180,7 +180,7 @@ def anatomical_range(ct: sitk.Image, mask: sitk.Image) -> tuple[sitk.Image, dict
     if n > 1:
         sizes = ndimage.sum_labels(m, labels, np.arange(1, n + 1))
         for i in _far_components(labels, n, sizes, spacing_zyx):
-            report["components"].append({"cc": round(sizes[i - 1] * voxel_cc, 2), "reason": FAR, "clipped": False})
+            report["components"].append({"cc": round(float(sizes[i - 1]) * voxel_cc, 2), "reason": FAR, "clipped": False})
             m[labels == i] = False
     report["dropped_cc"] = round(sum(c["cc"] for c in report["components"]), 2)
     if not report["components"]:
