@@ -2,7 +2,7 @@
 
 One contour: CT -> model grid -> note embedding (the LLM runs once per new note, cached) ->
 sliding window over the U-Net (Gaussian blending) -> probabilities back on the CT's own grid ->
-threshold -> mask with exactly the CT's geometry.
+threshold -> mask with exactly the CT's geometry -> anatomical range check (``inference.anatomy``).
 
 Speed and memory (docs/performance.md): the U-Net's encoder never sees the note, so its features
 per window are kept for the last CT (on the GPU when they fit, else in host memory, else not at
@@ -28,6 +28,7 @@ from ..model.device import PRECISIONS, resolve_device
 from ..model.windows import SlidingWindow
 from ..note.clinical import PROMPT_TEMPLATE_VERSION, ClinicalNote, note_from_any
 from ..image.preprocess import ModelInput, probabilities_to_ct_grid, threshold, to_model_grid
+from . import anatomy
 
 Progress = Callable[[str, int, int], None]
 FEATURE_CACHE_MODES = ("auto", "device", "host", "off")
@@ -47,6 +48,7 @@ class ContourResult:
     timings: dict[str, float] = field(default_factory=dict)
     windows: int = 0
     feature_cache: str = ""  # "hit", "device", "host" (stored there for the next note), "off" or "" (n/a)
+    anatomical_range: dict = field(default_factory=dict)  # what inference.anatomy removed, and why
 
     @property
     def voxels(self) -> int:
@@ -59,7 +61,8 @@ class ContourResult:
     def summary(self) -> dict:
         return {"prompt": self.prompt, "voxels": self.voxels, "volume_cc": round(self.volume_cc, 2),
                 "windows": self.windows, "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
-                "feature_cache": self.feature_cache, "provenance": self.provenance}
+                "feature_cache": self.feature_cache, "provenance": self.provenance,
+                "anatomical_range": self.anatomical_range}
 
 
 class Contourer:
@@ -71,14 +74,17 @@ class Contourer:
     ``cache_features`` (keep the encoder features of the last CT for a note edit: auto | device |
     host | off; ``feature_cache_bytes`` caps it), ``offload_llm`` (after each encoding, move the LLM to the
     CPU, or on the CPU release it; back when a new note needs it).
+    ``anatomical_range`` (default on): remove what lies caudal to the lung bases, cranial to the cricoid
+    or far from the target (``inference.anatomy``), reported in ``ContourResult.anatomical_range``.
     """
 
     def __init__(self, bundle: ModelBundle, llm: str | None = None, device: str = "auto", dtype: str = "auto",
                  roi_size: Sequence[int] | None = None, overlap: float | None = None, sw_batch_size: int = 1,
                  allow_download: bool = False, precision: str = "auto", channels_last: bool = False,
                  compile: bool = False, cache_features: str = "auto", feature_cache_bytes: int | None = None,
-                 offload_llm: bool = False):
+                 offload_llm: bool = False, anatomical_range: bool = True):
         self.bundle = bundle
+        self.anatomical_range = anatomical_range
         self.device = resolve_device(device)
         self.network, self.text = bundle.build(self.device, llm=llm, dtype=dtype, allow_download=allow_download)
         self.roi_size = tuple(int(v) for v in (roi_size or bundle.inference.roi_size))
@@ -287,9 +293,11 @@ class Contourer:
         report("postprocess", 0, 1)
         prob_img = probabilities_to_ct_grid(prob, model_input)
         mask = threshold(prob_img, self.bundle.inference.threshold)
+        mask, range_report = anatomy.anatomical_range(image, mask) if self.anatomical_range else (
+            mask, {"applied": False, "reason": "switched off (Contourer(anatomical_range=False))"})
         timings["postprocess"] = time.perf_counter() - t
         timings["total"] = sum(timings.values())
         report("postprocess", 1, 1)
         return ContourResult(mask, prob_img, note, prompt, self.provenance(prompt), timings, windows,
-                             getattr(self, "_cache_state", ""))
+                             getattr(self, "_cache_state", ""), range_report)
 

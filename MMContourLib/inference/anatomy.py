@@ -1,0 +1,194 @@
+"""The anatomical range check: nothing is contoured where no breast CTV or nodal level can lie.
+
+The limits come from the CT itself, never from the model: the body is the largest component above
+``BODY_HU``; the lungs are the large air-density components inside it whose median HU is that of lung
+parenchyma (so stomach and bowel gas, all near -1000 HU, are not lungs). Then
+
+- caudal limit = lowest lung voxel (the posterior costophrenic recess) - ``CAUDAL_MARGIN_MM``;
+- cranial limit = the lung apices + ``APEX_TO_CRICOID_MM``, an estimate of the cricoid's lower border
+  (the ESTRO / RTOG cranial border of level 4). The apices are the highest lung voxels more than
+  ``AIRWAY_HALF_WIDTH_MM`` from the body's midline, so that the trachea and larynx, which are one air
+  component with the lungs and run up the midline, do not count as lung.
+
+Predicted voxels beyond a limit are removed (a whole component, or the part of one that crosses the
+limit), then components farther than ``FAR_MM`` from the main structure (the largest component and
+everything within ``FAR_MM`` of it, transitively) are removed. A limit whose landmark is not in the CT
+(lungs cut by the field of view) is not applied, and a CT without lungs is left alone: the step never
+guesses. Everything removed is reported in cc with its reason.
+"""
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..image.grid import check_same_grid
+
+BODY_HU = -400.0
+LUNG_HU = -400.0                     # air density: lung parenchyma, airways, gas
+LUNG_MEDIAN_HU = (-960.0, -600.0)    # parenchyma; gas and the air outside sit at -1000
+MIN_LUNG_CC = 150.0
+#: A ptotic breast's inframammary fold can hang at or a little below the lowest lung slice on a supine
+#: planning CT; 30 mm below the lowest lung voxel keeps it (on 15 planning-FOV phantoms the CTV ends 40-70 mm above
+#: that voxel) while an abdomen starts well below (stomach, liver and bowel lie 30-200 mm lower).
+CAUDAL_MARGIN_MM = 30.0
+#: The cricoid's lower border (C6) lies about two vertebral levels above the lung apices (T1).
+APEX_TO_CRICOID_MM = 30.0
+AIRWAY_HALF_WIDTH_MM = 20.0
+#: Largest gap between the parts of one guideline CTV (left and right breast of a bilateral case across
+#: the sternum, internal mammary nodes inside the rib cage); a component farther away is not part of it.
+FAR_MM = 40.0
+
+CAUDAL, CRANIAL, FAR = "caudal to the lung bases", "cranial to the cricoid", "far from the target"
+
+
+def _coordinates(image: sitk.Image, stride: tuple[int, int, int]):
+    """Physical LPS x and z (mm) of the voxels of ``image``'s array taken with ``stride`` (z, y, x)."""
+    n = image.GetDimension()
+    matrix = np.asarray(image.GetDirection(), float).reshape(n, n) * np.asarray(image.GetSpacing(), float)
+    size = image.GetSize()
+    idx = [np.arange(0, size[a], stride[2 - a], dtype=np.float32) for a in range(3)]  # i, j, k
+    out = []
+    for row in (0, 2):
+        m, o = matrix[row], float(image.GetOrigin()[row])
+        out.append(np.float32(o) + np.float32(m[0]) * idx[0][None, None, :] + np.float32(m[1]) * idx[1][None, :, None]
+                   + np.float32(m[2]) * idx[2][:, None, None])
+    return out
+
+
+def find_limits(ct: sitk.Image) -> dict:
+    """``{"caudal", "cranial", "lung_base", "lung_apex"}`` in LPS z mm (None where the CT does not show
+    the landmark), plus ``"notes"``; ``{"lungs": False, "reason": ...}`` when it shows no lungs."""
+    from scipy import ndimage
+
+    direction = np.asarray(ct.GetDirection(), float).reshape(3, 3)
+    if abs(direction[2, 2]) < 0.85:
+        return {"lungs": False, "reason": "the CT's slices are not axial: the anatomical range was not checked"}
+    spacing = np.asarray(ct.GetSpacing(), float)
+    s = max(1, int(3.0 // min(spacing[0], spacing[1])))  # about 3 mm in plane is plenty for lungs and body
+    stride = (1, s, s)
+    hu = sitk.GetArrayViewFromImage(ct)[:, ::s, ::s]
+    voxel_cc = float(np.prod(spacing * [s, s, 1])) / 1000.0
+    labels, n = ndimage.label(hu > BODY_HU)
+    if n == 0:
+        return {"lungs": False, "reason": "no body in the CT: the anatomical range was not checked"}
+    body = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
+    inside = np.stack([ndimage.binary_fill_holes(b) for b in body])  # per slice: the airway opens to the outside
+    air = inside & (hu < LUNG_HU)
+    # a one-voxel erosion cuts the partial-volume bridges through a thin diaphragm to the gas in the stomach
+    core = ndimage.binary_erosion(air)
+    labels, n = ndimage.label(core)
+    lungs = np.zeros(air.shape, bool)
+    if n:
+        index = np.arange(1, n + 1)
+        sizes = ndimage.sum_labels(core, labels, index) * voxel_cc
+        for i in index[sizes >= MIN_LUNG_CC]:
+            part = labels == i
+            if LUNG_MEDIAN_HU[0] < float(np.median(hu[part])) < LUNG_MEDIAN_HU[1]:
+                lungs |= part
+        lungs = air & ndimage.binary_dilation(lungs)
+    if not lungs.any():
+        return {"lungs": False, "reason": f"no lungs in the CT (no air-density region of >= {MIN_LUNG_CC:.0f} cc "
+                                          "with lung HU inside the body): the anatomical range was not checked"}
+    x, z = _coordinates(ct, stride)
+    z_l = np.broadcast_to(z, lungs.shape)[lungs]
+    caudal_k = 0 if direction[2, 2] > 0 else lungs.shape[0] - 1
+    notes, limits = [], {"lungs": True}
+    if lungs[caudal_k].any():
+        limits["lung_base"] = limits["caudal"] = None
+        notes.append("the lungs reach the CT's caudal edge: no caudal limit")
+    else:
+        limits["lung_base"] = round(float(z_l.min()), 1)
+        limits["caudal"] = round(limits["lung_base"] - CAUDAL_MARGIN_MM, 1)
+    x_mid = float(np.median(np.broadcast_to(x, body.shape)[body]))
+    lateral = lungs & (np.abs(x - x_mid) > AIRWAY_HALF_WIDTH_MM)
+    if lungs[lungs.shape[0] - 1 - caudal_k].any() or not lateral.any():
+        limits["lung_apex"] = limits["cranial"] = None
+        notes.append("the lungs reach the CT's cranial edge: no cranial limit")
+    else:
+        limits["lung_apex"] = round(float(np.broadcast_to(z, lungs.shape)[lateral].max()), 1)
+        limits["cranial"] = round(limits["lung_apex"] + APEX_TO_CRICOID_MM, 1)
+    limits["notes"] = notes
+    return limits
+
+
+def _far_components(labels: np.ndarray, n: int, sizes: np.ndarray, spacing_zyx) -> list[int]:
+    """Labels of the components farther than FAR_MM from the main structure."""
+    from scipy import ndimage
+
+    if n < 2:
+        return []
+    boxes = ndimage.find_objects(labels)
+    pad = [int(np.ceil(FAR_MM / sp)) + 1 for sp in spacing_zyx]
+    lo = [max(0, min(b[a].start for b in boxes) - pad[a]) for a in range(3)]
+    hi = [min(labels.shape[a], max(b[a].stop for b in boxes) + pad[a]) for a in range(3)]
+    crop = labels[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    kept = {int(np.argmax(sizes)) + 1}
+    rest = set(range(1, n + 1)) - kept
+    while rest:
+        dist = ndimage.distance_transform_edt(~np.isin(crop, list(kept)), sampling=spacing_zyx)
+        near = {i for i in rest if float(ndimage.minimum(dist, crop, i)) <= FAR_MM}
+        if not near:
+            break
+        kept |= near
+        rest -= near
+    return sorted(rest)
+
+
+def anatomical_range(ct: sitk.Image, mask: sitk.Image) -> tuple[sitk.Image, dict]:
+    """``(cleaned mask, report)``: ``mask`` (0/1 on ``ct``'s grid) without what lies where no breast CTV or
+    nodal level can. The report: ``applied``, ``dropped_cc``, ``components`` (``cc``, ``reason``,
+    ``clipped``: only the part beyond a limit went), ``limits_mm``, and ``reason`` when not applied."""
+    from scipy import ndimage
+
+    check_same_grid(mask, ct, "the mask is not on the CT's grid")
+    limits = find_limits(ct)
+    report = {"applied": False, "dropped_cc": 0.0, "components": [], "limits_mm": {}}
+    if not limits.pop("lungs"):
+        report["reason"] = limits["reason"]
+        return mask, report
+    report.update(applied=True, notes=limits.pop("notes"),
+                  limits_mm={**limits, "caudal_margin": CAUDAL_MARGIN_MM, "apex_to_cricoid": APEX_TO_CRICOID_MM},
+                  far_mm=FAR_MM)
+    m = sitk.GetArrayFromImage(mask) > 0
+    if not m.any():
+        return mask, report
+    spacing = mask.GetSpacing()
+    voxel_cc = float(np.prod(spacing)) / 1000.0
+    spacing_zyx = (spacing[2], spacing[1], spacing[0])
+    structure = np.ones((3, 3, 3), bool)
+    labels, n = ndimage.label(m, structure)
+    _x, z = _coordinates(mask, (1, 1, 1))
+    z = np.broadcast_to(z, m.shape)
+    outside = {CAUDAL: z < limits["caudal"] if limits["caudal"] is not None else None,
+               CRANIAL: z > limits["cranial"] if limits["cranial"] is not None else None}
+    removed = np.zeros(m.shape, bool)
+    for reason, beyond in outside.items():
+        if beyond is None:
+            continue
+        hit = m & beyond & ~removed
+        if not hit.any():
+            continue
+        index = np.arange(1, n + 1)
+        gone = ndimage.sum_labels(hit, labels, index)
+        whole = ndimage.sum_labels(m, labels, index)
+        for i in np.nonzero(gone)[0]:
+            report["components"].append({"cc": round(float(gone[i]) * voxel_cc, 2), "reason": reason,
+                                         "clipped": bool(gone[i] < whole[i])})
+        removed |= hit
+    m &= ~removed
+    labels, n = ndimage.label(m, structure)
+    if n > 1:
+        sizes = ndimage.sum_labels(m, labels, np.arange(1, n + 1))
+        for i in _far_components(labels, n, sizes, spacing_zyx):
+            report["components"].append({"cc": round(float(sizes[i - 1]) * voxel_cc, 2), "reason": FAR, "clipped": False})
+            m[labels == i] = False
+    report["dropped_cc"] = round(sum(c["cc"] for c in report["components"]), 2)
+    if not report["components"]:
+        return mask, report
+    out = sitk.GetImageFromArray(m.astype(sitk.GetArrayViewFromImage(mask).dtype))
+    out.CopyInformation(mask)
+    return out, report
+
+
+__all__ = ["anatomical_range", "find_limits", "CAUDAL_MARGIN_MM", "APEX_TO_CRICOID_MM", "FAR_MM",
+           "CAUDAL", "CRANIAL", "FAR"]
