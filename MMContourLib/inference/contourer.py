@@ -28,6 +28,7 @@ from ..model.device import PRECISIONS, resolve_device
 from ..model.windows import SlidingWindow
 from ..note.clinical import PROMPT_TEMPLATE_VERSION, ClinicalNote, note_from_any
 from ..image.preprocess import ModelInput, probabilities_to_ct_grid, threshold, to_model_grid
+from .review import Review, review_contour
 
 Progress = Callable[[str, int, int], None]
 FEATURE_CACHE_MODES = ("auto", "device", "host", "off")
@@ -47,6 +48,7 @@ class ContourResult:
     timings: dict[str, float] = field(default_factory=dict)
     windows: int = 0
     feature_cache: str = ""  # "hit", "device", "host" (stored there for the next note), "off" or "" (n/a)
+    review: Review = field(default_factory=Review)
 
     @property
     def voxels(self) -> int:
@@ -59,7 +61,7 @@ class ContourResult:
     def summary(self) -> dict:
         return {"prompt": self.prompt, "voxels": self.voxels, "volume_cc": round(self.volume_cc, 2),
                 "windows": self.windows, "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
-                "feature_cache": self.feature_cache, "provenance": self.provenance}
+                "feature_cache": self.feature_cache, "provenance": self.provenance, "review": self.review.to_dict()}
 
 
 class Contourer:
@@ -287,9 +289,10 @@ class Contourer:
         report("postprocess", 0, 1)
         prob_img = probabilities_to_ct_grid(prob, model_input)
         mask = threshold(prob_img, self.bundle.inference.threshold)
+        review = review_contour(image, prob_img, mask, note, self.bundle.training, self.bundle.preprocessing)
         timings["postprocess"] = time.perf_counter() - t
         timings["total"] = sum(timings.values())
         report("postprocess", 1, 1)
         return ContourResult(mask, prob_img, note, prompt, self.provenance(prompt), timings, windows,
-                             getattr(self, "_cache_state", ""))
+                             getattr(self, "_cache_state", ""), review)
 
