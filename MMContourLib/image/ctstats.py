@@ -23,6 +23,8 @@ SAMPLE_MM = 4.0
 #: The body's width and depth are measured per slab of this height (mm), and the median slab is taken:
 #: raised arms at the top of the scan or a short slab at its end do not change them.
 SLAB_MM = 20.0
+#: Plates thinner than this in A-P (mm) are not the patient: the couch's carbon-fibre shells.
+COUCH_MM = 12.0
 #: Keys of ``ct_statistics`` that hold one value per patient axis.
 PER_AXIS = ("spacing_mm", "fov_mm")
 STATISTICS = ("spacing_mm", "fov_mm", "hu_p1", "hu_p50", "hu_p99", "body_width_mm", "body_depth_mm")
@@ -58,7 +60,8 @@ def ct_statistics(image: sitk.Image, config: PreprocessConfig = PreprocessConfig
     if not body.any():
         stats.update({f"hu_p{p}": None for p in PERCENTILES}, body_width_mm=None, body_depth_mm=None)
         return stats
-    body = _patient(body)
+    ap_storage = axis_of.index(1) if 1 in axis_of else 1
+    body = _patient(body, 2 - ap_storage, float(step[ap_storage] * spacing[ap_storage]))
     for p, v in zip(PERCENTILES, np.percentile(arr[body], PERCENTILES)):
         stats[f"hu_p{p}"] = round(float(v), 1)
     kji = np.argwhere(body)
@@ -75,22 +78,25 @@ def ct_statistics(image: sitk.Image, config: PreprocessConfig = PreprocessConfig
     return stats
 
 
-def _patient(body: np.ndarray) -> np.ndarray:
-    """The patient without the couch: the table top touches the back, so it is cut off first by an
-    in-plane opening (it removes anything thinner than about 4 samples, ~16 mm, the shells of a
-    carbon-fibre table), then the largest component is grown back to the body voxels it opened away."""
+def _patient(body: np.ndarray, ap_axis: int, ap_step_mm: float) -> np.ndarray:
+    """The patient without the couch. The table top touches the back, so its shells (plates a few mm
+    thick in A-P) are cut off first by an opening with a line of ``COUCH_MM`` along A-P (the body's
+    lateral walls, tall in A-P, stay whatever their width), then the largest component is grown back
+    to the body voxels the opening took from it."""
     from scipy import ndimage
 
-    plane = np.zeros((3, 3, 3), bool)
-    plane[1] = ndimage.generate_binary_structure(2, 1)
-    core = ndimage.binary_opening(body, plane, iterations=2)
+    length = 2 * max(1, int(COUCH_MM / 2 / ap_step_mm)) + 1
+    shape = [1, 1, 1]
+    shape[ap_axis] = length
+    line = np.ones(shape, bool)
+    core = ndimage.binary_opening(body, line)
     labels, n = ndimage.label(core)
     if n == 0:
         return body
     counts = np.bincount(labels.ravel())
     counts[0] = 0
     largest = labels == int(np.argmax(counts))
-    return ndimage.binary_dilation(largest, plane, iterations=2) & body
+    return ndimage.binary_dilation(largest, line) & body
 
 
 def training_range(cases: Iterable[Mapping]) -> dict:

@@ -135,6 +135,15 @@ def uncertain_ratio(probability: np.ndarray, mask: np.ndarray, band=(0.2, 0.8)) 
     return uncertain / contour
 
 
+def surface_cm2(mask: np.ndarray, spacing_zyx) -> float:
+    """Area of the mask's boundary (voxel faces between inside and outside, and at the array's edge)."""
+    area = 0.0
+    for axis in range(3):
+        faces = np.count_nonzero(np.diff(mask, axis=axis, prepend=False, append=False))
+        area += faces * float(np.prod([s for i, s in enumerate(spacing_zyx) if i != axis]))
+    return area / 100.0
+
+
 def confidence_reason(ratio: float | None, config: ReviewConfig = ReviewConfig(),
                       structure: str | None = None) -> Reason | None:
     if ratio is None or ratio <= config.max_uncertain_ratio:
@@ -184,8 +193,14 @@ def review_contour(image: sitk.Image, probability: sitk.Image, mask: sitk.Image,
     m = sitk.GetArrayViewFromImage(mask) > 0
     volume_cc = float(np.count_nonzero(m)) * float(np.prod(mask.GetSpacing())) / 1000.0
     ratio = uncertain_ratio(p, m, config.uncertain_band)
+    voxel_cc = float(np.prod(mask.GetSpacing())) / 1000.0
+    lo, hi = config.uncertain_band
+    uncertain_cc = float(np.count_nonzero((p > lo) & (p < hi))) * voxel_cc
+    surface = surface_cm2(m, mask.GetSpacing()[::-1]) if ratio is not None else 0.0
     review.measures.update(volume_cc=round(volume_cc, 2),
-                           uncertain_ratio=None if ratio is None else round(ratio, 4))
+                           uncertain_ratio=None if ratio is None else round(ratio, 4),
+                           uncertain_cc=round(uncertain_cc, 2),
+                           uncertain_mm=round(10 * uncertain_cc / surface, 3) if surface else None)
     for reason in (volume_reason(volume_cc, note, config), confidence_reason(ratio, config)):
         if reason is not None:
             review.reasons.append(reason)
