@@ -75,6 +75,8 @@ def run(args) -> dict:
             summary.update({k: str(v) for k, v in written.items()})
     if not args.json:
         print(f"CTV: {summary['volume_cc']:.1f} cc, prompt '{result.prompt}', {result.timings['total']:.1f} s -> {out}")
+        if result.review.needs_review:
+            print("REVIEW: " + "; ".join(summary["review"]["reasons"]))
     return summary
 
 

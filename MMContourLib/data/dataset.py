@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
+from ..image.ctstats import ct_statistics
 from ..image.preprocess import PreprocessConfig, mask_to_model_grid, to_model_grid
 from .manifest import Case
 
@@ -52,7 +53,8 @@ class LoadCaseOnModelGridd:
     """{"ct", "ctv", "regions", ...} paths -> on the model grid: "image" (1, X, Y, Z) float32 0..1, "label"
     (1, X, Y, Z) uint8 (CTV fraction > 0.5), "soft" (1, X, Y, Z) float32 (the CTV fraction of each voxel)
     and "emphasis" (1, X, Y, Z) float32, the fraction of each voxel inside the regions
-    whose label values are ``emphasis_labels`` (zeros without a regions map or labels; see losses.py)."""
+    whose label values are ``emphasis_labels`` (zeros without a regions map or labels; see losses.py);
+    "ct_stats" is ``ct_statistics`` of the CT as read (its own grid), for the bundle's training range."""
 
     def __init__(self, preprocessing: PreprocessConfig, emphasis_labels: Sequence[int] = ()):
         self.preprocessing = preprocessing
@@ -74,6 +76,7 @@ class LoadCaseOnModelGridd:
             model_input = to_model_grid(ct, self.preprocessing)
         except ValueError as exc:
             raise CaseError(f"case {data['case_id']}: its CT {data['ct']} cannot be used: {exc}") from None
+        stats = ct_statistics(ct, self.preprocessing)
         fraction = mask_to_model_grid(read("ctv"), model_input).astype(np.float32)
         label = fraction > 0.5
         emphasis = np.zeros(label.shape, np.float32)
@@ -84,7 +87,7 @@ class LoadCaseOnModelGridd:
             inside.CopyInformation(regions)
             emphasis = mask_to_model_grid(inside, model_input).astype(np.float32)
         return {"case_id": data["case_id"], "prompt": data["prompt"], "image": model_input.array[None],
-                "label": label[None].astype(np.uint8), "soft": fraction[None], "emphasis": emphasis[None]}
+                "label": label[None].astype(np.uint8), "soft": fraction[None], "emphasis": emphasis[None], "ct_stats": stats}
 
 
 def build_cache(cases: Sequence[Case], preprocessing: PreprocessConfig, patch_size: Sequence[int],
@@ -108,6 +111,12 @@ def build_cache(cases: Sequence[Case], preprocessing: PreprocessConfig, patch_si
                             copy_cache=False)
     except RuntimeError as exc:  # MONAI wraps a transform's error as "applying transform <object at 0x...>"
         raise case_error_in(exc) or exc
+
+
+def cached_statistics(cache: CacheDataset) -> list[dict]:
+    """``ct_statistics`` of the cases the cache holds, without reading a CT again (cases beyond the
+    cache rate are read only when sampled, in loader workers, and are left out)."""
+    return [cache[i]["ct_stats"] for i in range(cache.cache_num)]
 
 
 def case_error_in(exc: BaseException) -> CaseError | None:

@@ -29,6 +29,7 @@ from ..model.windows import SlidingWindow
 from ..note.clinical import PROMPT_TEMPLATE_VERSION, ClinicalNote, note_from_any
 from ..image.preprocess import ModelInput, probabilities_to_ct_grid, threshold, to_model_grid
 from . import anatomy
+from .review import Review, review_contour
 
 Progress = Callable[[str, int, int], None]
 FEATURE_CACHE_MODES = ("auto", "device", "host", "off")
@@ -49,6 +50,7 @@ class ContourResult:
     windows: int = 0
     feature_cache: str = ""  # "hit", "device", "host" (stored there for the next note), "off" or "" (n/a)
     anatomical_range: dict = field(default_factory=dict)  # what inference.anatomy removed, and why
+    review: Review = field(default_factory=Review)
 
     @property
     def voxels(self) -> int:
@@ -62,7 +64,7 @@ class ContourResult:
         return {"prompt": self.prompt, "voxels": self.voxels, "volume_cc": round(self.volume_cc, 2),
                 "windows": self.windows, "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
                 "feature_cache": self.feature_cache, "provenance": self.provenance,
-                "anatomical_range": self.anatomical_range}
+                "anatomical_range": self.anatomical_range, "review": self.review.to_dict()}
 
 
 class Contourer:
@@ -295,9 +297,11 @@ class Contourer:
         mask = threshold(prob_img, self.bundle.inference.threshold)
         mask, range_report = anatomy.anatomical_range(image, mask) if self.anatomical_range else (
             mask, {"applied": False, "reason": "switched off (Contourer(anatomical_range=False))"})
+        review = review_contour(image, prob_img, mask, note, self.bundle.training, self.bundle.preprocessing,
+                                anatomical_range=range_report, input_notes=model_input.notes)
         timings["postprocess"] = time.perf_counter() - t
         timings["total"] = sum(timings.values())
         report("postprocess", 1, 1)
         return ContourResult(mask, prob_img, note, prompt, self.provenance(prompt), timings, windows,
-                             getattr(self, "_cache_state", ""), range_report)
+                             getattr(self, "_cache_state", ""), range_report, review)
 

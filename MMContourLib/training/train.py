@@ -32,9 +32,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..image.ctstats import training_range
 from ..image.fileio import atomic_write
-from ..data.dataset import (AugmentConfig, PatchDataset, build_cache, collate, epoch_plan, sample_transforms,
-                            select_fraction, steps_per_epoch)
+from ..data.dataset import (AugmentConfig, PatchDataset, build_cache, cached_statistics, collate, epoch_plan,
+                            sample_transforms, select_fraction, steps_per_epoch)
 from ..data.manifest import manifest_hash, read_cases
 from ..image.preprocess import PreprocessConfig
 from ..model.device import DeviceError, resolve_device
@@ -462,6 +463,7 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
         "batch_size": global_batch, "patch": list(patch), "lr": config.lr, "processes": dist.world_size,
         "text_encoder": config.text_encoder, "trainable_parameters": count_parameters(model),
         "region_weight": config.region_weight, "soft_labels": config.soft_labels,
+        "ct_range": training_range(cached_statistics(train_cache)),  # what the review checks a new CT against
     }
     epoch_times = []
     for epoch in range(start_epoch, config.epochs):

@@ -1,0 +1,229 @@
+"""Review flags of a contour: why a clinician should look at it twice, one line per reason.
+
+``review_contour`` checks what needs no per-structure network output:
+
+* input: the CT against the range of the bundle's training CTs (``training["ct_range"]``, written by
+  training from ``image.ctstats``): slice / pixel spacing coarser than trained, a field of view or
+  body size outside the trained range, body HU percentiles outside it (calibration, contrast);
+* confidence: the share of uncertain voxels (probability strictly between ``uncertain_band``) per
+  voxel of the contour;
+* volume: an empty contour, or one implausibly small or large for the note;
+* anatomical range: what ``inference.anatomy`` removed where no breast CTV or nodal level can lie, when
+  it is more than ``max_dropped_cc``.
+
+A ``Reason`` may name a structure, so that per-structure checks add reasons to the same list; a
+bundle without a training range gives no input flag and says so in ``notes``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..image.ctstats import AXES, ct_statistics
+from ..note.clinical import ClinicalNote
+
+
+@dataclass(frozen=True)
+class ReviewConfig:
+    # Probabilities in this open band are "uncertain"; 0.2 / 0.8 are far enough from the 0.5 threshold
+    # that the partial-volume rim of a confident contour (one voxel) stays mostly outside it.
+    uncertain_band: tuple[float, float] = (0.2, 0.8)
+    # Uncertain voxels per contour voxel above which the contour is flagged: the 80th percentile of the
+    # right contours of the demo bundle on 20 internal phantoms (bench/review_flags.py --calibrate 20,
+    # seed 3: right 0.28-0.69), so that at most 20 % of right contours are flagged (issue 11's budget).
+    # The demo bundle's few wrong contours are about as confident as its right ones (0.37-0.80).
+    max_uncertain_ratio: float = 0.60
+    # CTV volume per treated side (cc). The smallest whole-breast / chest-wall CTV of a small patient
+    # is about 100 cc (a thin chest wall 3-5 mm deep over ~250 cm2); below 50 cc the contour cannot
+    # be the whole target. A large breast with all nodal levels stays under about 2,500 cc; above
+    # 3,000 cc the contour has spread beyond the target (into the other breast, lung or abdomen).
+    min_cc_per_side: float = 50.0
+    max_cc_per_side: float = 3000.0
+    # Tolerances around the training range: spacing and sizes relative, HU absolute.
+    relative_tolerance: float = 0.10
+    hu_tolerance: float = 30.0
+    # Removed by the anatomical range step (cc) above which the clinician is told: a few cc are partial-volume
+    # crumbs at a limit; more means the model painted outside the target region and may have erred inside it.
+    max_dropped_cc: float = 5.0
+
+
+@dataclass(frozen=True)
+class Reason:
+    kind: str  # "input", "confidence", "volume", ...
+    text: str  # one line for a clinician, with numbers and units
+    structure: str | None = None  # None: the whole contour
+
+    def line(self) -> str:
+        return f"{self.structure}: {self.text}" if self.structure else self.text
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "structure": self.structure, "text": self.text}
+
+
+@dataclass
+class Review:
+    reasons: list[Reason] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was not checked, and why (no flag)
+    measures: dict = field(default_factory=dict)  # the numbers the checks used
+
+    @property
+    def needs_review(self) -> bool:
+        return bool(self.reasons)
+
+    def to_dict(self) -> dict:
+        return {"needs_review": self.needs_review, "reasons": [r.line() for r in self.reasons],
+                "flags": [r.to_dict() for r in self.reasons], "notes": list(self.notes),
+                "measures": self.measures}
+
+
+# -- input outside the training range -------------------------------------------------------------
+
+def _mm(v: float) -> str:
+    return f"{v:.1f} mm"
+
+
+def _span(lo: float, hi: float, fmt=_mm) -> str:
+    return fmt(lo) if abs(hi - lo) < 1e-6 else f"{fmt(lo).split()[0]}-{fmt(hi)}"
+
+
+def range_reasons(stats: Mapping, trained: Mapping, config: ReviewConfig = ReviewConfig()) -> list[Reason]:
+    """One reason per statistic of ``stats`` (``ct_statistics``) outside ``trained`` (``training_range``).
+    Spacing is flagged only when coarser than trained: a finer CT is resampled to the model's grid and
+    loses nothing the model was trained with."""
+    rel, out = config.relative_tolerance, []
+    if "spacing_mm" in trained and stats.get("spacing_mm"):
+        for axis, value, (lo, hi) in zip(AXES, stats["spacing_mm"], trained["spacing_mm"]):
+            if value > hi * (1 + rel):
+                what = "slices are" if axis == "S-I" else f"voxels are, {axis},"
+                advice = "a CT with thinner slices" if axis == "S-I" else "a CT with a finer pixel grid"
+                out.append(Reason("input", f"{what} {_mm(value)} apart; this model was trained on {_span(lo, hi)}: "
+                                           f"check the contour, or give {advice}"))
+    if "fov_mm" in trained and stats.get("fov_mm"):
+        for axis, value, (lo, hi) in zip(AXES, stats["fov_mm"], trained["fov_mm"]):
+            if value < lo * (1 - rel):
+                out.append(Reason("input", f"the CT covers {value:.0f} mm {axis}; this model was trained on CTs "
+                                           f"covering {lo:.0f}-{hi:.0f} mm: part of the target may lie outside it"))
+            elif value > hi * (1 + rel):
+                out.append(Reason("input", f"the CT covers {value:.0f} mm {axis}; this model was trained on CTs "
+                                           f"covering {lo:.0f}-{hi:.0f} mm: check for contour in anatomy it has "
+                                           f"not seen (e.g. neck or abdomen)"))
+    for key, label in (("body_width_mm", "wide (R-L)"), ("body_depth_mm", "deep (A-P)")):
+        if key in trained and stats.get(key) is not None:
+            lo, hi = trained[key]
+            value = stats[key]
+            if not lo * (1 - rel) <= value <= hi * (1 + rel):
+                out.append(Reason("input", f"the patient is {value:.0f} mm {label}; this model was trained on "
+                                           f"{lo:.0f}-{hi:.0f} mm: check the contour"))
+    for p, label in ((1, "1st"), (50, "median"), (99, "99th")):
+        key = f"hu_p{p}"
+        if key in trained and stats.get(key) is not None:
+            lo, hi = trained[key]
+            value = stats[key]
+            if not lo - config.hu_tolerance <= value <= hi + config.hu_tolerance:
+                out.append(Reason("input", f"the {label} percentile of body HU is {value:.0f} HU; this model was "
+                                           f"trained on {lo:.0f} to {hi:.0f} HU: check the CT's calibration or "
+                                           f"contrast, and the contour"))
+    return out
+
+
+# -- confidence -----------------------------------------------------------------------------------
+
+def uncertain_ratio(probability: np.ndarray, mask: np.ndarray, band=(0.2, 0.8)) -> float | None:
+    """Voxels with probability strictly inside ``band`` per voxel of ``mask`` (None for an empty mask)."""
+    contour = int(np.count_nonzero(mask))
+    if contour == 0:
+        return None
+    lo, hi = band
+    uncertain = int(np.count_nonzero((probability > lo) & (probability < hi)))
+    return uncertain / contour
+
+
+def surface_cm2(mask: np.ndarray, spacing_zyx) -> float:
+    """Area of the mask's boundary (voxel faces between inside and outside, and at the array's edge)."""
+    area = 0.0
+    for axis in range(3):
+        faces = np.count_nonzero(np.diff(mask, axis=axis, prepend=False, append=False))
+        area += faces * float(np.prod([s for i, s in enumerate(spacing_zyx) if i != axis]))
+    return area / 100.0
+
+
+def confidence_reason(ratio: float | None, config: ReviewConfig = ReviewConfig(),
+                      structure: str | None = None) -> Reason | None:
+    if ratio is None or ratio <= config.max_uncertain_ratio:
+        return None
+    lo, hi = config.uncertain_band
+    return Reason("confidence", f"the model is unsure: {100 * ratio:.0f} uncertain voxels (probability "
+                                f"{lo:g}-{hi:g}) per 100 contour voxels, above {100 * config.max_uncertain_ratio:.0f}:"
+                                f" check the contour's borders and the nodal levels", structure)
+
+
+# -- volume ---------------------------------------------------------------------------------------
+
+def volume_reason(volume_cc: float, note: ClinicalNote, config: ReviewConfig = ReviewConfig(),
+                  structure: str | None = None) -> Reason | None:
+    sides = max(1, len(note.sides))
+    lo, hi = config.min_cc_per_side * sides, config.max_cc_per_side * sides
+    per = "" if sides == 1 else f" for {sides} treated sides"
+    if volume_cc <= 0:
+        return Reason("volume", "the contour is empty: the model drew no target for this note; "
+                                "contour by hand or check the note and the CT", structure)
+    if volume_cc < lo:
+        return Reason("volume", f"the contour is {volume_cc:.0f} cc, less than the {lo:.0f} cc of the smallest "
+                                f"plausible CTV{per}: the target is probably incomplete", structure)
+    if volume_cc > hi:
+        return Reason("volume", f"the contour is {volume_cc:.0f} cc, more than the {hi:.0f} cc of the largest "
+                                f"plausible CTV{per}: it has probably spread beyond the target", structure)
+    return None
+
+
+# -- the whole contour ----------------------------------------------------------------------------
+
+def review_contour(image: sitk.Image, probability: sitk.Image, mask: sitk.Image, note: ClinicalNote,
+                   training: Mapping | None, preprocessing=None, config: ReviewConfig = ReviewConfig(),
+                   anatomical_range: Mapping | None = None, input_notes: list[str] = ()) -> Review:
+    """The review of one contour (``mask``, its ``probability`` on the CT's grid) of ``image`` for
+    ``note``, by a bundle whose training block is ``training``; ``anatomical_range`` is the report of
+    ``inference.anatomy`` (what it removed), ``input_notes`` what preprocessing noticed about the CT."""
+    review = Review()
+    review.notes += list(input_notes)
+    reason = dropped_reason(anatomical_range or {}, config)
+    if reason is not None:
+        review.reasons.append(reason)
+    stats = ct_statistics(image) if preprocessing is None else ct_statistics(image, preprocessing)
+    trained = (training or {}).get("ct_range") or {}
+    review.measures["ct"] = stats
+    if trained:
+        review.reasons += range_reasons(stats, trained, config)
+    else:
+        review.notes.append("the bundle records no training range of CTs (trained before it was recorded): "
+                            "the CT was not checked against it")
+    p = sitk.GetArrayViewFromImage(probability)
+    m = sitk.GetArrayViewFromImage(mask) > 0
+    volume_cc = float(np.count_nonzero(m)) * float(np.prod(mask.GetSpacing())) / 1000.0
+    ratio = uncertain_ratio(p, m, config.uncertain_band)
+    voxel_cc = float(np.prod(mask.GetSpacing())) / 1000.0
+    lo, hi = config.uncertain_band
+    uncertain_cc = float(np.count_nonzero((p > lo) & (p < hi))) * voxel_cc
+    surface = surface_cm2(m, mask.GetSpacing()[::-1]) if ratio is not None else 0.0
+    review.measures.update(volume_cc=round(volume_cc, 2),
+                           uncertain_ratio=None if ratio is None else round(ratio, 4),
+                           uncertain_cc=round(uncertain_cc, 2),
+                           uncertain_mm=round(10 * uncertain_cc / surface, 3) if surface else None)
+    for reason in (volume_reason(volume_cc, note, config), confidence_reason(ratio, config)):
+        if reason is not None:
+            review.reasons.append(reason)
+    return review
+
+
+def dropped_reason(report: Mapping, config: ReviewConfig = ReviewConfig()) -> Reason | None:
+    """A reason when the anatomical range step removed more than ``max_dropped_cc``, naming where."""
+    dropped = float(report.get("dropped_cc") or 0.0)
+    if dropped <= config.max_dropped_cc:
+        return None
+    where = sorted({c.get("reason", "") for c in report.get("components", []) if c.get("reason")})
+    return Reason("anatomical-range", f"{dropped:.1f} cc were removed as outside any breast CTV or nodal level "
+                                      f"({', '.join(where) or 'see the anatomical range report'}): the model painted "
+                                      "outside the target region; check the rest of the contour too")

@@ -1,0 +1,152 @@
+"""Review flags: a CT outside the bundle's training range, an uncertain contour, an implausible volume;
+the range recorded by a real training run; the review in the summary and on the predict line."""
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import make_bundle, make_ct
+from test_train import tiny_config, write_cases
+
+from MMContourLib.cli.main import main
+from MMContourLib.data.manifest import read_cases
+from MMContourLib.image.ctstats import ct_statistics, training_range
+from MMContourLib.image.readwrite import read_image
+from MMContourLib.inference.contourer import Contourer
+from MMContourLib.inference.review import ReviewConfig, review_contour, uncertain_ratio, volume_reason
+from MMContourLib.model.bundle import ModelBundle
+from MMContourLib.note.clinical import ClinicalNote, note_from_any
+from MMContourLib.training.train import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+NOTE = "N0, breast conserving surgery, left side"
+
+
+def ct_with_slices(mm: float, seed: int = 0) -> sitk.Image:
+    """The conftest CT (4 x 4 mm pixels) with ``mm`` slices over the same ~144 mm S-I."""
+    return make_ct(size=(48, 40, int(round(144 / mm))), spacing=(4.0, 4.0, mm), seed=seed)
+
+
+@pytest.fixture(scope="module")
+def trained_on_5mm(tmp_path_factory):
+    """A vision-only bundle whose training block records CTs like ct_with_slices(5.0)."""
+    path = make_bundle(None, tmp_path_factory.mktemp("range") / "b")
+    bundle = ModelBundle.load(path)
+    bundle.training = {"ct_range": training_range(ct_statistics(ct_with_slices(5.0, seed=s)) for s in range(3))}
+    bundle.save(path)
+    return path
+
+
+def input_reasons(result):
+    return [r for r in result.review.reasons if r.kind == "input"]
+
+
+def test_statistics_are_in_patient_axes_of_the_original_grid():
+    ct = make_ct(size=(48, 40, 24), spacing=(4.0, 4.0, 6.0))
+    stats = ct_statistics(ct)
+    assert stats["spacing_mm"] == [4.0, 4.0, 6.0] and stats["fov_mm"] == [192.0, 160.0, 144.0]
+    assert stats["hu_p1"] < stats["hu_p50"] < stats["hu_p99"] and -100 < stats["hu_p50"] < 100
+    # body ellipse: 0.84 x 0.70 of the field of view, wider than deep
+    assert 140 < stats["body_width_mm"] < 180 and 95 < stats["body_depth_mm"] < 125
+    # stored slices first (S-I along the first axis): the same patient axes come out
+    arr = sitk.GetArrayFromImage(ct).transpose(1, 2, 0)  # (y, x, z) -> image axes (z, x, y)
+    flipped = sitk.GetImageFromArray(arr)
+    flipped.SetSpacing((6.0, 4.0, 4.0))
+    flipped.SetDirection((0, 1, 0, 0, 0, 1, 1, 0, 0))
+    again = ct_statistics(flipped)
+    assert again["spacing_mm"] == [4.0, 4.0, 6.0] and again["fov_mm"] == [192.0, 160.0, 144.0]
+
+
+def test_8mm_slices_flagged_when_trained_on_5mm(trained_on_5mm, capsys, tmp_path):
+    contourer = Contourer.from_bundle(trained_on_5mm, device="cpu")
+    result = contourer.contour(ct_with_slices(8.0), NOTE)
+    reasons = input_reasons(result)
+    assert len(reasons) == 1, [r.text for r in reasons]
+    assert "8.0 mm apart" in reasons[0].text and "trained on 5.0 mm" in reasons[0].text
+    assert reasons[0].structure is None
+    summary = result.summary()["review"]
+    assert summary["needs_review"] is True and reasons[0].text in summary["reasons"]
+    assert json.loads(json.dumps(summary)) == summary
+
+    ct_file = tmp_path / "ct8.nii.gz"
+    sitk.WriteImage(ct_with_slices(8.0), str(ct_file))
+    code = main(["predict", "--ct", str(ct_file), "--note", NOTE, "--bundle", str(trained_on_5mm),
+                 "--out", str(tmp_path / "ctv.seg.nrrd"), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0
+    review_line = [line for line in out.splitlines() if line.startswith("REVIEW: ")]
+    assert len(review_line) == 1 and "8.0 mm apart" in review_line[0]
+
+
+def test_ct_inside_the_range_is_not_flagged(trained_on_5mm):
+    contourer = Contourer.from_bundle(trained_on_5mm, device="cpu")
+    for ct in (ct_with_slices(5.0, seed=9), ct_with_slices(3.0, seed=9)):  # finer slices lose nothing
+        result = contourer.contour(ct, NOTE)
+        assert input_reasons(result) == [] and result.review.notes == []
+
+
+def test_bundle_without_a_range_gives_no_input_flag_and_says_so(tiny_vision_bundle):
+    assert "ct_range" not in ModelBundle.load(tiny_vision_bundle).training
+    result = Contourer.from_bundle(tiny_vision_bundle, device="cpu").contour(ct_with_slices(8.0), NOTE)
+    assert input_reasons(result) == []
+    assert any("records no training range" in n for n in result.summary()["review"]["notes"])
+
+
+def _sphere_review(ramp_mm: float):
+    """A 40 mm-radius sphere whose probability falls from 1 to 0 over ``ramp_mm`` around its surface."""
+    ct = make_ct(size=(48, 40, 24), spacing=(4.0, 4.0, 6.0))
+    z, y, x = np.meshgrid(*(np.arange(n) * s for n, s in zip(ct.GetSize()[::-1], ct.GetSpacing()[::-1])),
+                          indexing="ij")
+    r = np.sqrt((x - 96) ** 2 + (y - 80) ** 2 + (z - 72) ** 2)
+    p = np.clip(0.5 - (r - 40) / ramp_mm, 0, 1).astype(np.float32)
+    prob = sitk.GetImageFromArray(p)
+    prob.CopyInformation(ct)
+    mask = sitk.GetImageFromArray((p >= 0.5).astype(np.uint8))
+    mask.CopyInformation(ct)
+    return review_contour(ct, prob, mask, note_from_any(NOTE), None)
+
+
+def test_uncertainty_flag_on_constructed_probabilities():
+    sharp, blurred = _sphere_review(ramp_mm=4.0), _sphere_review(ramp_mm=80.0)
+    threshold = ReviewConfig().max_uncertain_ratio
+    assert sharp.measures["uncertain_ratio"] < threshold < blurred.measures["uncertain_ratio"]
+    assert not [r for r in sharp.reasons if r.kind == "confidence"]
+    (reason,) = [r for r in blurred.reasons if r.kind == "confidence"]
+    assert "unsure" in reason.text and "per 100 contour voxels" in reason.text
+    assert uncertain_ratio(np.full((2, 2, 2), 0.5), np.zeros((2, 2, 2), bool)) is None
+
+
+def test_volume_flags_follow_the_note():
+    unilateral = note_from_any(NOTE)
+    assert "empty" in volume_reason(0.0, unilateral).text
+    assert "less than the 50 cc" in volume_reason(20.0, unilateral).text
+    assert volume_reason(800.0, unilateral) is None
+    assert "more than the 3000 cc" in volume_reason(3500.0, unilateral).text
+    bilateral = ClinicalNote.from_fields(side="bilateral", n_stage="left:N0;right:ypN2", surgery="left:BCS;right:MRM")
+    assert len(bilateral.sides) == 2 and volume_reason(3500.0, bilateral) is None
+    assert volume_reason(20.0, unilateral, structure="CTVp_Breast_L").line().startswith("CTVp_Breast_L: ")
+
+
+def test_training_records_the_range_of_its_ct(tmp_path, tiny_llm_dir):
+    manifest = write_cases(tmp_path / "data", n=4, n_val=1)
+    result = train(tiny_config(manifest, tmp_path / "run", tiny_llm_dir, epochs=1))
+    recorded = ModelBundle.load(result.last).training["ct_range"]
+    cases = read_cases(manifest, split="train")
+    expected = training_range(ct_statistics(read_image(c.ct)) for c in cases)
+    assert recorded == json.loads(json.dumps(expected)) and recorded["cases"] == 3
+    assert recorded["spacing_mm"] == [[4.0, 4.0], [4.0, 4.0], [6.0, 6.0]]
+    assert set(recorded) >= {"fov_mm", "hu_p1", "hu_p50", "hu_p99", "body_width_mm", "body_depth_mm"}
+    # prediction measures a training CT the same way: inside its own range
+    contoured = Contourer.from_bundle(result.last, llm=str(tiny_llm_dir), device="cpu").contour(
+        read_image(cases[0].ct), cases[0].note)
+    assert input_reasons(contoured) == []
+
+
+def test_what_the_anatomical_range_step_removed_is_a_reason_above_a_few_cc():
+    from MMContourLib.inference.review import dropped_reason
+
+    report = {"dropped_cc": 20.4, "components": [{"cc": 20.4, "reason": "caudal to the lung bases"}]}
+    reason = dropped_reason(report)
+    assert reason.kind == "anatomical-range" and "20.4 cc" in reason.text and "caudal to the lung bases" in reason.text
+    assert dropped_reason({"dropped_cc": 3.0, "components": [{"cc": 3.0, "reason": "far from the target"}]}) is None
+    assert dropped_reason({}) is None
