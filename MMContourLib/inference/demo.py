@@ -128,11 +128,16 @@ def run_demo(out_dir: str | Path, bundle: str | Path | None = None, llm: str | N
                                                * float(np.prod(truth.GetSpacing())) / 1000, 1),
                       "regions": {"contoured": check["targeted"], "guideline": check["expected"],
                                   "correct": check["correct"]},
+                      "review": {k: v for k, v in result.review.to_dict().items() if k != "measures"},
+                      "anatomical_range": {k: result.anatomical_range.get(k) for k in ("applied", "dropped_cc", "reason")
+                                           if k in result.anatomical_range},
                       "segmentation": seg_path.name, "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
                       "_panel": (label, truth, result.mask, d)})
         _say(f"  Dice {d:.3f} vs the guideline CTV for this note; regions {', '.join(check['targeted']) or 'none'}"
              f"{'' if check['correct'] else ' (guideline: ' + ', '.join(check['expected']) + ')'}; "
              f"{result.timings['total']:.1f} s")
+        if result.review.needs_review:
+            _say("  REVIEW: " + "; ".join(r.line() for r in result.review.reasons))
 
     t = time.perf_counter()
     figure(out / "demo.png", case.ct, [n.pop("_panel") for n in notes])
