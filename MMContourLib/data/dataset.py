@@ -116,7 +116,16 @@ def build_cache(cases: Sequence[Case], preprocessing: PreprocessConfig, patch_si
 def cached_statistics(cache: CacheDataset) -> list[dict]:
     """``ct_statistics`` of the cases the cache holds, without reading a CT again (cases beyond the
     cache rate are read only when sampled, in loader workers, and are left out)."""
-    return [cache[i]["ct_stats"] for i in range(cache.cache_num)]
+    return [case_item(cache, i)["ct_stats"] for i in range(cache.cache_num)]
+
+
+def case_item(cache: CacheDataset, index: int) -> dict:
+    """``cache[index]``, a case that fails to load raising its CaseError (the case id and file), not MONAI's
+    "applying transform <object at 0x...>": MONAI retries a case it could not cache on every access."""
+    try:
+        return cache[index]
+    except RuntimeError as exc:
+        raise case_error_in(exc) or exc
 
 
 def case_error_in(exc: BaseException) -> CaseError | None:
@@ -166,10 +175,7 @@ class PatchDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, seed = key
-        try:
-            case = self.cache[index]  # a case beyond the cache rate is loaded here, in a loader worker
-        except RuntimeError as exc:
-            raise case_error_in(exc) or exc
+        case = case_item(self.cache, index)  # a case beyond the cache rate is loaded here, in a loader worker
         self.transforms.set_random_state(seed=int(seed))
         out = self.transforms(dict(case))
         out = out[0] if isinstance(out, list) else out

@@ -34,7 +34,7 @@ import torch
 
 from ..image.ctstats import training_range
 from ..image.fileio import atomic_write
-from ..data.dataset import (AugmentConfig, PatchDataset, build_cache, cached_statistics, collate, epoch_plan,
+from ..data.dataset import (AugmentConfig, PatchDataset, build_cache, case_item, cached_statistics, collate, epoch_plan,
                             sample_transforms, select_fraction, steps_per_epoch)
 from ..data.manifest import manifest_hash, read_cases
 from ..image.preprocess import PreprocessConfig
@@ -316,7 +316,7 @@ def validate(model: TrainableModel, cache, patch: Sequence[int], overlap: float,
     scores = []
     with torch.no_grad():
         for i in range(len(cache)):
-            case = cache[i]
+            case = case_item(cache, i)
             g = model.embed([case["prompt"]])
             x = torch.as_tensor(np.asarray(case["image"]))[None].float().to(device)
             prob, _ = window.probability(x, lambda call, w: network.encode(w), network.decode, g)
