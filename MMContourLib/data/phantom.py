@@ -26,8 +26,8 @@ import SimpleITK as sitk
 
 from ..note.clinical import ClinicalNote, SideFindings, note_from_any
 from ..note.targets import ctv_for_note
-from .phantom_anatomy import (SKIN_MM, TISSUE_HU, TISSUE_LABELS, _draw, _draw_patient, _Grid, _Patient,
-                              _pick, _render, _site_point)
+from .phantom_anatomy import SKIN_MM, TISSUE_HU, TISSUE_LABELS, _draw_patient, _Patient, _pick, _render, _site_point
+from .phantom_geometry import _draw, _Grid
 _T = TISSUE_LABELS
 
 ORIENTATIONS = ("LPS", "RAS", "oblique")
