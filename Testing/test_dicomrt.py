@@ -485,7 +485,8 @@ def test_import_dicom_builds_the_manifest_and_reports_every_skip(tmp_path, capsy
     with (out / "manifest.csv").open() as fh:
         reader = csv.DictReader(fh)
         manifest = list(reader)
-    assert tuple(reader.fieldnames) == dicom_import.MANIFEST_COLUMNS
+    # P01's CTVp_Breast_L and P02's CTV_CW name regions (dicom.structure_map), so the cases have a regions map
+    assert tuple(reader.fieldnames) == dicom_import.MANIFEST_COLUMNS + ("regions",)
     assert [r["case_id"] for r in manifest] == ["P01", "P02"]
     assert manifest[0]["n_stage"] == "N1" and manifest[0]["surgery"] == "bcs" and manifest[1]["side"] == "right"
     assert all(r["split"] == dicom_import.split_for(r["case_id"]) for r in manifest)

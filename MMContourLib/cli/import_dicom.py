@@ -1,6 +1,7 @@
 """``mmcontour import-dicom``: planning CT + RTSTRUCT exports -> a training manifest (``dicom.archive``)."""
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -24,22 +25,38 @@ def register(subparsers) -> None:
     p.add_argument("--exclude", action="append", metavar="GLOB",
                    help=f"structure names never used; repeat; replaces the defaults "
                         f"({' '.join(DEFAULT_EXCLUDE_PATTERNS)})")
+    p.add_argument("--structure-map", type=Path, metavar="MAP",
+                   help="CSV (pattern,region[,side][,reason]) or JSON rules mapping the hospital's structure names to "
+                        "regions; its rules come before the defaults, so they override them")
+    p.add_argument("--write-map", action=_WriteStructureMap, metavar="FILE",
+                   help="write the default structure map to FILE (CSV, or JSON for .json) to edit into a "
+                        "--structure-map, and exit")
     p.add_argument("--overwrite", action="store_true", help="replace an existing manifest in --out")
     p.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
     p.set_defaults(func=run)
+
+
+class _WriteStructureMap(argparse.Action):
+    """Acts while parsing (as --version does), so it needs none of the import's required options."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from ..dicom.structure_map import write_structure_map
+
+        parser.exit(message=f"wrote the default structure map to {write_structure_map(values)}\n")
 
 
 def run(args) -> dict:
     """The summary the CLI prints with --json ("failed" when no case was imported, so the command exits
     non-zero)."""
     from ..dicom.archive import import_dicom
+    from ..dicom.structure_map import read_structure_map
 
     try:
-        report = import_dicom(args.in_dir, args.clinical, args.out,
-                              patterns=tuple(args.pattern or DEFAULT_CTV_PATTERNS),
-                              exclude=tuple(args.exclude or DEFAULT_EXCLUDE_PATTERNS),
-                              progress=not args.json and sys.stderr.isatty(), overwrite=args.overwrite)
-    except FileExistsError as exc:
+        structure_map = read_structure_map(args.structure_map) if args.structure_map else None
+        report = import_dicom(args.in_dir, args.clinical, args.out, patterns=args.pattern, exclude=args.exclude,
+                              progress=not args.json and sys.stderr.isatty(), overwrite=args.overwrite,
+                              structure_map=structure_map)
+    except (FileExistsError, FileNotFoundError) as exc:
         raise ValueError(str(exc)) from None
     summary = report.summary()
     if not report.imported:
@@ -47,8 +64,22 @@ def run(args) -> dict:
     if not args.json:
         print(f"imported {summary['imported']} case(s) into {report.manifest}; skipped {summary['skipped']} "
               f"(listed in {report.out_dir / 'skipped.csv'})")
+        for case in report.imported:
+            print(f"  {case['case_id']}: {_mapping_line(case['structure_map'])}")
         for s in report.skipped:
             print(f"  skipped {s.patient_id or '?'} [{s.reason}]: {s.message}")
         for w in report.warnings:
             print(f"  note: {w}")
     return summary
+
+
+def _mapping_line(mapping: dict) -> str:
+    """One line of the printed summary: what each structure name of a case became."""
+    parts = [", ".join(f"{n} -> {r}" for n, r in mapping["mapped"].items()) or "no region"]
+    if mapping["union_only"]:
+        parts.append("union only: " + ", ".join(mapping["union_only"]))
+    if mapping["ignored"]:
+        parts.append("ignored: " + ", ".join(f"{n} ({r})" for n, r in mapping["ignored"].items()))
+    if mapping["unrecognised"]:
+        parts.append("NOT RECOGNISED: " + ", ".join(mapping["unrecognised"]))
+    return "; ".join(parts) + ("" if mapping["regions_map"] else f" [no regions map: {mapping['regions_note']}]")

@@ -1,7 +1,8 @@
 """DICOM in: CT series + RTSTRUCT from a hospital's planning export into images, masks and a training manifest.
 
 ``image.ctseries.read_ct_series`` reads one CT series (geometry validated there), ``rtstruct_to_mask``
-rasterises the matching structures of an RTSTRUCT onto it, ``import_dicom`` (``mmcontour import-dicom``) walks a
+rasterises the matching structures of an RTSTRUCT onto it, ``rtstruct_to_regions`` also the regions map the
+structure names give (``dicom.structure_map``: a hospital's names -> our regions), ``import_dicom`` (``mmcontour import-dicom``) walks a
 folder of exports, pairs each CT with its RTSTRUCT, joins the clinical table and writes NIfTI + manifest.csv.
 Writing RTSTRUCT / DICOM SEG back is ``dicom.export``.
 
@@ -20,7 +21,7 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -32,6 +33,8 @@ from ..image.fileio import write_text as _write_text
 from ..image.readwrite import write_image
 from ..data.manifest import MANIFEST_COLUMNS, write_manifest
 from ..note.clinical import ClinicalNote
+from ..note.targets import REGION_LABELS
+from .structure_map import CaseMapping, StructureMap, Verdict, default_structure_map
 
 if TYPE_CHECKING:  # pydicom is imported where it is used
     from pydicom.dataset import Dataset
@@ -118,31 +121,26 @@ def _as_dataset(rtstruct) -> tuple[Dataset, str]:
         raise DicomError(f"cannot read {rtstruct} as DICOM: {exc}") from None
 
 
-def rtstruct_to_mask(rtstruct, ct_image: sitk.Image, ct_info: CTSeriesInfo,
-                     patterns: Sequence[str] = DEFAULT_CTV_PATTERNS,
-                     exclude: Sequence[str] = DEFAULT_EXCLUDE_PATTERNS) -> sitk.Image:
-    """The union of the structures whose names match ``patterns`` as a uint8 0/1 mask on the CT grid.
-
-    Contours of one structure on one slice combine by even-odd (an inner contour is a hole); structures
-    combine by union. The RTSTRUCT must reference this CT series (WrongSeriesError otherwise)."""
+def _open_rtstruct(rtstruct, ct_info: CTSeriesInfo) -> tuple[Dataset, str, dict[int, str]]:
     ds, label = _as_dataset(rtstruct)
     if _text(ds, "Modality").upper() != "RTSTRUCT":
         raise DicomError(f"{label} has modality {_text(ds, 'Modality') or '?'}, not RTSTRUCT")
     _check_references(ds, ct_info, label)
-    names = _roi_names(ds)
-    chosen = set(match_structures(names.values(), patterns, exclude))
-    if not chosen:
-        raise NoMatchingStructureError(
-            f"{label}: no structure name matches {', '.join(patterns)} (excluding {', '.join(exclude or ())}); "
-            f"it has {', '.join(sorted(names.values())) or 'no structures'}. Pass the target's name as a pattern")
+    return ds, label, _roi_names(ds)
+
+
+def _structure_masks(ds: Dataset, label: str, names: dict[int, str], chosen: set[str], ct_image: sitk.Image,
+                     ct_info: CTSeriesInfo) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, bool mask in (k, j, i)) for each ROI named in ``chosen``, one at a time (a CT's worth each).
+
+    Contours of one structure on one slice combine by even-odd (an inner contour is a hole)."""
     size = ct_image.GetSize()
     to_index = np.linalg.inv(ct_info.index_to_physical())
-    mask = np.zeros(size[::-1], bool)
     for roi in ds.get("ROIContourSequence", []):
         name = names.get(int(roi.get("ReferencedROINumber", -1)), "")
         if name not in chosen:
             continue
-        roi_mask = np.zeros_like(mask)
+        roi_mask = np.zeros(size[::-1], bool)
         for n, contour in enumerate(roi.get("ContourSequence", [])):
             data = _floats(contour, "ContourData")
             if _text(contour, "ContourGeometricType").upper() != "CLOSED_PLANAR" or data is None or len(data) < 9:
@@ -155,13 +153,80 @@ def rtstruct_to_mask(rtstruct, ct_image: sitk.Image, ct_info: CTSeriesInfo,
             if not 0 <= k < size[2]:
                 raise DicomGeometryError(f"{label}: contour {n + 1} of '{name}' lies outside the CT's slices")
             roi_mask[int(k)] ^= _fill_polygon(points[:, :2], roi_mask.shape[1:])
+        yield name, roi_mask
+
+
+def _as_image(array: np.ndarray, like: sitk.Image) -> sitk.Image:
+    out = sitk.GetImageFromArray(array.astype(np.uint8))
+    out.CopyInformation(like)
+    return out
+
+
+def rtstruct_to_mask(rtstruct, ct_image: sitk.Image, ct_info: CTSeriesInfo,
+                     patterns: Sequence[str] = DEFAULT_CTV_PATTERNS,
+                     exclude: Sequence[str] = DEFAULT_EXCLUDE_PATTERNS) -> sitk.Image:
+    """The union of the structures whose names match ``patterns`` as a uint8 0/1 mask on the CT grid.
+
+    Contours of one structure on one slice combine by even-odd (an inner contour is a hole); structures
+    combine by union. The RTSTRUCT must reference this CT series (WrongSeriesError otherwise)."""
+    ds, label, names = _open_rtstruct(rtstruct, ct_info)
+    chosen = set(match_structures(names.values(), patterns, exclude))
+    if not chosen:
+        raise NoMatchingStructureError(
+            f"{label}: no structure name matches {', '.join(patterns)} (excluding {', '.join(exclude or ())}); "
+            f"it has {', '.join(sorted(names.values())) or 'no structures'}. Pass the target's name as a pattern")
+    mask = np.zeros(ct_image.GetSize()[::-1], bool)
+    for _, roi_mask in _structure_masks(ds, label, names, chosen, ct_image, ct_info):
         mask |= roi_mask
     if not mask.any():
         raise EmptyContourError(f"{label}: the structure(s) {', '.join(sorted(chosen))} have no closed planar "
                                 f"contour covering a voxel of the CT")
-    out = sitk.GetImageFromArray(mask.astype(np.uint8))
-    out.CopyInformation(ct_image)
-    return out
+    return _as_image(mask, ct_image)
+
+
+#: A regions map is written when the union-only structures add at most this share of the CTV beyond the
+#: region structures (separately drawn structures rarely meet voxel for voxel).
+UNION_ONLY_TOLERANCE = 0.01
+
+
+def rtstruct_to_regions(rtstruct, ct_image: sitk.Image, ct_info: CTSeriesInfo, verdicts: Sequence[Verdict]
+                        ) -> tuple[sitk.Image, sitk.Image | None, CaseMapping]:
+    """(union ctv, regions label map or None, the case's mapping report) from the verdicts on its names.
+
+    The ctv is the union of every target structure (regions and union-only ones). The regions map
+    (REGION_LABELS values; a voxel in two regions takes the higher label) is written only when the
+    union-only structures ("CTV", "Nodes", a region without a side) add no more than
+    UNION_ONLY_TOLERANCE of the ctv: a part that no region describes cannot be labelled."""
+    ds, label, names = _open_rtstruct(rtstruct, ct_info)
+    mapping = CaseMapping(list(verdicts))
+    by_name = {v.name: v for v in verdicts if v.target}
+    if not by_name:
+        raise NoMatchingStructureError(f"{label}: no structure maps to a target; it has "
+                                       f"{', '.join(sorted(names.values())) or 'no structures'}")
+    shape = ct_image.GetSize()[::-1]
+    ctv, regions, union_only = np.zeros(shape, bool), np.zeros(shape, np.uint8), np.zeros(shape, bool)
+    for name, roi_mask in _structure_masks(ds, label, names, set(by_name), ct_image, ct_info):
+        ctv |= roi_mask
+        if by_name[name].status == "region":
+            regions[roi_mask] = np.maximum(regions[roi_mask], REGION_LABELS[by_name[name].region])
+        else:
+            union_only |= roi_mask
+    if not ctv.any():
+        raise EmptyContourError(f"{label}: the structure(s) {', '.join(sorted(by_name))} have no closed planar "
+                                f"contour covering a voxel of the CT")
+    unlabelled = int(np.count_nonzero(ctv & (regions == 0)))
+    share = unlabelled / int(np.count_nonzero(ctv))
+    unions = sorted(n for n, v in by_name.items() if v.status == "union")
+    if not regions.any():
+        mapping.regions_note = "no structure maps to a region: the case has the union ctv only"
+    elif share > UNION_ONLY_TOLERANCE:
+        mapping.regions_note = (f"{', '.join(unions)} (union only) hold {100 * share:.1f} % of the ctv that no "
+                                f"region structure covers: the case has the union ctv only")
+    else:
+        mapping.regions_written = True
+        if unlabelled:
+            mapping.regions_note = f"{unlabelled} voxel(s) of the ctv ({100 * share:.2f} %) are in no region"
+    return _as_image(ctv, ct_image), _as_image(regions, ct_image) if mapping.regions_written else None, mapping
 
 
 # -- finding studies in an export ---------------------------------------------------------------------
@@ -272,7 +337,10 @@ class ImportReport:
         return {"out": str(self.out_dir), "manifest": str(self.manifest), "imported": len(self.imported),
                 "skipped": len(self.skipped), "skipped_by_reason": dict(Counter(s.reason for s in self.skipped)),
                 "splits": dict(Counter(c["split"] for c in self.imported)), "ignored_files": self.ignored_files,
-                "warnings": self.warnings, "skipped_cases": [asdict(s) for s in self.skipped]}
+                "warnings": self.warnings, "skipped_cases": [asdict(s) for s in self.skipped],
+                "regions_maps": sum(bool(c.get("structure_map", {}).get("regions_map")) for c in self.imported),
+                "unrecognised_structures": dict(Counter(n for c in self.imported
+                                                        for n in c.get("structure_map", {}).get("unrecognised", ())))}
 
 
 def split_for(patient_id: str) -> str:
@@ -338,8 +406,9 @@ class _Skip(Exception):
         self.reason, self.message, self.source = reason, message, source
 
 
-def _pair(patient_id: str, all_series: list[SeriesRef], rtstructs: list[RTStructRef], patterns, exclude,
-          skip: Callable[..., None], warn: Callable[[str], None]) -> tuple[SeriesRef, RTStructRef, list[str]] | None:
+def _pair(patient_id: str, all_series: list[SeriesRef], rtstructs: list[RTStructRef],
+          select: Callable[[list[str]], list[str]], wanted_text: str, skip: Callable[..., None],
+          warn: Callable[[str], None]) -> tuple[SeriesRef, RTStructRef, list[str]] | None:
     """The one CT series + RTSTRUCT to import for a patient; every other candidate is reported."""
     by_uid = {s.series_uid: s for s in all_series}
     cts = [s for s in all_series if s.modality.upper() == "CT"]
@@ -371,10 +440,10 @@ def _pair(patient_id: str, all_series: list[SeriesRef], rtstructs: list[RTStruct
             skip("non-ct-modality", f"RTSTRUCT {rts.path.name} was drawn on a {series.modality} series "
                  f"({series.series_uid}); MMContour trains on planning CTs", src)
             continue
-        names = match_structures(rts.roi_names, patterns, exclude)
+        names = select(rts.roi_names)
         if not names:
-            skip("no-matching-structure", f"RTSTRUCT {rts.path.name}: no structure matches "
-                 f"{', '.join(patterns)}; it has {', '.join(rts.roi_names) or 'no structures'}", src)
+            skip("no-matching-structure", f"RTSTRUCT {rts.path.name}: no structure {wanted_text}; it has "
+                 f"{', '.join(rts.roi_names) or 'no structures'}", src)
             continue
         pairs[series.series_uid].append((rts, names))
     for s in cts:
@@ -400,13 +469,40 @@ def _pair(patient_id: str, all_series: list[SeriesRef], rtstructs: list[RTStruct
     return by_uid[series_uid], chosen[0], chosen[1]
 
 
+def _verdicts(structure_map: StructureMap, names: list[str], sides: list[str],
+              selected: set[str] | None) -> list[Verdict]:
+    """The map's verdicts; with ``selected`` (--pattern / --exclude given) the ctv is exactly those names,
+    as before the structure map, and the map only labels the regions among them."""
+    verdicts = structure_map.classify_all(names, sides)
+    for v in verdicts if selected is not None else ():
+        if v.name in selected and not v.target:
+            v.status, v.reason = "union", f"selected by --pattern ({v.status}: {v.reason})"
+        elif v.name not in selected and v.target:
+            v.status, v.reason = "ignored", "not selected by --pattern / --exclude"
+    return verdicts
+
+
 def import_dicom(in_dir: str | os.PathLike, clinical_table: str | os.PathLike, out_dir: str | os.PathLike,
-                 patterns: Sequence[str] = DEFAULT_CTV_PATTERNS, exclude: Sequence[str] = DEFAULT_EXCLUDE_PATTERNS,
-                 progress: bool = True, overwrite: bool = False) -> ImportReport:
+                 patterns: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
+                 progress: bool = True, overwrite: bool = False,
+                 structure_map: StructureMap | None = None) -> ImportReport:
     """Convert a folder of exported planning studies into ``out_dir``: ``cases/<case_id>/ct.nii.gz`` and
-    ``ctv.nii.gz`` on the CT grid, ``manifest.csv`` (what ``mmcontour train`` reads), ``skipped.csv`` and
-    ``skipped.json`` (every case not imported, with the reason and what to do), ``import_report.json``.
-    A bad case never stops the batch. ``overwrite`` is needed when ``out_dir`` already holds a manifest."""
+    ``ctv.nii.gz`` on the CT grid (+ ``regions.nii.gz`` when the structures are separate regions,
+    ``rtstruct_to_regions``), ``manifest.csv`` (what ``mmcontour train`` reads), ``skipped.csv`` and
+    ``skipped.json`` (every case not imported, with the reason and what to do), ``import_report.json``
+    (per case: what each structure name was mapped to, ignored for, or not recognised).
+
+    The structure map (default: ``structure_map.DEFAULT_RULES``) decides which structures make the ctv;
+    ``patterns`` / ``exclude`` (either given) select them by name as before, the map then only labels
+    regions. A bad case never stops the batch. ``overwrite`` is needed when ``out_dir`` already holds a manifest."""
+    structure_map = structure_map or default_structure_map()
+    by_pattern = patterns is not None or exclude is not None
+    if not by_pattern:
+        select, wanted_text = structure_map.targets, f"maps to a target (structure map: {structure_map.source})"
+    else:
+        patterns = tuple(patterns or DEFAULT_CTV_PATTERNS)
+        exclude = tuple(DEFAULT_EXCLUDE_PATTERNS if exclude is None else exclude)
+        select, wanted_text = (lambda names: match_structures(names, patterns, exclude)), "matches " + ", ".join(patterns)
     out_dir = Path(out_dir)
     manifest_path = out_dir / "manifest.csv"
     if manifest_path.exists() and not overwrite:
@@ -433,7 +529,7 @@ def import_dicom(in_dir: str | os.PathLike, clinical_table: str | os.PathLike, o
         try:
             if not patient_id:
                 raise _Skip("missing-clinical-row", "the DICOM has no PatientID to join the clinical table", "")
-            paired = _pair(patient_id, all_series, rtstructs, patterns, exclude, skip,
+            paired = _pair(patient_id, all_series, rtstructs, select, wanted_text, skip,
                            lambda text, _pid=patient_id: report.warnings.append(f"{_pid}: {text}"))
             if paired is None:
                 if len(report.skipped) == before:
@@ -443,17 +539,24 @@ def import_dicom(in_dir: str | os.PathLike, clinical_table: str | os.PathLike, o
             note, split = _note_row(clinical.get(patient_id), patient_id)
             try:
                 image, info = read_ct_series(series.files)
-                mask = rtstruct_to_mask(rts.path, image, info, patterns, exclude)
+                verdicts = _verdicts(structure_map, rts.roi_names, [s.side for s in note.sides],
+                                     set(names) if by_pattern else None)
+                mask, regions, mapping = rtstruct_to_regions(rts.path, image, info, verdicts)
             except DicomError as exc:
                 raise _Skip(exc.reason, str(exc), str(rts.path)) from None
             case_id = _case_id(patient_id)
             case_dir = out_dir / "cases" / case_id
             write_image(image, case_dir / "ct.nii.gz")
             write_image(mask, case_dir / "ctv.nii.gz")
-            rows.append({"case_id": case_id, "ct": f"cases/{case_id}/ct.nii.gz", "ctv": f"cases/{case_id}/ctv.nii.gz",
-                         "split": split, **note.to_fields()})
+            row = {"case_id": case_id, "ct": f"cases/{case_id}/ct.nii.gz", "ctv": f"cases/{case_id}/ctv.nii.gz",
+                   "split": split, **note.to_fields()}
+            if regions is not None:
+                write_image(regions, case_dir / "regions.nii.gz")
+                row["regions"] = f"cases/{case_id}/regions.nii.gz"
+            rows.append(row)
             report.imported.append({"case_id": case_id, "patient_id": patient_id, "split": split,
-                                    "structures": names, "ct_series": series.series_uid,
+                                    "structures": [v.name for v in verdicts if v.target],
+                                    "structure_map": mapping.to_dict(), "ct_series": series.series_uid,
                                     "rtstruct": str(rts.path), "voxels": int(np.count_nonzero(
                                         sitk.GetArrayViewFromImage(mask)))})
             report.warnings.extend(f"{patient_id}: {w}" for w in info.warnings)
@@ -473,10 +576,11 @@ def import_dicom(in_dir: str | os.PathLike, clinical_table: str | os.PathLike, o
     writer.writerows(asdict(s) for s in report.skipped)
     _write_text(out_dir / "skipped.csv", buffer.getvalue())
     _write_text(out_dir / "skipped.json", json.dumps([asdict(s) for s in report.skipped], indent=2))
-    _write_text(out_dir / "import_report.json", json.dumps({**report.summary(), "cases": report.imported}, indent=2))
+    _write_text(out_dir / "import_report.json", json.dumps({**report.summary(), "structure_map": structure_map.source,
+                                                            "cases": report.imported}, indent=2))
     return report
 
 
 __all__ = ["DEFAULT_CTV_PATTERNS", "DEFAULT_EXCLUDE_PATTERNS", "MANIFEST_COLUMNS", "SPLIT_FRACTIONS", "read_ct_series",
-           "find_studies", "match_structures", "rtstruct_to_mask", "import_dicom", "ImportReport", "SkippedCase",
+           "find_studies", "match_structures", "rtstruct_to_mask", "rtstruct_to_regions", "UNION_ONLY_TOLERANCE", "import_dicom", "ImportReport", "SkippedCase",
            "split_for", "read_clinical_table", "Study", "SeriesRef", "RTStructRef"]
