@@ -190,3 +190,15 @@ def test_the_users_map_overrides_a_default(tmp_path, capsys):
     report = json.loads((out / "import_report.json").read_text())
     assert report["structure_map"] == str(tmp_path / "map.csv")
     assert report["cases"][0]["structure_map"]["mapped"] == {"Breast": "breast_left", "Nodes": "axilla_left"}
+
+
+def test_pattern_still_selects_the_ctv_by_name(tmp_path, capsys):
+    root = tmp_path / "export"
+    export(root, "P1", {"Breast": (BREAST, SMALL), "Nodes": (LEVEL1, SMALL)})
+    out = tmp_path / "dataset"
+    run_cli(["--in", str(root), "--clinical", str(clinical_table(tmp_path / "c.csv", "P1")), "--out", str(out),
+             "--pattern", "breast", "--json"], capsys)
+    ctv = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "cases" / "P1" / "ctv.nii.gz")))
+    assert ctv[:, :, :12].any() and not ctv[:, :, 18:].any()
+    mapping = json.loads((out / "import_report.json").read_text())["cases"][0]["structure_map"]
+    assert mapping["mapped"] == {"Breast": "breast_left"} and "--pattern" in mapping["ignored"]["Nodes"]
