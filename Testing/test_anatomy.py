@@ -214,3 +214,20 @@ def test_demo_bundle_contours_nothing_caudal_to_the_lung_bases_on_a_planning_ct(
     assert mask.any()
     assert float((mask & (z < report["limits_mm"]["caudal"])).sum()) * voxel_cc(c.ct) == 0.0
     assert float((mask & (z > report["limits_mm"]["cranial"])).sum()) == 0.0
+
+
+def test_the_limits_are_found_once_per_ct_not_once_per_note(tiny_bundle, monkeypatch):
+    """An edited note re-contours the same CT: the landmarks come from the CT alone, so they are kept."""
+    from MMContourLib.inference.contourer import Contourer
+
+    calls = []
+    real = anatomy.find_limits
+    monkeypatch.setattr(anatomy, "find_limits", lambda ct: calls.append(1) or real(ct))
+    ct = generate_case(1, PhantomConfig(planning_fov=True)).ct
+    contourer = Contourer.from_bundle(tiny_bundle, device="cpu")
+    first = contourer.contour(ct, "N1, breast conserving surgery, left side")
+    second = contourer.contour(ct, "N0, breast conserving surgery, right side")
+    assert len(calls) == 1 and first.anatomical_range["applied"] and second.anatomical_range["applied"]
+    assert first.anatomical_range["limits_mm"] == second.anatomical_range["limits_mm"]
+    contourer.contour(generate_case(2, PhantomConfig(planning_fov=True)).ct, "N1, breast conserving surgery, left side")
+    assert len(calls) == 2

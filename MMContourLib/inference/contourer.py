@@ -114,6 +114,7 @@ class Contourer:
         self._last_input: tuple[str, ModelInput] | None = None
         # (model input, settings, features per predictor call) of the last CT
         self._features: tuple[ModelInput, tuple, list[list[torch.Tensor]]] | None = None
+        self._limits: tuple[ModelInput, dict] | None = None  # inference.anatomy's limits of the last CT
         if offload_llm and self.device.type == "cuda":  # on the CPU it is released after the first note
             self._offload()
 
@@ -295,8 +296,12 @@ class Contourer:
         report("postprocess", 0, 1)
         prob_img = probabilities_to_ct_grid(prob, model_input)
         mask = threshold(prob_img, self.bundle.inference.threshold)
-        mask, range_report = anatomy.anatomical_range(image, mask) if self.anatomical_range else (
-            mask, {"applied": False, "reason": "switched off (Contourer(anatomical_range=False))"})
+        if self.anatomical_range:
+            if self._limits is None or self._limits[0] is not model_input:  # once per CT, not per note
+                self._limits = (model_input, anatomy.find_limits(image))
+            mask, range_report = anatomy.anatomical_range(image, mask, self._limits[1])
+        else:
+            range_report = {"applied": False, "reason": "switched off (Contourer(anatomical_range=False))"}
         review = review_contour(image, prob_img, mask, note, self.bundle.training, self.bundle.preprocessing,
                                 anatomical_range=range_report, input_notes=model_input.notes)
         timings["postprocess"] = time.perf_counter() - t
