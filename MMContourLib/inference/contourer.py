@@ -29,6 +29,7 @@ from ..model.windows import SlidingWindow
 from ..note.clinical import PROMPT_TEMPLATE_VERSION, ClinicalNote, note_from_any
 from ..image.preprocess import ModelInput, probabilities_to_ct_grid, threshold, to_model_grid
 from . import anatomy
+from ..image.ctstats import ct_statistics
 from .review import Review, review_contour
 
 Progress = Callable[[str, int, int], None]
@@ -114,7 +115,7 @@ class Contourer:
         self._last_input: tuple[str, ModelInput] | None = None
         # (model input, settings, features per predictor call) of the last CT
         self._features: tuple[ModelInput, tuple, list[list[torch.Tensor]]] | None = None
-        self._limits: tuple[ModelInput, dict] | None = None  # inference.anatomy's limits of the last CT
+        self._facts: tuple[ModelInput, dict] | None = None  # what the last CT shows, whatever the note
         if offload_llm and self.device.type == "cuda":  # on the CPU it is released after the first note
             self._offload()
 
@@ -145,6 +146,14 @@ class Contourer:
         model_input = to_model_grid(image, self.bundle.preprocessing, min_size=self.roi_size)
         self._last_input = (key, model_input)
         return model_input
+
+    def _ct_facts(self, image: sitk.Image, model_input: ModelInput) -> dict:
+        """The anatomical limits and the statistics of the CT ``model_input`` was made from: found once per
+        CT, so a note edit does not pay for them again."""
+        if self._facts is None or self._facts[0] is not model_input:
+            self._facts = (model_input, {"limits": anatomy.find_limits(image) if self.anatomical_range else None,
+                                         "stats": ct_statistics(image, self.bundle.preprocessing)})
+        return self._facts[1]
 
     def encode_notes(self, notes: Sequence[ClinicalNote | str]) -> torch.Tensor | None:
         prompts = [note_from_any(n).to_prompt() for n in notes]
@@ -296,14 +305,14 @@ class Contourer:
         report("postprocess", 0, 1)
         prob_img = probabilities_to_ct_grid(prob, model_input)
         mask = threshold(prob_img, self.bundle.inference.threshold)
+        facts = self._ct_facts(image, model_input)
         if self.anatomical_range:
-            if self._limits is None or self._limits[0] is not model_input:  # once per CT, not per note
-                self._limits = (model_input, anatomy.find_limits(image))
-            mask, range_report = anatomy.anatomical_range(image, mask, self._limits[1])
+            mask, range_report = anatomy.anatomical_range(image, mask, facts["limits"])
         else:
             range_report = {"applied": False, "reason": "switched off (Contourer(anatomical_range=False))"}
         review = review_contour(image, prob_img, mask, note, self.bundle.training, self.bundle.preprocessing,
-                                anatomical_range=range_report, input_notes=model_input.notes)
+                                anatomical_range=range_report, input_notes=model_input.notes,
+                                ct_stats=facts["stats"])
         timings["postprocess"] = time.perf_counter() - t
         timings["total"] = sum(timings.values())
         report("postprocess", 1, 1)

@@ -183,16 +183,21 @@ def volume_reason(volume_cc: float, note: ClinicalNote, config: ReviewConfig = R
 
 def review_contour(image: sitk.Image, probability: sitk.Image, mask: sitk.Image, note: ClinicalNote,
                    training: Mapping | None, preprocessing=None, config: ReviewConfig = ReviewConfig(),
-                   anatomical_range: Mapping | None = None, input_notes: list[str] = ()) -> Review:
+                   anatomical_range: Mapping | None = None, input_notes: list[str] = (),
+                   ct_stats: Mapping | None = None) -> Review:
     """The review of one contour (``mask``, its ``probability`` on the CT's grid) of ``image`` for
     ``note``, by a bundle whose training block is ``training``; ``anatomical_range`` is the report of
-    ``inference.anatomy`` (what it removed), ``input_notes`` what preprocessing noticed about the CT."""
+    ``inference.anatomy`` (what it removed), ``input_notes`` what preprocessing noticed about the CT,
+    ``ct_stats`` the CT's ``ct_statistics`` when the caller has them already (a note edit, same CT)."""
     review = Review()
     review.notes += list(input_notes)
     reason = dropped_reason(anatomical_range or {}, config)
     if reason is not None:
         review.reasons.append(reason)
-    stats = ct_statistics(image) if preprocessing is None else ct_statistics(image, preprocessing)
+    if ct_stats is not None:
+        stats = dict(ct_stats)
+    else:
+        stats = ct_statistics(image) if preprocessing is None else ct_statistics(image, preprocessing)
     trained = (training or {}).get("ct_range") or {}
     review.measures["ct"] = stats
     if trained:
