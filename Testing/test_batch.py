@@ -7,7 +7,7 @@ import SimpleITK as sitk
 from conftest import make_ct
 
 from MMContourLib.cli import main as cli
-from MMContourLib.inference.batch import ManifestError, read_manifest
+from MMContourLib.data.manifest import ManifestError, read_manifest
 
 FIELDS = ["case_id", "ct", "side", "n_stage", "surgery", "note"]
 
@@ -140,7 +140,7 @@ class _FakeContourer:
 
 
 def test_checked_manifest_fails_as_a_whole_and_selects_a_split(archive, tmp_path):
-    from MMContourLib.inference.batch import read_manifest
+    from MMContourLib.data.manifest import read_manifest
 
     with pytest.raises(ManifestError, match=r"line 3 \(case c1\): ct not found"):
         read_manifest(archive, check=True)
@@ -168,7 +168,8 @@ def test_checked_manifest_fails_as_a_whole_and_selects_a_split(archive, tmp_path
 
 
 def test_engine_scores_stops_on_error_and_keeps_progress_when_interrupted(archive, tmp_path):
-    from MMContourLib.inference.batch import contour_manifest, pending, read_manifest
+    from MMContourLib.data.manifest import read_manifest
+    from MMContourLib.inference.batch import contour_manifest, pending
 
     rows = read_manifest(archive)
     rows[0]["ctv"] = rows[0]["ct"]

@@ -82,7 +82,8 @@ def run(args) -> dict:
 
 def run_manifest(args) -> dict:
     """``mmcontour predict --manifest CSV --out DIR``: contour this process's share of the cases."""
-    from ..inference.batch import _device_for, _run_id, contour_manifest, my_share, read_manifest, shard
+    from ..data.manifest import read_manifest
+    from ..inference.batch import _device_for, _run_id, contour_manifest, my_share, shard
     from ..model.bundle_info import default_bundle_path, read_bundle_summary
 
     if not args.out:

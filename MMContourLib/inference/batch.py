@@ -12,7 +12,7 @@ merges them into ``summary.json``. No process group is needed: the processes sha
 the output folder.
 
 The same engine runs ``Resources/scripts/mmcontour_batch.py`` (headless through Slicer's Python):
-``read_manifest(..., check=True)`` then ``contour_manifest(...)``, which take plain arguments.
+``data.manifest.read_manifest(..., check=True)`` then ``contour_manifest(...)``, which take plain arguments.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from typing import Callable
 
 import SimpleITK as sitk
 
-from ..data.manifest import ManifestError, note_for, read_manifest  # the engine's callers read manifests here
+from ..data.manifest import note_for
 from ..image.fileio import write_json
 
 SUMMARY_NAME = "summary.json"
@@ -261,5 +261,5 @@ def contour_manifest(rows: list[dict[str, str]], out_dir: str | os.PathLike, loa
     return report
 
 
-__all__ = ["ManifestError", "read_manifest", "output_path", "pending", "made_with", "stale", "shard", "my_share", "contour_case",
+__all__ = ["output_path", "pending", "made_with", "stale", "shard", "my_share", "contour_case",
            "contour_manifest"]

@@ -116,14 +116,15 @@ def _show_case(position: int, total: int, entry: dict) -> None:
 
 
 def run(args) -> int:
+    from MMContourLib.data.manifest import ManifestError, read_manifest
     from MMContourLib.inference import batch
     from MMContourLib.model.bundle_info import default_bundle_path
 
     manifest = Path(args.manifest).expanduser()
     out = Path(args.out).expanduser()
     try:
-        rows = batch.read_manifest(manifest, split=args.split, check=True)
-    except (batch.ManifestError, FileNotFoundError) as exc:
+        rows = read_manifest(manifest, split=args.split, check=True)
+    except (ManifestError, FileNotFoundError) as exc:
         raise BatchError(str(exc)) from None
     bundle = Path(args.bundle).expanduser() if args.bundle else default_bundle_path()
     ensure_dependencies(args.install_dependencies, bundle)
