@@ -13,7 +13,7 @@ from typing import Iterable, Mapping
 import numpy as np
 import SimpleITK as sitk
 
-from .preprocess import _UNSIGNED, PreprocessConfig
+from .preprocess import PreprocessConfig, hu_offset
 
 AXES = ("R-L", "A-P", "S-I")
 #: HU above which a voxel is in the body: the model's own body threshold (data/dataset.BODY_THRESHOLD).
@@ -53,8 +53,7 @@ def ct_statistics(image: sitk.Image, config: PreprocessConfig = PreprocessConfig
 
     step = np.maximum(1, np.round(SAMPLE_MM / spacing)).astype(int)  # (i, j, k)
     arr = sitk.GetArrayViewFromImage(image)[::step[2], ::step[1], ::step[0]].astype(np.float32)
-    if image.GetPixelID() in _UNSIGNED:
-        arr += config.unsigned_offset
+    arr += hu_offset(image, config)
     body = arr > BODY_HU
     stats = {"spacing_mm": [round(v, 3) for v in spacing_patient], "fov_mm": [round(float(v), 1) for v in fov]}
     if not body.any():

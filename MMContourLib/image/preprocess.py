@@ -46,6 +46,11 @@ class ModelInput:
 
 
 _UNSIGNED = {sitk.sitkUInt8, sitk.sitkUInt16, sitk.sitkUInt32, sitk.sitkUInt64}
+
+
+def hu_offset(image: sitk.Image, config: PreprocessConfig = PreprocessConfig()) -> float:
+    """What to add to ``image``'s stored values to get HU: unsigned pixels were stored shifted."""
+    return float(config.unsigned_offset) if image.GetPixelID() in _UNSIGNED else 0.0
 #: Voxels coarser than this (mm, along any axis) leave a breast CTV a handful of voxels (50 mm voxels: 6):
 #: refused. A planning CT has pixels up to ~1.5 mm and slices up to 5 mm; up to MAX_SPACING is contoured
 #: with a note (downsampled copies, the tests' coarse phantoms), beyond PLANNING_SPACING the note says so.
@@ -95,8 +100,8 @@ def validate_ct(image: sitk.Image, config: PreprocessConfig = PreprocessConfig()
         bad = int((~np.isfinite(arr)).sum())
         raise InputImageError(f"the CT has {bad} NaN/infinite voxels; re-export it from the scanner or planning system")
     hu = sitk.Cast(image, sitk.sitkFloat32)
-    if image.GetPixelID() in _UNSIGNED:
-        hu = hu + config.unsigned_offset
+    if hu_offset(image, config):
+        hu = hu + hu_offset(image, config)
         notes.append(f"unsigned pixels: added {config.unsigned_offset:+g} to get HU")
     values = sitk.GetArrayViewFromImage(hu)
     sample = values[:: max(1, values.shape[0] // 16), ::4, ::4]
