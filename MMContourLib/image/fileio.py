@@ -141,11 +141,11 @@ def stage(path: str | os.PathLike, write: Callable[[Path], None],
     return tmp
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], fsync: bool = True,
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None],
                  verify: Callable[[Path], None] | None = None) -> Path:
     """Call ``write(tmp)`` on a temp file beside ``path`` (same suffixes, so format-by-extension writers
-    work), flush it to disk, check it (``verify(tmp)`` may re-read it), then rename it into place.
-    ``fsync`` is kept for callers' clarity: every write is synced."""
+    work), flush it to disk (a checkpoint must survive a power cut, not only a kill), check it
+    (``verify(tmp)`` may re-read it), then rename it into place."""
     path = Path(path)
     tmp = stage(path, write, verify)
     try:

@@ -202,10 +202,6 @@ def init_distributed(device: torch.device) -> DistContext:
 
 # -- checkpoint, logs -------------------------------------------------------------------
 
-def _atomic_write_synced(path, write) -> None:
-    atomic_write(path, write, fsync=True)  # a checkpoint must survive a power cut, not only a kill
-
-
 def rng_state() -> dict:
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"python": random.getstate(), "torch": torch.get_rng_state(),
@@ -224,7 +220,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    _atomic_write_synced(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -259,7 +255,7 @@ def load_checkpoint(path: Path) -> dict:
 
 def write_logs(out: Path, history: list[dict]) -> None:
     """``log.json``, ``log.csv`` (one row per epoch) and ``loss_curve.png``."""
-    _atomic_write_synced(out / "log.json", lambda tmp: tmp.write_text(json.dumps(history, indent=1) + "\n"))
+    atomic_write(out / "log.json", lambda tmp: tmp.write_text(json.dumps(history, indent=1) + "\n"))
     columns = list(dict.fromkeys(k for row in history for k in row))
 
     def csv_text(tmp: Path) -> None:
@@ -267,8 +263,8 @@ def write_logs(out: Path, history: list[dict]) -> None:
         lines += [",".join("" if row.get(c) is None else str(row.get(c)) for c in columns) for row in history]
         tmp.write_text("\n".join(lines) + "\n")
 
-    _atomic_write_synced(out / "log.csv", csv_text)
-    _atomic_write_synced(out / "loss_curve.png", lambda tmp: plot_history(history, tmp))
+    atomic_write(out / "log.csv", csv_text)
+    atomic_write(out / "loss_curve.png", lambda tmp: plot_history(history, tmp))
 
 
 def plot_history(history: list[dict], path: Path) -> None:
