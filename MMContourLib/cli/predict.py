@@ -83,7 +83,7 @@ def run(args) -> dict:
 def run_manifest(args) -> dict:
     """``mmcontour predict --manifest CSV --out DIR``: contour this process's share of the cases."""
     from ..data.manifest import read_manifest
-    from ..inference.batch import _device_for, _run_id, contour_manifest, my_share, shard
+    from ..inference.batch import contour_manifest, device_for, my_share, run_id, shard
     from ..model.bundle_info import default_bundle_path, read_bundle_summary
 
     if not args.out:
@@ -104,7 +104,7 @@ def run_manifest(args) -> dict:
     except (FileNotFoundError, ValueError):
         bundle_id = None  # loading the bundle (if a case needs it) reports the problem
     rank, world, local_rank = shard()
-    device = _device_for(args.device, world, local_rank)
+    device = device_for(args.device, world, local_rank)
 
     show = not args.json
     bar = None
@@ -121,7 +121,7 @@ def run_manifest(args) -> dict:
 
     try:
         report = contour_manifest(rows, out_dir, lambda: contourer_from_args(_with(args, device=device)),
-                                  overwrite=args.overwrite, rank=rank, world=world, run=_run_id(world),
+                                  overwrite=args.overwrite, rank=rank, world=world, run=run_id(world),
                                   info={"manifest": str(args.manifest), "bundle": str(args.bundle or "")},
                                   on_case=on_case, bundle_id=bundle_id)
     finally:

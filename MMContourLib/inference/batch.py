@@ -82,7 +82,7 @@ def shard() -> tuple[int, int, int]:
     return rank, world, local
 
 
-def _device_for(requested: str, world: int, local_rank: int) -> str:
+def device_for(requested: str, world: int, local_rank: int) -> str:
     """Under torchrun (``world`` > 1) ``auto`` / ``cuda`` become this process's own GPU."""
     if world <= 1:
         return requested
@@ -96,7 +96,7 @@ def my_share(rows: list, rank: int, world: int) -> list[tuple[int, dict[str, str
     return [(i, row) for i, row in enumerate(rows) if i % world == rank]
 
 
-def _run_id(world: int) -> str:
+def run_id(world: int) -> str:
     """Identifies this torchrun launch, so that parts left by an earlier run are never merged in."""
     env = os.environ.get
     if world == 1:
