@@ -4,11 +4,11 @@ Both segmentation writers read it: the ``.seg.nrrd`` file writer (``image.readwr
 MRML segmentation node builder (``slicer.mrml``), so a file and a Slicer node say the same thing.
 
 A row is one structure, named in TG-263 style without its side; the side adds the
-name suffix (``_L`` / ``_R``) and the terminology's anatomic region modifier. A per-region
-structure is one more row, e.g.::
-
-    Structure("CTVp_Breast", (0.95, 0.55, 0.55)),
-    Structure("CTVn_L1", (0.35, 0.60, 0.95), region=Code("SCT", "<code>", "Axillary lymph node group"))
+name suffix (``_L`` / ``_R``) and the terminology's anatomic region modifier. ``CTV`` is the union
+of every targeted structure; the other rows are the ESTRO 2015 breast structures, each made of the
+sub-regions (``note.targets.REGION_LABELS`` kinds) named in its ``regions``. A clinic that names its
+structures otherwise edits this table (names, colours): the network's classes are
+``structure_classes()`` of it, and a bundle records the list it was trained with.
 
 Segments that are no row (compare-notes results, named by their note's prompt) are clinical
 target volumes: they take the ``CTV`` row's codes and a colour from ``PALETTE`` by position.
@@ -41,6 +41,11 @@ TERMINOLOGY_FILE = "Resources/Terminology/SegmentationCategoryTypeModifier-MMCon
 RT_TARGET = Code("DCM", "130041", "RT Target")
 CLINICAL_TARGET_VOLUME = Code("SCT", "228792002", "Clinical target volume")
 BREAST = Code("SCT", "76752008", "Breast")
+# Anatomic regions of the structures (SNOMED CT, as the TG-263 -> SNOMED CT mapping has them).
+CHEST_WALL = Code("SCT", "78904004", "Chest wall structure")
+AXILLARY_NODE = Code("SCT", "68171009", "Axillary lymph node structure")
+SUPRACLAVICULAR_NODE = Code("SCT", "76838003", "Structure of supraclavicular lymph node")
+INTERNAL_MAMMARY_NODE = Code("SCT", "245282001", "Internal mammary lymph node group")
 SIDE_MODIFIER = {"left": Code("SCT", "7771000", "Left"), "right": Code("SCT", "24028007", "Right"),
                  "both": Code("SCT", "51440002", "Right and left")}
 SIDE_SUFFIX = {"left": "L", "right": "R"}
@@ -55,6 +60,8 @@ class Structure:
     category: Code = RT_TARGET
     type: Code = CLINICAL_TARGET_VOLUME
     region: Code | None = BREAST
+    regions: tuple[str, ...] = ()  # the sub-region kinds (REGION_LABELS keys less the side) it is made of
+    description: str = ""  # one line for a clinician
 
     def name_for(self, side: str | None = None) -> str:
         """The segment name on ``side`` ('left' / 'right'; none or 'both': the plain name)."""
@@ -69,8 +76,30 @@ class Structure:
 
 
 STRUCTURES: dict[str, Structure] = {s.name: s for s in (
-    Structure("CTV", PALETTE[0]),  # the union of every targeted region (docs/method.md)
+    Structure("CTV", PALETTE[0], description="the whole clinical target volume (union of the structures)"),
+    Structure("CTVp_Breast", (0.98, 0.60, 0.55), regions=("breast",),
+              description="the whole breast after breast-conserving surgery"),
+    Structure("CTVp_ChestWall", (0.85, 0.45, 0.80), region=CHEST_WALL, regions=("chestwall",),
+              description="the chest wall after mastectomy"),
+    Structure("CTVn_L1", (0.20, 0.60, 0.95), region=AXILLARY_NODE, regions=("axilla_l1",),
+              description="axillary level 1, lateral to the lateral border of pectoralis minor"),
+    Structure("CTVn_L2", (0.10, 0.80, 0.80), region=AXILLARY_NODE, regions=("axilla_l2",),
+              description="axillary level 2, behind pectoralis minor"),
+    Structure("CTVn_L3", (0.30, 0.80, 0.35), region=AXILLARY_NODE, regions=("axilla_l3",),
+              description="axillary level 3, medial to pectoralis minor, below the clavicle"),
+    Structure("CTVn_L4", (0.95, 0.80, 0.15), region=SUPRACLAVICULAR_NODE, regions=("supraclavicular",),
+              description="level 4, the supraclavicular nodes"),
+    Structure("CTVn_IMN", (0.95, 0.50, 0.10), region=INTERNAL_MAMMARY_NODE, regions=("internal_mammary",),
+              description="the internal mammary nodes, intercostal spaces 1-3"),
 )}
+UNION = "CTV"
+
+
+def structure_classes(table: "dict[str, Structure] | None" = None) -> tuple[str, ...]:
+    """The network's foreground classes of a table, in order (class i + 1 is entry i): every row made of
+    sub-regions, left then right ("CTVp_Breast_L", "CTVp_Breast_R", "CTVp_ChestWall_L", ...)."""
+    rows = (table or STRUCTURES).values()
+    return tuple(row.name_for(side) for row in rows if row.regions for side in ("left", "right"))
 
 
 def structure_for(name: str) -> tuple[Structure | None, str | None]:
@@ -120,5 +149,5 @@ def terminology_context() -> dict:
                 for category, types in categories.items()]}}
 
 
-__all__ = ["Code", "Structure", "STRUCTURES", "SIDE_MODIFIER", "PALETTE", "structure_for", "segment_color",
+__all__ = ["Code", "Structure", "STRUCTURES", "UNION", "structure_classes", "SIDE_MODIFIER", "PALETTE", "structure_for", "segment_color",
            "palette_color", "terminology_entry", "terminology_context", "CATEGORY_CONTEXT", "TERMINOLOGY_FILE"]
