@@ -54,10 +54,11 @@ def random_llm_folder(shape: dict, work: Path, dtype: str) -> tuple[Path, float]
 
 def make_bundle(folder: Path, llm: Path | None = None, *, feature_size: int = 4, roi=(32, 32, 16),
                 spacing=(6.0, 6.0, 8.0), overlap: float = 0.25, name: str = "tiny-test", version: str = "0.0.1",
-                seed: int = 0, text_dim: int | None = None) -> Path:
+                seed: int = 0, text_dim: int | None = None, structures: tuple[str, ...] = ()) -> Path:
     """A randomly initialised bundle naming the LLM folder ``llm`` (None: vision-only). With
     ``text_dim`` the LLM is not loaded (a 7B one takes minutes): the prompt vectors are random of that
-    width and the bundle has no fingerprint yet (the Contourer records it on first use)."""
+    width and the bundle has no fingerprint yet (the Contourer records it on first use). ``structures``:
+    one output per structure (``note.structures.structure_classes()``); none: one CTV output."""
     import torch
 
     from ..image.preprocess import PreprocessConfig
@@ -70,7 +71,8 @@ def make_bundle(folder: Path, llm: Path | None = None, *, feature_size: int = 4,
                            hidden_size=text_dim or 0)
     text = None if text_dim else build_text_encoder(spec)
     torch.manual_seed(seed)
-    net = TextConditionedUNet(NetworkConfig(feature_size=feature_size, text_dim=text_dim or text.dim))
+    net = TextConditionedUNet(NetworkConfig(feature_size=feature_size, text_dim=text_dim or text.dim,
+                                            structures=tuple(structures)))
     fields = dict(preprocessing=PreprocessConfig(spacing=spacing), inference=InferenceConfig(roi_size=roi, overlap=overlap),
                   name=name, version=version)
     if text is not None:

@@ -49,6 +49,10 @@ def register(subparsers) -> None:
     m.add_argument("--soft-labels", action="store_true", default=None,
                    help="train on partial-volume targets (the fraction of each model-grid voxel inside the CTV) "
                         "instead of 0/1: thin structures survive a coarse grid (losses.py)")
+    m.add_argument("--structures", choices=("auto", "regions", "union"),
+                   help="regions: one output per ESTRO structure (CTVp_Breast, CTVn_L1, ...), learned from the "
+                        "regions maps (cases without one teach the whole CTV); union: one CTV output; "
+                        "auto (default): regions when the training cases have regions maps")
     m.add_argument("--emphasis-labels", type=int, nargs="+", metavar="LABEL",
                    help="label values in the regions maps that --region-weight emphasises "
                         f"(default {' '.join(map(str, DEFAULT_EMPHASIS_LABELS))}: the phantoms' nodal levels)")

@@ -20,6 +20,7 @@ import torch
 
 from ..image.ctstats import ct_statistics
 from ..image.preprocess import PreprocessConfig, mask_to_model_grid, to_model_grid
+from ..note.targets import UNKNOWN_CLASS
 from .manifest import Case
 
 if TYPE_CHECKING:  # MONAI takes seconds to import: only the functions that build pipelines load it
@@ -54,11 +55,18 @@ class LoadCaseOnModelGridd:
     (1, X, Y, Z) uint8 (CTV fraction > 0.5), "soft" (1, X, Y, Z) float32 (the CTV fraction of each voxel)
     and "emphasis" (1, X, Y, Z) float32, the fraction of each voxel inside the regions
     whose label values are ``emphasis_labels`` (zeros without a regions map or labels; see losses.py);
+    "classes" (1, X, Y, Z) uint8, with ``structures`` (the network's foreground classes): the structure of
+    each CTV voxel (1 + its position in ``structures``, the one covering most of the voxel), from the
+    regions map where the CTV is; ``UNKNOWN_CLASS`` where the case has no regions map or its regions
+    there belong to no structure (an unsplit axilla, a CTV part no structure covers); 0 elsewhere.
+    "structure_cc": the volume of each structure the case has (cc, on the model grid).
     "ct_stats" is ``ct_statistics`` of the CT as read (its own grid), for the bundle's training range."""
 
-    def __init__(self, preprocessing: PreprocessConfig, emphasis_labels: Sequence[int] = ()):
+    def __init__(self, preprocessing: PreprocessConfig, emphasis_labels: Sequence[int] = (),
+                 structures: Sequence[str] = ()):
         self.preprocessing = preprocessing
         self.emphasis_labels = tuple(int(v) for v in emphasis_labels)
+        self.structures = tuple(structures)
 
     def __call__(self, data: dict) -> dict:
         import SimpleITK as sitk
@@ -77,22 +85,66 @@ class LoadCaseOnModelGridd:
         except ValueError as exc:
             raise CaseError(f"case {data['case_id']}: its CT {data['ct']} cannot be used: {exc}") from None
         stats = ct_statistics(ct, self.preprocessing)
-        fraction = mask_to_model_grid(read("ctv"), model_input).astype(np.float32)
+        ctv = read("ctv")
+        fraction = mask_to_model_grid(ctv, model_input).astype(np.float32)
         label = fraction > 0.5
         emphasis = np.zeros(label.shape, np.float32)
-        if self.emphasis_labels and data.get("regions"):
-            regions = read("regions")
+        regions = read("regions") if data.get("regions") and (self.emphasis_labels or self.structures) else None
+        if self.emphasis_labels and regions is not None:
             values = sitk.GetArrayViewFromImage(regions)
             inside = sitk.GetImageFromArray(np.isin(values, self.emphasis_labels).astype(np.uint8))
             inside.CopyInformation(regions)
             emphasis = mask_to_model_grid(inside, model_input).astype(np.float32)
+        classes = np.where(fraction > 0, UNKNOWN_CLASS, 0).astype(np.uint8)
+        structure_cc: dict[str, float] = {}
+        if self.structures and regions is not None:
+            try:
+                classes, structure_cc = _classes_on_model_grid(ctv, regions, fraction, model_input, self.structures)
+            except ValueError as exc:
+                raise CaseError(f"case {data['case_id']}: cannot use its regions file {data['regions']}: {exc}") from None
         return {"case_id": data["case_id"], "prompt": data["prompt"], "image": model_input.array[None],
-                "label": label[None].astype(np.uint8), "soft": fraction[None], "emphasis": emphasis[None], "ct_stats": stats}
+                "label": label[None].astype(np.uint8), "soft": fraction[None], "emphasis": emphasis[None],
+                "classes": classes[None], "structure_cc": structure_cc, "ct_stats": stats}
+
+
+def _classes_on_model_grid(ctv, regions, fraction: np.ndarray, model_input, structures: Sequence[str]):
+    """The structure of each model-grid voxel the CTV touches (see LoadCaseOnModelGridd) and each
+    structure's volume (cc: the sum of its voxel fractions)."""
+    import SimpleITK as sitk
+
+    from ..image.grid import same_grid
+    from ..note.targets import REGION_LABELS, region_structure
+
+    if not same_grid(ctv, regions):
+        raise ValueError("its regions map is not on the CT's grid")
+    lut = np.full(256, UNKNOWN_CLASS, np.uint8)  # a CTV voxel in no known structure stays unknown
+    for key, value in REGION_LABELS.items():
+        name = region_structure(key)
+        if name in structures:
+            lut[value] = structures.index(name) + 1
+    inside = sitk.GetArrayViewFromImage(ctv) > 0
+    on_ct = np.where(inside, lut[sitk.GetArrayViewFromImage(regions).astype(np.uint8)], 0)
+    best = np.zeros(fraction.shape, np.float32)
+    classes = np.zeros(fraction.shape, np.uint8)
+    voxel_cc = float(np.prod(model_input.grid.GetSpacing())) / 1000.0
+    volumes = {}
+    for value in np.unique(on_ct):
+        if value == 0:
+            continue
+        part = sitk.GetImageFromArray((on_ct == value).astype(np.uint8))
+        part.CopyInformation(ctv)
+        f = mask_to_model_grid(part, model_input)
+        take = f > best
+        classes[take], best[take] = value, f[take]
+        if value != UNKNOWN_CLASS:
+            volumes[structures[value - 1]] = round(float(f.sum()) * voxel_cc, 2)
+    classes[(fraction > 0) & (classes == 0)] = UNKNOWN_CLASS
+    return classes, volumes
 
 
 def build_cache(cases: Sequence[Case], preprocessing: PreprocessConfig, patch_size: Sequence[int],
                 cache_rate: float = 1.0, num_workers: int = 0, progress: bool = True,
-                emphasis_labels: Sequence[int] = ()) -> CacheDataset:
+                emphasis_labels: Sequence[int] = (), structures: Sequence[str] = ()) -> CacheDataset:
     """The deterministic part of the pipeline, computed once per case: model grid, padding to at least the
     patch, and the foreground / in-body background voxel indices the crop sampler draws from."""
     from monai.data import CacheDataset
@@ -101,8 +153,8 @@ def build_cache(cases: Sequence[Case], preprocessing: PreprocessConfig, patch_si
     items = [{"case_id": c.case_id, "ct": str(c.ct), "ctv": str(c.ctv), "prompt": c.prompt,
               "regions": str(c.regions) if c.regions else ""} for c in cases]
     transform = Compose([
-        LoadCaseOnModelGridd(preprocessing, emphasis_labels),
-        SpatialPadd(("image", "label", "soft", "emphasis"), spatial_size=tuple(patch_size), mode="constant"),
+        LoadCaseOnModelGridd(preprocessing, emphasis_labels, structures),
+        SpatialPadd(("image", "label", "soft", "emphasis", "classes"), spatial_size=tuple(patch_size), mode="constant"),
         FgBgToIndicesd("label", image_key="image", image_threshold=BODY_THRESHOLD),
         CastToTyped(("label_fg_indices", "label_bg_indices"), dtype=np.int32),  # half the memory of int64
     ])
@@ -154,7 +206,7 @@ def sample_transforms(patch_size: Sequence[int], augment: AugmentConfig = Augmen
                                   RandShiftIntensityd)
 
     return Compose([
-        RandCropByPosNegLabeld(("image", "label", "soft", "emphasis"), label_key="label", spatial_size=tuple(patch_size),
+        RandCropByPosNegLabeld(("image", "label", "soft", "emphasis", "classes"), label_key="label", spatial_size=tuple(patch_size),
                                pos=augment.pos, neg=augment.neg, num_samples=1, fg_indices_key="label_fg_indices",
                                bg_indices_key="label_bg_indices"),
         RandScaleIntensityd("image", factors=augment.scale, prob=augment.prob),
@@ -181,7 +233,7 @@ class PatchDataset(torch.utils.data.Dataset):
         out = out[0] if isinstance(out, list) else out
         return {"image": _plain(out["image"], torch.float32), "label": _plain(out["label"], torch.float32),
                 "soft": _plain(out["soft"], torch.float32), "emphasis": _plain(out["emphasis"], torch.float32),
-                "prompt": case["prompt"], "case_id": case["case_id"]}
+                "classes": _plain(out["classes"], torch.uint8), "prompt": case["prompt"], "case_id": case["case_id"]}
 
 
 def _plain(x, dtype) -> torch.Tensor:
@@ -194,7 +246,7 @@ def _plain(x, dtype) -> torch.Tensor:
 def collate(samples: Sequence[dict]) -> dict:
     return {"image": torch.stack([s["image"] for s in samples]), "label": torch.stack([s["label"] for s in samples]),
             "soft": torch.stack([s["soft"] for s in samples]), "emphasis": torch.stack([s["emphasis"] for s in samples]),
-            "prompt": [s["prompt"] for s in samples], "case_id": [s["case_id"] for s in samples]}
+            "classes": torch.stack([s["classes"] for s in samples]), "prompt": [s["prompt"] for s in samples], "case_id": [s["case_id"] for s in samples]}
 
 
 def steps_per_epoch(num_cases: int, global_batch: int) -> int:

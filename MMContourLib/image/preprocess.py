@@ -164,6 +164,35 @@ def probabilities_to_ct_grid(prob: np.ndarray, model_input: ModelInput) -> sitk.
     return sitk.Resample(img, model_input.source, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
 
 
+def structures_to_ct_grid(prob: np.ndarray, model_input: ModelInput, mask: sitk.Image) -> sitk.Image:
+    """Per-structure probabilities (K, X, Y, Z) on the model grid -> uint8 labels on the CT's grid: inside
+    ``mask`` (the whole CTV, on the CT grid) 1 + the structure with the highest resampled probability, 0
+    outside. Each structure is resampled only over the mask's bounding box, one at a time (memory:
+    two crops, not K CT-sized volumes)."""
+    m = sitk.GetArrayViewFromImage(mask) > 0
+    labels = np.zeros(m.shape, np.uint8)
+    if not m.any():
+        out = sitk.GetImageFromArray(labels)
+        out.CopyInformation(mask)
+        return out
+    nz = [np.nonzero(m.any(axis=tuple(a for a in range(3) if a != axis)))[0] for axis in range(3)]  # z, y, x
+    lo = [int(v[0]) for v in nz]
+    hi = [int(v[-1]) + 1 for v in nz]
+    crop_ref = sitk.RegionOfInterest(mask, [hi[2] - lo[2], hi[1] - lo[1], hi[0] - lo[0]], [lo[2], lo[1], lo[0]])
+    best = np.full(crop_ref.GetSize()[::-1], -1.0, np.float32)
+    arg = np.zeros(best.shape, np.uint8)
+    for k in range(prob.shape[0]):
+        p = sitk.GetArrayFromImage(sitk.Resample(model_array_to_image(prob[k], model_input.grid), crop_ref,
+                                                 sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+        take = p > best
+        arg[take], best[take] = k + 1, p[take]
+    crop = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
+    labels[crop] = np.where(m[crop], arg, 0)
+    out = sitk.GetImageFromArray(labels)
+    out.CopyInformation(mask)
+    return out
+
+
 def threshold(prob: sitk.Image, level: float = 0.5) -> sitk.Image:
     mask = sitk.Cast(sitk.BinaryThreshold(prob, lowerThreshold=level, upperThreshold=1e9, insideValue=1,
                                           outsideValue=0), sitk.sitkUInt8)

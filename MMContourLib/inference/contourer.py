@@ -27,10 +27,16 @@ from ..model.bundle import ModelBundle
 from ..model.device import PRECISIONS, resolve_device
 from ..model.windows import SlidingWindow
 from ..note.clinical import PROMPT_TEMPLATE_VERSION, ClinicalNote, note_from_any
-from ..image.preprocess import ModelInput, probabilities_to_ct_grid, threshold, to_model_grid
+from ..image.preprocess import (ModelInput, probabilities_to_ct_grid, structures_to_ct_grid, threshold,
+                                to_model_grid)
+from ..note.structures import UNION
+from ..note.targets import structures_for_note
 from . import anatomy
 from ..image.ctstats import ct_statistics
-from .review import Review, review_contour
+from .review import Review, review_contour, structure_reasons
+
+#: What ``ContourResult.segments`` gives: the structures, their union ``CTV``, or both.
+SEGMENT_MODES = ("both", "regions", "union")
 
 Progress = Callable[[str, int, int], None]
 FEATURE_CACHE_MODES = ("auto", "device", "host", "off")
@@ -52,6 +58,10 @@ class ContourResult:
     feature_cache: str = ""  # "hit", "device", "host" (stored there for the next note), "off" or "" (n/a)
     anatomical_range: dict = field(default_factory=dict)  # what inference.anatomy removed, and why
     review: Review = field(default_factory=Review)
+    # per-structure bundles: the structure of each CTV voxel (1 + its position in ``classes``; 0 outside)
+    labels: sitk.Image | None = None
+    classes: tuple[str, ...] = ()
+    expected: tuple[str, ...] = ()  # the structures the note's guideline calls for
 
     @property
     def voxels(self) -> int:
@@ -61,8 +71,56 @@ class ContourResult:
     def volume_cc(self) -> float:
         return self.voxels * float(np.prod(self.mask.GetSpacing())) / 1000.0
 
+    def structure_volumes(self) -> dict[str, float]:
+        """{structure: cc} for every structure the bundle has (0 for those it did not draw); {} for a bundle
+        with one CTV output."""
+        if self.labels is None:
+            return {}
+        counts = np.bincount(sitk.GetArrayViewFromImage(self.labels).ravel(), minlength=len(self.classes) + 1)
+        voxel_cc = float(np.prod(self.mask.GetSpacing())) / 1000.0
+        return {name: round(float(counts[i + 1]) * voxel_cc, 2) for i, name in enumerate(self.classes)}
+
+    @property
+    def structures(self) -> dict[str, sitk.Image]:
+        """{structure: uint8 mask on the CT grid} for each structure drawn (non-empty), in table order; a
+        bundle with one CTV output: {} (see ``segments``)."""
+        if self.labels is None:
+            return {}
+        arr = sitk.GetArrayViewFromImage(self.labels)
+        present = set(np.unique(arr).tolist())
+        out = {}
+        for i, name in enumerate(self.classes):
+            if i + 1 in present:
+                m = sitk.GetImageFromArray((arr == i + 1).astype(np.uint8))
+                m.CopyInformation(self.mask)
+                out[name] = m
+        return out
+
+    def segments(self, mode: str = "both") -> dict[str, sitk.Image]:
+        """The segments to write: "union" -> {"CTV": mask}; "regions" -> one per structure drawn; "both" ->
+        CTV first, then the structures. A bundle with one CTV output gives {"CTV": mask} for every mode."""
+        if mode not in SEGMENT_MODES:
+            raise ValueError(f"structures {mode!r}: use one of {', '.join(SEGMENT_MODES)}")
+        if mode == "union" or self.labels is None:
+            return {UNION: self.mask}
+        structures = self.structures
+        if mode == "regions":
+            return structures or {UNION: self.mask}  # nothing drawn: the (empty) CTV, not no segment at all
+        return {UNION: self.mask, **structures}
+
+    def structure_summary(self) -> list[dict]:
+        """One entry per structure the bundle has: name, volume (cc), whether the note's guideline calls for
+        it, and the review reasons naming it."""
+        by = {}
+        for r in self.review.reasons:
+            if r.structure:
+                by.setdefault(r.structure, []).append(r.text)
+        return [{"name": name, "volume_cc": cc, "expected": name in self.expected, "flags": by.get(name, [])}
+                for name, cc in self.structure_volumes().items()]
+
     def summary(self) -> dict:
         return {"prompt": self.prompt, "voxels": self.voxels, "volume_cc": round(self.volume_cc, 2),
+                "structures": self.structure_summary(),
                 "windows": self.windows, "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
                 "feature_cache": self.feature_cache, "provenance": self.provenance,
                 "anatomical_range": self.anatomical_range, "review": self.review.to_dict()}
@@ -176,7 +234,8 @@ class Contourer:
 
     def probabilities(self, model_input: ModelInput, g: torch.Tensor | None, progress: Progress | None = None,
                       cancel: Callable[[], bool] | None = None) -> tuple[np.ndarray, int]:
-        """Foreground probability (X, Y, Z) on the model grid, by MONAI sliding window. Out of GPU
+        """Foreground probabilities (K, X, Y, Z) on the model grid, one per structure (K = 1: the CTV), by
+        MONAI sliding window. Out of GPU
         memory: fewer windows per batch, then no feature cache, then the CPU (with a warning)."""
         while True:
             try:
@@ -272,7 +331,7 @@ class Contourer:
             self._cache_state = target if store is not None else ("off" if self.network.align is not None else "")
             if store is not None:
                 self._features = (model_input, key, store)
-        return prob[0, 0].float().cpu().numpy(), done
+        return prob[0].float().cpu().numpy(), done
 
     def clear_feature_cache(self) -> None:
         self._features = None
@@ -303,7 +362,7 @@ class Contourer:
 
         t = time.perf_counter()
         report("postprocess", 0, 1)
-        prob_img = probabilities_to_ct_grid(prob, model_input)
+        prob_img = probabilities_to_ct_grid(prob.sum(0), model_input)  # the whole CTV: every structure
         mask = threshold(prob_img, self.bundle.inference.threshold)
         facts = self._ct_facts(image, model_input)
         if self.anatomical_range:
@@ -313,9 +372,17 @@ class Contourer:
         review = review_contour(image, prob_img, mask, note, self.bundle.training, self.bundle.preprocessing,
                                 anatomical_range=range_report, input_notes=model_input.notes,
                                 ct_stats=facts["stats"])
+        classes = self.network.config.structures
+        labels, expected = None, ()
+        if classes:
+            labels = structures_to_ct_grid(prob, model_input, mask)
+            expected = tuple(structures_for_note(note))
+            result_volumes = ContourResult(mask, prob_img, note, prompt, {}, labels=labels,
+                                           classes=classes).structure_volumes()
+            review.reasons += structure_reasons(result_volumes, expected, note, self.bundle.training)
         timings["postprocess"] = time.perf_counter() - t
         timings["total"] = sum(timings.values())
         report("postprocess", 1, 1)
         return ContourResult(mask, prob_img, note, prompt, self.provenance(prompt), timings, windows,
-                             getattr(self, "_cache_state", ""), range_report, review)
+                             getattr(self, "_cache_state", ""), range_report, review, labels, classes, expected)
 

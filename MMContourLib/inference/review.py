@@ -45,6 +45,11 @@ class ReviewConfig:
     # Tolerances around the training range: spacing and sizes relative, HU absolute.
     relative_tolerance: float = 0.10
     hu_tolerance: float = 30.0
+    # A structure the note's guideline excludes is flagged above this volume (cc): a few cc are the
+    # partial-volume rim where two structures meet.
+    max_excluded_cc: float = 5.0
+    # A structure the guideline calls for is flagged below this share of the smallest volume seen in training.
+    min_share_of_trained: float = 0.25
     # Removed by the anatomical range step (cc) above which the clinician is told: a few cc are partial-volume
     # crumbs at a limit; more means the model painted outside the target region and may have erred inside it.
     max_dropped_cc: float = 5.0
@@ -221,6 +226,38 @@ def review_contour(image: sitk.Image, probability: sitk.Image, mask: sitk.Image,
         if reason is not None:
             review.reasons.append(reason)
     return review
+
+
+# -- per structure: does the contour agree with the note? ---------------------------------------
+
+def structure_reasons(volumes: Mapping[str, float], expected, note: ClinicalNote, training: Mapping | None,
+                      config: ReviewConfig = ReviewConfig()) -> list[Reason]:
+    """Note consistency per structure: ``volumes`` {structure: cc} as drawn, ``expected`` the structures the
+    note's guideline calls for. A structure the guideline excludes with more than ``max_excluded_cc``; one
+    it calls for that is missing, or below ``min_share_of_trained`` of the smallest seen in training
+    (``training["structures"]["volume_cc"]``)."""
+    expected = set(expected)
+    trained = ((training or {}).get("structures") or {}).get("volume_cc") or {}
+    sides = {s.side: s for s in note.sides}
+    out = []
+    for name, cc in volumes.items():
+        side = "left" if name.endswith("_L") else "right" if name.endswith("_R") else None
+        if name not in expected and cc > config.max_excluded_cc:
+            if side in sides:
+                s = sides[side]
+                surgery = "breast-conserving surgery" if s.surgery == "bcs" else s.surgery
+                why = f"the note's guideline for the {side} side ({s.n_stage}, {surgery}) does not include it"
+            else:
+                why = f"the note treats only the {' and '.join(sides)} side"
+            out.append(Reason("note", f"{cc:.0f} cc drawn, but {why}: delete it or check the note", name))
+        elif name in expected and cc <= 0:
+            out.append(Reason("note", "missing: the note's guideline calls for it but the model drew none; "
+                                      "contour it by hand or check the note", name))
+        elif name in expected and name in trained and cc < config.min_share_of_trained * trained[name][0]:
+            out.append(Reason("note", f"only {cc:.1f} cc, below {100 * config.min_share_of_trained:.0f} % of the "
+                                      f"smallest seen in training ({trained[name][0]:.1f} cc): probably incomplete",
+                              name))
+    return out
 
 
 def dropped_reason(report: Mapping, config: ReviewConfig = ReviewConfig()) -> Reason | None:

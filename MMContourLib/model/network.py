@@ -19,6 +19,9 @@ from .alignment import EmbeddingStandardizer, TextImageAlignment
 
 @dataclass(frozen=True)
 class NetworkConfig:
+    """``structures``: the names of the foreground classes (``note.structures.structure_classes``), one
+    output each after the background; empty: one foreground class, the whole CTV (bundles before
+    per-structure output). ``out_channels`` is 1 + the number of foreground classes."""
     feature_size: int = 48
     in_channels: int = 1
     out_channels: int = 2
@@ -26,6 +29,23 @@ class NetworkConfig:
     align_depth: int = 2
     align_heads: int = 8
     norm: str = "instance"
+    structures: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "structures", tuple(str(s) for s in self.structures))
+        if self.structures and self.out_channels != 1 + len(self.structures):
+            if self.out_channels != 2:  # 2 is the default: follow the structures
+                raise ValueError(f"out_channels {self.out_channels} does not fit {len(self.structures)} structures "
+                                 f"(background + one per structure = {1 + len(self.structures)})")
+            object.__setattr__(self, "out_channels", 1 + len(self.structures))
+        if not self.structures and self.out_channels != 2:
+            raise ValueError(f"out_channels {self.out_channels}: a network without a structure list has 2 "
+                             "(background, CTV)")
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Names of the foreground outputs: the structures, or ("CTV",)."""
+        return self.structures or ("CTV",)
 
     @property
     def channels(self) -> tuple[int, ...]:
@@ -33,7 +53,9 @@ class NetworkConfig:
         return (f, f, 2 * f, 4 * f, 8 * f)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["structures"] = list(self.structures)
+        return d
 
 
 class TextConditionedUNet(nn.Module):
@@ -90,7 +112,7 @@ class TextConditionedUNet(nn.Module):
         return block(*args)
 
     def decode(self, feats: list[torch.Tensor], g: torch.Tensor | None = None) -> torch.Tensor:
-        """feats from ``encode``; g: (B, N, D) note embedding or None (vision-only) -> logits (B, 2, X, Y, Z)."""
+        """feats from ``encode``; g: (B, N, D) note embedding or None (vision-only) -> logits (B, out_channels, X, Y, Z)."""
         if self.align is not None:
             if g is None:
                 raise ValueError("this network was trained with a text encoder: pass the note embedding")

@@ -52,7 +52,8 @@ class SlidingWindow:
                     *, note_per_window: Callable[[], torch.Tensor] | None = None,
                     progress: Callable[[int, int], None] | None = None, cancel: Callable[[], None] | None = None,
                     max_windows: int = 0) -> tuple[torch.Tensor | None, int]:
-        """x: (1, 1, X, Y, Z) -> (foreground probability (1, 1, X, Y, Z), windows run).
+        """x: (1, 1, X, Y, Z) -> (foreground probabilities (1, C - 1, X, Y, Z): the softmax of every class but
+        the background, one channel per structure; their sum is the whole CTV's; windows run).
 
         ``encode(call, windows)``: encoder features of predictor call ``call`` (MONAI visits the
         windows in a fixed order, so call i always sees the same windows: a cache may answer it);
@@ -79,7 +80,7 @@ class SlidingWindow:
             done += window.shape[0]
             if progress is not None:
                 progress(done, total)
-            return torch.softmax(logits.float(), 1)[:, 1:2]
+            return torch.softmax(logits.float(), 1)[:, 1:]
 
         try:
             with torch.inference_mode():

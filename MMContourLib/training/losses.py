@@ -19,40 +19,68 @@ internal mammary strip keeps 53-73 % of its volume through a 5 mm grid and back)
 (the fraction of each voxel inside the CTV) the targets are (1 - s, s) in both terms, so the
 model learns the fraction, which the exact inverse (probabilities resampled, then thresholded)
 turns back into the CT-grid contour. Hard 0/1 targets give the same loss as without ``soft``.
+
+Per-structure networks (background + one output per structure): the loss on the union of the
+structure outputs plus the multi-class loss where a voxel's structure is known (``weighted_dice_ce``),
+so an archive can mix cases with structures and cases with only one CTV.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from ..note.targets import UNKNOWN_CLASS
+
 SMOOTH = 1e-5  # MONAI DiceLoss smooth_nr / smooth_dr
 
 
 def weighted_dice_ce(logits: torch.Tensor, label: torch.Tensor, emphasis: torch.Tensor | None = None,
-                     region_weight: float = 0.0, soft: torch.Tensor | None = None) -> torch.Tensor:
-    """``logits`` (B, C, X, Y, Z), ``label`` (B, 1, X, Y, Z) class indices, ``emphasis`` (B, 1, X, Y, Z) in [0, 1],
-    ``soft`` (B, 1, X, Y, Z) foreground fractions in [0, 1] replacing ``label`` as the target (C = 2 only).
+                     region_weight: float = 0.0, soft: torch.Tensor | None = None,
+                     classes: torch.Tensor | None = None) -> torch.Tensor:
+    """``logits`` (B, C, X, Y, Z), ``label`` (B, 1, X, Y, Z) 0/1 (the whole CTV; without ``soft`` and ``classes``:
+    class indices, the plain multi-class loss), ``emphasis`` (B, 1, X, Y, Z) in
+    [0, 1], ``soft`` (B, 1, X, Y, Z) CTV fractions in [0, 1] replacing ``label`` as the target.
 
-    Dice: per sample and class (background included), mean over both; CE: weighted mean over voxels.
+    C = 2 (background, CTV): Dice per sample and class (background included), mean over both; CE:
+    weighted mean over voxels. C > 2 (background + one class per structure): ``classes`` (B, 1, X, Y, Z)
+    holds each voxel's structure (0 background, ``UNKNOWN_CLASS`` = 255 where the CTV's structure is not
+    known, e.g. a case with only the union): the loss is the same Dice + CE on the union of the
+    structure outputs (1 - p(background)) against the CTV, for every case, plus Dice + CE over all C
+    classes where the structure is known (weight 0 at unknown voxels; a union-only case still teaches the
+    structures where its background is).
     """
     num_classes = logits.shape[1]
     if emphasis is None or region_weight == 0:
         weight = torch.ones_like(logits[:, :1])
     else:
         weight = 1.0 + float(region_weight) * emphasis.to(logits.dtype)
-    if soft is not None:
-        if num_classes != 2:
-            raise ValueError(f"soft targets need 2 classes (background, CTV); the logits have {num_classes}")
-        s = soft.to(logits.dtype).clamp(0, 1)
-        target = torch.cat([1 - s, s], dim=1)
-    else:
-        target = F.one_hot(label[:, 0].long(), num_classes).movedim(-1, 1).to(logits.dtype)
     log_prob = torch.log_softmax(logits, dim=1)
+    if classes is None and soft is None:  # class indices: MONAI's DiceCELoss for any number of classes
+        return _dice_ce(log_prob, F.one_hot(label[:, 0].long(), num_classes).movedim(-1, 1).to(logits.dtype), weight)
+    s = (soft if soft is not None else label).to(logits.dtype).clamp(0, 1)
+    if num_classes == 2:
+        return _dice_ce(log_prob, torch.cat([1 - s, s], dim=1), weight)
+    if classes is None:
+        raise ValueError(f"soft targets need 2 classes (background, CTV) or the structure of each voxel; the "
+                         f"logits have {num_classes} classes")
+    # log(1 - p_bg) = logsumexp of the structure logits - logsumexp of all
+    log_fg = torch.logsumexp(logits[:, 1:], dim=1, keepdim=True) - torch.logsumexp(logits, dim=1, keepdim=True)
+    union = _dice_ce(torch.cat([log_prob[:, :1], log_fg], dim=1), torch.cat([1 - s, s], dim=1), weight)
+    c = classes[:, 0].long()
+    known = c != UNKNOWN_CLASS
+    onehot = F.one_hot(torch.where(known, c, 0).clamp(0, num_classes - 1), num_classes).movedim(-1, 1).to(logits.dtype)
+    target = torch.cat([1 - s, s * onehot[:, 1:]], dim=1)
+    return union + _dice_ce(log_prob, target, weight * known[:, None].to(logits.dtype))
+
+
+def _dice_ce(log_prob: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted cross-entropy (normalised by the weights' sum) + weighted soft Dice (per sample and class,
+    background included, mean); ``target`` (B, C, ...) sums to 1 over C, ``weight`` (B, 1, ...)."""
     ce = -(target * log_prob).sum(1)  # (B, X, Y, Z): the usual cross-entropy for one-hot targets
     w = weight[:, 0]
-    ce = (ce * w).sum() / w.sum()
+    ce = (ce * w).sum() / w.sum().clamp_min(SMOOTH)
     prob = log_prob.exp()
-    dims = tuple(range(2, logits.ndim))
+    dims = tuple(range(2, log_prob.ndim))
     intersection = (prob * target * weight).sum(dims)
     denominator = ((prob + target) * weight).sum(dims)
     dice = 1.0 - (2.0 * intersection + SMOOTH) / (denominator + SMOOTH)

@@ -62,10 +62,11 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype(device, precision) == torch.float16)
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor, prompts: Sequence[str],
-                 emphasis: torch.Tensor | None = None, soft: torch.Tensor | None = None) -> float:
+                 emphasis: torch.Tensor | None = None, soft: torch.Tensor | None = None,
+                 classes: torch.Tensor | None = None) -> float:
         with autocast_context(self.device, self.precision):
             logits = self.model(image, prompts)
-        loss = weighted_dice_ce(logits.float(), label, emphasis, self.region_weight, soft)
+        loss = weighted_dice_ce(logits.float(), label, emphasis, self.region_weight, soft, classes)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)

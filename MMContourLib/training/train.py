@@ -41,6 +41,7 @@ from ..image.preprocess import PreprocessConfig
 from ..model.device import DeviceError, resolve_device
 from ..model.text import TextEncoderSpec, build_text_encoder
 from ..model.windows import SlidingWindow
+from ..note.structures import structure_classes
 from .config import DEFAULT_EMPHASIS_LABELS, DEFAULT_SOURCES, TEXT_ENCODER_KINDS
 from .step import TrainableModel, TrainStep, adamw
 
@@ -79,6 +80,10 @@ class TrainConfig:
     region_weight: float = 0.0  # extra loss weight on the emphasised regions (0: the paper's plain Dice + CE)
     emphasis_labels: tuple[int, ...] = DEFAULT_EMPHASIS_LABELS  # label values in the manifest's regions maps
     soft_labels: bool = False  # partial-volume targets (CTV fraction per model-grid voxel) instead of 0/1
+    # regions: one output per structure (note.structures), learned from the regions maps (cases without one
+    # teach the union); union: one CTV output (bundles before per-structure output); auto: regions when any
+    # training case has a regions map
+    structures: str = "auto"
     pos: float = AugmentConfig.pos
     neg: float = AugmentConfig.neg
     num_workers: int = 0
@@ -99,6 +104,8 @@ class TrainConfig:
         self.emphasis_labels = tuple(int(v) for v in self.emphasis_labels)
         if self.region_weight < 0:
             raise ValueError(f"region weight must be >= 0; got {self.region_weight}")
+        if self.structures not in STRUCTURE_MODES:
+            raise ValueError(f"structures {self.structures!r}: use one of {', '.join(STRUCTURE_MODES)}")
         if self.text_encoder not in TEXT_ENCODER_KINDS:
             raise ValueError(f"text encoder {self.text_encoder!r}: use one of {', '.join(TEXT_ENCODER_KINDS)}")
         if len(self.patch) != 3 or any(v <= 0 or v % 16 for v in self.patch):
@@ -128,6 +135,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
         return cls(**{k: v for k, v in data.items() if k in {f.name for f in fields(cls)}})
+
+
+STRUCTURE_MODES = ("auto", "regions", "union")
 
 
 @dataclass
@@ -316,11 +326,22 @@ def validate(model: TrainableModel, cache, patch: Sequence[int], overlap: float,
             g = model.embed([case["prompt"]])
             x = torch.as_tensor(np.asarray(case["image"]))[None].float().to(device)
             prob, _ = window.probability(x, lambda call, w: network.encode(w), network.decode, g)
-            pred = (prob >= 0.5).float().cpu()
+            pred = (prob.sum(1, keepdim=True) >= 0.5).float().cpu()  # the whole CTV: all structures
             truth = torch.as_tensor(np.asarray(case["label"]))[None].float()
             scores.append(float(compute_dice(pred, truth, include_background=True, ignore_empty=False)[0, 0]))
     model.train()
     return float(np.mean(scores))
+
+
+def structure_volume_range(cache) -> dict[str, list[float]]:
+    """{structure: [smallest, median, largest]} volume (cc) over the cached training cases that have it: what
+    the review calls "far below the sizes seen in training"."""
+    volumes: dict[str, list[float]] = {}
+    for i in range(cache.cache_num):
+        for name, cc in case_item(cache, i)["structure_cc"].items():
+            volumes.setdefault(name, []).append(cc)
+    return {name: [round(float(min(v)), 2), round(float(np.median(v)), 2), round(float(max(v)), 2)]
+            for name, v in volumes.items()}
 
 
 def train(config: TrainConfig, resume: bool = False,
@@ -401,8 +422,15 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
         raise TrainingError(f"the text model at {config.text_source!r} is not the one this run started with "
                             f"(fingerprint {text.spec.fingerprint}, checkpoint {state['text_fingerprint']}); "
                             "point --llm at the same model")
+    with_regions = sum(1 for c in train_cases if c.regions)
+    if config.structures == "regions" and not with_regions:
+        raise TrainingError(f"--structures regions needs sub-region label maps: the manifest {config.manifest} has "
+                            "no 'regions' column values for its training cases (use --structures union)")
+    structures = structure_classes() if config.structures == "regions" or (
+        config.structures == "auto" and with_regions) else ()
     torch.manual_seed(config.seed)
-    network = TextConditionedUNet(NetworkConfig(feature_size=config.feature_size, text_dim=text.dim),
+    network = TextConditionedUNet(NetworkConfig(feature_size=config.feature_size, text_dim=text.dim,
+                                                structures=structures),
                                   activation_checkpointing=config.activation_checkpointing)
     model = TrainableModel(network, text).to(device)
     if text.dim is not None and state is None:  # standardise note embeddings over this run's notes
@@ -445,7 +473,7 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
         raise TrainingError(f"--region-weight {config.region_weight} needs sub-region label maps: the manifest "
                             f"{config.manifest} has no 'regions' column values for its training cases")
     train_cache = build_cache(train_cases, preprocessing, patch, config.cache_rate, config.num_workers, show,
-                              emphasis_labels)
+                              emphasis_labels, structures)
     val_cache = build_cache(val_cases, preprocessing, patch, 1.0, config.num_workers, show) \
         if (val_cases and dist.is_main) else None
     dataset = PatchDataset(train_cache, sample_transforms(patch, AugmentConfig(pos=config.pos, neg=config.neg)))
@@ -460,6 +488,9 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
         "text_encoder": config.text_encoder, "trainable_parameters": count_parameters(model),
         "region_weight": config.region_weight, "soft_labels": config.soft_labels,
         "ct_range": training_range(cached_statistics(train_cache)),  # what the review checks a new CT against
+        "structures": {"classes": list(structures), "cases_with_regions": with_regions,
+                       "union_only_cases": len(train_cases) - with_regions,
+                       "volume_cc": structure_volume_range(train_cache)} if structures else {},
     }
     epoch_times = []
     for epoch in range(start_epoch, config.epochs):
@@ -474,8 +505,9 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
                    file=sys.stderr, leave=False)
         for batch in bar:
             soft = batch["soft"].to(device) if config.soft_labels else None
+            classes = batch["classes"].to(device) if structures else None
             losses.append(train_step(batch["image"].to(device), batch["label"].to(device), batch["prompt"],
-                                     batch["emphasis"].to(device), soft))
+                                     batch["emphasis"].to(device), soft, classes))
             step += 1
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             for cb in callbacks:
