@@ -352,7 +352,11 @@ def test_two_gloo_processes_train_the_model_one_process_trains(manifest, tiny_ll
 
 
 def test_default_emphasis_labels_are_the_phantoms_nodal_levels():
-    from MMContourLib.note.targets import NODAL_REGIONS, REGION_LABELS
+    from MMContourLib.note.targets import NODAL_REGIONS, REGION_LABELS, labels_of
     from MMContourLib.training.train import DEFAULT_EMPHASIS_LABELS
 
-    assert set(DEFAULT_EMPHASIS_LABELS) == {REGION_LABELS[f"{r}_{s}"] for r in NODAL_REGIONS for s in ("left", "right")}
+    # every nodal region and its parts (the axillary levels), on both sides; no breast or chest wall
+    assert set(DEFAULT_EMPHASIS_LABELS) == {v for r in NODAL_REGIONS for s in ("left", "right")
+                                            for v in labels_of(f"{r}_{s}")}
+    assert {REGION_LABELS[k] for k in REGION_LABELS if k.startswith(("breast", "chestwall"))}.isdisjoint(
+        DEFAULT_EMPHASIS_LABELS)
