@@ -16,6 +16,9 @@ def register(subparsers) -> None:
                    help="an 'external site': other scanner calibration, noise, grid, storage and case mix")
     p.add_argument("--clinical-resolution", action="store_true",
                    help="0.98 mm, 512 x 512, 2.5 mm slices (slow; the default grid is 2.2 x 2.2 x 5 mm)")
+    p.add_argument("--planning-fov", action="store_true",
+                   help="a planning CT's field of view: from the neck (above the cricoid) to the upper abdomen "
+                        "(liver, stomach, kidneys, bowel gas), varied per case; default: the thorax only")
     p.add_argument("--json", action="store_true", help="print one JSON summary")
     p.set_defaults(func=run)
 
@@ -27,9 +30,14 @@ def run(args) -> dict:
     cfg = PhantomConfig.clinical() if args.clinical_resolution else PhantomConfig()
     if args.external:
         cfg = PhantomConfig.external_site(cfg)
+    if args.planning_fov:
+        from dataclasses import replace
+
+        cfg = replace(cfg, planning_fov=True)
     t0 = time.perf_counter()
     manifest = write_dataset(args.n, args.out, seed=args.seed, config=cfg, progress=not args.json)
-    summary = {**summarize(manifest), "external": bool(args.external), "seconds": round(time.perf_counter() - t0, 2)}
+    summary = {**summarize(manifest), "external": bool(args.external), "planning_fov": bool(args.planning_fov),
+               "seconds": round(time.perf_counter() - t0, 2)}
     if not args.json:
         print(f"wrote {summary['n']} phantom cases in {summary['seconds']} s -> {manifest}")
         print("  splits:  " + ", ".join(f"{k} {v}" for k, v in summary["splits"].items()))

@@ -39,8 +39,41 @@ def counterfactual_notes(note):
     return variants
 
 
-def figure(path: Path, ct: sitk.Image, panels: list[tuple[str, sitk.Image, sitk.Image, float]]) -> Path:
-    """Axial and coronal views per note: CT, guideline CTV (outline) and prediction (fill)."""
+def structure_dice(result, regions: sitk.Image) -> list[dict]:
+    """Per structure of a per-structure result: Dice against the note's guideline structure on the phantom,
+    for every structure in the truth or the contour ([] for a bundle with one CTV output)."""
+    from ..note.targets import structure_masks
+
+    if result.labels is None:
+        return []
+    truth = structure_masks(regions, result.note, result.classes)
+    labels = sitk.GetArrayViewFromImage(result.labels)
+    voxel_cc = float(np.prod(regions.GetSpacing())) / 1000.0
+    rows = []
+    for i, name in enumerate(result.classes):
+        t = sitk.GetArrayViewFromImage(truth[name]) > 0
+        p = labels == i + 1
+        nt, npred = int(t.sum()), int(p.sum())
+        if nt == 0 and npred == 0:
+            continue
+        rows.append({"name": name, "dice": round(2.0 * int((t & p).sum()) / (nt + npred), 4),
+                     "volume_cc": round(npred * voxel_cc, 1), "truth_volume_cc": round(nt * voxel_cc, 1)})
+    return rows
+
+
+def _label_colours(labels: np.ndarray, classes) -> np.ndarray:
+    """Label image (any shape) -> RGBA with each structure in its table colour (transparent background)."""
+    from ..note.structures import segment_color
+
+    rgba = np.zeros(labels.shape + (4,), np.float32)
+    for i, name in enumerate(classes):
+        rgba[labels == i + 1] = (*segment_color(name), 0.55)
+    return rgba
+
+
+def figure(path: Path, ct: sitk.Image, panels: list[tuple]) -> Path:
+    """Axial and coronal views per note: CT, guideline CTV (outline) and prediction (fill: each structure in
+    its colour for a per-structure bundle). A panel: (title, truth, mask, Dice[, labels, classes])."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,8 +82,9 @@ def figure(path: Path, ct: sitk.Image, panels: list[tuple[str, sitk.Image, sitk.
     # Show in radiological convention regardless of storage: resample to RAS-aligned LPS display grid.
     ref = sitk.DICOMOrient(ct, "LPS")
     arr = sitk.GetArrayFromImage(ref).astype(np.float32)  # (z: I->S, y: A->P, x: R->L)
-    truths = [sitk.GetArrayFromImage(sitk.DICOMOrient(t, "LPS")) for _, t, _, _ in panels]
-    preds = [sitk.GetArrayFromImage(sitk.DICOMOrient(p, "LPS")) for _, _, p, _ in panels]
+    truths = [sitk.GetArrayFromImage(sitk.DICOMOrient(panel[1], "LPS")) for panel in panels]
+    preds = [sitk.GetArrayFromImage(sitk.DICOMOrient(panel[4] if len(panel) > 4 and panel[4] is not None
+                                                     else panel[2], "LPS")) for panel in panels]
     union = np.zeros_like(truths[0], bool)
     for t in truths:
         union |= t > 0
@@ -58,13 +92,18 @@ def figure(path: Path, ct: sitk.Image, panels: list[tuple[str, sitk.Image, sitk.
     yc = int(np.round(np.argwhere(union)[:, 1].mean())) if union.any() else arr.shape[1] // 2
     sx, sy, sz = ref.GetSpacing()
     fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7.5), squeeze=False)
-    for col, ((title, _, _, d), t, p) in enumerate(zip(panels, truths, preds)):
+    for col, (panel, t, p) in enumerate(zip(panels, truths, preds)):
+        title, d = panel[0], panel[3]
+        classes = panel[5] if len(panel) > 5 and panel[4] is not None else None
         for row, (img, tt, pp, aspect) in enumerate((
                 (arr[zc], t[zc], p[zc], sy / sx),
                 (arr[:, yc][::-1], t[:, yc][::-1], p[:, yc][::-1], sz / sx))):
             ax = axes[row, col]
             ax.imshow(np.clip(img, -400, 400), cmap="gray", aspect=aspect)
-            ax.imshow(np.ma.masked_where(pp == 0, pp), cmap="autumn", alpha=0.45, aspect=aspect)
+            if classes:
+                ax.imshow(_label_colours(pp, classes), aspect=aspect, interpolation="nearest")
+            else:
+                ax.imshow(np.ma.masked_where(pp == 0, pp), cmap="autumn", alpha=0.45, aspect=aspect)
             if tt.any():
                 ax.contour(tt, levels=[0.5], colors="cyan", linewidths=1.0)
             ax.set_xticks([]), ax.set_yticks([])
@@ -72,8 +111,17 @@ def figure(path: Path, ct: sitk.Image, panels: list[tuple[str, sitk.Image, sitk.
                 ax.set_title(f"{title}\nDice {d:.2f}", fontsize=9)
         axes[0, col].text(2, 8, "R", color="white", fontsize=9)
         axes[0, col].text(arr.shape[2] - 10, 8, "L", color="white", fontsize=9)
+    drawn = sorted({(n, i) for panel, p in zip(panels, preds) if len(panel) > 5 and panel[4] is not None
+                    for i, n in enumerate(panel[5]) if (p == i + 1).any()}, key=lambda item: item[1])
+    if drawn:
+        from matplotlib.patches import Patch
+
+        from ..note.structures import segment_color
+
+        fig.legend(handles=[Patch(color=segment_color(n), label=n) for n, _ in drawn], loc="lower center",
+                   ncol=min(7, len(drawn)), fontsize=8, frameon=False)
     fig.suptitle("MMContour: same CT, different clinical notes (fill: prediction, cyan: guideline CTV)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05 if drawn else 0, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -120,22 +168,27 @@ def run_demo(out_dir: str | Path, bundle: str | Path | None = None, llm: str | N
         d = dice(result.mask, truth)  # same grid: the phantom's
         check = clinical_check(region_coverage(result.mask, case.regions), note)
         name = label.replace(" ", "-")
-        seg_path = write_segmentation(out / f"ctv_{name}.seg.nrrd", {"CTV": result.mask},
+        seg_path = write_segmentation(out / f"ctv_{name}.seg.nrrd", result.segments("both"),
                                       attributes=result.provenance, sides={"CTV": note.side})
+        per_structure = structure_dice(result, case.regions)
         notes.append({"label": label, "prompt": result.prompt, "dice": round(d, 4),
                       "volume_cc": round(result.volume_cc, 1),
                       "truth_volume_cc": round(float(sitk.GetArrayViewFromImage(truth).sum())
                                                * float(np.prod(truth.GetSpacing())) / 1000, 1),
                       "regions": {"contoured": check["targeted"], "guideline": check["expected"],
                                   "correct": check["correct"]},
+                      "structures": per_structure,
                       "review": {k: v for k, v in result.review.to_dict().items() if k != "measures"},
                       "anatomical_range": {k: result.anatomical_range.get(k) for k in ("applied", "dropped_cc", "reason")
                                            if k in result.anatomical_range},
                       "segmentation": seg_path.name, "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
-                      "_panel": (label, truth, result.mask, d)})
+                      "_panel": (label, truth, result.mask, d, result.labels, result.classes)})
         _say(f"  Dice {d:.3f} vs the guideline CTV for this note; regions {', '.join(check['targeted']) or 'none'}"
              f"{'' if check['correct'] else ' (guideline: ' + ', '.join(check['expected']) + ')'}; "
              f"{result.timings['total']:.1f} s")
+        if per_structure:
+            _say("  structures: " + ", ".join(f"{r['name']} {r['volume_cc']:.0f} cc (Dice {r['dice']:.2f})"
+                                              for r in per_structure))
         if result.review.needs_review:
             _say("  REVIEW: " + "; ".join(r.line() for r in result.review.reasons))
 
