@@ -14,8 +14,8 @@ COMMON=(--feature-size 8 --spacing 5 5 5 --patch 80 64 48 --batch-size 2 --epoch
         --warmup-epochs 2 --val-every 5 --seed 0 --region-weight 5 --soft-labels --version 3 --json)
 
 if [[ $STEP == data || $STEP == all ]]; then
-  $MM phantom --n 160 --out data/phantoms --seed 0
-  $MM phantom --n 30 --out data/external --seed 1 --external
+  $MM phantom --n 160 --out data/phantoms --seed 0 --planning-fov
+  $MM phantom --n 30 --out data/external --seed 1 --external --planning-fov
 fi
 if [[ $STEP == train || $STEP == all ]]; then
   run() {  # folder, bundle name, extra args...

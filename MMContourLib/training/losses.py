@@ -70,12 +70,16 @@ def weighted_dice_ce(logits: torch.Tensor, label: torch.Tensor, emphasis: torch.
     known = c != UNKNOWN_CLASS
     onehot = F.one_hot(torch.where(known, c, 0).clamp(0, num_classes - 1), num_classes).movedim(-1, 1).to(logits.dtype)
     target = torch.cat([1 - s, s * onehot[:, 1:]], dim=1)
-    return union + _dice_ce(log_prob, target, weight * known[:, None].to(logits.dtype))
+    return union + _dice_ce(log_prob, target, weight * known[:, None].to(logits.dtype), present_only=True)
 
 
-def _dice_ce(log_prob: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _dice_ce(log_prob: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+             present_only: bool = False) -> torch.Tensor:
     """Weighted cross-entropy (normalised by the weights' sum) + weighted soft Dice (per sample and class,
-    background included, mean); ``target`` (B, C, ...) sums to 1 over C, ``weight`` (B, 1, ...)."""
+    background included, mean); ``target`` (B, C, ...) sums to 1 over C, ``weight`` (B, 1, ...).
+    ``present_only``: the Dice mean is over the (sample, class) pairs the target has: with 14 structures
+    most are absent from a patch, and their Dice (1 with almost no gradient) would only dilute the
+    present ones' (the cross-entropy still keeps absent classes out)."""
     ce = -(target * log_prob).sum(1)  # (B, X, Y, Z): the usual cross-entropy for one-hot targets
     w = weight[:, 0]
     ce = (ce * w).sum() / w.sum().clamp_min(SMOOTH)
@@ -84,6 +88,9 @@ def _dice_ce(log_prob: torch.Tensor, target: torch.Tensor, weight: torch.Tensor)
     intersection = (prob * target * weight).sum(dims)
     denominator = ((prob + target) * weight).sum(dims)
     dice = 1.0 - (2.0 * intersection + SMOOTH) / (denominator + SMOOTH)
+    if present_only:
+        present = ((target * weight).sum(dims) > 0).to(dice.dtype)
+        return (dice * present).sum() / present.sum().clamp_min(1.0) + ce
     return dice.mean() + ce
 
 
