@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import math
+
 import torch
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 from torch import nn
@@ -80,6 +82,11 @@ class TextConditionedUNet(nn.Module):
                          upsample_kernel_size=2, norm_name=config.norm, res_block=True)
             for i in reversed(range(4)))
         self.out = UnetOutBlock(spatial_dims=3, in_channels=ch[0], out_channels=config.out_channels)
+        if config.out_channels > 2:
+            # K structures at even odds would start the whole CTV at p = K / (K + 1) everywhere; start the
+            # background at the odds two classes have, so training starts from "nothing contoured" as before
+            with torch.no_grad():
+                self.out.conv.conv.bias[0] += math.log(config.out_channels - 1)
         if config.text_dim:
             self.text_norm = EmbeddingStandardizer(config.text_dim)
             f = config.feature_size
