@@ -21,7 +21,7 @@ from MMContourLib.note.clinical import ClinicalNote
 from MMContourLib.note.targets import REGION_LABELS as L
 from MMContourLib.data.phantom import TISSUE_LABELS as T
 from MMContourLib.data.phantom import PhantomConfig, generate_case
-from MMContourLib.note.targets import ctv_for_note
+from MMContourLib.note.targets import ctv_for_note, labels_of
 
 CONFIGS = {
     "lps": PhantomConfig(orientation_mix={"LPS": 1.0}),
@@ -31,6 +31,8 @@ CONFIGS = {
     "coarse": PhantomConfig(orientation_mix={"LPS": 1.0}, in_plane_spacing=3.0, slice_thickness=6.0),
 }
 NODAL = ("axilla", "supraclavicular", "internal_mammary")
+LEVELS = ("axilla_l1", "axilla_l2", "axilla_l3")                  # ESTRO 2015 axillary levels I-III
+UNSPLIT = {"axilla_left", "axilla_right"}                         # the axilla as one label: older maps only
 
 
 @lru_cache(maxsize=None)
@@ -49,7 +51,8 @@ def x_mm(image: sitk.Image) -> np.ndarray:
 
 
 def labels(*names: str) -> list[int]:
-    return [L[n] for n in names]
+    """Label values of regions and their parts ("axilla_left" -> the unsplit label and levels I-III)."""
+    return [v for n in names for v in labels_of(n)]
 
 
 def chest_thickness(c: ph.PhantomCase, side: str) -> float:
@@ -164,7 +167,8 @@ def test_regions_describe_both_sides_whatever_the_note_says():
     reg, tissue = arr(c.regions), arr(c.tissues)
     x = x_mm(c.ct)
     volumes = {name: int((reg == label).sum()) for name, label in L.items()}
-    assert all(v > 50 for v in volumes.values()), volumes
+    assert all(v > 50 for n, v in volumes.items() if n not in UNSPLIT), volumes
+    assert all(volumes[n] == 0 for n in UNSPLIT), "new phantoms write the axilla as levels I-III only"
     for name, label in L.items():
         columns = x[(reg == label).any(axis=(0, 1))]
         assert (columns > 0).all() if name.endswith("_left") else (columns < 0).all(), name
@@ -174,7 +178,7 @@ def test_regions_describe_both_sides_whatever_the_note_says():
     # the nodal CTV hugs the veins: ESTRO's ~5 mm margin, so it holds vessels and little else of the vein-free body
     assert (tissue[nodal] == T["blood"]).mean() > 0.1
     m = case(6, "N2, total mastectomy surgery, right side")
-    assert {k for k, v in L.items() if (arr(m.regions) == v).sum() > 50} == set(L) - {"breast_right"}
+    assert {k for k, v in L.items() if (arr(m.regions) == v).sum() > 50} == set(L) - {"breast_right"} - UNSPLIT
 
 
 def test_ctv_for_note_gives_the_truth_for_counterfactual_notes():
@@ -188,7 +192,8 @@ def test_ctv_for_note_gives_the_truth_for_counterfactual_notes():
     assert isinstance(n2, sitk.Image) and n2.GetPixelID() == sitk.sitkUInt8
     assert n2.GetOrigin() == c.regions.GetOrigin() and n2.GetDirection() == c.regions.GetDirection()
     added = arr(n2).astype(bool) & ~base.astype(bool)
-    assert (arr(n2) >= base).all() and set(np.unique(reg[added])) == set(labels(*(f"{r}_left" for r in NODAL)))
+    assert (arr(n2) >= base).all() and set(np.unique(reg[added])) == set(labels(*(f"{r}_left" for r in NODAL))) - {
+        L["axilla_left"]}
     assert np.array_equal(ctv_for_note(reg, c.note.replace(n_stage="N1mi")), base), "N1mi is treated as N0"
 
     right = ctv_for_note(reg, c.note.replace(side="right"))
@@ -201,6 +206,49 @@ def test_ctv_for_note_gives_the_truth_for_counterfactual_notes():
     m = case(6, "N2, total mastectomy surgery, right side")
     asked_breast = ctv_for_note(arr(m.regions), ClinicalNote.parse("N0, breast conserving surgery, right side"))
     np.testing.assert_array_equal(asked_breast, (arr(m.regions) == L["chestwall_right"]).astype(np.uint8))
+
+
+def test_axillary_level_borders_are_the_pectoralis_minor_edges_seen_from_the_front():
+    from MMContourLib.data.phantom_anatomy import PEC_MINOR_MM, _axillary_levels
+
+    # a muscle running cranio-caudally at |x| = 100 mm over a vein running medial -> lateral at z = 0
+    for sign in (1, -1):
+        muscle = np.array([(sign * 100.0, -40.0, -60.0), (sign * 100.0, -45.0, 20.0)])
+        vein = np.array([(sign * 30.0, -20.0, 0.0), (sign * 160.0, -10.0, 0.0)])
+        w = _axillary_levels(muscle, vein, sign)
+        x = sign * np.array([80.0, 100.0 - PEC_MINOR_MM + 1, 100.0, 100.0 + PEC_MINOR_MM - 1, 120.0])
+        np.testing.assert_allclose(w(x, np.zeros(5)), [-20, -PEC_MINOR_MM + 1, 0, PEC_MINOR_MM - 1, 20], atol=1e-3)
+        np.testing.assert_allclose(w(x, np.full(5, 50.0)), w(x, np.zeros(5)), atol=1e-3)  # z along the muscle
+
+
+@pytest.mark.parametrize("seed,config", [(5, "lps"), (6, "lps"), (8, "coarse"), (9, "arms_down"), (4, "external")])
+def test_axilla_is_split_into_levels_one_two_three_from_lateral_to_medial(seed, config):
+    cfg = {"arms_down": replace(CONFIGS["lps"], arms_up_fraction=0.0),
+           "external": replace(PhantomConfig.external_site(), orientation_mix={"LPS": 1.0})}.get(config)
+    c = case(seed, config=config) if cfg is None else generate_case(seed, cfg)
+    reg = arr(c.regions)
+    x = np.abs(x_mm(c.ct))
+    z = c.ct.GetOrigin()[2] + c.ct.GetSpacing()[2] * np.arange(reg.shape[0])
+    for side in ("left", "right"):
+        masks = [reg == L[f"{level}_{side}"] for level in LEVELS]
+        lateral, cranial = [], []
+        for level, m in zip(LEVELS, masks):
+            assert m.sum() > 50, (side, level, int(m.sum()))
+            components, n = ndimage.label(m, np.ones((3, 3, 3)))
+            assert np.bincount(components.ravel())[1:].max() > 0.9 * m.sum(), (side, level, n)  # one piece
+            kk, _, ii = np.nonzero(m)
+            lateral.append(x[ii].mean())
+            cranial.append(z[kk].mean())
+        # level I lateral of level II lateral of level III (along the axillary vein towards the venous angle),
+        # and level III highest, under the clavicle
+        assert lateral[0] > lateral[1] + 5 > lateral[2] + 10, (side, lateral)
+        assert cranial[2] >= cranial[1] >= cranial[0], (side, cranial)
+        # the three levels are exactly the axilla the note's nodal CTV holds besides level IV and the IMN
+        n0 = ClinicalNote.parse(f"N0, breast conserving surgery, {side} side")
+        added = ctv_for_note(reg, n0.replace(n_stage="N2")).astype(bool) & ~ctv_for_note(reg, n0).astype(bool)
+        axilla = added & ~np.isin(reg, labels(f"supraclavicular_{side}", f"internal_mammary_{side}"))
+        np.testing.assert_array_equal(axilla, masks[0] | masks[1] | masks[2])
+    assert not np.isin(reg, [L[n] for n in UNSPLIT]).any()
 
 
 def test_nodal_status_is_invisible_on_ct():
@@ -323,6 +371,11 @@ def test_write_dataset_writes_manifest_images_and_notes(tmp_path):
         assert arr(ctv).any()
     meta = json.loads((out / "phantom.json").read_text())
     assert set(meta["cases"]) == {r["case_id"] for r in rows} and meta["region_labels"] == L
+    assert meta["region_parts"]["axilla"] == list(LEVELS)
+    for row in rows:  # the axilla is written as its levels, never as one label
+        present = set(np.unique(arr(sitk.ReadImage(str(manifest.parent / row["regions"])))).tolist())
+        assert {L[f"{lv}_{s}"] for lv in LEVELS for s in ("left", "right")} <= present
+        assert not present & {L[n] for n in UNSPLIT}
     # a phantom folder can be rewritten; a folder with someone else's manifest is refused, untouched
     dataset.write_dataset(2, out, seed=3, config=CONFIGS["coarse"], progress=False)
     assert sorted(p.name for p in (out / "cases").iterdir()) == sorted(

@@ -40,6 +40,7 @@ _HU_JITTER = {"fat": 8, "gland": 8, "muscle": 5, "lung": 25, "cancellous_bone": 
 
 SKIN_MM = 2.0        # skin thickness
 RIB_CAGE_MM = 10.0   # radial thickness of the rib / intercostal layer
+PEC_MINOR_MM = 7.0   # radius of the pectoralis minor (a tube: its lateral and medial borders split axilla I / II / III)
 _CAGE_ZC, _CAGE_HZ = -185.0, 230.0  # rib-cage "barrel" profile, mm from the sternal notch
 _MOUND = 0.8                         # breast mound profile: projection * (1 - q) ** _MOUND
 
@@ -419,8 +420,10 @@ def _draw_axillae(sc: _Scene) -> None:
     for name, side in p.sides.items():
         s, H = side.sign, p.humeral_head(side.sign)
         xa, xb, x0 = 0.6 * p.cage(-100)[0], 0.8 * p.cage(-50)[0], 0.55 * p.cage(-80)[0]
-        sc.vessel([(s * xa, p.anterior_y(xa, -105, 6), zn - 105), (s * xb, p.anterior_y(xb, -55, 8), zn - 55),
-                   (s * 112 * p.sw, y_va - 10, zn - 12)], 7, _T["muscle"], where=outside_cage)   # pectoralis minor
+        pec_minor = [(s * xa, p.anterior_y(xa, -105, 6), zn - 105), (s * xb, p.anterior_y(xb, -55, 8), zn - 55),
+                     (s * 112 * p.sw, y_va - 10, zn - 12)]                                     # ribs 3-5 -> coracoid
+        sc.vessel(pec_minor, PEC_MINOR_MM, _T["muscle"], where=outside_cage)                     # pectoralis minor
+        sc.veins[name]["pec_minor"] = np.array(pec_minor)
         sc.vessel([(s * x0, p.anterior_y(x0, -80, 12), zn - 80), (s * 122 * p.sw, y_va - 16, zn - 30),
                    H + [-s * 6, -14, -16]], 9, _T["muscle"], where=superficial)                   # pec. major fold
         sc.vessel([(s * (p.cage(-130)[0] + 6), 35 * p.sap, zn - 130), (s * 132 * p.sw, 32 * p.sap, zn - 40)], 11,
@@ -499,8 +502,35 @@ def _draw_bones(sc: _Scene) -> np.ndarray:
     return np.isin(T, [_T["cortical_bone"], _T["cancellous_bone"], _T["cartilage"]])
 
 
+def _axillary_levels(muscle: np.ndarray, vein: np.ndarray, sign: int):
+    """How far lateral of the pectoralis minor's axis a point lies, as ESTRO 2015 splits the axilla.
+
+    Level II is posterior to the muscle, so the borders are the muscle's lateral and medial edges seen
+    from the front: in the coronal (x, z) plane the muscle (a tube along ``muscle``) is a band of half
+    width ``PEC_MINOR_MM`` about its axis. At the point of the axis that passes over the axillary vein
+    (``vein``, medial -> lateral) the band's normal points lateral (and caudal); the returned function
+    gives w(x, z) in mm along it: w > half width is level I (lateral of the lateral border), below minus
+    the half width level III (medial of the medial border, up to the clavicle), in between level II."""
+    def dense(points, n=400):
+        pts = np.asarray(points, float)[:, [0, 2]]
+        seg = np.linalg.norm(np.diff(pts, axis=0), axis=1)
+        s = np.concatenate([[0.0], np.cumsum(seg)])
+        t = np.linspace(0.0, s[-1], n)
+        return np.column_stack([np.interp(t, s, pts[:, k]) for k in (0, 1)])
+
+    m, v = dense(muscle), dense(vein)
+    i = int(np.argmin(((m[:, None, :] - v[None, :, :]) ** 2).sum(-1)) // len(v))
+    tangent = m[min(i + 1, len(m) - 1)] - m[max(i - 1, 0)]
+    normal = np.array([tangent[1], -tangent[0]]) / max(float(np.linalg.norm(tangent)), 1e-6)
+    normal *= np.sign(normal[0] * sign) or 1.0
+    cx, cz = m[i]
+    return lambda x, z: normal[0] * (x - cx) + normal[1] * (z - cz)
+
+
 def _regions(sc: _Scene, cfg, bone: np.ndarray) -> np.ndarray:
-    """Sub-region labels for both sides whatever the note says. Priority: chest wall < nodal < breast."""
+    """Sub-region labels for both sides whatever the note says. Priority: chest wall < nodal < breast.
+    The axilla is written as ESTRO 2015 levels I-III (``axilla_l1`` ... ``axilla_l3``), split by the
+    borders of pectoralis minor (``_axillary_levels``); the unsplit ``axilla`` label is never written."""
     p, grid, T, r, R_rc, D = sc.p, sc.grid, sc.T, sc.r, sc.R_rc, sc.D
     regions = np.zeros(grid.shape, np.uint8)
     for name, side in p.sides.items():
@@ -528,8 +558,17 @@ def _regions(sc: _Scene, cfg, bone: np.ndarray) -> np.ndarray:
             ("internal_mammary", _tube(grid, im, 2.5 + margin),
              lambda sl: (z_of(sl) >= im_z[0]) & (z_of(sl) <= im_z[1])),
         )
+        levels = _axillary_levels(sc.veins[name]["pec_minor"], ax[1:], side.sign)
         for region, (sl, depth), keep in parts:
-            regions[sl][(depth > 0) & soft[sl] & on_side[..., sl[2]] & keep(sl)] = REGION_LABELS[f"{region}_{name}"]
+            where = (depth > 0) & soft[sl] & on_side[..., sl[2]] & keep(sl)
+            if region == "axilla":  # ESTRO 2015 levels I / II / III by the borders of pectoralis minor
+                w = levels(grid.x[sl[2]][None, None, :], grid.z[sl[0]][:, None, None])
+                level = np.where(w > PEC_MINOR_MM, 1, np.where(w < -PEC_MINOR_MM, 3, 2))
+                regions[sl][where] = np.broadcast_to(
+                    np.array([0] + [REGION_LABELS[f"axilla_l{k}_{name}"] for k in (1, 2, 3)], np.uint8)[level],
+                    where.shape)[where]
+            else:
+                regions[sl][where] = REGION_LABELS[f"{region}_{name}"]
     for name, side in p.sides.items():
         if side.state != "removed":
             sl, q, _ = sc.footprint[name]

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..image.fileio import write_text as _write_text
 from ..note.clinical import ClinicalNote
-from ..note.targets import REGION_LABELS
+from ..note.targets import REGION_LABELS, REGION_PARTS
 from .manifest import write_manifest
 from .phantom import PhantomConfig, generate_case, sample_note
 
@@ -84,7 +84,8 @@ def write_dataset(n: int, out_dir, seed: int = 0, config: PhantomConfig | None =
     splits = _assign_splits(notes, split_fractions, seed)
     (out / "cases").mkdir(parents=True, exist_ok=True)
     meta = {"generator": "MMContourLib.data.phantom", "seed": int(seed), "n": int(n), "config": cfg.to_dict(),
-            "region_labels": REGION_LABELS, "cases": previous, "complete": False}
+            "region_labels": REGION_LABELS, "region_parts": REGION_PARTS,  # the axilla is written as its levels I-III
+            "cases": previous, "complete": False}
     _write_text(marker, json.dumps(meta, indent=1, default=str))  # claims the folder before any case is written
     rows, infos = [], {}
     for i in tqdm(range(int(n)), desc="phantom", unit="case", disable=not progress, file=sys.stderr):
