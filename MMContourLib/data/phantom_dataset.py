@@ -105,15 +105,22 @@ def write_dataset(n: int, out_dir, seed: int = 0, config: PhantomConfig | None =
 
 
 def summarize(manifest: "str | Path") -> dict:
-    """Counts a phantom folder by split, target kind and how many cases show the treated side."""
+    """Counts a phantom folder by split, target kind and how many cases show the treated side: any
+    treated side a mastectomy or a conserved breast with a sign of surgery (``treatment_visible``),
+    and of the conserved breasts the share with a sign, and with one a 5 mm grid keeps (not clips only)."""
     manifest = Path(manifest)
     meta = json.loads((manifest.parent / "phantom.json").read_text())
     cases = meta["cases"].values()
     count = lambda key: {k: sum(1 for c in cases if c[key] == k) for k in sorted({c[key] for c in cases})}
+    conserved = [(c, s) for c in cases for s in c["sides"] if c["sides"][s]["breast"] == "conserved"]
+    share = lambda key: round(sum(bool(c.get(key, {}).get(s)) for c, s in conserved) / len(conserved), 3) \
+        if conserved else None
     return {"manifest": str(manifest), "n": meta["n"], "seed": meta["seed"], "splits": count("split"),
             "targets": count("target"), "orientations": count("orientation"),
             "treatment_visible": sum(1 for c in cases if any(c["treatment_visible"][s] for s in c["sides"]
                                                           if c["sides"][s]["breast"] != "intact")),
+            "conserved_breasts": len(conserved), "conserved_visible": share("treatment_visible"),
+            "conserved_visible_5mm": share("treatment_visible_5mm"),
             "size": next(iter(cases))["size"], "spacing": next(iter(cases))["spacing"]}
 
 
