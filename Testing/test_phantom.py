@@ -21,7 +21,7 @@ from MMContourLib.note.clinical import ClinicalNote
 from MMContourLib.note.targets import REGION_LABELS as L
 from MMContourLib.data.phantom import TISSUE_LABELS as T
 from MMContourLib.data.phantom import PhantomConfig, generate_case
-from MMContourLib.note.targets import ctv_for_note
+from MMContourLib.note.targets import ctv_for_note, labels_of
 
 CONFIGS = {
     "lps": PhantomConfig(orientation_mix={"LPS": 1.0}),
@@ -31,6 +31,8 @@ CONFIGS = {
     "coarse": PhantomConfig(orientation_mix={"LPS": 1.0}, in_plane_spacing=3.0, slice_thickness=6.0),
 }
 NODAL = ("axilla", "supraclavicular", "internal_mammary")
+LEVELS = ("axilla_l1", "axilla_l2", "axilla_l3")                  # ESTRO 2015 axillary levels I-III
+UNSPLIT = {"axilla_left", "axilla_right"}                         # the axilla as one label: older maps only
 
 
 @lru_cache(maxsize=None)
@@ -49,7 +51,8 @@ def x_mm(image: sitk.Image) -> np.ndarray:
 
 
 def labels(*names: str) -> list[int]:
-    return [L[n] for n in names]
+    """Label values of regions and their parts ("axilla_left" -> the unsplit label and levels I-III)."""
+    return [v for n in names for v in labels_of(n)]
 
 
 def chest_thickness(c: ph.PhantomCase, side: str) -> float:
@@ -164,7 +167,8 @@ def test_regions_describe_both_sides_whatever_the_note_says():
     reg, tissue = arr(c.regions), arr(c.tissues)
     x = x_mm(c.ct)
     volumes = {name: int((reg == label).sum()) for name, label in L.items()}
-    assert all(v > 50 for v in volumes.values()), volumes
+    assert all(v > 50 for n, v in volumes.items() if n not in UNSPLIT), volumes
+    assert all(volumes[n] == 0 for n in UNSPLIT), "new phantoms write the axilla as levels I-III only"
     for name, label in L.items():
         columns = x[(reg == label).any(axis=(0, 1))]
         assert (columns > 0).all() if name.endswith("_left") else (columns < 0).all(), name
@@ -174,7 +178,7 @@ def test_regions_describe_both_sides_whatever_the_note_says():
     # the nodal CTV hugs the veins: ESTRO's ~5 mm margin, so it holds vessels and little else of the vein-free body
     assert (tissue[nodal] == T["blood"]).mean() > 0.1
     m = case(6, "N2, total mastectomy surgery, right side")
-    assert {k for k, v in L.items() if (arr(m.regions) == v).sum() > 50} == set(L) - {"breast_right"}
+    assert {k for k, v in L.items() if (arr(m.regions) == v).sum() > 50} == set(L) - {"breast_right"} - UNSPLIT
 
 
 def test_ctv_for_note_gives_the_truth_for_counterfactual_notes():
@@ -188,7 +192,8 @@ def test_ctv_for_note_gives_the_truth_for_counterfactual_notes():
     assert isinstance(n2, sitk.Image) and n2.GetPixelID() == sitk.sitkUInt8
     assert n2.GetOrigin() == c.regions.GetOrigin() and n2.GetDirection() == c.regions.GetDirection()
     added = arr(n2).astype(bool) & ~base.astype(bool)
-    assert (arr(n2) >= base).all() and set(np.unique(reg[added])) == set(labels(*(f"{r}_left" for r in NODAL)))
+    assert (arr(n2) >= base).all() and set(np.unique(reg[added])) == set(labels(*(f"{r}_left" for r in NODAL))) - {
+        L["axilla_left"]}
     assert np.array_equal(ctv_for_note(reg, c.note.replace(n_stage="N1mi")), base), "N1mi is treated as N0"
 
     right = ctv_for_note(reg, c.note.replace(side="right"))
@@ -203,6 +208,49 @@ def test_ctv_for_note_gives_the_truth_for_counterfactual_notes():
     np.testing.assert_array_equal(asked_breast, (arr(m.regions) == L["chestwall_right"]).astype(np.uint8))
 
 
+def test_axillary_level_borders_are_the_pectoralis_minor_edges_seen_from_the_front():
+    from MMContourLib.data.phantom_anatomy import PEC_MINOR_MM, _axillary_levels
+
+    # a muscle running cranio-caudally at |x| = 100 mm over a vein running medial -> lateral at z = 0
+    for sign in (1, -1):
+        muscle = np.array([(sign * 100.0, -40.0, -60.0), (sign * 100.0, -45.0, 20.0)])
+        vein = np.array([(sign * 30.0, -20.0, 0.0), (sign * 160.0, -10.0, 0.0)])
+        w = _axillary_levels(muscle, vein, sign)
+        x = sign * np.array([80.0, 100.0 - PEC_MINOR_MM + 1, 100.0, 100.0 + PEC_MINOR_MM - 1, 120.0])
+        np.testing.assert_allclose(w(x, np.zeros(5)), [-20, -PEC_MINOR_MM + 1, 0, PEC_MINOR_MM - 1, 20], atol=1e-3)
+        np.testing.assert_allclose(w(x, np.full(5, 50.0)), w(x, np.zeros(5)), atol=1e-3)  # z along the muscle
+
+
+@pytest.mark.parametrize("seed,config", [(5, "lps"), (6, "lps"), (8, "coarse"), (9, "arms_down"), (4, "external")])
+def test_axilla_is_split_into_levels_one_two_three_from_lateral_to_medial(seed, config):
+    cfg = {"arms_down": replace(CONFIGS["lps"], arms_up_fraction=0.0),
+           "external": replace(PhantomConfig.external_site(), orientation_mix={"LPS": 1.0})}.get(config)
+    c = case(seed, config=config) if cfg is None else generate_case(seed, cfg)
+    reg = arr(c.regions)
+    x = np.abs(x_mm(c.ct))
+    z = c.ct.GetOrigin()[2] + c.ct.GetSpacing()[2] * np.arange(reg.shape[0])
+    for side in ("left", "right"):
+        masks = [reg == L[f"{level}_{side}"] for level in LEVELS]
+        lateral, cranial = [], []
+        for level, m in zip(LEVELS, masks):
+            assert m.sum() > 50, (side, level, int(m.sum()))
+            components, n = ndimage.label(m, np.ones((3, 3, 3)))
+            assert np.bincount(components.ravel())[1:].max() > 0.9 * m.sum(), (side, level, n)  # one piece
+            kk, _, ii = np.nonzero(m)
+            lateral.append(x[ii].mean())
+            cranial.append(z[kk].mean())
+        # level I lateral of level II lateral of level III (along the axillary vein towards the venous angle),
+        # and level III highest, under the clavicle
+        assert lateral[0] > lateral[1] + 5 > lateral[2] + 10, (side, lateral)
+        assert cranial[2] >= cranial[1] >= cranial[0], (side, cranial)
+        # the three levels are exactly the axilla the note's nodal CTV holds besides level IV and the IMN
+        n0 = ClinicalNote.parse(f"N0, breast conserving surgery, {side} side")
+        added = ctv_for_note(reg, n0.replace(n_stage="N2")).astype(bool) & ~ctv_for_note(reg, n0).astype(bool)
+        axilla = added & ~np.isin(reg, labels(f"supraclavicular_{side}", f"internal_mammary_{side}"))
+        np.testing.assert_array_equal(axilla, masks[0] | masks[1] | masks[2])
+    assert not np.isin(reg, [L[n] for n in UNSPLIT]).any()
+
+
 def test_nodal_status_is_invisible_on_ct():
     n0 = case(5, "N0, breast conserving surgery, left side")
     n2 = case(5, "N2, breast conserving surgery, left side")
@@ -211,31 +259,119 @@ def test_nodal_status_is_invisible_on_ct():
     assert arr(n2.ctv).sum() > arr(n0.ctv).sum()
 
 
-def test_conserved_breast_shows_seroma_or_clips_only_sometimes_and_only_on_the_treated_side():
-    shown, left_right_identical = [], 0
+SIGNS = {"seroma": "p_seroma", "clips": "p_clips", "skin_thickening": "p_skin_thickening", "distortion": "p_distortion"}
+NO_SIGNS = replace(CONFIGS["lps"], **{knob: 0.0 for knob in SIGNS.values()})
+LEFT_BCS = "N1, breast conserving surgery, left side"
+
+
+def test_conserved_breast_shows_the_surgery_in_most_cases_and_only_on_the_treated_side():
+    shown = []
     for seed in range(16):
-        c = case(seed, "N1, breast conserving surgery, left side", "coarse")
+        c = case(seed, LEFT_BCS, "coarse")
         tissue, reg, ct = arr(c.tissues), arr(c.regions), arr(c.ct)
         right = x_mm(c.ct) < 0
-        marks = np.isin(tissue, [T["seroma"], T["clip"]])
+        marks = np.isin(tissue, [T["seroma"], T["clip"], T["scar"]])
         assert not marks[..., right].any(), f"seed {seed}: surgical trace on the untreated side"
         assert not (ct[..., right] > 1500).any()
-        finding = c.info["sides"]["left"]["seroma"] or c.info["sides"]["left"]["clips"]
-        assert marks.any() == finding == c.info["treatment_visible"]["left"]
-        if finding:
-            assert (reg[marks] == L["breast_left"]).mean() > 0.8
-            if c.info["sides"]["left"]["clips"]:
+        left = c.info["sides"]["left"]
+        assert marks.any() == (left["seroma"] or left["clips"] or left["distortion"])
+        finding = any(left[k] for k in SIGNS)
+        assert finding == c.info["treatment_visible"]["left"]
+        assert c.info["treatment_visible_5mm"]["left"] == (finding and any(left[k] for k in SIGNS if k != "clips"))
+        if marks.any():
+            assert (reg[marks] == L["breast_left"]).mean() > 0.7
+            if left["clips"]:
                 assert (ct[..., ~right] > 1000).any(), "clips are metal-bright"
-        else:  # nothing shows the treated side: if the right-sided note's breast shows nothing either, same CT
-            other = case(seed, "N1, breast conserving surgery, right side", "coarse")
-            if not other.info["treatment_visible"]["right"]:
-                np.testing.assert_array_equal(arr(other.ct), ct)
-                left_right_identical += 1
-        assert c.info["sides"]["right"] == {**c.info["sides"]["right"], "breast": "intact", "seroma": False,
-                                            "clips": False}
+        assert c.info["sides"]["right"] == {**c.info["sides"]["right"], "breast": "intact",
+                                            **{k: False for k in SIGNS}}
         shown.append(finding)
-    assert 0.2 <= np.mean(shown) <= 0.85, shown
-    assert left_right_identical >= 1
+    assert 0.6 <= np.mean(shown) < 1.0, shown
+    # nothing shows the treated side: the left- and the right-sided note give the same CT
+    quiet = replace(CONFIGS["coarse"], **{knob: 0.0 for knob in SIGNS.values()})
+    left_note = generate_case(3, quiet, note=ClinicalNote.parse(LEFT_BCS))
+    right_note = generate_case(3, quiet, note=ClinicalNote.parse(LEFT_BCS.replace("left", "right")))
+    assert not left_note.info["treatment_visible"]["left"] and not right_note.info["treatment_visible"]["right"]
+    np.testing.assert_array_equal(arr(left_note.ct), arr(right_note.ct))
+
+
+def test_each_surgical_sign_shows_only_on_the_treated_breast_and_a_5mm_grid_keeps_it():
+    from MMContourLib.image.preprocess import PreprocessConfig, to_model_grid
+
+    note, grid5 = ClinicalNote.parse(LEFT_BCS), PreprocessConfig(spacing=(5.0, 5.0, 5.0))
+    quiet = generate_case(3, NO_SIGNS, note=note)
+    assert not any(quiet.info["sides"]["left"][k] for k in SIGNS)
+    x = x_mm(quiet.ct)
+    coarse_quiet = to_model_grid(quiet.ct, grid5)
+    coarse_x = np.array([coarse_quiet.grid.TransformIndexToPhysicalPoint((i, 0, 0))[0]
+                         for i in range(coarse_quiet.array.shape[0])])
+    for sign, knob in SIGNS.items():
+        c = generate_case(3, replace(NO_SIGNS, **{knob: 1.0}), note=note)
+        assert {k for k in SIGNS if c.info["sides"]["left"][k]} == {sign}
+        assert not any(c.info["sides"]["right"][k] for k in SIGNS)
+        assert c.info["treatment_visible"] == {"left": True, "right": False}
+        assert c.info["treatment_visible_5mm"] == {"left": sign != "clips", "right": False}
+        diff = arr(c.ct).astype(float) - arr(quiet.ct)
+        assert not diff[..., x < -20].any(), f"{sign} changed the untreated (right) side"
+        assert (np.abs(diff[..., x > 0]) > 30).sum() >= 3, sign
+        coarse = (to_model_grid(c.ct, grid5).array - coarse_quiet.array) * 2000.0  # HU on the 5 mm grid
+        assert not (np.abs(coarse[coarse_x < -20]) > 30).any(), sign
+        if sign != "clips":  # a 1-2 mm clip is mostly lost on a 5 mm grid; the other signs are not
+            assert (np.abs(coarse[coarse_x > 0]) > 30).sum() >= 15, (sign, int((np.abs(coarse) > 30).sum()))
+    # a mastectomy side never has a sign of breast-conserving surgery, whatever the knobs
+    m = generate_case(3, replace(NO_SIGNS, **{knob: 1.0 for knob in SIGNS.values()}),
+                      note=ClinicalNote.parse("N0, total mastectomy surgery, left side"))
+    assert not any(m.info["sides"][s][k] for s in ("left", "right") for k in SIGNS)
+    assert m.info["treatment_visible"] == m.info["treatment_visible_5mm"] == {"left": True, "right": False}
+
+
+def test_skin_thickening_thickens_the_skin_and_densifies_the_fat_beneath_on_the_ct():
+    cfg = replace(NO_SIGNS, in_plane_spacing=1.2, breast_density=0.05, noise_hu=10.0)
+    note = ClinicalNote.parse(LEFT_BCS)
+    quiet, thick = generate_case(7, cfg, note=note), generate_case(7, replace(cfg, p_skin_thickening=1.0), note=note)
+    extra, oedema = thick.info["sides"]["left"]["skin_extra_mm"], thick.info["sides"]["left"]["oedema_hu"]
+    assert 2.0 <= extra <= 4.0 and 10.0 <= oedema <= 30.0
+    dy = thick.ct.GetSpacing()[1]
+
+    def profile(c, side):
+        """Median over the breast's columns (anterior -> posterior, HU only) of the skin's thickness
+        (mm above -35 HU in the first 12 mm from the body surface) and of the fat 3-15 mm beneath it (HU)."""
+        ct = arr(c.ct).astype(float)
+        z, xi = np.nonzero((arr(quiet.regions) == L[f"breast_{side}"]).any(axis=1))
+        rows = ct[z, :, xi]
+        surface = (rows > -400).argmax(axis=1)
+        depth = np.arange(rows.shape[1])[None, :] - surface[:, None]
+        skin = ((rows > -35) & (depth >= 0) & (depth < int(12 / dy))).sum(axis=1)
+        fat = [np.median(r[s + k + int(3 / dy): s + k + int(15 / dy)]) for r, s, k in zip(rows, surface, skin)]
+        return float(np.median(skin) * dy), float(np.median(fat))
+
+    (skin_q, fat_q), (skin_t, fat_t), (skin_r, fat_r) = profile(quiet, "left"), profile(thick, "left"), profile(thick, "right")
+    assert skin_t - skin_q >= 0.75 * extra and skin_t - skin_r >= 0.75 * extra, (skin_q, skin_t, skin_r, extra)
+    assert skin_t - skin_q <= 2.5 * extra + dy
+    assert fat_t - fat_q >= 0.4 * oedema and fat_t - fat_r >= 0.4 * oedema, (fat_q, fat_t, fat_r, oedema)
+    assert abs(skin_q - skin_r) < 1.5 and abs(fat_q - fat_r) < 10  # without it both breasts look alike
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_share_of_conserved_breasts_showing_the_surgery_is_as_configured(external):
+    from MMContourLib.data.phantom_anatomy import _draw_patient
+
+    cfg = PhantomConfig.external_site() if external else PhantomConfig()
+    expected = cfg.visibility()
+    assert 0.85 <= expected["any_sign"] <= (0.95 if external else 0.90)  # the calibration: P(no sign) 0.05-0.15
+    assert 0.80 <= expected["at_5mm"] <= 0.95  # what a vision-only model on a 5 mm grid can find
+    shown, coarse = [], []
+    for seed in range(400):  # the patient only (no rendering): what generate_case(seed) draws
+        p = _draw_patient(np.random.default_rng([seed, 1]), ph.sample_note(seed, cfg), cfg, 300.0)
+        for side in p.sides.values():
+            signs = {"seroma": side.seroma, "clips": side.clips, "skin": side.skin, "distortion": side.distortion}
+            if side.state != "conserved":
+                assert not any(signs.values()), side.state
+                continue
+            shown.append(any(signs.values()))
+            coarse.append(side.seroma or side.skin or side.distortion)
+    assert len(shown) > 200
+    assert abs(np.mean(shown) - expected["any_sign"]) < 0.05, (np.mean(shown), expected)
+    assert abs(np.mean(coarse) - expected["at_5mm"]) < 0.06, (np.mean(coarse), expected)
 
 
 def test_case_mix_follows_the_paper_defaults_and_the_external_site_differs():
@@ -323,6 +459,16 @@ def test_write_dataset_writes_manifest_images_and_notes(tmp_path):
         assert arr(ctv).any()
     meta = json.loads((out / "phantom.json").read_text())
     assert set(meta["cases"]) == {r["case_id"] for r in rows} and meta["region_labels"] == L
+    assert meta["region_parts"]["axilla"] == list(LEVELS)
+    summary = dataset.summarize(manifest)
+    conserved = [(c, s) for c in meta["cases"].values() for s, f in c["sides"].items() if f["breast"] == "conserved"]
+    assert summary["conserved_breasts"] == len(conserved) > 0
+    assert summary["conserved_visible"] == round(np.mean([any(c["sides"][s][k] for k in SIGNS) for c, s in conserved]), 3)
+    assert summary["conserved_visible_5mm"] <= summary["conserved_visible"]
+    for row in rows:  # the axilla is written as its levels, never as one label
+        present = set(np.unique(arr(sitk.ReadImage(str(manifest.parent / row["regions"])))).tolist())
+        assert {L[f"{lv}_{s}"] for lv in LEVELS for s in ("left", "right")} <= present
+        assert not present & {L[n] for n in UNSPLIT}
     # a phantom folder can be rewritten; a folder with someone else's manifest is refused, untouched
     dataset.write_dataset(2, out, seed=3, config=CONFIGS["coarse"], progress=False)
     assert sorted(p.name for p in (out / "cases").iterdir()) == sorted(

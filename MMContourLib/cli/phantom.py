@@ -42,5 +42,10 @@ def run(args) -> dict:
         print(f"wrote {summary['n']} phantom cases in {summary['seconds']} s -> {manifest}")
         print("  splits:  " + ", ".join(f"{k} {v}" for k, v in summary["splits"].items()))
         print("  targets: " + ", ".join(f"{k} {v}" for k, v in summary["targets"].items()))
-        print(f"  treated side visible on CT (mastectomy, seroma or clips): {summary['treatment_visible']} cases")
+        print(f"  treated side visible on CT (mastectomy, or a seroma, clips, thicker skin or a scar after "
+              f"breast-conserving surgery): {summary['treatment_visible']} of {summary['n']} cases")
+        if summary["conserved_breasts"]:
+            print(f"  conserved breasts showing the surgery: {summary['conserved_visible']:.0%} of "
+                  f"{summary['conserved_breasts']}; {summary['conserved_visible_5mm']:.0%} on a 5 mm grid "
+                  "(clips alone are too small for it)")
     return summary

@@ -7,7 +7,9 @@ that agrees with the note, a CT in HU and the CTV the note asks for under the gu
 (partial volume, scanner PSF) and given CT noise.
 
 What the CT shows follows reality. A mastectomy side has no breast mound. A conserved breast
-shows a seroma and/or surgical clips in some cases, only ever on a treated side. Nodal status is
+shows the surgery in most cases, only ever on a treated side: a seroma, surgical clips, thicker skin
+with oedema beneath it, a scar with strands towards the skin (architectural distortion), each drawn
+on its own (``PhantomConfig.visibility``: about 90 % show one at the defaults). Nodal status is
 never drawn: normal-size nodes sit in both axillae of every patient. So a vision-only model cannot
 know the N stage, and knows the side only when the surgery left a trace.
 
@@ -72,8 +74,13 @@ class PhantomConfig:
     p_in_situ: float = 0.08                             # DCIS (Tis, N0)
     n_stage_probs: Mapping[str, float] = field(
         default_factory=lambda: {"N0": 0.47, "N1mi": 0.05, "N1": 0.30, "N2": 0.12, "N3": 0.06})
+    # what shows the treated side of a conserved breast, each drawn on its own; at the defaults
+    # 1 - 0.65 * 0.65 * 0.45 * 0.55 = 90 % of conserved breasts show one sign or more, 84 % one that a
+    # 5 mm grid keeps (clips are 1-2 mm: ``visibility``)
     p_seroma: float = 0.35                              # per conserved breast
     p_clips: float = 0.35
+    p_skin_thickening: float = 0.55                     # skin 2-4 mm thicker, subcutaneous oedema +10..30 HU
+    p_distortion: float = 0.45                          # scar at the lumpectomy site with strands to the skin
     # target rules
     nodal_margin_mm: float = 5.0                        # ESTRO: ~5 mm around the veins
     breast_skin_crop_mm: float = 5.0
@@ -110,7 +117,13 @@ class PhantomConfig:
             body_scale=(0.92, 1.1), fat_mm=(10.0, 34.0), breast_size=(0.6, 1.7), arms_up_fraction=0.85,
             p_bilateral=0.05, p_mastectomy=0.45, p_in_situ=0.04,
             n_stage_probs={"N0": 0.36, "N1mi": 0.04, "N1": 0.34, "N2": 0.17, "N3": 0.09},
-            p_seroma=0.5, p_clips=0.6)
+            p_seroma=0.5, p_clips=0.6, p_skin_thickening=0.45, p_distortion=0.35)
+
+    def visibility(self) -> dict[str, float]:
+        """Chance that a conserved breast shows the treated side: by any sign (seroma, clips, skin
+        thickening, distortion), and by one that survives resampling to a 5 mm grid (all but clips)."""
+        none = (1 - self.p_seroma) * (1 - self.p_skin_thickening) * (1 - self.p_distortion)
+        return {"any_sign": 1 - none * (1 - self.p_clips), "at_5mm": 1 - none}
 
     def to_dict(self) -> dict:
         return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asdict(self).items()}
@@ -289,7 +302,8 @@ def generate_case(seed: int, config: PhantomConfig | None = None, note: Clinical
     tissue_out = sitk.GetImageFromArray(tissues)
     tissue_out.CopyInformation(hu_img)
 
-    visible = {n: bool(s.state == "removed" or s.seroma or s.clips) for n, s in p.sides.items()}
+    coarse = {n: bool(s.state == "removed" or s.seroma or s.skin or s.distortion) for n, s in p.sides.items()}
+    visible = {n: bool(coarse[n] or s.clips) for n, s in p.sides.items()}
     info = {
         "seed": seed, "prompt": note.to_prompt(), "orientation": orientation,
         "oblique_deg": [round(float(a), 2) for a in angles_deg], "size": list(ct_img.GetSize()),
@@ -297,8 +311,11 @@ def generate_case(seed: int, config: PhantomConfig | None = None, note: Clinical
         "hu_scale": round(scale, 4), "arms": "up" if p.arms_up else "down", "body_scale": round(p.sw, 3),
         "fat_mm": round(p.fat, 1), "breast_density": round(p.density, 3),
         "sides": {n: {"breast": s.state, "size": round(float(s.size), 3), "seroma": bool(s.seroma),
-                      "clips": bool(s.clips)} for n, s in p.sides.items()},
-        "treatment_visible": visible,
+                      "clips": bool(s.clips), "skin_thickening": s.skin, "distortion": s.distortion,
+                      **({"skin_extra_mm": round(s.skin_mm, 2), "oedema_hu": round(s.oedema_hu, 1)} if s.skin else {})}
+                  for n, s in p.sides.items()},
+        "treatment_visible": visible,          # mastectomy, or any sign of breast-conserving surgery
+        "treatment_visible_5mm": coarse,       # ... that a 5 mm grid keeps (not clips alone)
         **({"field_of_view": "planning", "landmarks_z_mm": p.landmarks} if cfg.planning_fov else {}),
         "generation_s": round(time.perf_counter() - t0, 3),
     }

@@ -23,6 +23,7 @@ TISSUE_LABELS: dict[str, int] = {
     "air": 0, "skin": 1, "fat": 2, "muscle": 3, "gland": 4, "lung": 5, "cancellous_bone": 6,
     "cortical_bone": 7, "cartilage": 8, "blood": 9, "organ": 10, "airway": 11, "soft": 12, "node": 13,
     "seroma": 14, "clip": 15, "couch": 16, "liver": 17, "kidney": 18, "gas": 19, "bowel": 20, "fluid": 21,
+    "scar": 22,
 }
 _T = TISSUE_LABELS
 #: Mean HU per tissue (non-contrast CT); each patient gets a small jitter around these.
@@ -30,16 +31,20 @@ TISSUE_HU: dict[str, float] = {
     "air": -1000, "skin": 30, "fat": -100, "muscle": 50, "gland": 38, "lung": -850, "cancellous_bone": 380,
     "cortical_bone": 1000, "cartilage": 130, "blood": 40, "organ": 58, "airway": -990, "soft": 38, "node": 30,
     "seroma": 14, "clip": 3000, "couch": 250, "liver": 60, "kidney": 32, "gas": -1000, "bowel": 28, "fluid": 12,
+    "scar": 60,
 }
 #: Tissues only a planning field of view shows; their jitter comes from the planning stream, so the
 #: thorax-only phantoms draw exactly what they drew before these existed.
 _PLANNING_TISSUES = ("liver", "kidney", "gas", "bowel", "fluid")
+#: Drawn after the patient (``_draw_signs``), so a seed's anatomy is what it was before these existed.
+_LATE_TISSUES = ("scar",)
 _HU_JITTER = {"fat": 8, "gland": 8, "muscle": 5, "lung": 25, "cancellous_bone": 40, "cortical_bone": 60,
               "blood": 5, "organ": 5, "skin": 5, "soft": 5, "liver": 5, "kidney": 4, "bowel": 6, "fluid": 4}
 
 
 SKIN_MM = 2.0        # skin thickness
 RIB_CAGE_MM = 10.0   # radial thickness of the rib / intercostal layer
+PEC_MINOR_MM = 7.0   # radius of the pectoralis minor (a tube: its lateral and medial borders split axilla I / II / III)
 _CAGE_ZC, _CAGE_HZ = -185.0, 230.0  # rib-cage "barrel" profile, mm from the sternal notch
 _MOUND = 0.8                         # breast mound profile: projection * (1 - q) ** _MOUND
 
@@ -72,6 +77,13 @@ class _Side:
     clip_hu: np.ndarray
     nodes: np.ndarray         # (t along the axillary vein, offset x, y, z)
     vein_r: float
+    # late surgical signs of a conserved breast (``_draw_signs``)
+    skin: bool = False        # skin thickening with subcutaneous oedema
+    skin_mm: float = 0.0      # extra skin thickness, mm
+    oedema_hu: float = 0.0    # extra HU of the subcutaneous fat
+    distortion: bool = False  # architectural distortion: a scar at the lumpectomy site with strands to the skin
+    scar_semi: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    strands: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # where they reach the skin (footprint du, dv)
 
 
 @dataclass
@@ -164,8 +176,9 @@ def _draw_patient(rng: np.random.Generator, note: ClinicalNote, cfg, scan_length
     size = _draw(rng, cfg.breast_size) * (0.8 + 0.4 * fat / 30.0)
     density = _draw(rng, cfg.breast_density)
     u = rng.random(6)
-    hu = {k: v + _HU_JITTER.get(k, 0) * rng.normal() for k, v in TISSUE_HU.items() if k not in _PLANNING_TISSUES}
-    hu.update({k: float(TISSUE_HU[k]) for k in _PLANNING_TISSUES})
+    hu = {k: v + _HU_JITTER.get(k, 0) * rng.normal() for k, v in TISSUE_HU.items()
+          if k not in _PLANNING_TISSUES + _LATE_TISSUES}
+    hu.update({k: float(TISSUE_HU[k]) for k in _PLANNING_TISSUES + _LATE_TISSUES})
     k = rng.normal(size=(10, 3))
     k *= (2 * np.pi / rng.uniform(12.0, 32.0, 10) / np.linalg.norm(k, axis=1))[:, None]
     p = _Patient(sw=sw, sap=sap, fat=fat, pec=8.0 + 8.0 * u[0], back=10.0 + 6.0 * u[1], para=20.0 + 6 * u[2],
@@ -179,7 +192,23 @@ def _draw_patient(rng: np.random.Generator, note: ClinicalNote, cfg, scan_length
     zs = -120.0
     a, b, yc = p.cage(zs)
     p.y_table = float(yc + b + 5 + p.back + p.para + 0.7 * p.fat + SKIN_MM - 6.0)
+    for side in p.sides.values():  # drawn last: the rest of a seed's anatomy does not depend on these knobs
+        _draw_signs(rng, cfg, side)
+    p.hu["scar"] += 6.0 * rng.normal()
     return p
+
+
+def _draw_signs(rng: np.random.Generator, cfg, side: _Side) -> None:
+    """Skin thickening (2-4 mm, subcutaneous oedema +10..30 HU) and architectural distortion (a scar at
+    the lumpectomy site, 3-5 strands towards the skin), each with its own probability, only ever on a
+    conserved breast. The same number of draws whatever comes out."""
+    u = rng.random(5)
+    conserved = side.state == "conserved"
+    side.skin = bool(conserved and u[0] < cfg.p_skin_thickening)
+    side.distortion = bool(conserved and u[1] < cfg.p_distortion)
+    side.skin_mm, side.oedema_hu = 2.0 + 2.0 * float(u[2]), 10.0 + 20.0 * float(u[3])
+    side.strands = rng.normal(0.0, 1.0, (5, 2))[: 3 + int(3 * u[4])]
+    side.scar_semi = rng.uniform(6.0, 10.0, 3)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -258,6 +287,7 @@ class _Scene:
             T[sl][(depth > 0) & (self.r[sl] > self.R_rc[sl] + 4) & (self.D[sl] > SKIN_MM)] = _T["fat"]
         T[self.body & (self.D <= SKIN_MM)] = _T["skin"]
         self.veins: dict[str, dict] = {}
+        self.hu_add: list[tuple[tuple, np.ndarray]] = []  # (slices, HU added to the fat there): oedema
 
     def _footprint(self, side: _Side):
         """(slices, q, v) of a breast's footprint on the chest wall: q < 1 inside (a nominal breast's,
@@ -290,6 +320,8 @@ class _Scene:
         """Noise-free HU: the patient's value per tissue; dependent (posterior) lung is denser."""
         lut = np.array([self.p.hu[k] for k in sorted(TISSUE_LABELS, key=TISSUE_LABELS.get)], np.float32)
         hu = lut[self.T]
+        for sl, add in self.hu_add:
+            hu[sl] += add * (self.T[sl] == _T["fat"])
         lung = self.T == _T["lung"]
         hu[lung] += self.p.lung_gradient * np.clip(np.broadcast_to(self.dy, lung.shape)[lung] / 80.0, -1, 1)
         return hu
@@ -313,6 +345,33 @@ def _draw_breasts(sc: _Scene) -> None:
             ssl, depth = _ellipsoid(sc.grid, _site_point(p, side, *side.site),
                                     np.minimum(side.seroma_semi, 0.5 * side.proj + 6))
             T[ssl][(depth > 0) & np.isin(T[ssl], [_T["fat"], _T["gland"]])] = _T["seroma"]
+
+
+def _draw_surgical_signs(sc: _Scene) -> None:
+    """The late signs of breast-conserving surgery on the treated breast (``_draw_signs``): thicker skin
+    over the breast with oedema of the fat beneath it (fading over ~3 cm), and a scar at the lumpectomy
+    site with strands reaching towards the skin. Sized to show on a 5 mm grid too."""
+    p, T, D = sc.p, sc.T, sc.D
+    for name, side in p.sides.items():
+        if side.state != "conserved":
+            continue
+        sl, q, _ = sc.footprint[name]
+        if side.skin:
+            w = _ramp(q, 1.2, 0.8)  # the whole breast, fading out at its edge
+            thick = SKIN_MM + side.skin_mm * w
+            body = sc.torso[sl] & (D[sl] > 0)
+            T[sl][body & (D[sl] <= thick) & np.isin(T[sl], [_T["fat"], _T["gland"]])] = _T["skin"]
+            oedema = side.oedema_hu * w * _ramp(D[sl], thick + 30.0, thick + 5.0) * (body & (sc.r[sl] > sc.R_mus[sl]))
+            sc.hu_add.append((sl, oedema.astype(np.float32)))
+        if side.distortion:
+            soft = lambda s: np.isin(T[s], [_T["fat"], _T["gland"]])
+            centre = _site_point(p, side, *side.site)
+            ssl, depth = _ellipsoid(sc.grid, centre, np.minimum(side.scar_semi, 0.4 * side.proj + 4))
+            T[ssl][(depth > 0) & soft(ssl)] = _T["scar"]
+            for du, dv in side.strands:
+                end = _site_point(p, side, side.site[0] + 0.3 * math.tanh(du), side.site[1] + 0.3 * math.tanh(dv), 1.0)
+                tsl, depth = _tube(sc.grid, [centre, end], [3.5, 2.5])
+                T[tsl][(depth > 0) & soft(tsl) & sc.torso[tsl]] = _T["scar"]
 
 
 def _draw_thorax(sc: _Scene) -> None:
@@ -419,8 +478,10 @@ def _draw_axillae(sc: _Scene) -> None:
     for name, side in p.sides.items():
         s, H = side.sign, p.humeral_head(side.sign)
         xa, xb, x0 = 0.6 * p.cage(-100)[0], 0.8 * p.cage(-50)[0], 0.55 * p.cage(-80)[0]
-        sc.vessel([(s * xa, p.anterior_y(xa, -105, 6), zn - 105), (s * xb, p.anterior_y(xb, -55, 8), zn - 55),
-                   (s * 112 * p.sw, y_va - 10, zn - 12)], 7, _T["muscle"], where=outside_cage)   # pectoralis minor
+        pec_minor = [(s * xa, p.anterior_y(xa, -105, 6), zn - 105), (s * xb, p.anterior_y(xb, -55, 8), zn - 55),
+                     (s * 112 * p.sw, y_va - 10, zn - 12)]                                     # ribs 3-5 -> coracoid
+        sc.vessel(pec_minor, PEC_MINOR_MM, _T["muscle"], where=outside_cage)                     # pectoralis minor
+        sc.veins[name]["pec_minor"] = np.array(pec_minor)
         sc.vessel([(s * x0, p.anterior_y(x0, -80, 12), zn - 80), (s * 122 * p.sw, y_va - 16, zn - 30),
                    H + [-s * 6, -14, -16]], 9, _T["muscle"], where=superficial)                   # pec. major fold
         sc.vessel([(s * (p.cage(-130)[0] + 6), 35 * p.sap, zn - 130), (s * 132 * p.sw, 32 * p.sap, zn - 40)], 11,
@@ -499,8 +560,35 @@ def _draw_bones(sc: _Scene) -> np.ndarray:
     return np.isin(T, [_T["cortical_bone"], _T["cancellous_bone"], _T["cartilage"]])
 
 
+def _axillary_levels(muscle: np.ndarray, vein: np.ndarray, sign: int):
+    """How far lateral of the pectoralis minor's axis a point lies, as ESTRO 2015 splits the axilla.
+
+    Level II is posterior to the muscle, so the borders are the muscle's lateral and medial edges seen
+    from the front: in the coronal (x, z) plane the muscle (a tube along ``muscle``) is a band of half
+    width ``PEC_MINOR_MM`` about its axis. At the point of the axis that passes over the axillary vein
+    (``vein``, medial -> lateral) the band's normal points lateral (and caudal); the returned function
+    gives w(x, z) in mm along it: w > half width is level I (lateral of the lateral border), below minus
+    the half width level III (medial of the medial border, up to the clavicle), in between level II."""
+    def dense(points, n=400):
+        pts = np.asarray(points, float)[:, [0, 2]]
+        seg = np.linalg.norm(np.diff(pts, axis=0), axis=1)
+        s = np.concatenate([[0.0], np.cumsum(seg)])
+        t = np.linspace(0.0, s[-1], n)
+        return np.column_stack([np.interp(t, s, pts[:, k]) for k in (0, 1)])
+
+    m, v = dense(muscle), dense(vein)
+    i = int(np.argmin(((m[:, None, :] - v[None, :, :]) ** 2).sum(-1)) // len(v))
+    tangent = m[min(i + 1, len(m) - 1)] - m[max(i - 1, 0)]
+    normal = np.array([tangent[1], -tangent[0]]) / max(float(np.linalg.norm(tangent)), 1e-6)
+    normal *= np.sign(normal[0] * sign) or 1.0
+    cx, cz = m[i]
+    return lambda x, z: normal[0] * (x - cx) + normal[1] * (z - cz)
+
+
 def _regions(sc: _Scene, cfg, bone: np.ndarray) -> np.ndarray:
-    """Sub-region labels for both sides whatever the note says. Priority: chest wall < nodal < breast."""
+    """Sub-region labels for both sides whatever the note says. Priority: chest wall < nodal < breast.
+    The axilla is written as ESTRO 2015 levels I-III (``axilla_l1`` ... ``axilla_l3``), split by the
+    borders of pectoralis minor (``_axillary_levels``); the unsplit ``axilla`` label is never written."""
     p, grid, T, r, R_rc, D = sc.p, sc.grid, sc.T, sc.r, sc.R_rc, sc.D
     regions = np.zeros(grid.shape, np.uint8)
     for name, side in p.sides.items():
@@ -528,8 +616,17 @@ def _regions(sc: _Scene, cfg, bone: np.ndarray) -> np.ndarray:
             ("internal_mammary", _tube(grid, im, 2.5 + margin),
              lambda sl: (z_of(sl) >= im_z[0]) & (z_of(sl) <= im_z[1])),
         )
+        levels = _axillary_levels(sc.veins[name]["pec_minor"], ax[1:], side.sign)
         for region, (sl, depth), keep in parts:
-            regions[sl][(depth > 0) & soft[sl] & on_side[..., sl[2]] & keep(sl)] = REGION_LABELS[f"{region}_{name}"]
+            where = (depth > 0) & soft[sl] & on_side[..., sl[2]] & keep(sl)
+            if region == "axilla":  # ESTRO 2015 levels I / II / III by the borders of pectoralis minor
+                w = levels(grid.x[sl[2]][None, None, :], grid.z[sl[0]][:, None, None])
+                level = np.where(w > PEC_MINOR_MM, 1, np.where(w < -PEC_MINOR_MM, 3, 2))
+                regions[sl][where] = np.broadcast_to(
+                    np.array([0] + [REGION_LABELS[f"axilla_l{k}_{name}"] for k in (1, 2, 3)], np.uint8)[level],
+                    where.shape)[where]
+            else:
+                regions[sl][where] = REGION_LABELS[f"{region}_{name}"]
     for name, side in p.sides.items():
         if side.state != "removed":
             sl, q, _ = sc.footprint[name]
@@ -546,6 +643,7 @@ def _render(p: _Patient, grid: _Grid, cfg):
     _draw_axillae(sc)
     if p.planning is not None:
         _draw_neck_and_abdomen(sc, p.planning)
+    _draw_surgical_signs(sc)
     bone = _draw_bones(sc)
     if cfg.couch:  # carbon-fibre table top: two thin shells
         for y0 in (1.0, 26.0):

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..image.fileio import write_text as _write_text
 from ..note.clinical import ClinicalNote
-from ..note.targets import REGION_LABELS
+from ..note.targets import REGION_LABELS, REGION_PARTS
 from .manifest import write_manifest
 from .phantom import PhantomConfig, generate_case, sample_note
 
@@ -84,7 +84,8 @@ def write_dataset(n: int, out_dir, seed: int = 0, config: PhantomConfig | None =
     splits = _assign_splits(notes, split_fractions, seed)
     (out / "cases").mkdir(parents=True, exist_ok=True)
     meta = {"generator": "MMContourLib.data.phantom", "seed": int(seed), "n": int(n), "config": cfg.to_dict(),
-            "region_labels": REGION_LABELS, "cases": previous, "complete": False}
+            "region_labels": REGION_LABELS, "region_parts": REGION_PARTS,  # the axilla is written as its levels I-III
+            "cases": previous, "complete": False}
     _write_text(marker, json.dumps(meta, indent=1, default=str))  # claims the folder before any case is written
     rows, infos = [], {}
     for i in tqdm(range(int(n)), desc="phantom", unit="case", disable=not progress, file=sys.stderr):
@@ -104,15 +105,22 @@ def write_dataset(n: int, out_dir, seed: int = 0, config: PhantomConfig | None =
 
 
 def summarize(manifest: "str | Path") -> dict:
-    """Counts a phantom folder by split, target kind and how many cases show the treated side."""
+    """Counts a phantom folder by split, target kind and how many cases show the treated side: any
+    treated side a mastectomy or a conserved breast with a sign of surgery (``treatment_visible``),
+    and of the conserved breasts the share with a sign, and with one a 5 mm grid keeps (not clips only)."""
     manifest = Path(manifest)
     meta = json.loads((manifest.parent / "phantom.json").read_text())
     cases = meta["cases"].values()
     count = lambda key: {k: sum(1 for c in cases if c[key] == k) for k in sorted({c[key] for c in cases})}
+    conserved = [(c, s) for c in cases for s in c["sides"] if c["sides"][s]["breast"] == "conserved"]
+    share = lambda key: round(sum(bool(c.get(key, {}).get(s)) for c, s in conserved) / len(conserved), 3) \
+        if conserved else None
     return {"manifest": str(manifest), "n": meta["n"], "seed": meta["seed"], "splits": count("split"),
             "targets": count("target"), "orientations": count("orientation"),
             "treatment_visible": sum(1 for c in cases if any(c["treatment_visible"][s] for s in c["sides"]
                                                           if c["sides"][s]["breast"] != "intact")),
+            "conserved_breasts": len(conserved), "conserved_visible": share("treatment_visible"),
+            "conserved_visible_5mm": share("treatment_visible_5mm"),
             "size": next(iter(cases))["size"], "spacing": next(iter(cases))["spacing"]}
 
 
