@@ -49,14 +49,25 @@ def make_ct(size=(48, 40, 24), spacing=(4.0, 4.0, 6.0), direction=None, origin=(
 
 
 def make_bundle(llm_dir: Path | None, path: Path, feature_size: int = 4, roi=(32, 32, 16),
-                spacing=(6.0, 6.0, 8.0), seed: int = 0) -> Path:
-    """A randomly initialised bundle (real classes, real files) small enough for CPU tests."""
-    return fixtures.make_bundle(path, llm_dir, feature_size=feature_size, roi=roi, spacing=spacing, seed=seed)
+                spacing=(6.0, 6.0, 8.0), seed: int = 0, structures: tuple[str, ...] = ()) -> Path:
+    """A randomly initialised bundle (real classes, real files) small enough for CPU tests. ``structures``:
+    one output per structure (``note.structures.structure_classes()``); none: one CTV output."""
+    return fixtures.make_bundle(path, llm_dir, feature_size=feature_size, roi=roi, spacing=spacing, seed=seed,
+                                structures=structures)
 
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_llm_dir, tmp_path_factory) -> Path:
     return make_bundle(tiny_llm_dir, tmp_path_factory.mktemp("bundles") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_structure_bundle(tiny_llm_dir, tmp_path_factory) -> Path:
+    """A random per-structure bundle: the 14 classes of ``note.structures.structure_classes()``."""
+    from MMContourLib.note.structures import structure_classes
+
+    return make_bundle(tiny_llm_dir, tmp_path_factory.mktemp("bundles") / "tiny-structures",
+                       structures=structure_classes())
 
 
 @pytest.fixture(scope="session")

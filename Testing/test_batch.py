@@ -114,12 +114,14 @@ def test_manifest_problems_are_clear(tmp_path, tiny_bundle, capsys):
 
 # -- the plain-argument engine (also behind Resources/scripts/mmcontour_batch.py) -------------------
 
-class _FakeResult:
-    def __init__(self, image, note):
-        self.mask = sitk.Cast(sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1, sitk.sitkUInt8)
-        self.mask.CopyInformation(image)
-        self.prompt, self.provenance = note.to_prompt(), {"prompt": note.to_prompt()}
-        self.voxels, self.volume_cc, self.windows, self.timings = 1, 1.0, 1, {"total": 0.0}
+def _FakeResult(image, note):
+    """A real ContourResult without a model: the whole CT is the CTV (a one-CTV bundle's result)."""
+    from MMContourLib.inference.contourer import ContourResult
+
+    mask = sitk.Cast(sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1, sitk.sitkUInt8)
+    mask.CopyInformation(image)
+    return ContourResult(mask, sitk.Cast(mask, sitk.sitkFloat32), note, note.to_prompt(),
+                         {"prompt": note.to_prompt()}, timings={"total": 0.0}, windows=1)
 
 
 class _FakeContourer:
@@ -262,3 +264,30 @@ def test_a_note_column_and_structured_columns_that_disagree_are_refused(archive,
     err = capsys.readouterr().err
     assert "'side' column" in err and "'left'" in err and "'right'" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_manifest_runs_write_the_structures_and_list_them(archive, tiny_structure_bundle, tmp_path):
+    from MMContourLib.image.readwrite import read_segmentation
+    from MMContourLib.note.structures import structure_classes
+
+    out = tmp_path / "structures"
+    run(archive, out, tiny_structure_bundle)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["structures_mode"] == "both"
+    ok = [c for c in summary["cases"] if c["status"] == "ok"]
+    assert [c["case_id"] for c in ok] == ["c0", "c2", "c4"]
+    for case in ok:
+        assert [s["name"] for s in case["structures"]] == list(structure_classes())
+        assert all(isinstance(s["volume_cc"], float) and s["volume_cc"] >= 0 for s in case["structures"])
+        drawn = [s["name"] for s in case["structures"] if s["volume_cc"] > 0]
+        assert list(read_segmentation(out / f"{case['case_id']}.seg.nrrd")) == case["segments"] == ["CTV", *drawn]
+        assert abs(sum(s["volume_cc"] for s in case["structures"]) - case["volume_cc"]) < 0.1
+    # another mode: every output is redone with only the CTV (an output made with a mode is kept only for it)
+    run(archive, out, tiny_structure_bundle, "--structures", "union")
+    again = json.loads((out / "summary.json").read_text())
+    status = {c["case_id"]: c["status"] for c in again["cases"]}
+    assert [status[c] for c in ("c0", "c2", "c4")] == ["redone: structures changed"] * 3
+    assert list(read_segmentation(out / "c0.seg.nrrd")) == ["CTV"]
+    run(archive, out, tiny_structure_bundle, "--structures", "union")
+    assert {c["case_id"]: c["status"] for c in json.loads((out / "summary.json").read_text())["cases"]}["c0"] \
+        == "skipped"

@@ -177,3 +177,117 @@ def test_subcommands_parse_into_their_run_function(tmp_path):
     sub = next(a for a in parser._actions if a.dest == "command")
     assert sub.choices["import-dicom"].parse_args(["--in", "a", "--clinical", "b", "--out", "c"]).json is False
     assert parser.parse_args(["import-dicom", "--in", "a", "--clinical", "b", "--out", "c"]).func is import_dicom.run
+
+
+# -- per-structure output: --structures both | regions | union --------------------------------------------
+def test_structure_modes_agree_with_the_contourer():
+    from MMContourLib.cli.predict import STRUCTURE_MODES
+    from MMContourLib.inference.contourer import SEGMENT_MODES
+
+    assert STRUCTURE_MODES == SEGMENT_MODES
+
+
+def test_predict_writes_one_segment_per_structure_in_every_mode(tiny_structure_bundle, ct_file, tmp_path, capsys):
+    from MMContourLib.note.structures import STRUCTURES, SIDE_MODIFIER, structure_classes, structure_for
+
+    def predict(mode, name, *extra):
+        out = tmp_path / name
+        code, stdout, err = run(capsys, "predict", "--ct", ct_file, "--note", "N1, BCS, Lt", "--bundle",
+                                tiny_structure_bundle, "--out", out, "--device", "cpu", "--structures", mode, *extra)
+        assert code == 0, err
+        return out, stdout
+
+    out, stdout = predict("both", "both.seg.nrrd", "--json")
+    summary = json.loads(stdout)
+    assert summary["structures_mode"] == "both"
+    assert [s["name"] for s in summary["structures"]] == list(structure_classes())  # every class, drawn or not
+    drawn = [s["name"] for s in summary["structures"] if s["volume_cc"] > 0]
+    assert summary["voxels"] > 0 and drawn  # the random model draws something, so the checks below bite
+    expected = {s["name"] for s in summary["structures"] if s["expected"]}
+    assert {"CTVp_Breast_L", "CTVn_L1_L"} <= expected and not any(n.endswith("_R") for n in expected)
+    segs = read_segmentation(out)
+    assert list(segs) == ["CTV", *drawn] == summary["segments"]
+    ct = sitk.ReadImage(str(ct_file))
+    voxel_cc = float(np.prod(ct.GetSpacing())) / 1000
+    arrays = {n: sitk.GetArrayFromImage(m).astype(bool) for n, m in segs.items()}
+    for s in summary["structures"]:
+        if s["name"] in arrays:
+            assert abs(arrays[s["name"]].sum() * voxel_cc - s["volume_cc"]) <= 0.01, s
+    union = np.logical_or.reduce([arrays[n] for n in drawn])
+    np.testing.assert_array_equal(union, arrays["CTV"])  # the structures tile the CTV, without overlap
+    assert sum(arrays[n].sum() for n in drawn) == arrays["CTV"].sum() == summary["voxels"]
+    header = sitk.ReadImage(str(out))
+    for i, name in enumerate(segs):
+        row, side = structure_for(name)
+        assert np.allclose([float(c) for c in header.GetMetaData(f"Segment{i}_Color").split()], row.color)
+        tags = header.GetMetaData(f"Segment{i}_Tags")
+        assert f"~{row.region}~{SIDE_MODIFIER[side or 'left']}" in tags, (name, tags)
+    assert header.GetMetaData("MMContour_structures") == "both"
+    assert STRUCTURES["CTV"].color != STRUCTURES["CTVn_L1"].color  # the colours checked are distinct
+
+    out, _ = predict("regions", "regions.seg.nrrd", "--json")
+    assert list(read_segmentation(out)) == drawn  # no CTV segment
+    out, _ = predict("union", "union.seg.nrrd", "--json")
+    assert list(read_segmentation(out)) == ["CTV"]
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_segmentation(out)["CTV"]).astype(bool),
+                                  arrays["CTV"])
+
+    # a labelmap: one label per voxel, 1 + the structure's class index; the CTV is every labelled voxel
+    out, stdout = predict("both", "labels.nrrd")
+    labels = sitk.ReadImage(str(out))
+    values = sitk.GetArrayFromImage(labels)
+    classes = structure_classes()
+    assert sorted(np.unique(values[values > 0]).tolist()) == sorted(1 + classes.index(n) for n in drawn)
+    for name in drawn:
+        assert labels.GetMetaData(f"MMContour_label{1 + classes.index(name)}") == name
+        np.testing.assert_array_equal(values == 1 + classes.index(name), arrays[name])
+    # the text summary: one line per structure drawn or called for, with its volume in cc
+    lines = stdout.splitlines()
+    for s in summary["structures"]:
+        if s["volume_cc"] > 0 or s["expected"]:
+            assert any(line.strip().startswith(f"{s['name']}: {s['volume_cc']:.1f} cc") for line in lines), s
+    assert f"labels in {out.name}: " in stdout
+
+
+def test_a_single_ctv_bundle_writes_its_ctv_in_every_mode(tiny_bundle, ct_file, tmp_path, capsys):
+    for mode in ("both", "regions", "union"):
+        out = tmp_path / f"{mode}.seg.nrrd"
+        code, stdout, err = run(capsys, "predict", "--ct", ct_file, "--note", "N1, BCS, Lt", "--bundle", tiny_bundle,
+                                "--out", out, "--device", "cpu", "--structures", mode, "--json")
+        assert code == 0, err
+        summary = json.loads(stdout)
+        assert list(read_segmentation(out)) == ["CTV"] and summary["segments"] == ["CTV"]
+        assert summary["structures"] == [] and summary["structures_mode"] == mode
+    with pytest.raises(SystemExit) as exit_info:  # refused by the parser, before any model loads
+        run(capsys, "predict", "--ct", ct_file, "--note", "N1, BCS, Lt", "--bundle", tiny_bundle,
+            "--out", tmp_path / "x.seg.nrrd", "--structures", "lobes")
+    assert exit_info.value.code == 2 and "--structures" in capsys.readouterr().err
+    assert not (tmp_path / "x.seg.nrrd").exists()
+
+
+def test_predict_from_dicom_writes_one_roi_and_segment_per_structure(tiny_structure_bundle, tmp_path, capsys):
+    import pydicom
+    from test_dicomrt import Series, phantom
+
+    from MMContourLib.note.structures import structure_for
+
+    series = Series(tmp_path / "ct", phantom(shape=(30, 80, 80))[0])
+    seg, rs, dseg = tmp_path / "ctv.seg.nrrd", tmp_path / "RS.dcm", tmp_path / "SEG.dcm"
+    code, stdout, err = run(capsys, "predict", "--ct", series.folder, "--note", "N2, total mastectomy, Rt",
+                            "--bundle", tiny_structure_bundle, "--out", seg, "--out-rtstruct", rs,
+                            "--out-dicom-seg", dseg, "--roi-color", "0,0,255", "--device", "cpu", "--json")
+    assert code == 0, err
+    summary = json.loads(stdout)
+    drawn = [s["name"] for s in summary["structures"] if s["volume_cc"] > 0]
+    assert summary["segments"] == ["CTV", *drawn] and drawn
+    names = ["CTV_R", *drawn]  # --roi-name names the whole CTV; the structures keep their table names
+    ds = pydicom.dcmread(rs)
+    assert [r.ROIName for r in ds.StructureSetROISequence] == names
+    assert list(ds.ROIContourSequence[0].ROIDisplayColor) == [0, 0, 255]
+    for name, item in zip(drawn, ds.ROIContourSequence[1:]):
+        assert list(item.ROIDisplayColor) == [round(255 * c) for c in structure_for(name)[0].color]
+        assert len(item.ContourSequence) > 0
+    segments = pydicom.dcmread(dseg).SegmentSequence
+    assert [s.SegmentLabel for s in segments] == names
+    assert [s.AnatomicRegionSequence[0].CodeValue for s in segments] == \
+        [structure_for(n)[0].region.value for n in names]

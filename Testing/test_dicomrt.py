@@ -426,6 +426,140 @@ def test_export_prediction_uses_provenance_and_note(tmp_path):
     assert "N0, bcs, right side" in ds.StructureSetDescription
 
 
+# -- several structures: one ROI / segment each, in every output format ---------------------------------
+def structure_result(image: sitk.Image, note_text: str = "N1, bcs, left side"):
+    """A ContourResult made by hand (no model): the phantom's CTV split into CTVp_Breast_L (lower slices)
+    and CTVn_L1_L (upper slices), plus a small CTVn_IMN_R block; every other structure empty."""
+    from MMContourLib.inference.contourer import ContourResult
+    from MMContourLib.note.clinical import ClinicalNote
+    from MMContourLib.note.structures import structure_classes
+
+    classes = structure_classes()
+    _, ctv = phantom()
+    labels = np.zeros(ctv.shape, np.uint8)
+    middle = int(np.median(np.flatnonzero(ctv.any(axis=(1, 2)))))
+    labels[:middle][ctv[:middle]] = 1 + classes.index("CTVp_Breast_L")
+    labels[middle:][ctv[middle:]] = 1 + classes.index("CTVn_L1_L")
+    labels[3:6, 5:9, 50:56] = 1 + classes.index("CTVn_IMN_R")
+    label_image = sitk.GetImageFromArray(labels)
+    label_image.CopyInformation(image)
+    mask = sitk.Cast(label_image > 0, sitk.sitkUInt8)
+    note = ClinicalNote.parse(note_text)
+    return ContourResult(mask, sitk.Cast(mask, sitk.sitkFloat32), note, note.to_prompt(),
+                         {"bundle_name": "tiny-structures", "bundle_id": "s1", "prompt": note.to_prompt()},
+                         labels=label_image, classes=classes)
+
+
+def table_rgb(name: str) -> list[int]:
+    from MMContourLib.note.structures import segment_color
+
+    return [round(255 * c) for c in segment_color(name)]
+
+
+def test_every_output_writes_each_structure_with_its_name_colour_and_codes(tmp_path):
+    import highdicom as hd
+    import slicerio
+
+    from MMContourLib.image.readwrite import read_segmentation, write_segmentation
+    from MMContourLib.note.structures import SIDE_MODIFIER, structure_for
+
+    series = Series(tmp_path / "ct", phantom()[0])
+    image, info = read_ct_series(series.folder)
+    result = structure_result(image)
+    segments = result.segments("both")
+    assert list(segments) == ["CTV", "CTVp_Breast_L", "CTVn_L1_L", "CTVn_IMN_R"]  # CTV first, then table order
+    arrays = {name: sitk.GetArrayFromImage(m).astype(bool) for name, m in segments.items()}
+    assert all(a.any() for a in arrays.values())
+
+    # .seg.nrrd: one layer per segment, the table's colour and terminology (CTV: the note's side)
+    path = write_segmentation(tmp_path / "r.seg.nrrd", segments, sides={"CTV": result.note.side})
+    back = read_segmentation(path)
+    assert list(back) == list(segments)
+    for name in segments:
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(back[name]).astype(bool), arrays[name])
+    for entry in slicerio.read_segmentation(str(path))["segments"]:
+        row, side = structure_for(entry["name"])
+        side = side or "left"  # the CTV's: the note's
+        np.testing.assert_allclose(entry["color"], row.color, atol=1e-6)
+        terms = entry["terminology"]
+        assert terms["category"] == ["DCM", "130041", "RT Target"]
+        assert terms["type"] == ["SCT", "228792002", "Clinical target volume"]
+        assert terms["anatomicRegion"] == [row.region.scheme, row.region.value, row.region.meaning]
+        modifier = SIDE_MODIFIER[side]
+        assert terms["anatomicRegionModifier"] == [modifier.scheme, modifier.value, modifier.meaning]
+
+    written = dicomrt.export_prediction(segments, series.folder, out_rtstruct=tmp_path / "rs.dcm",
+                                        out_dicom_seg=tmp_path / "seg.dcm", note=result.note, color="0,0,255",
+                                        provenance=result.provenance)
+    roi_names = ["CTV_L", "CTVp_Breast_L", "CTVn_L1_L", "CTVn_IMN_R"]  # --roi-name names only the CTV
+    by_roi = dict(zip(roi_names, arrays.values()))
+
+    # RTSTRUCT: one ROI, colour, observation and contour set each; each comes back on its own
+    ds = pydicom.dcmread(written["rtstruct"])
+    assert [r.ROIName for r in ds.StructureSetROISequence] == roi_names
+    assert [int(r.ROINumber) for r in ds.StructureSetROISequence] == [1, 2, 3, 4]
+    assert [int(c.ReferencedROINumber) for c in ds.ROIContourSequence] == [1, 2, 3, 4]
+    assert [list(c.ROIDisplayColor) for c in ds.ROIContourSequence] == \
+        [[0, 0, 255]] + [table_rgb(n) for n in roi_names[1:]]  # --roi-color colours only the CTV
+    assert [o.RTROIInterpretedType for o in ds.RTROIObservationsSequence] == ["CTV"] * 4
+    assert [int(o.ReferencedROINumber) for o in ds.RTROIObservationsSequence] == [1, 2, 3, 4]
+    index = {uid: k for k, uid in enumerate(series.sop_uids)}
+    for name, item in zip(roi_names, ds.ROIContourSequence):
+        slices = {index[c.ContourImageSequence[0].ReferencedSOPInstanceUID] for c in item.ContourSequence}
+        assert slices == set(np.flatnonzero(by_roi[name].any(axis=(1, 2))).tolist()), name
+        again = rtstruct_to_mask(written["rtstruct"], image, info, patterns=[name], exclude=())
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(again).astype(bool), by_roi[name])
+
+    # DICOM SEG: one segment each, RT Target / CTV, the table's anatomic region with the side as modifier
+    seg = hd.seg.segread(written["dicom_seg"])
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == roi_names
+    sides = {"CTV_L": "left", "CTVp_Breast_L": "left", "CTVn_L1_L": "left", "CTVn_IMN_R": "right"}
+    for number, (item, name) in enumerate(zip(seg.SegmentSequence, roi_names), start=1):
+        row, _ = structure_for(name)
+        assert int(item.SegmentNumber) == number
+        assert item.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "130041"
+        assert item.SegmentedPropertyTypeCodeSequence[0].CodeValue == "228792002"
+        region = item.AnatomicRegionSequence[0]
+        assert (region.CodingSchemeDesignator, region.CodeValue) == (row.region.scheme, row.region.value), name
+        assert region.AnatomicRegionModifierSequence[0].CodeValue == SIDE_MODIFIER[sides[name]].value
+        pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=series.sop_uids,
+                                                   segment_numbers=[number])
+        np.testing.assert_array_equal(pixels[..., 0].astype(bool), by_roi[name])
+    assert {"CTVn_IMN": "245282001", "CTVn_L1": "68171009"} == \
+        {structure_for(n)[0].name: structure_for(n)[0].region.value for n in roi_names[2:]}
+    if shutil.which("dciodvfy"):
+        assert dciodvfy_errors(written["rtstruct"]) == [] and dciodvfy_errors(written["dicom_seg"]) == []
+
+
+def test_structure_modes_empty_structures_and_name_clashes(tmp_path):
+    series = Series(tmp_path / "ct", phantom()[0])
+    image, info = read_ct_series(series.folder)
+    result = structure_result(image)
+
+    def rois(masks, **options):
+        path = dicomrt.export_prediction(masks, info, out_rtstruct=tmp_path / "rs.dcm", note=result.note,
+                                         **options)["rtstruct"]
+        names = [r.ROIName for r in pydicom.dcmread(path).StructureSetROISequence]
+        path.unlink()
+        return names
+
+    assert rois(result.segments("union")) == ["CTV_L"]
+    assert rois(result.segments("regions")) == ["CTVp_Breast_L", "CTVn_L1_L", "CTVn_IMN_R"]  # no CTV
+    assert rois(result.mask, roi_template="CTVp_Breast{lat}") == ["CTVp_Breast_L"]  # one mask: as before
+    # a structure the model did not draw is no ROI / segment; nothing at all drawn is refused
+    empty = sitk.Image(result.mask) * 0
+    assert rois({"CTV": result.mask, "CTVn_L2_L": empty}) == ["CTV_L"]
+    seg = dicomrt.write_dicom_seg({"CTVn_L2_L": empty, "CTVn_L1_L": result.structures["CTVn_L1_L"]}, info,
+                                  tmp_path / "seg.dcm")
+    assert [s.SegmentLabel for s in pydicom.dcmread(seg).SegmentSequence] == ["CTVn_L1_L"]
+    with pytest.raises(EmptyContourError, match=r"CTV_L, CTVn_L2_L\) is empty"):
+        rois({"CTV": empty, "CTVn_L2_L": empty})
+    # the CTV's ROI name may not take a structure's
+    with pytest.raises(ValueError, match="CTVn_L1_L"):
+        rois(result.segments("both"), roi_template="CTVn_L1{lat}")
+    assert not (tmp_path / "rs.dcm").exists()
+
+
 # -- import-dicom: a hospital export with good and bad cases ----------------------------------------------
 def test_import_dicom_builds_the_manifest_and_reports_every_skip(tmp_path, capsys):
     small = dict(shape=(8, 32, 32), centre=(24, 20, 8), radii=(10, 8, 7))

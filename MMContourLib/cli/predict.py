@@ -15,6 +15,7 @@ def register(subparsers) -> None:
     p.add_argument("--ct", help="CT file (NIfTI, NRRD, MHA) or DICOM series folder")
     p.add_argument("--out", help="output .seg.nrrd (Slicer) or .nii.gz labelmap; with --manifest, a folder")
     p.add_argument("--manifest", help="CSV of cases (columns: docs/INTERFACES.md) to contour in one run")
+    add_structure_argument(p)
     add_export_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--json", action="store_true", help="print one JSON summary")
@@ -23,15 +24,32 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+#: ``inference.contourer.SEGMENT_MODES`` (not imported: it loads torch; Testing/test_cli.py checks they agree).
+STRUCTURE_MODES = ("both", "regions", "union")
+
+
+def add_structure_argument(parser) -> None:
+    parser.add_argument(
+        "--structures", choices=STRUCTURE_MODES, default="both",
+        help="which segments to write (every output: .seg.nrrd, RTSTRUCT, DICOM SEG, manifest runs): "
+             "both = the whole CTV then one segment per structure drawn (CTVp_Breast_L, CTVn_L1_L, ...); "
+             "regions = only the structures; union = only the whole CTV. A bundle with one CTV output "
+             "writes the CTV for every choice (default: %(default)s)")
+
+
 def add_export_arguments(parser) -> None:
     """The DICOM outputs of ``mmcontour predict``: the CT must be a DICOM series folder."""
     parser.add_argument("--out-rtstruct", type=Path, metavar="FILE",
-                        help="also write the CTV as a DICOM RTSTRUCT referencing the input CT series")
+                        help="also write the segments (--structures) as a DICOM RTSTRUCT referencing the input "
+                             "CT series, one ROI each")
     parser.add_argument("--out-dicom-seg", type=Path, metavar="FILE",
-                        help="also write the CTV as a DICOM Segmentation referencing the input CT series")
+                        help="also write the segments (--structures) as a DICOM Segmentation referencing the "
+                             "input CT series, one segment each")
     parser.add_argument("--roi-name", default=DEFAULT_ROI_TEMPLATE, metavar="TEMPLATE",
-                        help="TG-263-style ROI name; {lat} becomes _L/_R from the note (default: %(default)s)")
-    parser.add_argument("--roi-color", default="255,0,0", metavar="R,G,B", help="ROI colour (default: %(default)s)")
+                        help="TG-263-style ROI name of the whole CTV; {lat} becomes _L/_R from the note; the "
+                             "structures keep their own names (default: %(default)s)")
+    parser.add_argument("--roi-color", default="255,0,0", metavar="R,G,B",
+                        help="colour of the whole CTV; the structures keep their table colours (default: %(default)s)")
 
 
 def run(args) -> dict:
@@ -62,22 +80,67 @@ def run(args) -> dict:
     validate_ct(image)  # a CT that cannot be contoured is refused before the model loads
     contourer = contourer_from_args(args)
     result = contourer.contour(image, note, progress=tqdm_progress(not args.json))
-    summary = {"ct": str(args.ct), "out": str(out), **result.summary(), "llm_calls": contourer.llm_calls}
+    segments = result.segments(args.structures)
+    file_segments, labels = file_masks(result, args.structures, out)
+    summary = {"ct": str(args.ct), "out": str(out), **result.summary(), "structures_mode": args.structures,
+               "segments": list(file_segments), "llm_calls": contourer.llm_calls}
+    if labels:
+        summary["labels"] = {str(v): name for name, v in labels.items()}
     with OutputGroup() as group:
-        write_segmentation(out, {"CTV": result.mask}, attributes=result.provenance, sides={"CTV": note.side},
-                           group=group)
+        write_segmentation(out, file_segments, attributes={**result.provenance, "structures": args.structures},
+                           sides={"CTV": note.side}, labels=labels, group=group)
         if extra_outputs:
             from ..dicom.export import export_prediction
 
-            written = export_prediction(result.mask, args.ct, out_rtstruct=args.out_rtstruct,
+            written = export_prediction(segments, args.ct, out_rtstruct=args.out_rtstruct,
                                         out_dicom_seg=args.out_dicom_seg, note=note, roi_template=args.roi_name,
                                         color=args.roi_color, provenance=result.provenance, group=group)
             summary.update({k: str(v) for k, v in written.items()})
     if not args.json:
         print(f"CTV: {summary['volume_cc']:.1f} cc, prompt '{result.prompt}', {result.timings['total']:.1f} s -> {out}")
-        if result.review.needs_review:
-            print("REVIEW: " + "; ".join(summary["review"]["reasons"]))
+        for line in structure_lines(summary["structures"]):
+            print("  " + line)
+        if labels:
+            print("  labels in " + out.name + ": " + ", ".join(f"{v} = {n}" for n, v in labels.items())
+                  + " (the CTV: every labelled voxel)")
+        if result.review.needs_review:  # the structures' own flags are on their lines above
+            reasons = [r.line() for r in result.review.reasons if not r.structure]
+            flagged = list(dict.fromkeys(r.structure for r in result.review.reasons if r.structure))
+            if flagged:
+                reasons.append(f"{len(flagged)} structure(s) flagged above: {', '.join(flagged)}")
+            print("REVIEW: " + "; ".join(reasons))
     return summary
+
+
+def file_masks(result, mode: str, out: Path) -> tuple[dict, dict[str, int] | None]:
+    """The segments of the ``--out`` file and, for a labelmap (.nii.gz / .nrrd), their label values. A
+    labelmap holds one label per voxel, so it cannot hold the CTV beside its structures: with ``regions``
+    or ``both`` it holds the structures drawn, each as 1 + its position in the bundle's classes
+    (``ContourResult.classes``, the structure table's order; the CTV is every labelled voxel); with ``union``
+    or a one-CTV bundle, label 1 = CTV. A ``.seg.nrrd`` holds ``result.segments(mode)`` as they are."""
+    segments = result.segments(mode)
+    if str(out).endswith(".seg.nrrd"):
+        return segments, None
+    if mode == "union" or result.labels is None or not result.structures:
+        return {"CTV": result.mask}, {"CTV": 1}
+    structures = result.structures
+    return structures, {name: 1 + result.classes.index(name) for name in structures}
+
+
+def structure_lines(structures: list[dict]) -> list[str]:
+    """One line per structure drawn, called for by the note or flagged (name, volume in cc, why it is
+    flagged); the rest in one line."""
+    lines, rest = [], []
+    for s in structures:
+        if s["volume_cc"] > 0 or s["expected"] or s["flags"]:
+            called = "called for by the note" if s["expected"] else "not called for by the note"
+            flags = "".join(f"; flag: {f}" for f in s["flags"])
+            lines.append(f"{s['name']}: {s['volume_cc']:.1f} cc ({called}){flags}")
+        else:
+            rest.append(s["name"])
+    if rest:
+        lines.append("not drawn, not called for by the note: " + ", ".join(rest))
+    return lines
 
 
 def run_manifest(args) -> dict:
@@ -123,7 +186,7 @@ def run_manifest(args) -> dict:
         report = contour_manifest(rows, out_dir, lambda: contourer_from_args(_with(args, device=device)),
                                   overwrite=args.overwrite, rank=rank, world=world, run=run_id(world),
                                   info={"manifest": str(args.manifest), "bundle": str(args.bundle or "")},
-                                  on_case=on_case, bundle_id=bundle_id)
+                                  on_case=on_case, bundle_id=bundle_id, structures=args.structures)
     finally:
         if bar is not None:
             bar.close()

@@ -105,10 +105,14 @@ def _same_voxels(path: Path, expected: np.ndarray) -> None:
 def write_segmentation(path: str | os.PathLike, masks: Mapping[str, sitk.Image],
                        colors: Mapping[str, tuple[float, float, float]] | None = None,
                        attributes: Mapping[str, str] | None = None, sides: Mapping[str, str] | None = None,
-                       group: OutputGroup | None = None) -> Path:
-    """Write masks (0/1, all on one grid) as a Slicer ``.seg.nrrd`` (slicerio: segment names, colours
-    and terminology from ``note.structures``, full extents, ``MMContour_<key>`` attributes) or, for other
-    extensions, a labelmap (segment i -> label i+1). ``sides``: segment name -> 'left' / 'right' / 'both'.
+                       group: OutputGroup | None = None, labels: Mapping[str, int] | None = None) -> Path:
+    """Write masks (0/1, all on one grid) as a Slicer ``.seg.nrrd`` (slicerio: one layer per segment, so
+    overlapping segments such as the CTV and its structures survive; names, colours and terminology from
+    ``note.structures``: a structure's row, its side from ``sides`` or its name's suffix; full extents,
+    ``MMContour_<key>`` attributes) or, for other extensions, a labelmap: one label per voxel, segment i ->
+    label i + 1 (or ``labels[name]``), a later segment drawn over an earlier one where they overlap; a
+    ``.nrrd`` labelmap also records ``MMContour_label<value>`` = segment name and the attributes (NIfTI
+    keeps neither). ``sides``: segment name -> 'left' / 'right' / 'both'.
     ``group``: staged in that ``OutputGroup`` (as ``write_image``)."""
     path = Path(path)
     if not masks:
@@ -119,11 +123,18 @@ def write_segmentation(path: str | os.PathLike, masks: Mapping[str, sitk.Image],
         check_same_grid(masks[name], reference, f"segment {name!r} is not on the same grid as {names[0]!r}")
     arrays = [sitk.GetArrayViewFromImage(masks[n]) > 0 for n in names]
     if not str(path).endswith(".seg.nrrd"):
-        labels = np.zeros(arrays[0].shape, np.uint8)
-        for i, arr in enumerate(arrays):
-            labels[arr] = i + 1
-        out = sitk.GetImageFromArray(labels)
+        values = [int((labels or {}).get(name, i + 1)) for i, name in enumerate(names)]
+        if any(not 1 <= v <= 255 for v in values) or len(set(values)) != len(values):
+            raise ValueError(f"label values {dict(zip(names, values))} must be distinct, 1-255")
+        label_map = np.zeros(arrays[0].shape, np.uint8)
+        for value, arr in zip(values, arrays):
+            label_map[arr] = value
+        out = sitk.GetImageFromArray(label_map)
         out.CopyInformation(reference)
+        for value, name in zip(values, names):
+            out.SetMetaData(f"MMContour_label{value}", name)
+        for key, value in (attributes or {}).items():
+            out.SetMetaData(f"MMContour_{key}", str(value).replace("\n", " "))
         return write_image(out, path, group=group)
     import slicerio
     from slicerio.segmentation import terminology_entry_from_string

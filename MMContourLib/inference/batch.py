@@ -36,28 +36,30 @@ def output_path(out_dir: str | os.PathLike, case_id: str) -> Path:
 
 
 def pending(rows: list[dict[str, str]], out_dir: str | os.PathLike, overwrite: bool = False,
-            bundle_id: str | None = None) -> list[dict[str, str]]:
+            bundle_id: str | None = None, structures: str | None = None) -> list[dict[str, str]]:
     """The rows that still need contouring (all of them with ``overwrite``): no output yet, or one made
-    from another note or bundle (``stale``)."""
+    from another note, bundle or ``structures`` mode (``stale``)."""
     return [row for row in rows if overwrite or not output_path(out_dir, row["case_id"]).exists()
-            or stale(row, output_path(out_dir, row["case_id"]), bundle_id)]
+            or stale(row, output_path(out_dir, row["case_id"]), bundle_id, structures)]
 
 
 def made_with(out: Path) -> dict[str, str]:
-    """The prompt and bundle id an output was made with: its ``MMContour_`` attributes (header only)."""
+    """The prompt, bundle id and structures mode an output was made with: its ``MMContour_`` attributes
+    (header only)."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(out))
     try:
         reader.ReadImageInformation()
     except RuntimeError:
         return {}
-    return {k: reader.GetMetaData(f"MMContour_{k}") for k in ("prompt", "bundle_id")
+    return {k: reader.GetMetaData(f"MMContour_{k}") for k in ("prompt", "bundle_id", "structures")
             if reader.HasMetaDataKey(f"MMContour_{k}")}
 
 
-def stale(row: dict[str, str], out: Path, bundle_id: str | None = None) -> str:
-    """Why the existing ``out`` does not answer ``row`` now ('' when it does): the note (so the prompt)
-    or the bundle changed since it was made, or it records neither (not ours, or damaged)."""
+def stale(row: dict[str, str], out: Path, bundle_id: str | None = None, structures: str | None = None) -> str:
+    """Why the existing ``out`` does not answer ``row`` now ('' when it does): the note (so the prompt),
+    the bundle or the ``structures`` mode changed since it was made (an output recording no mode, made
+    before there were modes, counts as any), or it records no prompt (not ours, or damaged)."""
     made = made_with(out)
     if "prompt" not in made:
         return "unrecorded"
@@ -69,6 +71,8 @@ def stale(row: dict[str, str], out: Path, bundle_id: str | None = None) -> str:
         return "note changed"
     if bundle_id and made.get("bundle_id") != bundle_id:
         return "bundle changed"
+    if structures and made.get("structures", structures) != structures:
+        return "structures changed"
     return ""
 
 
@@ -112,11 +116,13 @@ def _prompt_for(row: dict[str, str]) -> dict[str, str]:
 
 
 def contour_case(contourer, row: dict[str, str], out_dir: Path, overwrite: bool, score: bool = False,
-                 bundle_id: str | None = None) -> dict:
+                 bundle_id: str | None = None, structures: str = "both") -> dict:
     """Contour one manifest row; never raises for a problem with the case itself. ``score``: with a
     ``ctv`` in the row, add the Dice of the contour against it (a CTV that cannot be read fails the
-    case before its output is written). An existing output is kept only while it was made from this
-    note's prompt (and ``bundle_id``, when given); else the case is redone (status "redone: ...")."""
+    case before its output is written). ``structures``: the segments written (``ContourResult.segments``
+    mode: both, regions, union); the entry lists every structure (name, volume in cc, called for by the
+    note, flags). An existing output is kept only while it was made from this note's prompt, this
+    ``structures`` mode (and ``bundle_id``, when given); else the case is redone (status "redone: ...")."""
     from ..image.readwrite import read_image, write_segmentation
     from ..image.metrics import dice
 
@@ -124,7 +130,7 @@ def contour_case(contourer, row: dict[str, str], out_dir: Path, overwrite: bool,
     entry: dict = {"case_id": row["case_id"], "ct": row.get("ct", ""), "out": str(out)}
     redone = ""
     if out.exists() and not overwrite:
-        redone = stale(row, out, bundle_id)
+        redone = stale(row, out, bundle_id, structures)
         if not redone:
             return {**entry, "status": "skipped", "error": f"{out.name} exists (pass --overwrite to replace it)",
                     **_prompt_for(row)}
@@ -149,8 +155,9 @@ def contour_case(contourer, row: dict[str, str], out_dir: Path, overwrite: bool,
             stage = "Dice against the CTV"
             scores["dice"] = round(dice(result.mask, read_image(row["ctv"])), 4)
         stage = "write"
-        write_segmentation(out, {"CTV": result.mask}, attributes={**result.provenance, "case_id": row["case_id"]},
-                           sides={"CTV": note.side})
+        segments = result.segments(structures)
+        write_segmentation(out, segments, sides={"CTV": note.side},
+                           attributes={**result.provenance, "case_id": row["case_id"], "structures": structures})
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as exc:  # one bad case must not stop an archive run
@@ -158,7 +165,8 @@ def contour_case(contourer, row: dict[str, str], out_dir: Path, overwrite: bool,
         return {**entry, "status": "failed", "error": f"{stage}: {exc.__class__.__name__}: {detail}",
                 "traceback": traceback.format_exc(limit=4), "seconds": round(time.perf_counter() - start, 3)}
     return {**entry, "status": f"redone: {redone}" if redone else "ok", "error": "", "prompt": result.prompt, "voxels": result.voxels,
-            "volume_cc": round(result.volume_cc, 2), **scores, "windows": result.windows,
+            "volume_cc": round(result.volume_cc, 2), **scores, "structures_mode": structures,
+            "segments": list(segments), "structures": result.structure_summary(), "windows": result.windows,
             "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
             "seconds": round(time.perf_counter() - start, 3)}
 
@@ -188,6 +196,7 @@ def _merge_if_complete(out_dir: Path, run: str, world: int) -> Path | None:
     cases = sorted((c for p in parts for c in p["cases"]), key=lambda c: c["order"])
     counts = _counts(cases)
     merged = {**{k: parts[0][k] for k in ("manifest", "bundle", "run", "world_size")},
+              "structures_mode": parts[0].get("structures_mode"),
               "status": "failed" if counts["failed"] else "ok", "cases_total": len(cases), **counts,
               "seconds_per_rank": [p["seconds"] for p in parts],
               "model_load_s_per_rank": [p["model_load_s"] for p in parts], "cases": cases}
@@ -200,7 +209,8 @@ def contour_manifest(rows: list[dict[str, str]], out_dir: str | os.PathLike, loa
                      overwrite: bool = False, stop_on_error: bool = False, score: bool = False,
                      rank: int = 0, world: int = 1, run: str = "single", info: dict | None = None,
                      summary_view: Callable[[dict], dict] | None = None,
-                     on_case: Callable[[int, int, dict], None] | None = None, bundle_id: str | None = None) -> dict:
+                     on_case: Callable[[int, int, dict], None] | None = None, bundle_id: str | None = None,
+                     structures: str = "both") -> dict:
     """Contour this process's share of ``rows`` (from ``read_manifest``) into ``out_dir``; returns the report.
 
     ``load_model()`` returns the ``Contourer``; it is called once, and only when some case needs work
@@ -211,19 +221,22 @@ def contour_manifest(rows: list[dict[str, str]], out_dir: str | os.PathLike, loa
     it with status "interrupted" and is re-raised. ``info`` (e.g. manifest, bundle) heads the report.
     ``on_case(position, total, entry)`` is called after each case; ``stop_on_error`` ends the run at
     the first failed case; ``score`` adds a Dice per case that has a ``ctv``. ``bundle_id``: the bundle
-    ``load_model`` loads, so that an output made by another bundle is redone (else the loaded one's)."""
+    ``load_model`` loads, so that an output made by another bundle is redone (else the loaded one's).
+    ``structures``: the segments each output holds (both, regions, union; ``contour_case``)."""
     out_dir = Path(out_dir)
     mine = my_share(rows, rank, world)
     start = time.perf_counter()
     contourer, model_load_s = None, 0.0
-    if pending([row for _, row in mine], out_dir, overwrite, bundle_id):
+    if structures not in ("both", "regions", "union"):
+        raise ValueError(f"structures {structures!r}: use one of both, regions, union")
+    if pending([row for _, row in mine], out_dir, overwrite, bundle_id, structures):
         contourer = load_model()
         contourer.cache_features = "off"  # every CT is seen once: keeping its features would only cost memory
         model_load_s = time.perf_counter() - start
         bundle_id = bundle_id or contourer.provenance("").get("bundle_id")
     out_dir.mkdir(parents=True, exist_ok=True)
     loaded = contourer is not None
-    report = {**(info or {}), "run": run, "rank": rank, "world_size": world,
+    report = {**(info or {}), "run": run, "rank": rank, "world_size": world, "structures_mode": structures,
               "device": str(contourer.device) if loaded else None,
               "model": {k: v for k, v in contourer.provenance("").items() if k != "prompt"} if loaded else {},
               "model_load_s": round(model_load_s, 3), "status": "running", "cases": []}
@@ -242,7 +255,8 @@ def contour_manifest(rows: list[dict[str, str]], out_dir: str | os.PathLike, loa
     try:
         for position, (order, row) in enumerate(mine, start=1):
             entry = {"order": order, "rank": rank,
-                     **contour_case(contourer, row, out_dir, overwrite, score=score, bundle_id=bundle_id)}
+                     **contour_case(contourer, row, out_dir, overwrite, score=score, bundle_id=bundle_id,
+                                    structures=structures)}
             report["cases"].append(entry)
             write("running")
             if on_case is not None:

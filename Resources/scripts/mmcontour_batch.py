@@ -65,6 +65,9 @@ def parse_args(argv):
     parser.add_argument("--split", help="only rows whose 'split' column has this value")
     parser.add_argument("--overwrite", action="store_true", help="recompute cases whose output exists")
     parser.add_argument("--stop-on-error", action="store_true", help="stop at the first failed case")
+    parser.add_argument("--structures", choices=("both", "regions", "union"), default="both",
+                        help="segments of each output: both = the whole CTV then one per structure drawn, regions = "
+                             "only the structures, union = only the CTV (default: %(default)s)")
     parser.add_argument("--install-dependencies", action="store_true",
                         help="pip-install missing packages first (Resources/requirements-slicer.txt)")
     return parser.parse_args(argv)
@@ -87,7 +90,8 @@ def _say(message: str) -> None:
 
 def _summary(manifest: Path, bundle: Path) -> Callable[[dict], dict]:
     """summary.json in this script's documented form, from the engine's report."""
-    keys = ("case_id", "ct", "prompt", "segmentation", "status", "voxels", "volume_cc", "seconds", "dice", "error")
+    keys = ("case_id", "ct", "prompt", "segmentation", "status", "voxels", "volume_cc", "segments", "structures",
+            "seconds", "dice", "error")
 
     def view(report: dict) -> dict:
         cases = []
@@ -128,7 +132,7 @@ def run(args) -> int:
         raise BatchError(str(exc)) from None
     bundle = Path(args.bundle).expanduser() if args.bundle else default_bundle_path()
     ensure_dependencies(args.install_dependencies, bundle)
-    if not batch.pending(rows, out, args.overwrite):
+    if not batch.pending(rows, out, args.overwrite, structures=args.structures):
         _say(f"mmcontour_batch: all {len(rows)} output(s) exist in {out}; nothing to do (--overwrite recomputes)")
         return EXIT_OK
 
@@ -144,7 +148,7 @@ def run(args) -> int:
     try:
         report = batch.contour_manifest(rows, out, load_model, overwrite=args.overwrite, score=True,
                                         stop_on_error=args.stop_on_error, summary_view=_summary(manifest, bundle),
-                                        on_case=_show_case)
+                                        on_case=_show_case, structures=args.structures)
     except KeyboardInterrupt:
         _say(f"mmcontour_batch: interrupted; {out / batch.SUMMARY_NAME} lists the cases done")
         return EXIT_INTERRUPTED
