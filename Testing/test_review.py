@@ -250,3 +250,43 @@ def test_structure_confidence_on_constructed_probabilities():
     assert "CTVp_Breast_L" in owned and owned["CTVn_L1_L"]["volume_cc"] < owned["CTVp_Breast_L"]["volume_cc"]
     with pytest.raises(ValueError, match="K = 3"):
         structure_confidence_reasons(prob, classes[:3], voxel_cc)
+
+
+def test_flags_bench_measures_contours_and_structures(tmp_path):
+    """bench/review_flags.py on a random per-structure bundle and two coarse phantoms: every structure row's
+    verdict follows its Dice, its flag the reasons naming it, and the rates count them."""
+    import importlib.util
+    from pathlib import Path
+
+    from MMContourLib.bench.fixtures import make_bundle as make_any_bundle
+    from MMContourLib.data.phantom import PhantomConfig, generate_case
+    from MMContourLib.note.structures import structure_classes
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "review_flags.py"
+    spec = importlib.util.spec_from_file_location("review_flags", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bundle = make_any_bundle(tmp_path / "b", None, structures=structure_classes())
+    contourer = Contourer.from_bundle(bundle, device="cpu")
+    coarse = PhantomConfig(in_plane_spacing=6.0, slice_thickness=10.0)
+    cases = [generate_case(s, coarse, case_id=f"c{s}") for s in (1, 2)]
+    rows, structures = bench.run_set(contourer, cases, None, dice_threshold=0.5)
+    assert len(rows) == 2 and structures
+    for r in structures:
+        assert r["correct"] == (r["dice"] >= 0.5)
+        assert r["crumb"] == (r["truth_cc"] == 0 and r["drawn_cc"] <= ReviewConfig().max_excluded_cc)
+    named = {(row["case_id"], line.split(":")[0]) for row in rows for line in row["reasons"]}
+    assert {(r["case_id"], r["structure"]) for r in structures if r["kinds"]} <= named
+    assert all(set(r["kinds_structure"]) <= set(r["kinds"]) for r in rows)
+    scored = [r for r in structures if not r["crumb"]]
+    rate = bench.rates(scored)
+    assert rate["wrong"] + rate["right"] == len(scored)
+    assert rate["wrong_flagged"] == sum(1 for r in scored if not r["correct"] and r["kinds"])
+    if rate["wrong"]:
+        assert rate["sensitivity"] == rate["wrong_flagged"] / rate["wrong"]
+    assert bench.meets_target({"sensitivity": 0.9, "false_flag_rate": 0.2}) == "met"
+    assert bench.meets_target({"sensitivity": 0.95, "false_flag_rate": 0.25}) == "not met"
+
+    # a single-CTV bundle has no structure rows
+    single = make_any_bundle(tmp_path / "single", None)
+    assert bench.run_set(Contourer.from_bundle(single, device="cpu"), cases[:1], None)[1] == []
