@@ -150,3 +150,143 @@ def test_what_the_anatomical_range_step_removed_is_a_reason_above_a_few_cc():
     assert reason.kind == "anatomical-range" and "20.4 cc" in reason.text and "caudal to the lung bases" in reason.text
     assert dropped_reason({"dropped_cc": 3.0, "components": [{"cc": 3.0, "reason": "far from the target"}]}) is None
     assert dropped_reason({}) is None
+
+
+# -- per structure: note consistency and confidence -----------------------------------------------
+
+def _volumes(**drawn):
+    """{structure: cc} for every class of the structure table, 0 except ``drawn``."""
+    from MMContourLib.note.structures import structure_classes
+
+    volumes = {name: 0.0 for name in structure_classes()}
+    assert set(drawn) <= set(volumes)
+    volumes.update(drawn)
+    return volumes
+
+
+def _note_reasons(note_text, training=None, **drawn):
+    from MMContourLib.inference.review import structure_reasons
+    from MMContourLib.note.targets import structures_for_note
+
+    note = note_from_any(note_text)
+    return {r.structure: r for r in structure_reasons(_volumes(**drawn), structures_for_note(note), note, training)}
+
+
+def test_n0_note_with_a_nodal_level_drawn_is_flagged_note():
+    reasons = _note_reasons(NOTE, CTVp_Breast_L=600.0, CTVn_L1_L=20.0, CTVn_IMN_L=3.0)
+    assert set(reasons) == {"CTVn_L1_L"}  # 3 cc of IMN: the partial-volume rim, below max_excluded_cc
+    reason = reasons["CTVn_L1_L"]
+    assert reason.kind == "note" and reason.line().startswith("CTVn_L1_L: 20 cc drawn")
+    assert "left side (N0, breast conserving surgery: no nodal levels)" in reason.text
+    n1mi = _note_reasons("N1mi, total mastectomy surgery, right side", CTVp_ChestWall_R=300.0, CTVn_L2_R=12.0)
+    assert set(n1mi) == {"CTVn_L2_R"} and "N1mi is treated as N0" in n1mi["CTVn_L2_R"].text
+    other_side = _note_reasons(NOTE, CTVp_Breast_L=600.0, CTVp_Breast_R=40.0)
+    assert set(other_side) == {"CTVp_Breast_R"} and "treats only the left side" in other_side["CTVp_Breast_R"].text
+    wrong_local = _note_reasons(NOTE, CTVp_Breast_L=600.0, CTVp_ChestWall_L=80.0)
+    assert set(wrong_local) == {"CTVp_ChestWall_L"} and "no nodal levels" not in wrong_local["CTVp_ChestWall_L"].text
+
+
+def test_expected_structure_missing_or_far_below_training_is_flagged():
+    n2 = "N2, breast conserving surgery, left side"
+    full = dict(CTVp_Breast_L=600.0, CTVn_L1_L=30.0, CTVn_L2_L=15.0, CTVn_L3_L=8.0, CTVn_L4_L=10.0, CTVn_IMN_L=4.0)
+    assert _note_reasons(n2, **full) == {}
+    missing = _note_reasons(n2, **{**full, "CTVn_L4_L": 0.0, "CTVn_IMN_L": 0.1})
+    assert set(missing) == {"CTVn_L4_L", "CTVn_IMN_L"}
+    assert "drew none" in missing["CTVn_L4_L"].text and "only 0.10 cc" in missing["CTVn_IMN_L"].text
+    assert all(r.kind == "note" and r.text.startswith("missing") for r in missing.values())
+    training = {"structures": {"volume_cc": {"CTVn_L1_L": [40.0, 60.0, 90.0]}}}
+    small = _note_reasons(n2, training, **{**full, "CTVn_L1_L": 6.0})
+    assert set(small) == {"CTVn_L1_L"} and "below 25 % of the smallest seen in training (40.0 cc)" in small["CTVn_L1_L"].text
+    assert _note_reasons(n2, training, **{**full, "CTVn_L1_L": 12.0}) == {}  # 30 % of 40 cc
+
+
+def test_bilateral_note_expects_each_sides_structures():
+    from MMContourLib.note.targets import structures_for_note
+
+    note = "N0, breast conserving surgery, left side; N2, total mastectomy surgery, right side"
+    expected = structures_for_note(note_from_any(note))
+    assert set(expected) == {"CTVp_Breast_L", "CTVp_ChestWall_R", "CTVn_L1_R", "CTVn_L2_R", "CTVn_L3_R", "CTVn_L4_R",
+                             "CTVn_IMN_R"}
+    drawn = dict(CTVp_Breast_L=600.0, CTVp_ChestWall_R=300.0, CTVn_L1_R=30.0, CTVn_L2_R=15.0, CTVn_L3_R=8.0,
+                 CTVn_L4_R=10.0, CTVn_IMN_R=4.0)
+    assert _note_reasons(note, **drawn) == {}
+    wrong = _note_reasons(note, **{**drawn, "CTVp_Breast_L": 0.0, "CTVn_L1_L": 25.0})
+    assert set(wrong) == {"CTVp_Breast_L", "CTVn_L1_L"}
+    assert "missing" in wrong["CTVp_Breast_L"].text and "left side (N0" in wrong["CTVn_L1_L"].text
+
+
+def _ball_probability(shape, centre, radius, ramp):
+    """p = 1 inside a ball of ``radius`` voxels, falling linearly to 0 over ``ramp`` voxels at its border."""
+    idx = np.indices(shape).astype(np.float32)
+    r = np.sqrt(sum((idx[a] - c) ** 2 for a, c in enumerate(centre)))
+    return np.clip(0.5 - (r - radius) / ramp, 0, 1).astype(np.float32)
+
+
+def test_structure_confidence_on_constructed_probabilities():
+    from MMContourLib.inference.review import structure_confidence_reasons
+
+    shape = (60, 40, 40)
+    sharp = _ball_probability(shape, (15, 20, 20), 10, ramp=1.0)
+    blurred = _ball_probability(shape, (45, 20, 20), 10, ramp=16.0)
+    tiny = _ball_probability(shape, (5, 5, 5), 1.5, ramp=16.0)
+    prob = np.stack([sharp, blurred, tiny, np.zeros(shape, np.float32)])
+    classes = ("CTVp_Breast_L", "CTVn_L1_L", "CTVn_IMN_L", "CTVn_L4_L")
+    voxel_cc = 0.027  # 3 x 3 x 3 mm
+    reasons, measures = structure_confidence_reasons(prob, classes, voxel_cc)
+    assert set(measures) == {"CTVp_Breast_L", "CTVn_L1_L", "CTVn_IMN_L"}  # nothing drawn of L4
+    ball_cc = 4 / 3 * np.pi * 10 ** 3 * voxel_cc
+    assert measures["CTVp_Breast_L"]["volume_cc"] == pytest.approx(ball_cc, rel=0.05)
+    sharp_ratio, blurred_ratio = measures["CTVp_Breast_L"]["uncertain_ratio"], measures["CTVn_L1_L"]["uncertain_ratio"]
+    threshold = ReviewConfig().max_structure_uncertain_ratio
+    assert sharp_ratio < threshold < blurred_ratio
+    assert measures["CTVn_IMN_L"]["volume_cc"] < ReviewConfig().min_confidence_cc  # all border, but too small to flag
+    assert measures["CTVn_IMN_L"]["uncertain_ratio"] > threshold
+    (reason,) = reasons
+    assert reason.kind == "confidence" and reason.structure == "CTVn_L1_L"
+    assert reason.line().startswith("CTVn_L1_L: the model is unsure") and f"of its {measures['CTVn_L1_L']['volume_cc']:.0f} cc" in reason.text
+    # a structure is where it wins: where the blurred one outweighs the sharp one, it owns the voxels
+    both = np.stack([sharp, np.where(sharp > 0, 0.9, 0).astype(np.float32)])
+    _, owned = structure_confidence_reasons(both, classes[:2], voxel_cc)
+    assert "CTVp_Breast_L" in owned and owned["CTVn_L1_L"]["volume_cc"] < owned["CTVp_Breast_L"]["volume_cc"]
+    with pytest.raises(ValueError, match="K = 3"):
+        structure_confidence_reasons(prob, classes[:3], voxel_cc)
+
+
+def test_flags_bench_measures_contours_and_structures(tmp_path):
+    """bench/review_flags.py on a random per-structure bundle and two coarse phantoms: every structure row's
+    verdict follows its Dice, its flag the reasons naming it, and the rates count them."""
+    import importlib.util
+    from pathlib import Path
+
+    from MMContourLib.bench.fixtures import make_bundle as make_any_bundle
+    from MMContourLib.data.phantom import PhantomConfig, generate_case
+    from MMContourLib.note.structures import structure_classes
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "review_flags.py"
+    spec = importlib.util.spec_from_file_location("review_flags", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bundle = make_any_bundle(tmp_path / "b", None, structures=structure_classes())
+    contourer = Contourer.from_bundle(bundle, device="cpu")
+    coarse = PhantomConfig(in_plane_spacing=6.0, slice_thickness=10.0)
+    cases = [generate_case(s, coarse, case_id=f"c{s}") for s in (1, 2)]
+    rows, structures = bench.run_set(contourer, cases, None, dice_threshold=0.5)
+    assert len(rows) == 2 and structures
+    for r in structures:
+        assert r["correct"] == (r["dice"] >= 0.5)
+        assert r["crumb"] == (r["truth_cc"] == 0 and r["drawn_cc"] <= ReviewConfig().max_excluded_cc)
+    named = {(row["case_id"], line.split(":")[0]) for row in rows for line in row["reasons"]}
+    assert {(r["case_id"], r["structure"]) for r in structures if r["kinds"]} <= named
+    assert all(set(r["kinds_structure"]) <= set(r["kinds"]) for r in rows)
+    scored = [r for r in structures if not r["crumb"]]
+    rate = bench.rates(scored)
+    assert rate["wrong"] + rate["right"] == len(scored)
+    assert rate["wrong_flagged"] == sum(1 for r in scored if not r["correct"] and r["kinds"])
+    if rate["wrong"]:
+        assert rate["sensitivity"] == rate["wrong_flagged"] / rate["wrong"]
+    assert bench.meets_target({"sensitivity": 0.9, "false_flag_rate": 0.2}) == "met"
+    assert bench.meets_target({"sensitivity": 0.95, "false_flag_rate": 0.25}) == "not met"
+
+    # a single-CTV bundle has no structure rows
+    single = make_any_bundle(tmp_path / "single", None)
+    assert bench.run_set(Contourer.from_bundle(single, device="cpu"), cases[:1], None)[1] == []

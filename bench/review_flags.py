@@ -8,11 +8,24 @@ Cases are the phantoms of ``mmcontour phantom --n N --seed S`` (all splits) and 
 ``--external``, made in memory. Each is contoured with the bundle; a contour is clinically wrong when
 ``training.evaluate.clinical_check`` on its ``region_coverage`` says so (the regions it covers by more
 than half are not exactly the note's). Printed per set: wrong contours flagged (sensitivity) and
-right contours flagged (false-flag rate), in total and per kind of flag.
+right contours flagged (false-flag rate), in total and per kind of flag, with the issue 11 target
+(>= 90 % of wrong ones flagged, <= 20 % of right ones).
+
+Per-structure bundles add per-structure flags (kind "note": the note's guideline and the structures
+drawn disagree; "confidence" naming a structure: ``inference.review.structure_confidence_reasons``) to
+each contour's review; the ``whole`` rows count only the flags that name no structure, so the table
+shows what the per-structure flags add. They are also measured per structure: each structure present
+in the guideline truth or the contour (``training.evaluate.structure_dice``) is wrong when its Dice is
+below ``--structure-dice`` (default 0.5) and right otherwise; crumbs (drawn <= ``ReviewConfig.max_excluded_cc``
+where the truth has none: clinically nothing, and never flagged by design) are counted apart, neither
+right nor wrong; a structure is flagged when a reason names it. A single-CTV bundle has no per-structure rows
+(the output says so).
 
 ``--calibrate K``: first contour K internal phantoms of another seed (``--calibration-seed``) and
 print the uncertain-voxel ratio that flags at most 20 % of their right contours (issue 11's
-false-flag budget): ``ReviewConfig.max_uncertain_ratio`` is that number, rounded.
+false-flag budget): ``ReviewConfig.max_uncertain_ratio`` is that number, rounded; for a per-structure
+bundle also the per-structure ratio (``review.measures["structure_confidence"]``) that flags at most 20 %
+of the right structures of more than ``min_confidence_cc``: ``max_structure_uncertain_ratio``.
 ``--training-range M``: a bundle trained before the range was recorded (the shipped demo) has no
 input flag; this rebuilds its range from the first M training-split phantoms of its own training
 set (``mmcontour phantom --n 160 --seed 0``) and reviews again with it (the ``+range`` rows).
@@ -55,34 +68,83 @@ def demo_training_range(m: int, n_total: int = 160, seed: int = 0) -> dict:
     return training_range(ct_statistics(generate_case(seeds[i], cfg, note=notes[i]).ct) for i in chosen)
 
 
-def run_set(contourer, cases, with_range: dict | None) -> list[dict]:
-    from MMContourLib.inference.review import review_contour
+def structure_rows(result, case, config, dice_threshold: float) -> list[dict]:
+    """Per structure of a per-structure contour: Dice against the note's guideline truth, wrong or not,
+    flagged or not (by which kinds); [] for a single-CTV bundle."""
+    from MMContourLib.note.targets import structure_label_map
+    from MMContourLib.training.evaluate import structure_dice
+
+    if getattr(result, "labels", None) is None:
+        return []
+    import SimpleITK as sitk
+
+    classes = tuple(result.classes)
+    dice, _ = structure_dice(result.labels, classes, case.regions, case.note)
+    truth = structure_label_map(sitk.GetArrayFromImage(case.regions), case.note, classes)
+    truth_voxels = np.bincount(truth.ravel(), minlength=256)
+    voxel_cc = float(np.prod(case.regions.GetSpacing())) / 1000.0
+    drawn = result.structure_volumes()
+    kinds: dict[str, set] = {}
+    for r in result.review.reasons:
+        if r.structure:
+            kinds.setdefault(r.structure, set()).add(r.kind)
+    rows = []
+    for name, d in dice.items():
+        truth_cc = float(truth_voxels[classes.index(name) + 1]) * voxel_cc
+        crumb = truth_cc == 0 and drawn.get(name, 0.0) <= config.max_excluded_cc
+        rows.append({"case_id": case.case_id, "structure": name, "dice": round(d, 4), "drawn_cc": drawn.get(name, 0.0),
+                     "truth_cc": round(truth_cc, 2), "crumb": crumb, "correct": bool(d >= dice_threshold),
+                     "kinds": sorted(kinds.get(name, ()))})
+    return rows
+
+
+def run_set(contourer, cases, with_range: dict | None, dice_threshold: float = 0.5) -> tuple[list[dict], list[dict]]:
+    """(one row per contour, one row per structure of per-structure contours)."""
+    from MMContourLib.inference.review import ReviewConfig, review_contour
     from MMContourLib.training.evaluate import clinical_check, region_coverage
 
-    rows = []
+    config = ReviewConfig()
+    rows, per_structure = [], []
     for case in cases:
         result = contourer.contour(case.ct, case.note)
         check = clinical_check(region_coverage(result.mask, case.regions), case.note)
+        reasons = result.review.reasons
         row = {"case_id": case.case_id, "prompt": result.prompt, "correct": bool(check["correct"]),
                "missing": check["missing"], "extra": check["extra"], "volume_cc": round(result.volume_cc, 1),
                **{k: result.review.measures.get(k) for k in ("uncertain_ratio", "uncertain_cc", "uncertain_mm")},
-               "kinds": sorted({r.kind for r in result.review.reasons}), "reasons": result.review.to_dict()["reasons"]}
+               "kinds": sorted({r.kind for r in reasons}),
+               "kinds_whole": sorted({r.kind for r in reasons if not r.structure}),
+               "kinds_structure": sorted({r.kind for r in reasons if r.structure}),
+               "reasons": result.review.to_dict()["reasons"],
+               "structure_confidence": result.review.measures.get("structure_confidence")}
         if with_range is not None:
             training = {**contourer.bundle.training, "ct_range": with_range}
             again = review_contour(case.ct, result.probability, result.mask, case.note, training,
                                    contourer.bundle.preprocessing)
-            row["kinds_with_range"] = sorted({r.kind for r in again.reasons})
-            row["reasons_with_range"] = again.to_dict()["reasons"]
+            structure_reasons = [r for r in reasons if r.structure]  # the contourer's, unchanged by the range
+            row["kinds_with_range"] = sorted({r.kind for r in list(again.reasons) + structure_reasons})
+            row["reasons_with_range"] = again.to_dict()["reasons"] + [r.line() for r in structure_reasons]
         rows.append(row)
-    return rows
+        per_structure += structure_rows(result, case, config, dice_threshold)
+    return rows, per_structure
 
 
 def rates(rows: list[dict], key: str = "kinds", kind: str | None = None) -> dict:
     flagged = (lambda r: kind in r[key]) if kind else (lambda r: bool(r[key]))
     wrong = [r for r in rows if not r["correct"]]
     right = [r for r in rows if r["correct"]]
-    return {"cases": len(rows), "wrong": len(wrong), "wrong_flagged": sum(map(flagged, wrong)),
-            "right": len(right), "right_flagged": sum(map(flagged, right))}
+    out = {"cases": len(rows), "wrong": len(wrong), "wrong_flagged": sum(map(flagged, wrong)),
+           "right": len(right), "right_flagged": sum(map(flagged, right))}
+    out["sensitivity"] = out["wrong_flagged"] / out["wrong"] if out["wrong"] else None
+    out["false_flag_rate"] = out["right_flagged"] / out["right"] if out["right"] else None
+    return out
+
+
+def meets_target(r: dict, sensitivity: float = 0.9, false_flags: float = 0.2) -> str:
+    if r["sensitivity"] is None or r["false_flag_rate"] is None:
+        return "n/a (no wrong or no right ones)"
+    ok = r["sensitivity"] >= sensitivity and r["false_flag_rate"] <= false_flags
+    return "met" if ok else "not met"
 
 
 def _pct(a: int, b: int) -> str:
@@ -94,6 +156,23 @@ def calibrate(rows: list[dict], false_flag_budget: float = 0.2) -> float | None:
     return float(np.quantile(right, 1 - false_flag_budget)) if right else None
 
 
+def calibrate_structures(rows: list[dict], per_structure: list[dict], false_flag_budget: float = 0.2) -> dict:
+    """The per-structure uncertain ratio flagging at most ``false_flag_budget`` of the right structures
+    larger than ``min_confidence_cc``, and the ratios of right and wrong ones."""
+    from MMContourLib.inference.review import ReviewConfig
+
+    min_cc = ReviewConfig().min_confidence_cc
+    measures = {r["case_id"]: r.get("structure_confidence") or {} for r in rows}
+    right, wrong = [], []
+    for s in per_structure:
+        m = measures.get(s["case_id"], {}).get(s["structure"])
+        if m and m.get("uncertain_ratio") is not None and m["volume_cc"] > min_cc:
+            (right if s["correct"] else wrong).append(m["uncertain_ratio"])
+    return {"suggested": float(np.quantile(right, 1 - false_flag_budget)) if right else None,
+            "right_ratios": sorted(right), "wrong_ratios": sorted(wrong),
+            "available": any(measures.values())}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", default=str(ROOT / "Resources" / "Models" / "demo"))
@@ -102,6 +181,9 @@ def main(argv=None) -> int:
     ap.add_argument("--calibrate", type=int, default=0, metavar="K")
     ap.add_argument("--calibration-seed", type=int, default=3)
     ap.add_argument("--training-range", type=int, default=0, metavar="M")
+    ap.add_argument("--structure-dice", type=float, default=0.5,
+                    help="a structure with a lower Dice against its guideline truth is wrong (default 0.5)")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true", help="also print every case as JSON")
     args = ap.parse_args(argv)
@@ -113,10 +195,15 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    contourer = Contourer.from_bundle(args.bundle, device="cpu")
-    report: dict = {"bundle": args.bundle, "max_uncertain_ratio": ReviewConfig().max_uncertain_ratio}
+    contourer = Contourer.from_bundle(args.bundle, device=args.device)
+    per_structure_bundle = bool(getattr(contourer.network.config, "structures", ()))
+    config = ReviewConfig()
+    report: dict = {"bundle": args.bundle, "max_uncertain_ratio": config.max_uncertain_ratio,
+                    "max_structure_uncertain_ratio": config.max_structure_uncertain_ratio,
+                    "per_structure_bundle": per_structure_bundle, "structure_dice": args.structure_dice}
     if args.calibrate:
-        rows = run_set(contourer, phantom_cases(args.calibrate, args.calibration_seed, False), None)
+        rows, structures = run_set(contourer, phantom_cases(args.calibrate, args.calibration_seed, False), None,
+                                   args.structure_dice)
         right = [r["uncertain_ratio"] for r in rows if r["correct"]]
         wrong = [r["uncertain_ratio"] for r in rows if not r["correct"]]
         report["calibration"] = {"seed": args.calibration_seed, "cases": len(rows), "suggested": calibrate(rows),
@@ -127,28 +214,64 @@ def main(argv=None) -> int:
               f"{report['calibration']['suggested']}")
         print(f"  right: {[round(x, 3) for x in report['calibration']['right_ratios']]}")
         print(f"  wrong: {[round(x, 3) for x in report['calibration']['wrong_ratios']]}")
+        if per_structure_bundle:
+            cal = calibrate_structures(rows, structures)
+            report["calibration"]["structures"] = cal
+            if not cal["available"]:
+                print("  per structure: the review has no measures['structure_confidence'] (the contourer does not "
+                      "pass the per-structure probabilities yet): no per-structure calibration")
+            else:
+                print(f"  per structure (> {config.min_confidence_cc:g} cc; {len(cal['right_ratios'])} right, "
+                      f"{len(cal['wrong_ratios'])} wrong): ratio flagging <= 20 % of right structures: {cal['suggested']}")
+                print(f"    right: {[round(x, 3) for x in cal['right_ratios']]}")
+                print(f"    wrong: {[round(x, 3) for x in cal['wrong_ratios']]}")
     with_range = demo_training_range(args.training_range) if args.training_range else None
     if with_range:
         report["training_range"] = with_range
     sets = {}
+    kinds = ("input", "confidence", "volume", "anatomical-range", "note")
     for name, external in (("internal", False), ("external", True)):
-        rows = run_set(contourer, phantom_cases(args.n, args.seed, external), with_range)
-        sets[name] = {"all": rates(rows), **{k: rates(rows, kind=k) for k in ("input", "confidence", "volume")}}
+        rows, structures = run_set(contourer, phantom_cases(args.n, args.seed, external), with_range,
+                                   args.structure_dice)
+        s = {"all": rates(rows), "whole": rates(rows, "kinds_whole"), **{k: rates(rows, kind=k) for k in kinds}}
+        if per_structure_bundle:
+            s["per-structure"] = rates(rows, "kinds_structure")
         if with_range is not None:
-            sets[name]["all+range"] = rates(rows, "kinds_with_range")
-            sets[name]["input+range"] = rates(rows, "kinds_with_range", "input")
-        sets[name]["rows"] = rows
+            s["all+range"] = rates(rows, "kinds_with_range")
+            s["input+range"] = rates(rows, "kinds_with_range", "input")
+        structure_sets = {}
+        scored = [r for r in structures if not r["crumb"]]
+        if scored:
+            structure_sets["structures"] = rates(scored)
+            for k in ("note", "confidence"):
+                structure_sets[f"structures:{k}"] = rates(scored, kind=k)
+        sets[name] = {"contours": s, "structures": structure_sets, "crumbs": len(structures) - len(scored),
+                      "rows": rows, "structure_rows": structures}
     report["sets"] = sets
     report["seconds"] = round(time.perf_counter() - t0, 1)
 
     print(f"bundle {args.bundle}; phantoms --n {args.n} --seed {args.seed}; max_uncertain_ratio "
-          f"{report['max_uncertain_ratio']}; {report['seconds']} s")
-    print(f"{'set':9} {'flags':12} {'wrong flagged':>16} {'right flagged':>16}")
-    for name, s in sets.items():
-        for key, r in s.items():
-            if key != "rows":
-                print(f"{name:9} {key:12} {_pct(r['wrong_flagged'], r['wrong']):>16} "
-                      f"{_pct(r['right_flagged'], r['right']):>16}")
+          f"{report['max_uncertain_ratio']}; max_structure_uncertain_ratio {report['max_structure_uncertain_ratio']}; "
+          f"{report['seconds']} s")
+    print("sensitivity = wrong flagged / wrong; false-flag rate = right flagged / right; "
+          "target: >= 90 % and <= 20 %")
+    header = f"{'set':9} {'flags':20} {'sensitivity':>16} {'false-flag rate':>16}  target"
+    print(header)
+    for name, entry in sets.items():
+        for key, r in entry["contours"].items():
+            print(f"{name:9} {key:20} {_pct(r['wrong_flagged'], r['wrong']):>16} "
+                  f"{_pct(r['right_flagged'], r['right']):>16}  {meets_target(r) if key in ('all', 'all+range') else ''}")
+    if per_structure_bundle:
+        crumbs = ", ".join(f"{name} {entry['crumbs']}" for name, entry in sets.items())
+        print(f"\nper structure (wrong: Dice < {args.structure_dice:g} against the guideline structure; crumbs of "
+              f"<= {config.max_excluded_cc:g} cc outside the truth left out: {crumbs})")
+        print(header)
+        for name, entry in sets.items():
+            for key, r in entry["structures"].items():
+                print(f"{name:9} {key:20} {_pct(r['wrong_flagged'], r['wrong']):>16} "
+                      f"{_pct(r['right_flagged'], r['right']):>16}  {meets_target(r) if key == 'structures' else ''}")
+    else:
+        print("\nsingle-CTV bundle (one output): no per-structure flags to measure")
     if args.json:
         print(json.dumps(report, indent=1, default=str))
     return 0

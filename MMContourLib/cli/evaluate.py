@@ -40,5 +40,6 @@ def run(args) -> dict | None:
         print((Path(args.out) / "table.md").read_text())
         print(f"-> {args.out}/metrics.json, cases.csv, table.md, overlays/")
         return None
-    return {"out": str(args.out), "models": [{k: m[k] for k in m if k in ("model", "dice", "iou", "hd95_mm", "clinical",
-                                                                          "text_following")} for m in metrics["models"]]}
+    keep = ("model", "dice", "iou", "hd95_mm", "clinical", "side_found", "side_found_unilateral", "structures",
+            "text_following")
+    return {"out": str(args.out), "models": [{k: m[k] for k in m if k in keep} for m in metrics["models"]]}

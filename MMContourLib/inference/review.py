@@ -11,19 +11,28 @@
 * anatomical range: what ``inference.anatomy`` removed where no breast CTV or nodal level can lie, when
   it is more than ``max_dropped_cc``.
 
+Per structure (per-structure bundles; the contourer adds these to the same review):
+
+* note consistency (``structure_reasons``): a structure the note's guideline excludes is drawn, or one
+  it calls for is missing or far below the sizes seen in training;
+* confidence (``structure_confidence_reasons``): the uncertain voxels of each structure's probability per
+  voxel of that structure, on the model grid, for structures of more than a few cc.
+
 A ``Reason`` may name a structure, so that per-structure checks add reasons to the same list; a
 bundle without a training range gives no input flag and says so in ``notes``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
 from ..image.ctstats import AXES, ct_statistics
-from ..note.clinical import ClinicalNote
+from ..note.clinical import SURGERY_PROMPT, ClinicalNote
+from ..note.structures import structure_for
+from ..note.targets import NODAL_REGIONS, REGION_PARTS
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,16 @@ class ReviewConfig:
     max_excluded_cc: float = 5.0
     # A structure the guideline calls for is flagged below this share of the smallest volume seen in training.
     min_share_of_trained: float = 0.25
+    # A structure the guideline calls for with less than this (cc) is missing: a few voxels at a border where
+    # it won the argmax, not a contour (a model-grid voxel of 2.5 x 2.5 x 3 mm is 0.02 cc).
+    min_drawn_cc: float = 0.5
+    # Per-structure confidence: uncertain voxels of a structure's own probability (``uncertain_band``) per voxel
+    # of the structure above which it is flagged. NOT CALIBRATED yet: set it like ``max_uncertain_ratio``
+    # (bench/review_flags.py --calibrate on a per-structure bundle; the 80th percentile of right contours'
+    # structures). Small structures have more border per volume, so their ratios run higher than the CTV's.
+    max_structure_uncertain_ratio: float = 1.0
+    # Structures at or below this volume (cc) get no confidence flag: their ratio is all border.
+    min_confidence_cc: float = 5.0
     # Removed by the anatomical range step (cc) above which the clinician is told: a few cc are partial-volume
     # crumbs at a limit; more means the model painted outside the target region and may have erred inside it.
     max_dropped_cc: float = 5.0
@@ -230,34 +249,93 @@ def review_contour(image: sitk.Image, probability: sitk.Image, mask: sitk.Image,
 
 # -- per structure: does the contour agree with the note? ---------------------------------------
 
+def _is_nodal(name: str) -> bool:
+    """Whether structure ``name`` is a nodal level (made of ``note.targets.NODAL_REGIONS`` or their parts)."""
+    row, _ = structure_for(name)
+    nodal = set(NODAL_REGIONS) | {part for r in NODAL_REGIONS for part in REGION_PARTS.get(r, ())}
+    return bool(row and set(row.regions) & nodal)
+
+
+def _side_why(name: str, note: ClinicalNote) -> str:
+    """Why the note's guideline leaves structure ``name`` out, for a clinician."""
+    _, side = structure_for(name)
+    s = note.findings(side) if side else None
+    if s is None:
+        return f"the note treats only the {' and '.join(f.side for f in note.sides)} side"
+    why = f"{s.n_stage}, {SURGERY_PROMPT[s.surgery]}"
+    if _is_nodal(name) and not s.node_positive:
+        why += ": no nodal levels" if s.n_stage == "N0" else ": N1mi is treated as N0, no nodal levels"
+    return f"the note's guideline for the {side} side ({why}) does not include it"
+
+
 def structure_reasons(volumes: Mapping[str, float], expected, note: ClinicalNote, training: Mapping | None,
                       config: ReviewConfig = ReviewConfig()) -> list[Reason]:
-    """Note consistency per structure: ``volumes`` {structure: cc} as drawn, ``expected`` the structures the
-    note's guideline calls for. A structure the guideline excludes with more than ``max_excluded_cc``; one
-    it calls for that is missing, or below ``min_share_of_trained`` of the smallest seen in training
-    (``training["structures"]["volume_cc"]``)."""
+    """Note consistency per structure (kind "note"): ``volumes`` {structure: cc} as drawn, for every structure
+    the bundle has (0 for those it did not draw; ``ContourResult.structure_volumes()``), ``expected`` the
+    structures the note's guideline calls for (``note.targets.structures_for_note``).
+
+    Flagged: a structure the guideline excludes with more than ``max_excluded_cc``; one it calls for with
+    less than ``min_drawn_cc`` (missing), or below ``min_share_of_trained`` of the smallest seen in training
+    (``training["structures"]["volume_cc"]`` = {name: [min, median, max]}). An expected structure that is
+    not in ``volumes`` is one the bundle cannot draw: not flagged here."""
     expected = set(expected)
     trained = ((training or {}).get("structures") or {}).get("volume_cc") or {}
-    sides = {s.side: s for s in note.sides}
     out = []
     for name, cc in volumes.items():
-        side = "left" if name.endswith("_L") else "right" if name.endswith("_R") else None
-        if name not in expected and cc > config.max_excluded_cc:
-            if side in sides:
-                s = sides[side]
-                surgery = "breast-conserving surgery" if s.surgery == "bcs" else s.surgery
-                why = f"the note's guideline for the {side} side ({s.n_stage}, {surgery}) does not include it"
-            else:
-                why = f"the note treats only the {' and '.join(sides)} side"
-            out.append(Reason("note", f"{cc:.0f} cc drawn, but {why}: delete it or check the note", name))
-        elif name in expected and cc <= 0:
-            out.append(Reason("note", "missing: the note's guideline calls for it but the model drew none; "
+        cc = float(cc)
+        if name not in expected:
+            if cc > config.max_excluded_cc:
+                out.append(Reason("note", f"{cc:.0f} cc drawn, but {_side_why(name, note)}: delete it or check "
+                                          "the note", name))
+        elif cc < config.min_drawn_cc:
+            drawn = "none" if cc <= 0 else f"only {cc:.2f} cc"
+            out.append(Reason("note", f"missing: the note's guideline calls for it but the model drew {drawn}; "
                                       "contour it by hand or check the note", name))
-        elif name in expected and name in trained and cc < config.min_share_of_trained * trained[name][0]:
+        elif name in trained and cc < config.min_share_of_trained * float(trained[name][0]):
             out.append(Reason("note", f"only {cc:.1f} cc, below {100 * config.min_share_of_trained:.0f} % of the "
-                                      f"smallest seen in training ({trained[name][0]:.1f} cc): probably incomplete",
-                              name))
+                                      f"smallest seen in training ({float(trained[name][0]):.1f} cc): probably "
+                                      "incomplete", name))
     return out
+
+
+# -- per structure: how sure is the model? --------------------------------------------------------
+
+def structure_confidence_reasons(prob: np.ndarray, classes: Sequence[str], voxel_cc: float,
+                                 config: ReviewConfig = ReviewConfig(), threshold: float = 0.5
+                                 ) -> tuple[list[Reason], dict]:
+    """Confidence per structure (kind "confidence") from the per-structure foreground probabilities ``prob``
+    (K, X, Y, Z) on the model grid, ``classes`` their K names, ``voxel_cc`` a model-grid voxel's volume.
+
+    Structure k is the voxels where the union (sum over structures) is at least ``threshold`` (the bundle's
+    CTV threshold) and p_k is the largest; its uncertain voxels are those anywhere with p_k strictly inside
+    ``config.uncertain_band``. A structure of more than ``min_confidence_cc`` whose uncertain voxels per
+    structure voxel exceed ``max_structure_uncertain_ratio`` is flagged.
+
+    Returns (reasons, measures): measures = {structure: {"volume_cc", "uncertain_cc", "uncertain_ratio"}} for
+    every drawn structure (ratio None for an empty one, which is left out)."""
+    prob = np.asarray(prob)
+    if prob.ndim != 4 or prob.shape[0] != len(classes):
+        raise ValueError(f"prob has shape {prob.shape}; expected (K, X, Y, Z) with K = {len(classes)} classes")
+    lo, hi = config.uncertain_band
+    inside = prob.sum(0) >= threshold
+    owner = np.where(inside, prob.argmax(0), -1)
+    del inside
+    reasons, measures = [], {}
+    for k, name in enumerate(classes):
+        n = int(np.count_nonzero(owner == k))
+        if n == 0:
+            continue
+        p = prob[k]
+        uncertain = int(np.count_nonzero((p > lo) & (p < hi)))
+        ratio, cc = uncertain / n, n * voxel_cc
+        measures[name] = {"volume_cc": round(cc, 2), "uncertain_cc": round(uncertain * voxel_cc, 2),
+                          "uncertain_ratio": round(ratio, 4)}
+        if cc > config.min_confidence_cc and ratio > config.max_structure_uncertain_ratio:
+            reasons.append(Reason("confidence", f"the model is unsure of this structure: {100 * ratio:.0f} uncertain "
+                                                f"voxels (probability {lo:g}-{hi:g}) per 100 of its {cc:.0f} cc, above "
+                                                f"{100 * config.max_structure_uncertain_ratio:.0f}: check its borders",
+                                  name))
+    return reasons, measures
 
 
 def dropped_reason(report: Mapping, config: ReviewConfig = ReviewConfig()) -> Reason | None:

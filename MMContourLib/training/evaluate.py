@@ -16,8 +16,18 @@ Where the manifest has a ``regions`` column (phantoms: the sub-region label map 
   (``note.targets.ctv_for_note``): volumes on each side, nodal coverage, and whether the contour moved
   as the note says.
 
-Writes ``metrics.json``, ``cases.csv``, ``table.md`` (laid out like paper Table 1) and
-``overlays/<model>/<case>.png`` (axial and coronal, prediction vs truth).
+Per-structure bundles (``ContourResult.labels``): on cases with a regions map, Dice per structure of
+the structure table against the note's guideline truth per structure (``note.targets.structure_label_map``);
+structures empty in both are not counted, nor those the map cannot tell (an unsplit axilla, for levels
+1-3). A single-CTV bundle gets no per-structure numbers, and the summary says so.
+
+Every case, with or without regions: *side found*, whether the contour's volume lies on the note's
+treated side(s) (unilateral: more than ``side_share`` of it on that side; bilateral: at least
+1 - ``side_share`` on each), so that a vision-only model's side accuracy is measured like the others'.
+
+Writes ``metrics.json``, ``cases.csv``, ``table.md`` (laid out like paper Table 1, then side found,
+per-structure Dice and text-following) and ``overlays/<model>/<case>.png`` (axial and coronal,
+prediction vs truth).
 """
 from __future__ import annotations
 
@@ -109,15 +119,36 @@ def side_volumes(mask: sitk.Image, midline_x: float = 0.0) -> dict[str, float]:
     return {"left_cc": left * voxel_cc, "right_cc": (len(x) - left) * voxel_cc}
 
 
-def region_coverage(mask: sitk.Image, regions: sitk.Image) -> dict[str, float]:
-    """Fraction of each sub-region (present in ``regions``) that the mask covers."""
-    from ..note.targets import REGION_LABELS
+def _whole_regions() -> list[str]:
+    """The REGION_LABELS keys that are regions in their own right, not parts of one (the axilla, not its levels)."""
+    from ..note.targets import REGION_LABELS, REGION_PARTS, region_kind
+
+    parts = {p for ps in REGION_PARTS.values() for p in ps}
+    return [name for name in REGION_LABELS if region_kind(name) not in parts]
+
+
+def region_coverage(mask: sitk.Image, regions: sitk.Image, parts: bool = False) -> dict[str, float]:
+    """Fraction of each sub-region (present in ``regions``) that the mask covers. A region that is split
+    into parts (``note.targets.REGION_PARTS``: the axilla into levels 1-3) counts as one with its parts,
+    whether the map holds it whole, in parts or both (``labels_of``); ``parts`` adds each part on its own."""
+    from ..note.targets import REGION_LABELS, labels_of
 
     m = sitk.GetArrayViewFromImage(mask) > 0
     r = sitk.GetArrayViewFromImage(regions)
     counts = np.bincount(r.ravel(), minlength=max(REGION_LABELS.values()) + 1)
     covered = np.bincount(r[m].ravel(), minlength=counts.size)
-    return {name: float(covered[label] / counts[label]) for name, label in REGION_LABELS.items() if counts[label]}
+    out = {}
+    for name in _whole_regions():
+        labels = labels_of(name)
+        total = int(counts[labels].sum())
+        if total:
+            out[name] = float(covered[labels].sum() / total)
+    if parts:
+        whole = set(_whole_regions())
+        for name, label in REGION_LABELS.items():
+            if name not in whole and counts[label]:
+                out[name] = float(covered[label] / counts[label])
+    return out
 
 
 def expected_regions(note: ClinicalNote, coverage: Mapping[str, float]) -> set[str]:
@@ -130,9 +161,12 @@ def expected_regions(note: ClinicalNote, coverage: Mapping[str, float]) -> set[s
 
 def clinical_check(coverage: Mapping[str, float], note: ClinicalNote, threshold: float = 0.5) -> dict:
     """Which regions the contour targets vs what the note asks for: side(s), nodal iff node-positive,
-    breast vs chest wall, and overall (targeted == expected)."""
+    breast vs chest wall, and overall (targeted == expected). Regions are counted whole (the axilla with
+    its levels, ``region_coverage``); parts in ``coverage`` are left out."""
     from ..note.targets import NODAL_REGIONS
 
+    whole = set(_whole_regions())
+    coverage = {k: v for k, v in coverage.items() if k in whole}
     targeted = {name for name, c in coverage.items() if c > threshold}
     expected = expected_regions(note, coverage)
     side_of = lambda name: name.rsplit("_", 1)[1]
@@ -147,6 +181,56 @@ def clinical_check(coverage: Mapping[str, float], note: ClinicalNote, threshold:
         "targeted": sorted(targeted), "expected": sorted(expected),
         "missing": sorted(expected - targeted), "extra": sorted(targeted - expected),
     }
+
+
+def side_found(volumes: Mapping[str, float], note: ClinicalNote, share: float = 0.8) -> bool:
+    """Whether the contour lies on the note's treated side(s), from ``side_volumes`` alone (no regions map):
+    unilateral -> more than ``share`` of its volume on that side; bilateral -> at least 1 - ``share`` on
+    each side. An empty contour found no side."""
+    left, right = float(volumes["left_cc"]), float(volumes["right_cc"])
+    total = left + right
+    if total <= 0:
+        return False
+    treated = {s.side for s in note.sides}
+    if len(treated) == 1:
+        return volumes[f"{treated.pop()}_cc"] / total > share
+    return min(left, right) / total >= 1 - share
+
+
+def structure_dice(labels: "sitk.Image | np.ndarray", classes: Sequence[str], regions: "sitk.Image | np.ndarray",
+                   note: ClinicalNote) -> tuple[dict[str, float], list[str]]:
+    """Dice per structure of a per-structure contour (``labels``: 1 + class index, 0 outside, on the grid of
+    ``regions``) against the note's guideline truth per structure (``note.targets.structure_label_map``).
+
+    Returns ({structure: Dice} for the structures present in the truth or the prediction, [structures not
+    scored]): a structure empty in both is not counted; one whose truth the map cannot tell (the note's CTV
+    holds a region that is split into parts there held whole, e.g. an unsplit axilla for levels 1-3) is not
+    scored."""
+    from ..image.metrics import dice
+    from ..note.targets import REGION_LABELS, REGION_PARTS, UNKNOWN_CLASS, region_structure, structure_label_map
+
+    classes = tuple(classes)
+    view = lambda x: sitk.GetArrayViewFromImage(x) if isinstance(x, sitk.Image) else np.asarray(x)
+    pred, r = view(labels), view(regions)
+    truth = structure_label_map(r, note, classes)  # on the array: a view of a temporary image would dangle
+    if pred.shape != truth.shape:
+        raise ValueError(f"labels {pred.shape} and regions {truth.shape} are not on one grid")
+    key_of = {v: k for k, v in REGION_LABELS.items()}
+    unscored = []
+    for value in np.unique(r[truth == UNKNOWN_CLASS]).tolist():
+        kind, side = key_of[int(value)].rsplit("_", 1)
+        for part in REGION_PARTS.get(kind, ()):
+            name = region_structure(f"{part}_{side}")
+            if name in classes and name not in unscored:
+                unscored.append(name)
+    out = {}
+    for i, name in enumerate(classes):
+        if name in unscored:
+            continue
+        p, t = pred == i + 1, truth == i + 1
+        if p.any() or t.any():
+            out[name] = dice(p, t)
+    return out, unscored
 
 
 def nodal_coverage(coverage: Mapping[str, float]) -> dict[str, float | None]:
@@ -187,6 +271,7 @@ class EvalConfig:
     seed: int = 0
     overlays: bool = True
     midline_x: float = 0.0
+    side_share: float = 0.8  # side found: more than this share of a unilateral contour on the treated side
     progress: bool = True
 
 
@@ -229,12 +314,12 @@ def evaluate(config: EvalConfig,
             rows.append({"model": label, **_flat(row)})
         models.append(_summarise(label, str(bundle_path), contourer, per_case, config, time.perf_counter() - t0))
     metrics = {"manifest": str(config.manifest), "split": config.split, "n_cases": len(cases),
-               "coverage_threshold": config.coverage_threshold, "bootstrap": {"resamples": config.n_bootstrap,
-                                                                              "seed": config.seed, "level": 0.95},
+               "coverage_threshold": config.coverage_threshold, "side_share": config.side_share,
+               "bootstrap": {"resamples": config.n_bootstrap, "seed": config.seed, "level": 0.95},
                "models": models}
     _write_json(out / "metrics.json", metrics)
     _write_csv(out / "cases.csv", rows)
-    write_table(models, out / "table.md")
+    write_table(models, out / "table.md", config.side_share)
     return metrics
 
 
@@ -243,10 +328,17 @@ def _evaluate_case(contourer, case, ct, truth, regions, config: EvalConfig, out:
     row = {"case_id": case.case_id, "prompt": case.prompt,
            **segmentation_metrics(result.mask, truth), **side_volumes(result.mask, config.midline_x)}
     row["volume_cc"] = row["left_cc"] + row["right_cc"]
+    row["side_found"] = side_found(row, case.note, config.side_share)
+    row["unilateral"] = len(case.note.sides) == 1
+    labels = getattr(result, "labels", None)
+    row["per_structure"] = labels is not None
     if regions is not None:
         coverage = region_coverage(result.mask, regions)
         row["clinical"] = clinical_check(coverage, case.note, config.coverage_threshold)
         row["nodal_coverage"] = nodal_coverage(coverage)
+        if labels is not None:
+            row["structure_dice"], unscored = structure_dice(labels, result.classes, regions, case.note)
+            row["structures_unscored"] = ";".join(unscored)
     if config.counterfactuals:
         row["counterfactual"] = {kind: _counterfactual(contourer, ct, kind, note, row, regions, config)
                                  for kind, note in counterfactual_notes(case.note).items()}
@@ -290,6 +382,11 @@ def _summarise(label, bundle_path, contourer, per_case, config: EvalConfig, seco
                "n_cases": len(per_case), "seconds": round(seconds, 2),
                "dice": ci([r["dice"] for r in per_case], 0), "iou": ci([r["iou"] for r in per_case], 1),
                "hd95_mm": ci([r["hd95"] for r in per_case], 2)}
+    summary["side_found"] = ci([float(r["side_found"]) for r in per_case], 40)
+    unilateral = [float(r["side_found"]) for r in per_case if r["unilateral"]]
+    if unilateral:
+        summary["side_found_unilateral"] = ci(unilateral, 41)
+    summary["structures"] = _structure_summary(per_case, ci)
     checked = [r for r in per_case if "clinical" in r]
     if checked:
         summary["clinical"] = {key: ci([float(r["clinical"][key]) for r in checked], 3 + j)
@@ -311,6 +408,25 @@ def _summarise(label, bundle_path, contourer, per_case, config: EvalConfig, seco
     return summary
 
 
+def _structure_summary(per_case: list[dict], ci) -> dict:
+    """Per-structure mean Dice over the cases that score it, or why there is none."""
+    from ..note.structures import structure_classes
+
+    if not any(r["per_structure"] for r in per_case):
+        return {"available": False, "why": "single-CTV bundle (one output): no per-structure contours to score"}
+    scored = [r["structure_dice"] for r in per_case if "structure_dice" in r]
+    if not scored:
+        return {"available": False, "why": "no case has a regions map: per-structure truth needs one"}
+    names = [n for n in structure_classes() if any(n in d for d in scored)]
+    names += sorted({n for d in scored for n in d} - set(names))
+    out = {"available": True, "cases": len(scored),
+           "dice": {n: ci([d[n] for d in scored if n in d], 50 + j) for j, n in enumerate(names)}}
+    per_case_mean = [float(np.mean(list(d.values()))) for d in scored if d]
+    if per_case_mean:
+        out["mean_dice"] = ci(per_case_mean, 49)  # per case: mean over its scored structures
+    return out
+
+
 # -- outputs --------------------------------------------------------------------------------------
 
 def _fmt(stat: dict | None, digits: int = 3) -> str:
@@ -322,8 +438,9 @@ def _fmt(stat: dict | None, digits: int = 3) -> str:
     return text
 
 
-def write_table(models: Sequence[dict], path: Path) -> Path:
-    """Paper Table 1 layout: one row per model, mean (95% CI)."""
+def write_table(models: Sequence[dict], path: Path, side_share: float = 0.8) -> Path:
+    """Paper Table 1 layout: one row per model, mean (95% CI); then side found, per-structure Dice (paper
+    Table 2's place: one row per structure, one column per model) and text-following (Table 3's)."""
     lines = ["| Model | Dice | IoU | HD95 (mm) | Clinical accuracy |", "|---|---|---|---|---|"]
     for m in models:
         clinical = _fmt(m.get("clinical", {}).get("correct"))
@@ -331,6 +448,33 @@ def write_table(models: Sequence[dict], path: Path) -> Path:
     lines.append("")
     lines.append(f"Mean (95% bootstrap CI over cases, {models[0]['dice']['n'] if models else 0} cases). "
                  "HD95 on each CT's own grid in mm; [k n/a]: cases without a surface (empty contour), left out.")
+    if any("side_found" in m for m in models):
+        lines += ["", "| Model | Text encoder | Side found, all cases | Side found, unilateral cases |",
+                  "|---|---|---|---|"]
+        for m in models:
+            lines.append(f"| {m['model']} | {m.get('text_encoder') or 'n/a'} | {_fmt(m.get('side_found'), 2)} | "
+                         f"{_fmt(m.get('side_found_unilateral'), 2)} |")
+        lines += ["", "Side found: the contour's volume lies on the note's treated side(s) (unilateral: more than "
+                      f"{100 * side_share:.0f} % of it on that side; bilateral: at least {100 * (1 - side_share):.0f} % "
+                      "on each), from the volumes alone."]
+    per = [m.get("structures", {}) for m in models]
+    if any(p.get("available") for p in per):
+        names = list(dict.fromkeys(n for p in per if p.get("available") for n in p["dice"]))
+        lines += ["", "| Structure | " + " | ".join(m["model"] for m in models) + " |",
+                  "|---|" + "---|" * len(models)]
+        cell = lambda p, n: (_fmt(p["dice"].get(n)) + f" [n={p['dice'][n]['n']}]" if n in p["dice"] else "n/a") \
+            if p.get("available") else "n/a"
+        for n in names:
+            lines.append(f"| {n} | " + " | ".join(cell(p, n) for p in per) + " |")
+        lines.append("| mean per case | " + " | ".join(_fmt(p.get("mean_dice")) if p.get("available") else "n/a"
+                                                     for p in per) + " |")
+        lines += ["", "Per-structure Dice, mean (95% CI) over the cases where the structure is in the truth or the "
+                      "contour [n cases]."]
+        for m, p in zip(models, per):
+            if not p.get("available"):
+                lines.append(f"{m['model']}: {p.get('why', 'no per-structure numbers')}.")
+    elif per and all(not p.get("available") for p in per) and any(p.get("why") for p in per):
+        lines += [""] + [f"Per-structure Dice, {m['model']}: {p['why']}." for m, p in zip(models, per) if p.get("why")]
     if any("text_following" in m for m in models):
         lines += ["", "| Model | Follows side flip | Follows N0<->N2 | Follows both |", "|---|---|---|---|"]
         for m in models:
@@ -384,6 +528,10 @@ def _flat(row: dict) -> dict:
             flat[f"clinical_{k}"] = ";".join(v) if isinstance(v, list) else v
     for s, v in row.get("nodal_coverage", {}).items():
         flat[f"nodal_coverage_{s}"] = v
+    if row.get("structure_dice"):
+        flat["dice_structures_mean"] = float(np.mean(list(row["structure_dice"].values())))
+    for name, v in row.get("structure_dice", {}).items():
+        flat[f"dice_{name}"] = v
     for kind, entry in row.get("counterfactual", {}).items():
         for k, v in entry.items():
             if isinstance(v, dict):
