@@ -506,6 +506,7 @@ def test_compare_notes_with_structures_gives_one_ctv_segment_per_note(scene, tmp
     client = StructureClient(tmp_path, volume_node_to_image(ct_node))
     job = ContourJob(client, scene, ct_node, ["N1, bcs, left side", "N0, bcs, left side"], bundle="/b",
                      workdir=tmp_path).start().wait(timeout=5)
+    assert client.sent[0][1]["structures"] == "union"  # no per-structure files that no segment would use
     node = job.segmentation_node
     assert [node.GetSegmentation().GetSegment(i).GetName() for i in segment_ids(node)] == ["prompt 0", "prompt 1"]
     assert node.GetName() == "Planning CT CTV by note"

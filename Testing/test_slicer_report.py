@@ -105,8 +105,10 @@ def test_compare_with_a_single_ctv_bundle_says_per_structure_is_not_available():
 
 
 def test_status_texts_and_variants():
-    assert report.progress_text("Contouring", "windows", 3, 12, 0, 2, 4.2) == "Contouring: window 3/12 (note 1/2)… 4 s"
-    assert report.outcome_text("CT CTV", 1.84, False, 7) == "✓ CT CTV (7 segments): done in 1.8 s (model was already loaded)"
+    assert report.progress_text("Contouring", "windows", 3, 12, 0, 2, 4.2) == \
+        "Contouring: window 3/12 (note 1/2)… 4 s"
+    assert report.outcome_text("CT CTV", 1.84, False, 7) == \
+        "✓ CT CTV (7 segments): done in 1.8 s (model was already loaded)"
     question = report.replace_question("mine", ["CTV", "CTVn_L1_L", "Heart"])
     assert "3 segment(s): CTV, CTVn_L1_L, Heart" in question and "edits to them are lost" in question
     notes, text, ok = report.parse_variants(["N0, breast conserving surgery, left side", "", "N9 nonsense"])

@@ -274,8 +274,9 @@ def _render_filled(side: str, path: Path) -> Path:
         {"name": "CTVn_L2_L", "volume_cc": 21.7, "expected": True, "flags": []},
         {"name": "CTVn_IMN_L", "volume_cc": 0.0, "expected": True, "flags": ["missing"]}],
         "review": {"needs_review": True, "notes": [], "flags": [
-            {"kind": "note", "structure": "CTVn_IMN_L", "text": "missing: the note's guideline calls for it but "
-                                                               "the model drew none; contour it by hand or check the note"}]}}
+            {"kind": "note", "structure": "CTVn_IMN_L",
+             "text": "missing: the note's guideline calls for it but the model drew none; contour it by hand or "
+                     "check the note"}]}}
     text, needs = report.result_text([{"prompt": note.to_prompt(), "summary": summary}])
     find(QLabel, "reviewLabel").setText(text)
     find(QLabel, "reviewLabel").setStyleSheet("color: #9a6700;" if needs else "color: #1b7f3b;")

@@ -170,7 +170,8 @@ class ContourJob:
         self.state, self.stage = "running", "read-ct"
         self.request_id = self.client.send("contour", ct=str(ct_path), notes=self.notes, bundle=self.bundle,
                                            llm=self.llm, device=self.device, out_dir=str(self.workdir),
-                                           structures=self.structures, **self.request_options)
+                                           structures=self.structures if self.note_count == 1 else "union",
+                                           **self.request_options)  # compare notes: one CTV per note
         return self
 
     @property
