@@ -51,6 +51,7 @@ from MMContourLib.note import form as noteform  # noqa: E402
 
 from MMContourLib.note.clinical import ClinicalNote  # noqa: E402
 from MMContourLib.model.bundle_info import read_bundle_summary  # noqa: E402
+from MMContourLib.slicer import report  # noqa: E402
 from MMContourLib.slicer.bundle_ref import bundle_reference, resolve_bundle  # noqa: E402
 from MMContourLib.slicer.worker import STAGE_LABELS  # noqa: E402
 from MMContourLib.slicer.worker_client import WorkerClient, poll_until  # noqa: E402
@@ -75,7 +76,9 @@ class MMContour(ScriptedLoadableModule):
             "conditioned on the patient's clinical note (side, N stage, surgery, ...): a frozen large language "
             "model reads the note and steers a 3D U-Net. Fill in the note, press <b>Contour CTV</b>, edit the "
             "note and press it again: the model stays loaded. <b>Compare notes</b> shows how the target changes "
-            "with the note. The result is a new segmentation (existing ones are never replaced without asking). "
+            "with the note. The result is a new segmentation (existing ones are never replaced without asking) "
+            "with the whole CTV and one segment per structure (e.g. CTVn_L1_L); under it, the review reasons and each "
+            "structure's volume. "
             "<br><br><b>Send the CTV to the planning system</b>: with the SlicerRT extension installed, load the CT "
             "from DICOM, contour, then in the Data module right-click the study, choose <i>Export to DICOM...</i>, "
             "select the segmentation and the <i>RT structure set</i> export type; the RTSTRUCT references the loaded "
@@ -147,6 +150,7 @@ class MMContourParameterNode:
     chemotherapy: Annotated[str, Choice(_C["chemotherapy"])] = NOT_STATED
     pathology: Annotated[str, Choice(_C["pathology"])] = NOT_STATED
     device: Annotated[str, Choice(_C["device"])] = "auto"
+    structures: Annotated[str, Choice(_C["structures"])] = "Both"  # the segments of a result (form.STRUCTURE_CHOICES)
     bundlePath: str = ""  # "" = the default bundle ($MMCONTOUR_BUNDLE or the shipped demo): scenes stay portable
     llmPath: str = ""  # "" = the LLM the bundle names
     variant1: str = ""
@@ -332,24 +336,9 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def updateVariants(self):
         p = self._parameterNode
-        self._variants, problems = [], []
-        for index, text in enumerate((p.variant1, p.variant2, p.variant3), start=1):
-            if not text.strip():
-                continue
-            try:
-                self._variants.append(ClinicalNote.parse(text))
-            except ValueError as exc:
-                problems.append(f"variant {index}: {exc}")
-        if problems:
-            self.ui.compareStatusLabel.text = "✗ " + "\n".join(problems)
-            self.ui.compareStatusLabel.setStyleSheet(BAD_STYLE)
-        elif self._variants:
-            self.ui.compareStatusLabel.text = f"✓ {len(self._variants) + 1} notes: the current one and " \
-                                              f"{len(self._variants)} variant(s)"
-            self.ui.compareStatusLabel.setStyleSheet(OK_STYLE)
-        else:
-            self.ui.compareStatusLabel.text = ""
-        self._variantsValid = not problems
+        self._variants, text, self._variantsValid = report.parse_variants((p.variant1, p.variant2, p.variant3))
+        self.ui.compareStatusLabel.text = text
+        self.ui.compareStatusLabel.setStyleSheet(BAD_STYLE if not self._variantsValid else OK_STYLE if text else "")
 
     def _bundle(self) -> str:
         return str(resolve_bundle(self._parameterNode.bundlePath))
@@ -453,17 +442,18 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         target = p.outputSegmentation
         replace = False
         if target is not None and target.GetSegmentation().GetNumberOfSegments():
-            count = target.GetSegmentation().GetNumberOfSegments()
-            if not slicer.util.confirmOkCancelDisplay(
-                    f"'{target.GetName()}' already holds {count} segment(s). Replace them with the new contour?\n\n"
-                    "Choose Cancel and 'Create new segmentation' as output to keep them.", _("Replace segmentation?")):
+            segmentation = target.GetSegmentation()
+            names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+            if not slicer.util.confirmOkCancelDisplay(report.replace_question(target.GetName(), names),
+                                                      _("Replace segmentation?")):
                 return
             replace = True
         try:
             if not self.logic.ensureDependencies(interactive=True, bundle=self._bundle()):
                 return
             self.logic.startContour(p.inputVolume, notes, self._bundle(), p.llmPath or None,
-                                    noteform.DEVICE_CHOICES[p.device], target, replace)
+                                    noteform.DEVICE_CHOICES[p.device], target, replace,
+                                    structures=noteform.STRUCTURE_CHOICES[p.structures])
         except Exception as exc:
             slicer.util.errorDisplay(f"Cannot start contouring: {exc}")
             return
@@ -472,6 +462,7 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.setRange(0, 0)
         self.ui.statusLabel.text = _("Starting…")
         self.ui.statusLabel.setStyleSheet("")
+        self.ui.reviewLabel.text = ""
         self.timer.start()
         self.updateButtons()
 
@@ -543,16 +534,14 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.log(f"Worker stopped: {event.get('message')}\n{event.get('stderr_tail', '')}")
 
     def showProgress(self, job):
-        label = STAGE_LABELS.get(job.stage, job.stage or "Starting")
-        notes = f" (note {job.note_index + 1}/{job.note_count})" if job.note_count > 1 else ""
         if job.stage == "windows" and job.total:
             self.ui.progressBar.setRange(0, job.total)
             self.ui.progressBar.setValue(job.done)
-            label = f"Contouring: window {job.done}/{job.total}"
         else:
             self.ui.progressBar.setRange(0, 0)
-        elapsed = time.perf_counter() - job._started
-        self.ui.statusLabel.text = f"{label}{notes}… {elapsed:.0f} s"
+        self.ui.statusLabel.text = report.progress_text(STAGE_LABELS.get(job.stage, job.stage or "Starting"), job.stage,
+                                                        job.done, job.total, job.note_index, job.note_count,
+                                                        time.perf_counter() - job._started)
 
     def showOutcome(self, job):
         self.ui.progressBar.setRange(0, 1)
@@ -561,10 +550,15 @@ class MMContourWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             node = job.segmentation_node
             self._loadedModel = (job.bundle, job.llm, job.device)
             self.updateModelInfo()
-            loaded = " including loading the model" if job.loaded_model else " (model was already loaded)"
-            self.ui.statusLabel.text = f"✓ {node.GetName()}: done in {job.seconds:.1f} s{loaded}"
+            self.ui.statusLabel.text = report.outcome_text(node.GetName(), job.seconds, job.loaded_model,
+                                                           node.GetSegmentation().GetNumberOfSegments())
             self.ui.statusLabel.setStyleSheet(OK_STYLE)
             self.log(self.ui.statusLabel.text)  # 3D: "Show 3D" in Segmentations (not here: it can take seconds)
+            # from the worker's summaries, not the node: the user may hide or delete any segment afterwards
+            text, needs_review = report.result_text(job.results)
+            self.ui.reviewLabel.text = text
+            self.ui.reviewLabel.setStyleSheet(WARN_STYLE if needs_review else OK_STYLE)
+            self.log(text)
         elif job.state == "cancelled":
             self.ui.statusLabel.text = f"Cancelled after {job.seconds:.1f} s; nothing was written"
             self.ui.statusLabel.setStyleSheet(WARN_STYLE)
@@ -635,7 +629,7 @@ class MMContourLogic(ScriptedLoadableModuleLogic):
         return (self.job is not None and self.job.state == "running") or bool(self._requests)
 
     def startContour(self, ctNode, notes, bundle=None, llm=None, device="auto", outputNode=None,
-                     replaceConfirmed=False, name=None, requestOptions=None):
+                     replaceConfirmed=False, name=None, requestOptions=None, structures="both"):
         if self.job is not None and self.job.state == "running":
             raise RuntimeError("a contour is already running; cancel it or wait")
         if ctNode is None:
@@ -646,7 +640,8 @@ class MMContourLogic(ScriptedLoadableModuleLogic):
             self.ctCache = CtFileCache(self.workdir)
         self.job = ContourJob(self.client(), slicer.mrmlScene, ctNode, notes, bundle or self.defaultBundlePath(),
                                         llm, device, outputNode, replaceConfirmed, ct_cache=self.ctCache,
-                                        workdir=self.workdir, name=name, request_options=requestOptions).start()
+                                        workdir=self.workdir, name=name, request_options=requestOptions,
+                                        structures=structures).start()
         return self.job
 
     def requestLoad(self, bundle=None, llm=None, device="auto") -> str:
@@ -684,9 +679,11 @@ class MMContourLogic(ScriptedLoadableModuleLogic):
         return lines
 
     def contour(self, ctNode, notes, bundle=None, llm=None, device="auto", outputNode=None, replaceConfirmed=False,
-                timeout=None):
-        """Blocking contour (scripts, tests): returns the segmentation node; raises on failure or cancel."""
-        job = self.startContour(ctNode, notes, bundle, llm, device, outputNode, replaceConfirmed)
+                timeout=None, structures="both"):
+        """Blocking contour (scripts, tests): returns the segmentation node; raises on failure or cancel.
+        ``structures``: both (the CTV and one segment per structure), regions or union."""
+        job = self.startContour(ctNode, notes, bundle, llm, device, outputNode, replaceConfirmed,
+                                structures=structures)
 
         def poll():
             slicer.app.processEvents()
@@ -760,6 +757,7 @@ class MMContourTest(ScriptedLoadableModuleTest):
         self.assertIn("✓", widget.ui.noteStatusLabel.text)
 
     def test_contour_the_phantom(self):
+        from MMContourLib.note.structures import structure_for
         from MMContourLib.slicer import mrml as slicer_io
 
         reason = self.phantomSkipReason()
@@ -771,7 +769,10 @@ class MMContourTest(ScriptedLoadableModuleTest):
             ct = logic.loadPhantomSample()
             note = "N2, breast conserving surgery, left side"
             node = logic.contour(ct, [note], timeout=900)
-            self.assertEqual(slicer_io.segment_ids(node), ["CTV"])
+            ids = slicer_io.segment_ids(node)  # the CTV, then one per structure a per-structure bundle drew
+            self.assertEqual(ids[0], "CTV")
+            self.assertTrue(all(structure_for(i)[0] is not None for i in ids))
+            self.assertIn("review", logic.job.results[0]["summary"])
             self.assertEqual(node.GetAttribute("MMContour.prompt"), note)
             self.assertTrue(node.GetAttribute("MMContour.llm_fingerprint"))
             mask = slicer_io.segment_mask(node, "CTV", ct)

@@ -395,3 +395,120 @@ def test_closing_the_scene_during_a_job_writes_nothing_and_raises_nothing(scene,
     scene.Clear()
     cancelled.wait(timeout=5)
     assert cancelled.state == "cancelled" and _node_count(scene) == 0
+
+
+# -- per-structure results: one segment per structure --------------------------------------------------
+
+STRUCTURE_BOXES = {"CTV": (slice(2, 16), slice(5, 30), slice(5, 30)),
+                   "CTVp_Breast_L": (slice(2, 10), slice(5, 30), slice(5, 30)),
+                   "CTVn_L1_L": (slice(10, 13), slice(5, 30), slice(5, 30)),
+                   "CTVn_IMN_L": (slice(13, 16), slice(5, 30), slice(5, 30))}
+
+
+class StructureClient(FakeClient):
+    """Answers like the worker with a per-structure bundle: ``segments`` in the request's ``structures`` mode
+    (the CTV, then each structure drawn) and a summary; the boxes are hand-made, not a model's choice."""
+
+    def send(self, op, **fields):
+        rid = str(len(self.sent) + 1)
+        self.sent.append((op, fields))
+        mode = fields.get("structures", "both")
+        names = {"both": list(STRUCTURE_BOXES), "regions": list(STRUCTURE_BOXES)[1:], "union": ["CTV"]}[mode]
+        results = []
+        for i, note in enumerate(fields["notes"]):
+            segments = []
+            for name in names:
+                path = self.tmp_path / f"mask-{rid}-{i}-{name}.nrrd"
+                sitk.WriteImage(_mask_like(self.ct_image, STRUCTURE_BOXES[name]), str(path))
+                segments.append({"name": name, "path": str(path)})
+            ctv = self.tmp_path / f"mask-{rid}-{i}.nrrd"
+            sitk.WriteImage(_mask_like(self.ct_image, STRUCTURE_BOXES["CTV"]), str(ctv))
+            results.append({"note": note, "prompt": f"prompt {i}", "side": note["side"], "mask_path": str(ctv),
+                            "segments": segments, "structures": mode,
+                            "summary": {"prompt": f"prompt {i}", "volume_cc": 1.0, "structures": [],
+                                        "review": {"needs_review": False, "flags": [], "notes": []}},
+                            "provenance": {"llm_fingerprint": "sha256:ff", "prompt": f"prompt {i}"}})
+        self._queue.append({"id": rid, "event": "result", "results": results, "loaded_model": False})
+        return rid
+
+
+def _contour(scene, ct_node, tmp_path, **kwargs):
+    client = StructureClient(tmp_path, volume_node_to_image(ct_node))
+    job = ContourJob(client, scene, ct_node, ["N1, breast conserving surgery, left side"], bundle="/b",
+                     workdir=tmp_path, **kwargs).start().wait(timeout=5)
+    assert job.state == "done", job.error
+    return job, client
+
+
+def test_one_segment_per_structure_with_the_table_colours_and_terminology(scene, tmp_path):
+    from MMContourLib.note.structures import SIDE_MODIFIER, STRUCTURES
+
+    ct_node, _ = _ct_in_study(scene)
+    ct = volume_node_to_image(ct_node)
+    job, client = _contour(scene, ct_node, tmp_path)
+    assert client.sent[0][1]["structures"] == "both"  # the default asks the worker for both
+    node = job.segmentation_node
+    assert segment_ids(node) == list(STRUCTURE_BOXES)
+    assert node.GetName() == "Planning CT CTV (N1 BCS left)"  # one note: named by it, whatever the segment count
+    segmentation = node.GetSegmentation()
+    for name, row in (("CTV", "CTV"), ("CTVp_Breast_L", "CTVp_Breast"), ("CTVn_L1_L", "CTVn_L1"),
+                      ("CTVn_IMN_L", "CTVn_IMN")):
+        segment = segmentation.GetSegment(name)
+        assert segment.GetName() == name
+        assert np.allclose(segment.GetColor(), STRUCTURES[row].color)
+        terminology = segment.GetTerminology()
+        region = STRUCTURES[row].region
+        assert f"~{region}~{SIDE_MODIFIER['left']}" in terminology, (name, terminology)
+        tag = vtk.reference("")
+        assert segment.GetTag("MMContour.prompt", tag) and str(tag) == "prompt 0"
+        assert segment.GetTag("MMContour.structure", tag) == (name != "CTV")
+        assert np.array_equal(sitk.GetArrayViewFromImage(segment_mask(node, name, ct_node)),
+                              sitk.GetArrayViewFromImage(_mask_like(ct, STRUCTURE_BOXES[name])))
+    assert len({tuple(segmentation.GetSegment(i).GetColor()) for i in segment_ids(node)}) == 4
+    assert not list(tmp_path.glob("mask-*.nrrd"))  # every segment's temporary file removed
+
+    regions, _ = _contour(scene, ct_node, tmp_path, structures="regions")
+    assert segment_ids(regions.segmentation_node) == list(STRUCTURE_BOXES)[1:]
+    union, _ = _contour(scene, ct_node, tmp_path, structures="union")
+    assert segment_ids(union.segmentation_node) == ["CTV"]
+    with pytest.raises(ValueError, match="structures 'all'"):
+        ContourJob(StructureClient(tmp_path, ct), scene, ct_node, ["N1, bcs, left side"], bundle="/b",
+                   structures="all")
+
+
+def test_a_deleted_or_hidden_structure_stays_so_and_the_next_run_is_whole(scene, tmp_path):
+    ct_node, _ = _ct_in_study(scene)
+    first, _ = _contour(scene, ct_node, tmp_path)
+    node = first.segmentation_node
+    node.GetSegmentation().RemoveSegment("CTVn_L1_L")  # the user deletes a structure ...
+    node.GetDisplayNode().SetSegmentVisibility("CTVn_IMN_L", False)  # ... and hides another
+    after_edit = (segment_ids(node), node.GetSegmentation().GetMTime())
+
+    second, _ = _contour(scene, ct_node, tmp_path)  # Apply again into a new segmentation (the default)
+    assert second.segmentation_node is not node
+    assert segment_ids(second.segmentation_node) == list(STRUCTURE_BOXES)
+    assert second.segmentation_node.GetDisplayNode().GetSegmentVisibility("CTVn_IMN_L")
+    assert (segment_ids(node), node.GetSegmentation().GetMTime()) == after_edit  # the edited node untouched
+    assert not node.GetDisplayNode().GetSegmentVisibility("CTVn_IMN_L")
+
+    # into the edited node itself: refused before the worker is asked, unless the user confirms replacing
+    client = StructureClient(tmp_path, volume_node_to_image(ct_node))
+    with pytest.raises(SegmentationNotEmptyError):
+        ContourJob(client, scene, ct_node, ["N1, bcs, left side"], bundle="/b", target_node=node,
+                   workdir=tmp_path).start()
+    assert client.sent == [] and segment_ids(node) == after_edit[0]
+    replaced, _ = _contour(scene, ct_node, tmp_path, target_node=node, replace_confirmed=True)
+    assert replaced.segmentation_node is node and segment_ids(node) == list(STRUCTURE_BOXES)
+
+
+def test_compare_notes_with_structures_gives_one_ctv_segment_per_note(scene, tmp_path):
+    ct_node, _ = _ct_in_study(scene)
+    client = StructureClient(tmp_path, volume_node_to_image(ct_node))
+    job = ContourJob(client, scene, ct_node, ["N1, bcs, left side", "N0, bcs, left side"], bundle="/b",
+                     workdir=tmp_path).start().wait(timeout=5)
+    assert client.sent[0][1]["structures"] == "union"  # no per-structure files that no segment would use
+    node = job.segmentation_node
+    assert [node.GetSegmentation().GetSegment(i).GetName() for i in segment_ids(node)] == ["prompt 0", "prompt 1"]
+    assert node.GetName() == "Planning CT CTV by note"
+    assert [r["summary"]["prompt"] for r in job.results] == ["prompt 0", "prompt 1"]  # for the compare lines
+    assert not list(tmp_path.glob("mask-*.nrrd"))

@@ -266,6 +266,20 @@ def _render_filled(side: str, path: Path) -> Path:
     bar.setValue(24)
     find(QLabel, "statusLabel").setText("✓ MMContourPhantomCT CTV: done in 1.8 s (model was already loaded)")
     find(QLabel, "statusLabel").setStyleSheet("color: #1b7f3b;")
+    # the review panel as the module fills it (slicer.report) from a summary shaped like the worker's
+    from MMContourLib.slicer import report
+    summary = {"volume_cc": 742.3, "structures": [
+        {"name": "CTVp_Breast_L", "volume_cc": 655.1, "expected": True, "flags": []},
+        {"name": "CTVn_L1_L", "volume_cc": 48.0, "expected": True, "flags": []},
+        {"name": "CTVn_L2_L", "volume_cc": 21.7, "expected": True, "flags": []},
+        {"name": "CTVn_IMN_L", "volume_cc": 0.0, "expected": True, "flags": ["missing"]}],
+        "review": {"needs_review": True, "notes": [], "flags": [
+            {"kind": "note", "structure": "CTVn_IMN_L",
+             "text": "missing: the note's guideline calls for it but the model drew none; contour it by hand or "
+                     "check the note"}]}}
+    text, needs = report.result_text([{"prompt": note.to_prompt(), "summary": summary}])
+    find(QLabel, "reviewLabel").setText(text)
+    find(QLabel, "reviewLabel").setStyleSheet("color: #9a6700;" if needs else "color: #1b7f3b;")
     form.resize(470, 900)
     form.show()
     form.adjustSize()

@@ -365,3 +365,129 @@ def test_batch_rejects_a_bad_manifest_before_loading_the_model(batch_manifest, t
     assert missing.returncode == 2 and "manifest not found" in missing.stderr
     no_bundle = _batch("--manifest", batch_manifest, "--bundle", tmp_path / "nope", "--out", tmp_path / "o")
     assert no_bundle.returncode == 2 and "cannot load the model" in no_bundle.stderr
+
+
+# -- per-structure results ----------------------------------------------------------------------------------
+
+def test_worker_segment_modes_are_the_contourers():
+    from MMContourLib.inference.contourer import SEGMENT_MODES
+    from MMContourLib.note.form import STRUCTURE_CHOICES
+    from MMContourLib.slicer import worker
+
+    assert worker.SEGMENT_MODES == SEGMENT_MODES
+    assert set(STRUCTURE_CHOICES.values()) == set(SEGMENT_MODES) and STRUCTURE_CHOICES["Both"] == "both"
+
+
+class _HandMadeContourer:
+    """A warm model whose result has a hand-made label image: the worker's per-structure wiring, not a
+    model's choice of structures."""
+
+    device, llm_calls = "cpu", 0
+    NAMES = ("CTVp_Breast_L", "CTVn_L1_L", "CTVn_IMN_L")
+
+    def __init__(self, bundle, *, llm, device):
+        pass
+
+    def provenance(self, prompt):
+        return {"prompt": prompt}
+
+    def contour(self, image, note, progress=None, cancel=None):
+        from MMContourLib.inference.contourer import ContourResult
+        from MMContourLib.inference.review import Review, structure_reasons
+        from MMContourLib.note.clinical import ClinicalNote
+        from MMContourLib.note.structures import structure_classes
+        from MMContourLib.note.targets import structures_for_note
+
+        note = ClinicalNote.parse(note) if isinstance(note, str) else note
+        classes = structure_classes()
+        labels = np.zeros(sitk.GetArrayViewFromImage(image).shape, np.uint8)
+        for z, name in enumerate(self.NAMES):
+            labels[2 + 4 * z:5 + 4 * z, 10:30, 10:30] = classes.index(name) + 1
+        label_image = sitk.GetImageFromArray(labels)
+        label_image.CopyInformation(image)
+        mask = sitk.Cast(label_image > 0, sitk.sitkUInt8)
+        expected = tuple(structures_for_note(note))
+        r = ContourResult(mask, sitk.Cast(mask, sitk.sitkFloat32), note, note.to_prompt(), {}, labels=label_image,
+                          classes=classes, expected=expected)
+        r.review = Review(structure_reasons(r.structure_volumes(), expected, note, None))
+        return r
+
+
+def test_the_worker_sends_every_segment_and_the_summary_into_one_segment_per_structure(ct_file, tiny_bundle,
+                                                                                     tmp_path):
+    """In-process server with a hand-made result -> the result event -> ContourJob -> a real segmentation."""
+    import io
+
+    from MMContourLib.slicer import worker
+
+    out = io.StringIO()
+    server = worker._Server(out, contourer_factory=_HandMadeContourer)
+    server._contour({"id": "1", "op": "contour", "ct": str(ct_file), "bundle": str(tiny_bundle),
+                     "notes": ["N0, breast conserving surgery, left side"], "out_dir": str(tmp_path / "out")})
+    event = json.loads(out.getvalue().splitlines()[-1])
+    assert event["event"] == "result", event
+    (result,) = event["results"]
+    assert [s["name"] for s in result["segments"]] == ["CTV", *_HandMadeContourer.NAMES]
+    assert result["segments"][0]["path"] == result["mask_path"]  # the CTV is written once
+    summary = result["summary"]
+    volumes = {s["name"]: s["volume_cc"] for s in summary["structures"]}
+    assert volumes["CTVn_L1_L"] > 5 and volumes["CTVp_Breast_R"] == 0
+    flagged = [f for f in summary["review"]["flags"] if f["structure"]]
+    assert {f["structure"] for f in flagged} == {"CTVn_L1_L", "CTVn_IMN_L"}  # N0: no nodes, each named
+
+    with pytest.raises(ValueError, match="structures 'every'"):
+        server._contour({"id": "2", "ct": str(ct_file), "bundle": str(tiny_bundle), "notes": [NOTE],
+                         "out_dir": str(tmp_path / "out"), "structures": "every"})
+    server._contour({"id": "3", "ct": str(ct_file), "bundle": str(tiny_bundle), "notes": [NOTE],
+                     "out_dir": str(tmp_path / "out"), "structures": "regions"})
+    regions = json.loads(out.getvalue().splitlines()[-1])["results"][0]
+    assert [s["name"] for s in regions["segments"]] == list(_HandMadeContourer.NAMES)
+
+    slicer = pytest.importorskip("slicer")
+    from MMContourLib.slicer import mrml as slicer_io
+    from MMContourLib.slicer.job import ContourJob
+
+    class Replay:  # hands the worker's event to the job as the client would
+        def send(self, op, **fields):
+            return "1"
+
+        def cancel(self, rid, grace_s=3.0):
+            pass
+
+        def poll(self):
+            return [event]
+
+    scene = slicer.vtkMRMLScene()
+    slicer.vtkSlicerSegmentationsModuleLogic().SetMRMLScene(scene)
+    ct = sitk.ReadImage(str(ct_file))
+    ct_node = slicer_io.image_to_volume_node(scene, ct, "CT")
+    job = ContourJob(Replay(), scene, ct_node, ["N0, breast conserving surgery, left side"], bundle=str(tiny_bundle),
+                     workdir=tmp_path).start().wait(timeout=5)
+    assert job.state == "done", job.error
+    node = job.segmentation_node
+    assert slicer_io.segment_ids(node) == ["CTV", *_HandMadeContourer.NAMES]
+    labels = _HandMadeContourer(None, llm=None, device="cpu").contour(ct, NOTE).structures
+    for name, mask in labels.items():
+        got = slicer_io.segment_mask(node, name, ct_node)
+        assert np.array_equal(sitk.GetArrayViewFromImage(got), sitk.GetArrayViewFromImage(mask)), name
+    assert not (tmp_path / "out").exists() or not [p for p in (tmp_path / "out").glob("mask-1-*")]
+
+
+def test_a_per_structure_bundle_through_the_real_worker(client, ct_file, tiny_llm_dir, tmp_path):
+    """A random per-structure bundle: whatever it draws, the worker sends exactly ContourResult.segments."""
+    from MMContourLib.bench.fixtures import make_bundle
+    from MMContourLib.inference.contourer import Contourer
+    from MMContourLib.note.structures import structure_classes
+
+    bundle = make_bundle(tmp_path / "per-structure", tiny_llm_dir, structures=structure_classes())
+    event = _contour(client, ct_file, bundle, tmp_path / "out")
+    assert event["event"] == "result", event
+    (result,) = event["results"]
+    expected = Contourer.from_bundle(bundle, device="cpu").contour(sitk.ReadImage(str(ct_file)), NOTE)
+    segments = expected.segments("both")
+    assert [s["name"] for s in result["segments"]] == list(segments)
+    for entry in result["segments"]:
+        assert np.array_equal(sitk.GetArrayViewFromImage(sitk.ReadImage(entry["path"])),
+                              sitk.GetArrayViewFromImage(segments[entry["name"]])), entry["name"]
+    assert [s["name"] for s in result["summary"]["structures"]] == list(structure_classes())
+    assert result["summary"]["review"]["reasons"] == expected.review.to_dict()["reasons"]

@@ -14,6 +14,8 @@ from typing import Mapping
 NOT_STATED = "not stated"
 SURGERY_LABELS = {"bcs": "breast-conserving surgery", "mastectomy": "total mastectomy"}
 DEVICE_CHOICES = {"auto": "auto", "CPU": "cpu", "GPU": "cuda"}
+#: The module's segments choice -> the worker's ``structures`` (``inference.contourer.SEGMENT_MODES``).
+STRUCTURE_CHOICES = {"Both": "both", "Structures only": "regions", "CTV only": "union"}
 
 
 def form_choices() -> dict[str, tuple[str, ...]]:
@@ -27,7 +29,8 @@ def form_choices() -> dict[str, tuple[str, ...]]:
             "m_stage": (NOT_STATED, *n.M_STAGES),
             "chemotherapy": (NOT_STATED, *n.CHEMOTHERAPIES),
             "pathology": (NOT_STATED, *n.PATHOLOGIES),
-            "device": tuple(DEVICE_CHOICES)}
+            "device": tuple(DEVICE_CHOICES),
+            "structures": tuple(STRUCTURE_CHOICES)}
 
 
 #: ClinicalNote field -> the form parameters that hold it (per-side fields have a left and a right one).
@@ -377,7 +380,7 @@ def note_status(error: str | None, warnings=(), blocking: str = "") -> tuple[str
     return "\n".join(lines) or "✓ Valid note", kind
 
 
-__all__ = ["NOT_STATED", "SURGERY_LABELS", "DEVICE_CHOICES", "FORM_PARAMETERS", "form_choices", "note_from_form",
+__all__ = ["NOT_STATED", "SURGERY_LABELS", "DEVICE_CHOICES", "STRUCTURE_CHOICES", "FORM_PARAMETERS", "form_choices", "note_from_form",
            "form_from_note", "note_warnings", "suggest_variants", "llm_location_status", "describe_devices",
            "FormFill", "form_from_reading", "merge", "FIELD_LABELS", "parameter_label", "widget_name", "PastedNote",
            "PasteDisplay", "note_status"]

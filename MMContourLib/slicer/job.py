@@ -16,7 +16,9 @@ from typing import Mapping, Protocol, Sequence
 
 import SimpleITK as sitk
 
+from ..note.structures import UNION, segment_color, structure_for
 from .mrml import SegmentationNotEmptyError, SegmentSpec, export_volume, result_colors, write_mask_to_segmentation
+from .worker import SEGMENT_MODES
 from .worker_client import poll_until
 
 
@@ -40,20 +42,44 @@ def short_note_label(note) -> str:
 
 
 def masks_from_results(results: Sequence[Mapping], single_name: str = "CTV") -> dict[str, SegmentSpec]:
-    """Worker results (``mask_path``, ``prompt``, ``side``, ``provenance``) -> segments: one result is
-    'CTV'; several (compare notes) are named by their note so the legend reads like paper Fig. 5."""
+    """Worker results (``mask_path``, ``segments``, ``prompt``, ``side``, ``provenance``) -> segments.
+
+    One result: its ``segments`` (the CTV and/or one per structure, named as the structure table names
+    them, e.g. 'CTVn_L1_L', in the table's colour with its terminology); a result without ``segments``
+    (an older worker) is one segment 'CTV'. Several results (compare notes): one segment per note, the
+    note's CTV, named by its prompt so the legend reads like paper Fig. 5."""
     specs: dict[str, SegmentSpec] = {}
+    if len(results) == 1:
+        result = results[0]
+        tags = _note_tags(result)
+        segments = result.get("segments") or [{"name": single_name, "path": result["mask_path"]}]
+        for index, segment in enumerate(segments):
+            name = str(segment["name"])
+            row, side = structure_for(name)
+            extra = {"structure": name} if row is not None and name != UNION else {}
+            specs[name] = SegmentSpec(sitk.ReadImage(str(segment["path"])), segment_color(name, index),
+                                      side or result.get("side"), {**tags, **extra})
+        return specs
     colors = result_colors(len(results))
     for index, result in enumerate(results):
         mask = sitk.ReadImage(str(result["mask_path"]))
-        label = single_name if len(results) == 1 else str(result.get("prompt") or f"note {index + 1}")
+        label = str(result.get("prompt") or f"note {index + 1}")
         while label in specs:
             label += " (again)"
-        note = result.get("note", "")
-        tags = {"prompt": str(result.get("prompt", "")),
-                "note": json.dumps(note, sort_keys=True) if isinstance(note, dict) else str(note)}
-        specs[label] = SegmentSpec(mask, colors[index], result.get("side"), tags)
+        specs[label] = SegmentSpec(mask, colors[index], result.get("side"), _note_tags(result))
     return specs
+
+
+def _note_tags(result: Mapping) -> dict[str, str]:
+    note = result.get("note", "")
+    return {"prompt": str(result.get("prompt", "")),
+            "note": json.dumps(note, sort_keys=True) if isinstance(note, dict) else str(note)}
+
+
+def result_files(result: Mapping) -> set[str]:
+    """Every file a worker result names (the CTV mask and the segments' masks)."""
+    paths = {str(s["path"]) for s in result.get("segments") or () if s.get("path")}
+    return paths | ({str(result["mask_path"])} if result.get("mask_path") else set())
 
 
 def provenance_for(results: Sequence[Mapping]) -> dict[str, str]:
@@ -99,14 +125,19 @@ class ContourJob:
     a cancelled or failed job writes nothing.
 
     ``state``: 'running' -> 'done' | 'failed' | 'cancelled'. ``stage``/``done``/``total``: progress.
-    ``segmentation_node``, ``error``, ``seconds``, ``results`` (worker's per-note results), ``loaded_model``."""
+    ``segmentation_node``, ``error``, ``seconds``, ``results`` (worker's per-note results, each with its
+    ``summary``: structures and review, shown by ``slicer.report``), ``loaded_model``. ``structures``: which
+    segments one note gives (``worker.SEGMENT_MODES``: both = the CTV and one per structure drawn)."""
 
     def __init__(self, client: WorkerConnection, scene, ct_node, notes: Sequence, bundle: str, llm: str | None = None,
                  device: str = "auto", target_node=None, replace_confirmed: bool = False,
                  ct_cache: CtFileCache | None = None, workdir: str | os.PathLike | None = None,
-                 name: str | None = None, request_options: Mapping | None = None):
+                 name: str | None = None, request_options: Mapping | None = None, structures: str = "both"):
         if not notes:
             raise ValueError("no clinical note to contour with")
+        if structures not in SEGMENT_MODES:
+            raise ValueError(f"structures {structures!r}: use one of {', '.join(SEGMENT_MODES)}")
+        self.structures = structures
         self.client, self.scene, self.ct_node = client, scene, ct_node
         from ..note.clinical import note_from_any
 
@@ -139,7 +170,8 @@ class ContourJob:
         self.state, self.stage = "running", "read-ct"
         self.request_id = self.client.send("contour", ct=str(ct_path), notes=self.notes, bundle=self.bundle,
                                            llm=self.llm, device=self.device, out_dir=str(self.workdir),
-                                           **self.request_options)
+                                           structures=self.structures if self.note_count == 1 else "union",
+                                           **self.request_options)  # compare notes: one CTV per note
         return self
 
     @property
@@ -199,7 +231,7 @@ class ContourJob:
             provenance = provenance_for(self.results)
             provenance.setdefault("bundle", self.bundle)
             name = self.name or (f"{self.ct_node.GetName()} CTV ({short_note_label(self.notes[0])})"
-                                 if len(specs) == 1 else f"{self.ct_node.GetName()} CTV by note")
+                                 if len(self.results) == 1 else f"{self.ct_node.GetName()} CTV by note")
             self.segmentation_node = write_mask_to_segmentation(
                 self.scene, self.ct_node, specs, provenance, target_node=self.target_node,
                 replace_confirmed=self.replace_confirmed, name=name)
@@ -209,8 +241,7 @@ class ContourJob:
 
     def _remove_masks(self) -> None:
         for result in self.results:
-            path = result.get("mask_path")
-            if path:
+            for path in result_files(result):
                 Path(path).unlink(missing_ok=True)
 
     def wait(self, timeout: float | None = None, on_event=None) -> "ContourJob":
@@ -220,4 +251,4 @@ class ContourJob:
 
 
 __all__ = ["ContourJob", "CtFileCache", "WorkerConnection", "masks_from_results", "provenance_for",
-           "short_note_label"]
+           "result_files", "short_note_label"]

@@ -7,7 +7,7 @@ and the U-Net is the slow part; editing the note and pressing Apply again must n
 Protocol (one JSON object per line; ``python -m MMContourLib.slicer.worker``)::
 
     stdin  {"id": "7", "op": "contour", "ct": "/tmp/ct.nrrd", "notes": ["N1, bcs, left side"],
-            "bundle": "B", "llm": null, "device": "auto", "out_dir": "/tmp/out"}
+            "bundle": "B", "llm": null, "device": "auto", "out_dir": "/tmp/out", "structures": "both"}
            {"id": "8", "op": "load", "bundle": "B", "llm": null, "device": "auto"}
            {"id": "9", "op": "info"}
            {"op": "cancel", "id": "7"}          # cooperative: the run stops at the next window
@@ -15,7 +15,12 @@ Protocol (one JSON object per line; ``python -m MMContourLib.slicer.worker``)::
     stdout {"event": "ready", "pid": 123, "protocol": 1}
            {"id": "7", "event": "progress", "stage": "windows", "done": 3, "total": 12, "note_index": 0, "notes": 1}
            {"id": "7", "event": "result", "results": [{"mask_path": ..., "prompt": ..., "provenance": {...},
-            "timings": {...}}], "loaded_model": false, "seconds": 1.9}
+            "segments": [{"name": "CTV", "path": ...}, {"name": "CTVn_L1_L", "path": ...}],
+            "summary": {...}, "timings": {...}}], "loaded_model": false, "seconds": 1.9}
+
+``structures`` ("both" | "regions" | "union", ``inference.contourer.SEGMENT_MODES``) chooses the segments
+of each result (``ContourResult.segments``): both = the CTV then one per structure drawn. ``mask_path``
+is always the CTV (the union); ``summary`` is ``ContourResult.summary()`` (structures, review).
            {"id": "7", "event": "error", "message": "...", "kind": "NoteError"}
            {"id": "7", "event": "cancelled"}
 
@@ -46,6 +51,9 @@ PROTOCOL = 1
 #: What ``WorkerClient`` runs with ``python -m``.
 WORKER_MODULE = "MMContourLib.slicer.worker"
 TERMINAL_EVENTS = ("result", "error", "cancelled", "loaded", "info", "pong")
+#: ``structures`` of a contour request (the same names as ``inference.contourer.SEGMENT_MODES``, which this
+#: module cannot import at Slicer start: Testing/test_worker.py checks they are equal).
+SEGMENT_MODES = ("both", "regions", "union")
 #: The Contourer's stages plus the worker's own; the GUI shows these names.
 STAGE_LABELS = {
     "load-model": "Loading model", "read-ct": "Reading CT", "preprocess": "Preparing CT",
@@ -62,7 +70,8 @@ Progress = Callable[[str, int, int], None]
 
 
 class ContourOutcome(Protocol):
-    """One contour as the worker reports it (``inference.contourer.ContourResult``)."""
+    """One contour as the worker reports it (``inference.contourer.ContourResult``). Its ``segments(mode)``
+    and ``summary()`` are sent when it has them; without them the result is the CTV alone."""
 
     mask: "sitk.Image"
     note: "ClinicalNote"
@@ -242,6 +251,9 @@ class _Server:
         notes = request.get("notes") or ([request["note"]] if request.get("note") else [])
         if not notes:
             raise ValueError("the contour request has no note")
+        mode = request.get("structures") or "both"
+        if mode not in SEGMENT_MODES:  # before any work: a typo must not cost a model load
+            raise ValueError(f"structures {mode!r}: use one of {', '.join(SEGMENT_MODES)}")
         out_dir = Path(request.get("out_dir") or ".")
         out_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
@@ -262,9 +274,19 @@ class _Server:
                 t = time.perf_counter()
                 sitk.WriteImage(r.mask, str(mask_path), True)
                 written.append(mask_path)
+                segments = []
+                for number, (name, mask) in enumerate(_segments_of(r, mode).items()):
+                    if mask is r.mask:  # the CTV: already written
+                        segments.append({"name": name, "path": str(mask_path)})
+                        continue
+                    path = out_dir / f"mask-{rid}-{index}-{number}.nrrd"
+                    sitk.WriteImage(mask, str(path), True)
+                    written.append(path)
+                    segments.append({"name": name, "path": str(path)})
                 timings = {**r.timings, "write-mask": time.perf_counter() - t}
                 results.append({"note": r.note.to_fields(), "prompt": r.prompt, "side": r.note.side,
                                 "mask_path": str(mask_path), "voxels": int(sitk.GetArrayViewFromImage(r.mask).sum()),
+                                "segments": segments, "structures": mode, "summary": _summary_of(r),
                                 "provenance": {**(r.provenance or {}), "bundle": self._contourer_key[0]},
                                 "timings": timings})
             if self.is_cancelled(rid):
@@ -275,6 +297,25 @@ class _Server:
             raise
         self.emit(id=rid, event="result", results=results, loaded_model=loaded,
                   seconds=time.perf_counter() - start, **self._model_summary())
+
+
+def _segments_of(result, mode: str) -> dict:
+    """The segments of one result for ``mode`` (``ContourResult.segments``); an outcome without them: the CTV."""
+    segments = getattr(result, "segments", None)
+    return segments(mode) if callable(segments) else {"CTV": result.mask}
+
+
+def _summary_of(result) -> dict:
+    """``ContourResult.summary()`` made JSON-safe (numbers from numpy become floats); {} if it has none."""
+    summary = getattr(result, "summary", None)
+    return json.loads(json.dumps(summary(), default=_plain)) if callable(summary) else {}
+
+
+def _plain(value):
+    try:
+        return value.item()  # numpy scalars
+    except (AttributeError, ValueError):
+        return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
 class _Cancel(Exception):
