@@ -33,7 +33,7 @@ from ..note.structures import UNION
 from ..note.targets import structures_for_note
 from . import anatomy
 from ..image.ctstats import ct_statistics
-from .review import Review, review_contour, structure_reasons
+from .review import Review, review_contour, structure_confidence_reasons, structure_reasons
 
 #: What ``ContourResult.segments`` gives: the structures, their union ``CTV``, or both.
 SEGMENT_MODES = ("both", "regions", "union")
@@ -380,6 +380,11 @@ class Contourer:
             result_volumes = ContourResult(mask, prob_img, note, prompt, {}, labels=labels,
                                            classes=classes).structure_volumes()
             review.reasons += structure_reasons(result_volumes, expected, note, self.bundle.training)
+            voxel_cc = float(np.prod(model_input.grid.GetSpacing())) / 1000.0
+            reasons, measures = structure_confidence_reasons(prob, classes, voxel_cc,
+                                                             threshold=self.bundle.inference.threshold)
+            review.reasons += reasons
+            review.measures["structure_confidence"] = measures
         timings["postprocess"] = time.perf_counter() - t
         timings["total"] = sum(timings.values())
         report("postprocess", 1, 1)
