@@ -60,7 +60,9 @@ def test_the_real_export_itself(tmp_path):
 @pytest.mark.parametrize("name, side, region", [
     ("Breast", "left", "breast_left"), ("CTV_Breast_L", "right", "breast_left"), ("CTVp_Breast", "right", "breast_right"),
     ("Chestwall", "left", "chestwall_left"), ("CW", "right", "chestwall_right"), ("Axilla", "left", "axilla_left"),
-    ("AxL1", "right", "axilla_right"), ("CTV_L1 Lt", "right", "axilla_left"), ("Level I-III", "left", "axilla_left"),
+    ("AxL1", "right", "axilla_l1_right"), ("CTV_L1 Lt", "right", "axilla_l1_left"), ("Level I-III", "left", "axilla_left"),
+    ("Level II R", "left", "axilla_l2_right"), ("Level III", "left", "axilla_l3_left"), ("CTVn_L2_L", "right", "axilla_l2_left"),
+    ("level i", "right", "axilla_l1_right"), ("Ax L1-2", "left", "axilla_left"), ("CTVn_L3_R", "left", "axilla_l3_right"),
     ("SCV", "left", "supraclavicular_left"), ("Supraclav", "right", "supraclavicular_right"),
     ("CTV_L4", "left", "supraclavicular_left"), ("IMN", "left", "internal_mammary_left"),
     ("IMC", "right", "internal_mammary_right"), ("CTVn_IMN_R", "left", "internal_mammary_right"),
@@ -158,7 +160,7 @@ def test_separate_structures_give_a_regions_map_and_a_report(tmp_path, capsys):
     manifest = {r["case_id"]: r for r in csv.DictReader((out / "manifest.csv").open())}
     regions = sitk.GetArrayFromImage(sitk.ReadImage(str(out / manifest["P1"]["regions"])))
     ctv = sitk.GetArrayFromImage(sitk.ReadImage(str(out / manifest["P1"]["ctv"])))
-    assert set(np.unique(regions)) == {0, REGION_LABELS["breast_left"], REGION_LABELS["axilla_left"],
+    assert set(np.unique(regions)) == {0, REGION_LABELS["breast_left"], REGION_LABELS["axilla_l1_left"],
                                        REGION_LABELS["internal_mammary_left"]}
     np.testing.assert_array_equal(regions > 0, ctv > 0)  # the PTV and the unknown name are in neither
     # "Nodes" cannot be split into levels: P2 has the union ctv only
@@ -167,7 +169,7 @@ def test_separate_structures_give_a_regions_map_and_a_report(tmp_path, capsys):
     assert p2_ctv[:, :, :12].any() and p2_ctv[:, :, 18:].any()  # both structures (i = u / 1.5 mm)
 
     cases = {c["case_id"]: c["structure_map"] for c in json.loads((out / "import_report.json").read_text())["cases"]}
-    assert cases["P1"]["mapped"] == {"CTV_Breast_L": "breast_left", "CTV_L1 Lt": "axilla_left",
+    assert cases["P1"]["mapped"] == {"CTV_Breast_L": "breast_left", "CTV_L1 Lt": "axilla_l1_left",
                                      "IMN_L": "internal_mammary_left"}
     assert "planning target volume" in cases["P1"]["ignored"]["PTV"]
     assert cases["P1"]["unrecognised"] == ["Xyz_helper"] and cases["P1"]["regions_map"]

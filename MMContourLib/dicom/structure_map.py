@@ -77,7 +77,8 @@ def _rules(region: str, patterns: Iterable[str], reason: str = "") -> list[Rule]
 
 
 #: Exclusions first (a "PTV_Breast_L" or "Lt Lung" must not reach the region rules), then the regions
-#: (internal mammary before breast: "internal mammary"; level 4 before the axilla: "AxL4"), the unions last.
+#: (internal mammary before breast: "internal mammary"; level 4 before the axilla: "AxL4"; a named axillary
+#: level before the axilla as a whole: "AxL1" is level 1, "Axilla_L" the whole axilla), the unions last.
 DEFAULT_RULES: tuple[Rule, ...] = tuple(
     _rules(EXCLUDE, ("*ptv*",), "planning target volume (the CTV plus a margin)")
     + _rules(EXCLUDE, ("*gtv*", "*itv*"), "gross / internal target volume")
@@ -98,8 +99,16 @@ DEFAULT_RULES: tuple[Rule, ...] = tuple(
     + _rules("internal_mammary", ("*imn*", "*imc*", "*imln*", *_word("im"), "*int*mam*", "*parastern*"))
     + _rules("supraclavicular", ("*scv*", "*scf*", "*sclav*", "*supra*clav*", "*periclav*", "*l4", "*l4[!0-9]*",
                                  "*level*4*", "*level*iv*", "*lev*iv*"))
-    + _rules("axilla", ("*axil*", "ax", "ax[!a-z]*", "axl*", "*[!a-z]ax", "*[!a-z]ax[!a-z]*", *_word("aln"),
-                        "*l[123]", "*l[123][!0-9]*", "*level*[123]*", "*level*i*", "*lev*[123]*"))
+    # a range of levels ("Level I-III", "Ax L1-2") is the axilla as one region: it cannot be split
+    + _rules("axilla", ("*[1-3]-[1-3]*", "*[1-3] - [1-3]*", "*[1-3]-l[1-3]*", "*[!a-z]i-ii*", "*[!a-z]i - ii*",
+                        "*[!a-z]ii-iii*"))
+    # the ESTRO axillary levels, 3 before 2 before 1 ("level iii" must not read as "level i")
+    + _rules("axilla_l3", ("*l3", "*l3[!0-9]*", "*level*3*", "*lev*3*", "*level*iii*", "*lev*iii*"))
+    + _rules("axilla_l2", ("*l2", "*l2[!0-9]*", "*level*2*", "*lev*2*", "*level*ii", "*level*ii[!i]*", "*lev*ii",
+                           "*lev*ii[!i]*"))
+    + _rules("axilla_l1", ("*l1", "*l1[!0-9]*", "*level*1*", "*lev*1*", "*level*i", "*level*i[!iv]*", "*lev*i",
+                           "*lev*i[!iv]*"))
+    + _rules("axilla", ("*axil*", "ax", "ax[!a-z]*", "axl*", "*[!a-z]ax", "*[!a-z]ax[!a-z]*", *_word("aln")))
     + _rules("chestwall", ("*chest*wall*", "*thorac*wall*", *_word("cw")))
     + _rules("breast", ("*breast*", "*brst*", "*mamma*"))
     + _rules("nodes", ("*node*", "*nodal*", "*lymph*", *_word("ln"), *_word("lns"), "ctvn*"))
