@@ -32,3 +32,15 @@ def test_demo_contours_follow_the_note(tmp_path, one_thread):
     assert "axilla_left" in contoured["true note"] and "axilla_right" in contoured["other side"], contoured
     assert not any(r.startswith(nodal) for r in contoured["node-negative"]), contoured
     assert contoured["node-negative"] == {"breast_left"}, contoured
+    # per structure: the N2 note draws the left nodal levels as their own structures, the N0 note none,
+    # and the segmentation file holds the CTV and the structures in the table's colours
+    from MMContourLib.image.readwrite import read_segmentation
+    from MMContourLib.note.structures import structure_classes
+
+    structures = {n["label"]: {s["name"]: s for s in n["structures"]} for n in summary["notes"]}
+    assert structures["true note"], "a per-structure bundle lists its structures"
+    assert {"CTVp_Breast_L", "CTVn_L1_L", "CTVn_L4_L"} <= set(structures["true note"]), structures["true note"]
+    assert not any(name.startswith("CTVn") and s["volume_cc"] > 5 for name, s in structures["node-negative"].items())
+    segments = read_segmentation(tmp_path / "demo" / summary["notes"][0]["segmentation"])
+    assert list(segments)[0] == "CTV" and set(list(segments)[1:]) <= set(structure_classes())
+    assert all("review" in n and "needs_review" in n["review"] for n in summary["notes"])

@@ -44,23 +44,33 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 
-def phantom_cases(n: int, seed: int, external: bool):
-    """The cases ``mmcontour phantom --n n --seed seed [--external]`` writes, one at a time."""
-    from MMContourLib.data.phantom import PhantomConfig, generate_case
-    from MMContourLib.data.phantom_dataset import case_seed
+def phantom_config(external: bool = False, planning_fov: bool = True):
+    """The phantoms of ``mmcontour phantom [--external] [--planning-fov]`` (the shipped bundle's: planning FOV)."""
+    from dataclasses import replace
+
+    from MMContourLib.data.phantom import PhantomConfig
 
     cfg = PhantomConfig.external_site() if external else PhantomConfig()
+    return replace(cfg, planning_fov=planning_fov)
+
+
+def phantom_cases(n: int, seed: int, external: bool, planning_fov: bool = True):
+    """The cases ``mmcontour phantom --n n --seed seed [--external] [--planning-fov]`` writes, one at a time."""
+    from MMContourLib.data.phantom import generate_case
+    from MMContourLib.data.phantom_dataset import case_seed
+
+    cfg = phantom_config(external, planning_fov)
     for i in range(n):
         yield generate_case(case_seed(seed, i), cfg, case_id=f"p{seed}-{i:04d}")
 
 
-def demo_training_range(m: int, n_total: int = 160, seed: int = 0) -> dict:
+def demo_training_range(m: int, n_total: int = 160, seed: int = 0, planning_fov: bool = True) -> dict:
     """``training_range`` of the first ``m`` training-split cases of ``mmcontour phantom --n 160 --seed 0``."""
-    from MMContourLib.data.phantom import PhantomConfig, generate_case, sample_note
+    from MMContourLib.data.phantom import generate_case, sample_note
     from MMContourLib.data.phantom_dataset import _assign_splits, case_seed
     from MMContourLib.image.ctstats import ct_statistics, training_range
 
-    cfg = PhantomConfig()
+    cfg = phantom_config(False, planning_fov)
     seeds = [case_seed(seed, i) for i in range(n_total)]
     notes = [sample_note(s, cfg) for s in seeds]
     splits = _assign_splits(notes, (0.6, 0.2, 0.2), seed)
@@ -183,6 +193,8 @@ def main(argv=None) -> int:
     ap.add_argument("--training-range", type=int, default=0, metavar="M")
     ap.add_argument("--structure-dice", type=float, default=0.5,
                     help="a structure with a lower Dice against its guideline truth is wrong (default 0.5)")
+    ap.add_argument("--thorax-fov", action="store_true",
+                    help="phantoms whose field of view ends at the thorax (bundles trained before planning-CT phantoms)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true", help="also print every case as JSON")
@@ -202,7 +214,8 @@ def main(argv=None) -> int:
                     "max_structure_uncertain_ratio": config.max_structure_uncertain_ratio,
                     "per_structure_bundle": per_structure_bundle, "structure_dice": args.structure_dice}
     if args.calibrate:
-        rows, structures = run_set(contourer, phantom_cases(args.calibrate, args.calibration_seed, False), None,
+        rows, structures = run_set(contourer, phantom_cases(args.calibrate, args.calibration_seed, False,
+                                                                 not args.thorax_fov), None,
                                    args.structure_dice)
         right = [r["uncertain_ratio"] for r in rows if r["correct"]]
         wrong = [r["uncertain_ratio"] for r in rows if not r["correct"]]
@@ -225,13 +238,13 @@ def main(argv=None) -> int:
                       f"{len(cal['wrong_ratios'])} wrong): ratio flagging <= 20 % of right structures: {cal['suggested']}")
                 print(f"    right: {[round(x, 3) for x in cal['right_ratios']]}")
                 print(f"    wrong: {[round(x, 3) for x in cal['wrong_ratios']]}")
-    with_range = demo_training_range(args.training_range) if args.training_range else None
+    with_range = demo_training_range(args.training_range, planning_fov=not args.thorax_fov) if args.training_range else None
     if with_range:
         report["training_range"] = with_range
     sets = {}
     kinds = ("input", "confidence", "volume", "anatomical-range", "note")
     for name, external in (("internal", False), ("external", True)):
-        rows, structures = run_set(contourer, phantom_cases(args.n, args.seed, external), with_range,
+        rows, structures = run_set(contourer, phantom_cases(args.n, args.seed, external, not args.thorax_fov), with_range,
                                    args.structure_dice)
         s = {"all": rates(rows), "whole": rates(rows, "kinds_whole"), **{k: rates(rows, kind=k) for k in kinds}}
         if per_structure_bundle:
