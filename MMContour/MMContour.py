@@ -120,15 +120,13 @@ def registerSampleData():
 
 def loadPhantomSample():
     """A synthetic breast planning CT (never used for training), generated once into Slicer's cache."""
-    from MMContourLib.inference.demo import DEMO_NOTE, DEMO_SEED
+    from MMContourLib.inference.demo import DEMO_NOTE, DEMO_SEED, demo_case
     from MMContourLib.image.readwrite import write_image
-    from MMContourLib.data.phantom import PhantomConfig, generate_case
 
-    path = os.path.join(slicer.app.cachePath, "MMContour", f"phantom-{DEMO_SEED}.nrrd")
+    path = os.path.join(slicer.app.cachePath, "MMContour", f"phantom-{DEMO_SEED}-planning.nrrd")
     if not os.path.exists(path):
         with slicer.util.WaitCursor():
-            case = generate_case(DEMO_SEED, PhantomConfig(), note=ClinicalNote.parse(DEMO_NOTE), case_id="phantom")
-            write_image(case.ct, path)
+            write_image(demo_case(case_id="phantom").ct, path)
     node = slicer.util.loadVolume(path, {"name": "MMContourPhantomCT"})
     node.SetAttribute("MMContour.phantomNote", DEMO_NOTE)
     return node

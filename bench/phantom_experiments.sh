@@ -10,8 +10,8 @@ STEP=${1:-all}
 # --region-weight 5: the nodal levels (regions maps, labels 5-10) weigh 6x in Dice + CE; --soft-labels:
 # partial-volume targets; 5 mm slices on the model grid. Without these the models learned side and
 # surgery but not the N stage (docs/results.md, "What it took").
-COMMON=(--feature-size 8 --spacing 5 5 5 --patch 80 64 48 --batch-size 2 --epochs 30 --lr 1e-3
-        --warmup-epochs 2 --val-every 5 --seed 0 --region-weight 5 --soft-labels --version 4 --json)
+COMMON=(--feature-size 8 --spacing 5 5 5 --patch 80 64 48 --batch-size 2 --epochs 20 --lr 1e-3
+        --warmup-epochs 2 --val-every 10 --seed 0 --region-weight 5 --soft-labels --version 4 --json)
 
 if [[ $STEP == data || $STEP == all ]]; then
   $MM phantom --n 160 --out data/phantoms --seed 0 --planning-fov

@@ -26,6 +26,14 @@ def _say(message: str) -> None:
     print(f"[demo] {message}", file=sys.stderr, flush=True)
 
 
+def demo_case(seed: int = DEMO_SEED, note_text: str = DEMO_NOTE, case_id: str = "demo"):
+    """The demo's synthetic planning CT (neck to upper abdomen, as the shipped bundle was trained on)."""
+    from ..data.phantom import PhantomConfig, generate_case
+    from ..note.clinical import ClinicalNote
+
+    return generate_case(seed, PhantomConfig(planning_fov=True), note=ClinicalNote.parse(note_text), case_id=case_id)
+
+
 def counterfactual_notes(note):
     """The true note, the other side, and the other nodal status (paper Fig. 5)."""
     from ..note.clinical import ClinicalNote
@@ -134,8 +142,6 @@ def run_demo(out_dir: str | Path, bundle: str | Path | None = None, llm: str | N
     from ..training.evaluate import clinical_check, region_coverage
     from ..image.fileio import write_json
     from ..image.readwrite import write_image, write_segmentation
-    from ..note.clinical import ClinicalNote
-    from ..data.phantom import PhantomConfig, generate_case
     from ..note.targets import ctv_for_note
     from ..inference.contourer import Contourer
 
@@ -150,7 +156,7 @@ def run_demo(out_dir: str | Path, bundle: str | Path | None = None, llm: str | N
 
     t = time.perf_counter()
     _say(f"making a synthetic breast CT (seed {seed}, never used for training) ...")
-    case = generate_case(seed, PhantomConfig(), note=ClinicalNote.parse(note_text), case_id="demo")
+    case = demo_case(seed, note_text)
     write_image(case.ct, out / "ct.nii.gz")
     timings["phantom"] = time.perf_counter() - t
 
