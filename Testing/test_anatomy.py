@@ -231,3 +231,24 @@ def test_the_limits_are_found_once_per_ct_not_once_per_note(tiny_bundle, monkeyp
     assert first.anatomical_range["limits_mm"] == second.anatomical_range["limits_mm"]
     contourer.contour(generate_case(2, PhantomConfig(planning_fov=True)).ct, "N1, breast conserving surgery, left side")
     assert len(calls) == 2
+
+
+def test_a_piece_of_a_structure_far_from_the_rest_of_it_goes_and_neighbours_stay():
+    """Per structure: a left axillary level 1 blob in the right axilla is removed and reported by name; the
+    breast and the level 1 next to it stay, though each is another structure's neighbour."""
+    from MMContourLib.inference.anatomy import structure_strays
+
+    classes = ("CTVp_Breast_L", "CTVn_L1_L")
+    arr = np.zeros((30, 40, 60), np.uint8)
+    arr[5:25, 10:30, 35:50] = 1        # breast
+    arr[5:25, 10:30, 50:56] = 2        # level 1, touching it
+    arr[10:14, 15:19, 2:6] = 2         # a level 1 piece > 40 mm away (2 mm voxels: 88 mm)
+    labels = sitk.GetImageFromArray(arr)
+    labels.SetSpacing((2.0, 2.0, 2.0))
+    cleaned, removed = structure_strays(labels, classes)
+    out = sitk.GetArrayFromImage(cleaned)
+    assert len(removed) == 1 and removed[0]["structure"] == "CTVn_L1_L" and "CTVn_L1_L" in removed[0]["reason"]
+    assert removed[0]["cc"] == pytest.approx(4 * 4 * 4 * 8 / 1000, abs=0.01)  # reported to 0.01 cc
+    assert not out[10:14, 15:19, 2:6].any()
+    assert (out[5:25, 10:30, 35:50] == 1).all() and (out[5:25, 10:30, 50:56] == 2).all()
+    assert structure_strays(cleaned, classes)[1] == []

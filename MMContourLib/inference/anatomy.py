@@ -203,5 +203,38 @@ def anatomical_range(ct: sitk.Image, mask: sitk.Image, limits: dict | None = Non
     return out, report
 
 
-__all__ = ["anatomical_range", "find_limits", "CAUDAL_MARGIN_MM", "APEX_TO_CRICOID_MM", "FAR_MM",
+def structure_strays(labels: sitk.Image, classes) -> tuple[sitk.Image, list[dict]]:
+    """Per structure of a per-structure contour (``labels``: 1 + class index on the CT grid), the parts far
+    from the rest of that structure: a structure's components farther than ``FAR_MM`` from its main part
+    (its largest component and what lies within ``FAR_MM`` of it) are removed (from the whole contour too:
+    a piece of a left axillary level in the right axilla is no part of any target). Returns the labels
+    and one report entry per removed component (``cc``, ``reason`` naming the structure)."""
+    from scipy import ndimage
+
+    arr = sitk.GetArrayFromImage(labels)
+    spacing = labels.GetSpacing()
+    voxel_cc = float(np.prod(spacing)) / 1000.0
+    spacing_zyx = (spacing[2], spacing[1], spacing[0])
+    structure = np.ones((3, 3, 3), bool)
+    removed = []
+    for value, box in enumerate(ndimage.find_objects(arr), start=1):
+        if box is None or value > len(classes):
+            continue
+        part = arr[box] == value
+        comp, n = ndimage.label(part, structure)
+        if n < 2:
+            continue
+        sizes = np.bincount(comp.ravel(), minlength=n + 1)[1:]
+        for i in _far_components(comp, n, sizes, spacing_zyx):
+            removed.append({"cc": round(float(sizes[i - 1]) * voxel_cc, 2), "clipped": False,
+                            "reason": f"far from the rest of {classes[value - 1]}", "structure": classes[value - 1]})
+            arr[box][comp == i] = 0
+    if not removed:
+        return labels, []
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(labels)
+    return out, removed
+
+
+__all__ = ["anatomical_range", "structure_strays", "find_limits", "CAUDAL_MARGIN_MM", "APEX_TO_CRICOID_MM", "FAR_MM",
            "CAUDAL", "CRANIAL", "FAR"]

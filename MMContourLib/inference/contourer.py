@@ -369,14 +369,21 @@ class Contourer:
             mask, range_report = anatomy.anatomical_range(image, mask, facts["limits"])
         else:
             range_report = {"applied": False, "reason": "switched off (Contourer(anatomical_range=False))"}
-        review = review_contour(image, prob_img, mask, note, self.bundle.training, self.bundle.preprocessing,
-                                anatomical_range=range_report, input_notes=model_input.notes,
-                                ct_stats=facts["stats"])
         classes = self.network.config.structures
         labels, expected = None, ()
         if classes:
             labels = structures_to_ct_grid(prob, model_input, mask)
             expected = tuple(structures_for_note(note))
+            if self.anatomical_range:
+                labels, strays = anatomy.structure_strays(labels, classes)
+                if strays:
+                    mask = sitk.Cast(labels > 0, sitk.sitkUInt8)
+                    range_report["components"] = list(range_report.get("components", [])) + strays
+                    range_report["dropped_cc"] = round(sum(c["cc"] for c in range_report["components"]), 2)
+        review = review_contour(image, prob_img, mask, note, self.bundle.training, self.bundle.preprocessing,
+                                anatomical_range=range_report, input_notes=model_input.notes,
+                                ct_stats=facts["stats"])
+        if classes:
             result_volumes = ContourResult(mask, prob_img, note, prompt, {}, labels=labels,
                                            classes=classes).structure_volumes()
             review.reasons += structure_reasons(result_volumes, expected, note, self.bundle.training)
