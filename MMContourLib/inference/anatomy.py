@@ -14,7 +14,9 @@ Predicted voxels beyond a limit are removed (a whole component, or the part of o
 limit), then components farther than ``FAR_MM`` from the main structure (the largest component and
 everything within ``FAR_MM`` of it, transitively) are removed. A limit whose landmark is not in the CT
 (lungs cut by the field of view) is not applied, and a CT without lungs is left alone: the step never
-guesses. Everything removed is reported in cc with its reason.
+guesses. Everything removed is reported in cc with its reason. A per-structure contour is also
+cleaned per structure (``structure_strays``): a structure's pieces farther than ``FAR_MM`` from the
+rest of that structure go, reported with the structure's name.
 """
 from __future__ import annotations
 
