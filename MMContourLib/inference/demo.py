@@ -87,6 +87,8 @@ def figure(path: Path, ct: sitk.Image, panels: list[tuple]) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..note.structures import segment_color, structure_for
+
     # Show in radiological convention regardless of storage: resample to RAS-aligned LPS display grid.
     ref = sitk.DICOMOrient(ct, "LPS")
     arr = sitk.GetArrayFromImage(ref).astype(np.float32)  # (z: I->S, y: A->P, x: R->L)
@@ -119,15 +121,19 @@ def figure(path: Path, ct: sitk.Image, panels: list[tuple]) -> Path:
                 ax.set_title(f"{title}\nDice {d:.2f}", fontsize=9)
         axes[0, col].text(2, 8, "R", color="white", fontsize=9)
         axes[0, col].text(arr.shape[2] - 10, 8, "L", color="white", fontsize=9)
-    drawn = sorted({(n, i) for panel, p in zip(panels, preds) if len(panel) > 5 and panel[4] is not None
-                    for i, n in enumerate(panel[5]) if (p == i + 1).any()}, key=lambda item: item[1])
+    drawn: dict[str, set[str]] = {}  # table row -> sides drawn, in class order
+    for panel, p in zip(panels, preds):
+        if len(panel) > 5 and panel[4] is not None:
+            for i, n in enumerate(panel[5]):
+                if (p == i + 1).any():
+                    row, side = structure_for(n)
+                    drawn.setdefault(row.name if row else n, set()).add({"left": "L", "right": "R"}.get(side, ""))
     if drawn:
         from matplotlib.patches import Patch
 
-        from ..note.structures import segment_color
-
-        fig.legend(handles=[Patch(color=segment_color(n), label=n) for n, _ in drawn], loc="lower center",
-                   ncol=min(7, len(drawn)), fontsize=8, frameon=False)
+        fig.legend(handles=[Patch(color=segment_color(n), label=f"{n} ({', '.join(sorted(s - {''}))})" if s - {""} else n)
+                            for n, s in drawn.items()], loc="lower center", ncol=min(7, len(drawn)), fontsize=8,
+                   frameon=False)
     fig.suptitle("MMContour: same CT, different clinical notes (fill: prediction, cyan: guideline CTV)", fontsize=10)
     fig.tight_layout(rect=(0, 0.05 if drawn else 0, 1, 1))
     fig.savefig(path, dpi=110)
