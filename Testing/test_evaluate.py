@@ -402,3 +402,19 @@ def test_evaluate_a_real_per_structure_bundle(phantom_manifest, tmp_path, tiny_v
     table = (tmp_path / "real" / "table.md").read_text()
     assert "| Structure | tiny-structures | tiny-test |" in table
     assert "tiny-test: single-CTV bundle (one output): no per-structure contours to score." in table
+
+
+def test_review_flag_rates_count_wrong_and_right_contours_flagged():
+    from MMContourLib.training.evaluate import review_flag_rates
+
+    rows = [{"clinical": {"correct": False}, "needs_review": True, "review_kinds": "note/structure"},
+            {"clinical": {"correct": False}, "needs_review": False, "review_kinds": ""},
+            {"clinical": {"correct": True}, "needs_review": True, "review_kinds": "confidence;note/structure"},
+            {"clinical": {"correct": True}, "needs_review": False, "review_kinds": ""},
+            {"clinical": {"correct": True}, "needs_review": False, "review_kinds": ""}]
+    rates = review_flag_rates(rows)
+    assert rates["any"] == {"wrong": 2, "wrong_flagged": 1, "right": 3, "right_flagged": 1,
+                            "sensitivity": 0.5, "false_flag_rate": 1 / 3}
+    assert rates["by_kind"]["note/structure"]["wrong_flagged"] == 1
+    assert rates["by_kind"]["confidence"] == {"wrong": 2, "wrong_flagged": 0, "right": 3, "right_flagged": 1,
+                                              "sensitivity": 0.0, "false_flag_rate": 1 / 3}

@@ -332,6 +332,10 @@ def _evaluate_case(contourer, case, ct, truth, regions, config: EvalConfig, out:
     row["unilateral"] = len(case.note.sides) == 1
     labels = getattr(result, "labels", None)
     row["per_structure"] = labels is not None
+    reasons = getattr(getattr(result, "review", None), "reasons", [])
+    row["needs_review"] = bool(reasons)
+    row["review_kinds"] = ";".join(sorted({r.kind + ("/structure" if r.structure else "") for r in reasons}))
+    row["review_reasons"] = " | ".join(r.line() for r in reasons)
     if regions is not None:
         coverage = region_coverage(result.mask, regions)
         row["clinical"] = clinical_check(coverage, case.note, config.coverage_threshold)
@@ -391,6 +395,7 @@ def _summarise(label, bundle_path, contourer, per_case, config: EvalConfig, seco
     if checked:
         summary["clinical"] = {key: ci([float(r["clinical"][key]) for r in checked], 3 + j)
                                for j, key in enumerate(("correct", "sides_ok", "nodal_ok", "breast_vs_chestwall_ok"))}
+        summary["review_flags"] = review_flag_rates(checked)
     followed = [r["counterfactual"] for r in per_case if "counterfactual" in r]
     tf = {}
     for j, kind in enumerate(("side", "nodes")):
@@ -406,6 +411,24 @@ def _summarise(label, bundle_path, contourer, per_case, config: EvalConfig, seco
     if tf:
         summary["text_following"] = tf
     return summary
+
+
+def review_flag_rates(rows: Sequence[dict]) -> dict:
+    """How the review flags separate clinically wrong contours from right ones (issue 11's target: >= 90 %
+    of the wrong ones flagged, <= 20 % of the right ones): counts, sensitivity and false-flag rate, in
+    total and per kind of flag (``kind`` or ``kind/structure`` for a flag that names a structure)."""
+    def rates(flagged) -> dict:
+        wrong = [r for r in rows if not r["clinical"]["correct"]]
+        right = [r for r in rows if r["clinical"]["correct"]]
+        wf, rf = sum(1 for r in wrong if flagged(r)), sum(1 for r in right if flagged(r))
+        return {"wrong": len(wrong), "wrong_flagged": wf, "right": len(right), "right_flagged": rf,
+                "sensitivity": wf / len(wrong) if wrong else None,
+                "false_flag_rate": rf / len(right) if right else None}
+
+    out = {"any": rates(lambda r: r.get("needs_review", False))}
+    kinds = sorted({k for r in rows for k in (r.get("review_kinds") or "").split(";") if k})
+    out["by_kind"] = {k: rates(lambda r, k=k: k in (r.get("review_kinds") or "").split(";")) for k in kinds}
+    return out
 
 
 def _structure_summary(per_case: list[dict], ci) -> dict:
@@ -475,6 +498,16 @@ def write_table(models: Sequence[dict], path: Path, side_share: float = 0.8) -> 
                 lines.append(f"{m['model']}: {p.get('why', 'no per-structure numbers')}.")
     elif per and all(not p.get("available") for p in per) and any(p.get("why") for p in per):
         lines += [""] + [f"Per-structure Dice, {m['model']}: {p['why']}." for m, p in zip(models, per) if p.get("why")]
+    if any("review_flags" in m for m in models):
+        lines += ["", "| Model | Wrong contours flagged | Right contours flagged |", "|---|---|---|"]
+        pct = lambda k, n, d: f"{k}/{n} ({100 * d:.0f} %)" if d is not None else "n/a"
+        for m in models:
+            f = m.get("review_flags", {}).get("any")
+            if f:
+                lines.append(f"| {m['model']} | {pct(f['wrong_flagged'], f['wrong'], f['sensitivity'])} | "
+                             f"{pct(f['right_flagged'], f['right'], f['false_flag_rate'])} |")
+        lines += ["", "Review flags (inference/review.py) against clinical accuracy: wrong = clinical accuracy 0. "
+                      "Target: >= 90 % of wrong contours flagged, <= 20 % of right ones."]
     if any("text_following" in m for m in models):
         lines += ["", "| Model | Follows side flip | Follows N0<->N2 | Follows both |", "|---|---|---|---|"]
         for m in models:
