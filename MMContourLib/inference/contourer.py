@@ -46,6 +46,13 @@ class Cancelled(RuntimeError):
     """The caller asked to stop; nothing was written."""
 
 
+def structure_volumes(labels: sitk.Image, classes: Sequence[str]) -> dict[str, float]:
+    """{structure: cc} of a label image (1 + index in ``classes``; 0 outside)."""
+    counts = np.bincount(sitk.GetArrayViewFromImage(labels).ravel(), minlength=len(classes) + 1)
+    voxel_cc = float(np.prod(labels.GetSpacing())) / 1000.0
+    return {name: round(float(counts[i + 1]) * voxel_cc, 2) for i, name in enumerate(classes)}
+
+
 @dataclass
 class ContourResult:
     mask: sitk.Image
@@ -74,11 +81,7 @@ class ContourResult:
     def structure_volumes(self) -> dict[str, float]:
         """{structure: cc} for every structure the bundle has (0 for those it did not draw); {} for a bundle
         with one CTV output."""
-        if self.labels is None:
-            return {}
-        counts = np.bincount(sitk.GetArrayViewFromImage(self.labels).ravel(), minlength=len(self.classes) + 1)
-        voxel_cc = float(np.prod(self.mask.GetSpacing())) / 1000.0
-        return {name: round(float(counts[i + 1]) * voxel_cc, 2) for i, name in enumerate(self.classes)}
+        return {} if self.labels is None else structure_volumes(self.labels, self.classes)
 
     @property
     def structures(self) -> dict[str, sitk.Image]:
@@ -384,9 +387,7 @@ class Contourer:
                                 anatomical_range=range_report, input_notes=model_input.notes,
                                 ct_stats=facts["stats"])
         if classes:
-            result_volumes = ContourResult(mask, prob_img, note, prompt, {}, labels=labels,
-                                           classes=classes).structure_volumes()
-            review.reasons += structure_reasons(result_volumes, expected, note, self.bundle.training)
+            review.reasons += structure_reasons(structure_volumes(labels, classes), expected, note, self.bundle.training)
             voxel_cc = float(np.prod(model_input.grid.GetSpacing())) / 1000.0
             reasons, measures = structure_confidence_reasons(prob, classes, voxel_cc,
                                                              threshold=self.bundle.inference.threshold)

@@ -49,25 +49,22 @@ def counterfactual_notes(note):
 
 
 def structure_dice(result, regions: sitk.Image) -> list[dict]:
-    """Per structure of a per-structure result: Dice against the note's guideline structure on the phantom,
-    for every structure in the truth or the contour ([] for a bundle with one CTV output)."""
-    from ..note.targets import structure_masks
+    """Per structure of a per-structure result: Dice against the note's guideline structure on the phantom
+    (``training.evaluate.structure_dice``) with both volumes, for every structure in the truth or the
+    contour ([] for a bundle with one CTV output)."""
+    from ..note.targets import structure_label_map
+    from ..training.evaluate import structure_dice as dice_per_structure
 
     if result.labels is None:
         return []
-    truth = structure_masks(regions, result.note, result.classes)
-    labels = sitk.GetArrayViewFromImage(result.labels)
+    scores, _unscored = dice_per_structure(result.labels, result.classes, regions, result.note)
+    truth = np.bincount(structure_label_map(sitk.GetArrayViewFromImage(regions), result.note, result.classes).ravel(),
+                        minlength=256)
+    drawn = result.structure_volumes()
     voxel_cc = float(np.prod(regions.GetSpacing())) / 1000.0
-    rows = []
-    for i, name in enumerate(result.classes):
-        t = sitk.GetArrayViewFromImage(truth[name]) > 0
-        p = labels == i + 1
-        nt, npred = int(t.sum()), int(p.sum())
-        if nt == 0 and npred == 0:
-            continue
-        rows.append({"name": name, "dice": round(2.0 * int((t & p).sum()) / (nt + npred), 4),
-                     "volume_cc": round(npred * voxel_cc, 1), "truth_volume_cc": round(nt * voxel_cc, 1)})
-    return rows
+    return [{"name": name, "dice": round(d, 4), "volume_cc": round(drawn[name], 1),
+             "truth_volume_cc": round(float(truth[result.classes.index(name) + 1]) * voxel_cc, 1)}
+            for name, d in scores.items()]
 
 
 def _label_colours(labels: np.ndarray, classes) -> np.ndarray:
