@@ -106,6 +106,26 @@ def test_multi_class_loss_learns_structures_and_the_union_from_a_mixed_batch():
     assert (pred[label[:, 0] == 0] == 0).float().mean() > 0.95
 
 
+@pytest.mark.parametrize("side", [8, 32])
+def test_a_small_ctv_mislabelled_with_confidence_still_pulls_hard_towards_its_true_structure(side):
+    """The v4 failure: the CTV is 1-2 % of a patch and one structure had taken all of it with confidence.
+    The pull on the true structure's logit, summed over the CTV, must not fade with the patch's size or with
+    the wrong structure's confidence (the structure decision is averaged over the CTV, not the patch)."""
+    from MMContourLib.training.losses import weighted_dice_ce
+
+    label = torch.zeros(1, 1, side, side, 4)
+    label[..., :4, :4, :] = 1  # 64 CTV voxels in 256 or 4096
+    classes = (label * 2).to(torch.uint8)  # its structure is class 2 ...
+    logits = torch.full((1, 4, side, side, 4), -8.0)
+    logits[:, 0] = 8.0
+    ctv = label[:, 0] > 0
+    logits[:, 0][ctv], logits[:, 1][ctv] = -8.0, 8.0  # ... but class 1 holds it at p ~ 1 - 3e-7
+    logits.requires_grad_(True)
+    weighted_dice_ce(logits, label, classes=classes).backward()
+    pull = -logits.grad[:, 2][ctv].sum()
+    assert pull > 0.9, f"pull towards the true structure {float(pull):.3g}"
+
+
 # -- training targets on the model grid, labels back on the CT grid --------------------------------
 
 def _image(array: np.ndarray, spacing=(2.0, 2.0, 2.0)) -> sitk.Image:

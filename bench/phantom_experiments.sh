@@ -11,7 +11,7 @@ STEP=${1:-all}
 # partial-volume targets; 5 mm slices on the model grid. Without these the models learned side and
 # surgery but not the N stage (docs/results.md, "What it took").
 COMMON=(--feature-size 8 --spacing 5 5 5 --patch 80 64 48 --batch-size 2 --epochs 20 --lr 1e-3
-        --warmup-epochs 2 --val-every 10 --seed 0 --region-weight 5 --soft-labels --version 4 --json)
+        --warmup-epochs 2 --val-every 10 --seed 0 --region-weight 5 --soft-labels --version 5 --json)
 
 if [[ $STEP == data || $STEP == all ]]; then
   $MM phantom --n 160 --out data/phantoms --seed 0 --planning-fov

@@ -22,7 +22,10 @@ turns back into the CT-grid contour. Hard 0/1 targets give the same loss as with
 
 Per-structure networks (background + one output per structure): the loss on the union of the
 structure outputs plus the multi-class loss where a voxel's structure is known (``weighted_dice_ce``),
-so an archive can mix cases with structures and cases with only one CTV.
+so an archive can mix cases with structures and cases with only one CTV, plus the cross-entropy of which
+structure each known CTV voxel is, averaged over the CTV (``_structure_ce``): without it the structure
+decision is a few per cent of the loss and a run can leave one structure holding every voxel (v4,
+docs/results.md).
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ def weighted_dice_ce(logits: torch.Tensor, label: torch.Tensor, emphasis: torch.
     known, e.g. a case with only the union): the loss is the same Dice + CE on the union of the
     structure outputs (1 - p(background)) against the CTV, for every case, plus Dice + CE over all C
     classes where the structure is known (weight 0 at unknown voxels; a union-only case still teaches the
-    structures where its background is).
+    structures where its background is), plus the structure cross-entropy over the known CTV voxels.
     """
     num_classes = logits.shape[1]
     if emphasis is None or region_weight == 0:
@@ -70,7 +73,25 @@ def weighted_dice_ce(logits: torch.Tensor, label: torch.Tensor, emphasis: torch.
     known = c != UNKNOWN_CLASS
     onehot = F.one_hot(torch.where(known, c, 0).clamp(0, num_classes - 1), num_classes).movedim(-1, 1).to(logits.dtype)
     target = torch.cat([1 - s, s * onehot[:, 1:]], dim=1)
-    return union + _dice_ce(log_prob, target, weight * known[:, None].to(logits.dtype), present_only=True)
+    known_weight = weight * known[:, None].to(logits.dtype)
+    joint = _dice_ce(log_prob, target, known_weight, present_only=True)
+    return union + joint + _structure_ce(logits[:, 1:], onehot[:, 1:], known_weight * s)
+
+
+def _structure_ce(structure_logits: torch.Tensor, onehot: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of *which* structure a CTV voxel belongs to (softmax over the structure outputs only,
+    background left out), averaged over the CTV voxels whose structure is known (``weight``: their weight
+    times their CTV fraction, 0 elsewhere).
+
+    The joint terms cannot teach this alone: the CTV is 1-2 % of a patch, so their cross-entropy, a mean
+    over the whole patch, gives the structure decision a few per cent of the loss, and once one structure
+    takes a region its rivals' probabilities (and with them their Dice gradients) vanish. Averaged over
+    the CTV, the decision weighs as much as the union's, whatever the CTV's size."""
+    if weight.sum() <= 0:
+        return structure_logits.new_zeros(())
+    ce = -(onehot * torch.log_softmax(structure_logits, dim=1)).sum(1)
+    w = weight[:, 0]
+    return (ce * w).sum() / w.sum()
 
 
 def _dice_ce(log_prob: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
