@@ -269,6 +269,29 @@ def test_vision_only_on_a_fraction_through_the_cli(manifest, tmp_path, capsys):
     assert not any(k.startswith("text.") for k in bundle.weights)
 
 
+def test_init_starts_from_a_bundles_weights_and_refuses_another_network(manifest, tmp_path, capsys):
+    """--init: fine-tuning starts from the bundle's weights (a learning rate of 0 keeps them exactly) and is
+    recorded; a bundle of another width is refused with the difference named."""
+    base = tmp_path / "base"
+    args = ["--manifest", str(manifest), "--text-encoder", "none", "--feature-size", "4", "--spacing",
+            *map(str, SPACING), "--patch", *map(str, PATCH), "--epochs", "1", "--device", "cpu", "--json"]
+    assert main(["train", "--out", str(base), "--lr", "3e-3", "--seed", "1", *args]) == 0
+    capsys.readouterr()
+    tuned = tmp_path / "tuned"
+    assert main(["train", "--out", str(tuned), "--lr", "0", "--seed", "2", "--init", str(base / "last"), *args]) == 0
+    capsys.readouterr()
+    before, after = weights(base / "last"), weights(tuned / "last")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    fresh = tmp_path / "fresh"  # the same run without --init starts elsewhere (seed 2's initialisation)
+    assert main(["train", "--out", str(fresh), "--lr", "0", "--seed", "2", *args]) == 0
+    assert not all(torch.equal(before[k], weights(fresh / "last")[k]) for k in before)
+    assert ModelBundle.load(tuned / "last").training["init_bundle"]["bundle_id"] == ModelBundle.load(base / "last").bundle_id
+    wider = [a if a != "4" else "8" for a in args]
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "wider"), "--init", str(base / "last"), *wider]) == 2
+    assert "feature_size 4 (this run: 8)" in capsys.readouterr().err
+
+
 KILL_SCRIPT = textwrap.dedent("""
     import json, os, signal, sys
     from MMContourLib.training.train import TrainConfig, train

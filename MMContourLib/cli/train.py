@@ -56,6 +56,9 @@ def register(subparsers) -> None:
     m.add_argument("--emphasis-labels", type=int, nargs="+", metavar="LABEL",
                    help="label values in the regions maps that --region-weight emphasises "
                         f"(default {' '.join(map(str, DEFAULT_EMPHASIS_LABELS))}: the phantoms' nodal levels)")
+    m.add_argument("--init", metavar="BUNDLE",
+                   help="start from this bundle's weights (fine-tuning it, e.g. on your own data): same network, "
+                        "structures and text model")
     m.add_argument("--train-split", help="manifest split to train on (default train)")
     m.add_argument("--val-split", help="manifest split to validate on (default val)")
     o = p.add_argument_group("optimisation")

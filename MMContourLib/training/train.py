@@ -84,6 +84,9 @@ class TrainConfig:
     # teach the union); union: one CTV output (bundles before per-structure output); auto: regions when any
     # training case has a regions map
     structures: str = "auto"
+    # a bundle folder whose weights the run starts from (fine-tuning: the shipped model adapted to a
+    # hospital's own data); same network, structure classes and text model; "" trains from scratch
+    init: str = ""
     pos: float = AugmentConfig.pos
     neg: float = AugmentConfig.neg
     num_workers: int = 0
@@ -344,6 +347,32 @@ def structure_volume_range(cache) -> dict[str, list[float]]:
             for name, v in volumes.items()}
 
 
+def start_from_bundle(path: str, network, text) -> str:
+    """Load the weights of the bundle at ``path`` into ``network`` and ``text`` (its prompt vectors); returns its
+    bundle id. Refused, naming the difference, when the bundle's network (width, structure classes, text
+    width) or text model is not the run's."""
+    from ..model.bundle import BundleError, ModelBundle
+
+    try:
+        bundle = ModelBundle.load(path)
+    except (OSError, BundleError, ValueError) as exc:
+        raise TrainingError(f"--init {path}: cannot load that bundle: {exc}") from None
+    if bundle.network != network.config:
+        theirs, ours = bundle.network.to_dict(), network.config.to_dict()
+        diff = ", ".join(f"{k} {theirs[k]!r} (this run: {ours[k]!r})" for k in ours if theirs.get(k) != ours[k])
+        raise TrainingError(f"--init {path}: its network is not this run's: {diff}")
+    if bundle.text_encoder.fingerprint != text.spec.fingerprint:
+        raise TrainingError(f"--init {path}: it was trained with text model {bundle.text_encoder.name!r} "
+                            f"(fingerprint {bundle.text_encoder.fingerprint}), this run uses {text.spec.name!r} "
+                            f"({text.spec.fingerprint})")
+    net_state = {k[4:]: v for k, v in bundle.weights.items() if k.startswith("net.")}
+    text_state = {k[5:]: v for k, v in bundle.weights.items() if k.startswith("text.")}
+    network.load_state_dict(net_state, strict=True)
+    if text_state:
+        text.load_trainable_state_dict(text_state)
+    return bundle.bundle_id
+
+
 def train(config: TrainConfig, resume: bool = False,
           callbacks: Sequence[Callable[[str, dict], None]] = ()) -> TrainResult:
     """Train a bundle into ``config.out`` (``best/``, ``last/``, ``checkpoint.pt``, logs).
@@ -433,7 +462,8 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
                                                 structures=structures),
                                   activation_checkpointing=config.activation_checkpointing)
     model = TrainableModel(network, text).to(device)
-    if text.dim is not None and state is None:  # standardise note embeddings over this run's notes
+    init_id = start_from_bundle(config.init, network, text) if config.init and state is None else None
+    if text.dim is not None and state is None and not init_id:  # standardise note embeddings over this run's notes
         with torch.no_grad():
             network.text_norm.reset_from(text(sorted({c.prompt for c in train_cases})))
     model.train()
@@ -487,6 +517,7 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
         "batch_size": global_batch, "patch": list(patch), "lr": config.lr, "processes": dist.world_size,
         "text_encoder": config.text_encoder, "trainable_parameters": count_parameters(model),
         "region_weight": config.region_weight, "soft_labels": config.soft_labels,
+        **({"init_bundle": {"path": str(config.init), "bundle_id": init_id}} if config.init else {}),
         "ct_range": training_range(cached_statistics(train_cache)),  # what the review checks a new CT against
         "structures": {"classes": list(structures), "cases_with_regions": with_regions,
                        "union_only_cases": len(train_cases) - with_regions,
