@@ -131,6 +131,20 @@ def test_planted_blobs_in_the_abdomen_and_neck_are_removed_and_reported(seed):
     assert cleaned.GetOrigin() == c.ct.GetOrigin() and cleaned.GetDirection() == c.ct.GetDirection()
 
 
+def test_volume_caudal_to_the_lung_base_counts_a_planted_abdominal_blob_and_nothing_of_the_true_ctv():
+    """What evaluation reports per contour (``cc_caudal_to`` the lung base): the phantom's CTV has none, a
+    planted abdominal blob all of its volume, and after the range step none again."""
+    from MMContourLib.inference.anatomy import cc_caudal_to
+
+    c = case(0)
+    limits = find_limits(c.ct)
+    assert cc_caudal_to(c.ctv, limits["lung_base"]) == 0.0
+    planted, abdomen_cc = with_blob(c.ctv, body_point(c, limits["lung_base"] - 60, "bowel"))
+    assert cc_caudal_to(planted, limits["lung_base"]) == pytest.approx(abdomen_cc, abs=0.02)
+    assert cc_caudal_to(anatomical_range(c.ct, planted)[0], limits["lung_base"]) == 0.0
+    assert cc_caudal_to(planted, None) is None
+
+
 def test_a_stray_far_from_the_target_goes_and_the_target_parts_stay():
     c = case(1)
     ctv = arr(c.ctv) > 0

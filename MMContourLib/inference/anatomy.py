@@ -238,5 +238,18 @@ def structure_strays(labels: sitk.Image, classes) -> tuple[sitk.Image, list[dict
     return out, removed
 
 
-__all__ = ["anatomical_range", "structure_strays", "find_limits", "CAUDAL_MARGIN_MM", "APEX_TO_CRICOID_MM", "FAR_MM",
+def cc_caudal_to(mask: sitk.Image, z_mm: float | None) -> float | None:
+    """Volume (cc) of ``mask`` caudal to the axial plane at LPS z = ``z_mm`` (None when ``z_mm`` is None: the
+    CT did not show the landmark). Evaluation uses it with the lung base: what a contour still holds below it."""
+    if z_mm is None:
+        return None
+    arr = sitk.GetArrayViewFromImage(mask) > 0
+    if not arr.any():
+        return 0.0
+    _x, z = _coordinates(mask, (1, 1, 1))
+    below = arr & (np.broadcast_to(z, arr.shape) < z_mm)
+    return round(float(np.count_nonzero(below)) * float(np.prod(mask.GetSpacing())) / 1000.0, 2)
+
+
+__all__ = ["anatomical_range", "structure_strays", "find_limits", "cc_caudal_to", "CAUDAL_MARGIN_MM", "APEX_TO_CRICOID_MM", "FAR_MM",
            "CAUDAL", "CRANIAL", "FAR"]

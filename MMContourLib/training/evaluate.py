@@ -47,6 +47,7 @@ import torch
 
 from ..image.fileio import atomic_write as _atomic, write_json
 from ..image.grid import on_grid
+from ..inference.anatomy import cc_caudal_to
 from ..note.clinical import ClinicalNote
 
 SIDES = ("left", "right")
@@ -330,6 +331,9 @@ def _evaluate_case(contourer, case, ct, truth, regions, config: EvalConfig, out:
     row["volume_cc"] = row["left_cc"] + row["right_cc"]
     row["side_found"] = side_found(row, case.note, config.side_share)
     row["unilateral"] = len(case.note.sides) == 1
+    report = getattr(result, "anatomical_range", None) or {}
+    row["range_dropped_cc"] = float(report.get("dropped_cc", 0.0))
+    row["caudal_to_lung_base_cc"] = cc_caudal_to(result.mask, report.get("limits_mm", {}).get("lung_base"))
     labels = getattr(result, "labels", None)
     row["per_structure"] = labels is not None
     reasons = getattr(getattr(result, "review", None), "reasons", [])
@@ -391,6 +395,11 @@ def _summarise(label, bundle_path, contourer, per_case, config: EvalConfig, seco
     if unilateral:
         summary["side_found_unilateral"] = ci(unilateral, 41)
     summary["structures"] = _structure_summary(per_case, ci)
+    caudal = [r["caudal_to_lung_base_cc"] for r in per_case if r.get("caudal_to_lung_base_cc") is not None]
+    summary["anatomical_range"] = {
+        "cases_with_lung_base": len(caudal), "caudal_to_lung_base_cc_max": max(caudal) if caudal else None,
+        "cases_with_cc_caudal_to_lung_base": sum(1 for c in caudal if c > 0),
+        "dropped_cc_mean": round(float(np.mean([r.get("range_dropped_cc", 0.0) for r in per_case])), 2) if per_case else None}
     checked = [r for r in per_case if "clinical" in r]
     if checked:
         summary["clinical"] = {key: ci([float(r["clinical"][key]) for r in checked], 3 + j)
@@ -508,6 +517,16 @@ def write_table(models: Sequence[dict], path: Path, side_share: float = 0.8) -> 
                              f"{pct(f['right_flagged'], f['right'], f['false_flag_rate'])} |")
         lines += ["", "Review flags (inference/review.py) against clinical accuracy: wrong = clinical accuracy 0. "
                       "Target: >= 90 % of wrong contours flagged, <= 20 % of right ones."]
+    if any((m.get("anatomical_range") or {}).get("cases_with_lung_base") for m in models):
+        lines += ["", "| Model | Contours with volume caudal to the lung bases | Most there (cc) | "
+                      "Removed by the range step, mean (cc) |", "|---|---|---|---|"]
+        for m in models:
+            a = m.get("anatomical_range") or {}
+            if a.get("cases_with_lung_base"):
+                lines.append(f"| {m['model']} | {a['cases_with_cc_caudal_to_lung_base']}/{a['cases_with_lung_base']} | "
+                             f"{a['caudal_to_lung_base_cc_max']:.1f} | {a['dropped_cc_mean']:.1f} |")
+        lines += ["", "After the anatomical range step (inference/anatomy.py); the lung base is the CT's lowest lung "
+                      "voxel."]
     if any("text_following" in m for m in models):
         lines += ["", "| Model | Follows side flip | Follows N0<->N2 | Follows both |", "|---|---|---|---|"]
         for m in models:
