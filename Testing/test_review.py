@@ -244,6 +244,10 @@ def test_structure_confidence_on_constructed_probabilities():
     (reason,) = reasons
     assert reason.kind == "confidence" and reason.structure == "CTVn_L1_L"
     assert reason.line().startswith("CTVn_L1_L: the model is unsure") and f"of its {measures['CTVn_L1_L']['volume_cc']:.0f} cc" in reason.text
+    # judged by the contour as written: a structure the contour does not hold (the note check calls it
+    # missing) is not also "unsure" with a model-grid volume nobody can see
+    drawn = {"CTVp_Breast_L": measures["CTVp_Breast_L"]["volume_cc"], "CTVn_L1_L": 0.0}
+    assert structure_confidence_reasons(prob, classes, voxel_cc, drawn=drawn)[0] == []
     # a structure is where it wins: where the blurred one outweighs the sharp one, it owns the voxels
     both = np.stack([sharp, np.where(sharp > 0, 0.9, 0).astype(np.float32)])
     _, owned = structure_confidence_reasons(both, classes[:2], voxel_cc)

@@ -387,10 +387,11 @@ class Contourer:
                                 anatomical_range=range_report, input_notes=model_input.notes,
                                 ct_stats=facts["stats"])
         if classes:
-            review.reasons += structure_reasons(structure_volumes(labels, classes), expected, note, self.bundle.training)
+            drawn = structure_volumes(labels, classes)
+            review.reasons += structure_reasons(drawn, expected, note, self.bundle.training)
             voxel_cc = float(np.prod(model_input.grid.GetSpacing())) / 1000.0
             reasons, measures = structure_confidence_reasons(prob, classes, voxel_cc,
-                                                             threshold=self.bundle.inference.threshold)
+                                                             threshold=self.bundle.inference.threshold, drawn=drawn)
             review.reasons += reasons
             review.measures["structure_confidence"] = measures
         timings["postprocess"] = time.perf_counter() - t

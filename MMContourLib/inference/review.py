@@ -301,8 +301,8 @@ def structure_reasons(volumes: Mapping[str, float], expected, note: ClinicalNote
 # -- per structure: how sure is the model? --------------------------------------------------------
 
 def structure_confidence_reasons(prob: np.ndarray, classes: Sequence[str], voxel_cc: float,
-                                 config: ReviewConfig = ReviewConfig(), threshold: float = 0.5
-                                 ) -> tuple[list[Reason], dict]:
+                                 config: ReviewConfig = ReviewConfig(), threshold: float = 0.5,
+                                 drawn: Mapping[str, float] | None = None) -> tuple[list[Reason], dict]:
     """Confidence per structure (kind "confidence") from the per-structure foreground probabilities ``prob``
     (K, X, Y, Z) on the model grid, ``classes`` their K names, ``voxel_cc`` a model-grid voxel's volume.
 
@@ -310,6 +310,10 @@ def structure_confidence_reasons(prob: np.ndarray, classes: Sequence[str], voxel
     CTV threshold) and p_k is the largest; its uncertain voxels are those anywhere with p_k strictly inside
     ``config.uncertain_band``. A structure of more than ``min_confidence_cc`` whose uncertain voxels per
     structure voxel exceed ``max_structure_uncertain_ratio`` is flagged.
+
+    ``drawn``: {structure: cc} of the contour as written (on the CT grid, after the anatomical range step):
+    a structure is judged by that volume, so one the contour does not hold (the note check calls it missing)
+    is never also called "unsure" with a model-grid volume the clinician cannot see.
 
     Returns (reasons, measures): measures = {structure: {"volume_cc", "uncertain_cc", "uncertain_ratio"}} for
     every drawn structure (ratio None for an empty one, which is left out)."""
@@ -330,6 +334,8 @@ def structure_confidence_reasons(prob: np.ndarray, classes: Sequence[str], voxel
         ratio, cc = uncertain / n, n * voxel_cc
         measures[name] = {"volume_cc": round(cc, 2), "uncertain_cc": round(uncertain * voxel_cc, 2),
                           "uncertain_ratio": round(ratio, 4)}
+        if drawn is not None:
+            cc = float(drawn.get(name, 0.0))
         if cc > config.min_confidence_cc and ratio > config.max_structure_uncertain_ratio:
             reasons.append(Reason("confidence", f"the model is unsure of this structure: {100 * ratio:.0f} uncertain "
                                                 f"voxels (probability {lo:g}-{hi:g}) per 100 of its {cc:.0f} cc, above "
