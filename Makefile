@@ -35,14 +35,15 @@ bench: venv
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
 
-# The shipped demo bundle and the phantom experiments of docs/results.md (fixed seeds; ~1 h on 2 cores).
+# The shipped demo bundle and the phantom experiments of docs/results.md (fixed seeds; ~2 h on 2 cores).
 demo-bundle: venv
 	bench/phantom_experiments.sh data
 	bench/phantom_experiments.sh train
 	rm -rf Resources/Models/demo && mkdir -p Resources/Models
-	cp -r runs/multimodal/best Resources/Models/demo
+	cp -r runs/multimodal-ft/best Resources/Models/demo
 	mkdir -p Resources/Models/demo-training
-	cp runs/multimodal/log.csv runs/multimodal/loss_curve.png runs/multimodal/train_config.json Resources/Models/demo-training/
+	cp runs/multimodal/log.csv Resources/Models/demo-training/log-stage1.csv
+	cp runs/multimodal-ft/log.csv runs/multimodal-ft/loss_curve.png runs/multimodal-ft/train_config.json Resources/Models/demo-training/
 
 experiments: demo-bundle
 	bench/phantom_experiments.sh eval

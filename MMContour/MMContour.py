@@ -123,7 +123,7 @@ def loadPhantomSample():
     from MMContourLib.inference.demo import DEMO_NOTE, DEMO_SEED, demo_case
     from MMContourLib.image.readwrite import write_image
 
-    path = os.path.join(slicer.app.cachePath, "MMContour", f"phantom-{DEMO_SEED}.nrrd")
+    path = os.path.join(slicer.app.cachePath, "MMContour", f"phantom-{DEMO_SEED}-planning.nrrd")
     if not os.path.exists(path):
         with slicer.util.WaitCursor():
             write_image(demo_case(case_id="phantom").ct, path)

@@ -25,13 +25,22 @@ if [[ $STEP == train || $STEP == all ]]; then
   }
   mkdir -p runs
   run multimodal mmcontour-demo --text-encoder llm & run vision mmcontour-vision --text-encoder none & wait
+  # stage 2 (v5): 10 more epochs from each stage-1 model, a new cosine at half the learning rate; the
+  # small nodal levels (10-25 cc) were still being learned after 20 epochs (docs/results.md)
+  stage2() {  # folder, bundle name, extra args...
+    local name=$1 bundle=$2; shift 2
+    $MM train --manifest data/phantoms/manifest.csv --out runs/$name-ft --name "$bundle" "${COMMON[@]}" \
+      --epochs 10 --lr 5e-4 --warmup-epochs 1 --val-every 5 --seed 1 --init runs/$name/best "$@" \
+      > runs/$name-ft.json 2> runs/$name-ft.log
+  }
+  stage2 multimodal mmcontour-demo --text-encoder llm & stage2 vision mmcontour-vision --text-encoder none & wait
   run multimodal-40 mmcontour-multimodal-40 --text-encoder llm --fraction 0.4 &
   run vision-40 mmcontour-vision-40 --text-encoder none --fraction 0.4 & wait
 fi
 if [[ $STEP == eval || $STEP == all ]]; then
   for set in phantoms:test external:all; do
     data=${set%%:*}; split=${set##*:}
-    $MM evaluate --bundle runs/vision/best runs/multimodal/best --label vision-only MMContour \
+    $MM evaluate --bundle runs/vision-ft/best runs/multimodal-ft/best --label vision-only MMContour \
       --manifest data/$data/manifest.csv --split $split --out runs/eval-$data --json > runs/eval-$data.json &
     $MM evaluate --bundle runs/vision-40/best runs/multimodal-40/best --label vision-only-40% MMContour-40% \
       --manifest data/$data/manifest.csv --split $split --out runs/eval-$data-40 --json > runs/eval-$data-40.json &

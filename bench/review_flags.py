@@ -44,8 +44,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 
-def phantom_config(external: bool = False, planning_fov: bool = False):
-    """The phantoms of ``mmcontour phantom [--external] [--planning-fov]``."""
+def phantom_config(external: bool = False, planning_fov: bool = True):
+    """The phantoms of ``mmcontour phantom [--external] [--planning-fov]`` (the shipped bundle's: planning FOV)."""
     from dataclasses import replace
 
     from MMContourLib.data.phantom import PhantomConfig
@@ -54,7 +54,7 @@ def phantom_config(external: bool = False, planning_fov: bool = False):
     return replace(cfg, planning_fov=planning_fov)
 
 
-def phantom_cases(n: int, seed: int, external: bool, planning_fov: bool = False):
+def phantom_cases(n: int, seed: int, external: bool, planning_fov: bool = True):
     """The cases ``mmcontour phantom --n n --seed seed [--external] [--planning-fov]`` writes, one at a time."""
     from MMContourLib.data.phantom import generate_case
     from MMContourLib.data.phantom_dataset import case_seed
@@ -64,7 +64,7 @@ def phantom_cases(n: int, seed: int, external: bool, planning_fov: bool = False)
         yield generate_case(case_seed(seed, i), cfg, case_id=f"p{seed}-{i:04d}")
 
 
-def demo_training_range(m: int, n_total: int = 160, seed: int = 0, planning_fov: bool = False) -> dict:
+def demo_training_range(m: int, n_total: int = 160, seed: int = 0, planning_fov: bool = True) -> dict:
     """``training_range`` of the first ``m`` training-split cases of ``mmcontour phantom --n 160 --seed 0``."""
     from MMContourLib.data.phantom import generate_case, sample_note
     from MMContourLib.data.phantom_dataset import _assign_splits, case_seed
@@ -193,9 +193,8 @@ def main(argv=None) -> int:
     ap.add_argument("--training-range", type=int, default=0, metavar="M")
     ap.add_argument("--structure-dice", type=float, default=0.5,
                     help="a structure with a lower Dice against its guideline truth is wrong (default 0.5)")
-    ap.add_argument("--planning-fov", action="store_true",
-                    help="planning-CT phantoms (neck to upper abdomen), for bundles trained on them; default: the "
-                         "thorax, as the shipped v3 bundle was trained")
+    ap.add_argument("--thorax-fov", action="store_true",
+                    help="phantoms whose field of view ends at the thorax (bundles trained before planning-CT phantoms)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true", help="also print every case as JSON")
@@ -216,7 +215,7 @@ def main(argv=None) -> int:
                     "per_structure_bundle": per_structure_bundle, "structure_dice": args.structure_dice}
     if args.calibrate:
         rows, structures = run_set(contourer, phantom_cases(args.calibrate, args.calibration_seed, False,
-                                                                 args.planning_fov), None,
+                                                                 not args.thorax_fov), None,
                                    args.structure_dice)
         right = [r["uncertain_ratio"] for r in rows if r["correct"]]
         wrong = [r["uncertain_ratio"] for r in rows if not r["correct"]]
@@ -239,13 +238,13 @@ def main(argv=None) -> int:
                       f"{len(cal['wrong_ratios'])} wrong): ratio flagging <= 20 % of right structures: {cal['suggested']}")
                 print(f"    right: {[round(x, 3) for x in cal['right_ratios']]}")
                 print(f"    wrong: {[round(x, 3) for x in cal['wrong_ratios']]}")
-    with_range = demo_training_range(args.training_range, planning_fov=args.planning_fov) if args.training_range else None
+    with_range = demo_training_range(args.training_range, planning_fov=not args.thorax_fov) if args.training_range else None
     if with_range:
         report["training_range"] = with_range
     sets = {}
     kinds = ("input", "confidence", "volume", "anatomical-range", "note")
     for name, external in (("internal", False), ("external", True)):
-        rows, structures = run_set(contourer, phantom_cases(args.n, args.seed, external, args.planning_fov), with_range,
+        rows, structures = run_set(contourer, phantom_cases(args.n, args.seed, external, not args.thorax_fov), with_range,
                                    args.structure_dice)
         s = {"all": rates(rows), "whole": rates(rows, "kinds_whole"), **{k: rates(rows, kind=k) for k in kinds}}
         if per_structure_bundle:

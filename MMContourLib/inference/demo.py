@@ -27,12 +27,11 @@ def _say(message: str) -> None:
 
 
 def demo_case(seed: int = DEMO_SEED, note_text: str = DEMO_NOTE, case_id: str = "demo"):
-    """The demo's synthetic breast CT, with the field of view the shipped bundle (v3) was trained on: the
-    thorax (a bundle trained on planning-CT phantoms would take ``PhantomConfig(planning_fov=True)``)."""
+    """The demo's synthetic planning CT (neck to upper abdomen, as the shipped bundle was trained on)."""
     from ..data.phantom import PhantomConfig, generate_case
     from ..note.clinical import ClinicalNote
 
-    return generate_case(seed, PhantomConfig(), note=ClinicalNote.parse(note_text), case_id=case_id)
+    return generate_case(seed, PhantomConfig(planning_fov=True), note=ClinicalNote.parse(note_text), case_id=case_id)
 
 
 def counterfactual_notes(note):
