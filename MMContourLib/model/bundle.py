@@ -89,6 +89,14 @@ class ModelBundle:
         if self.network.text_dim not in (None, text.dim):
             raise BundleError(f"network expects text width {self.network.text_dim}, the text model gives {text.dim}")
         network = TextConditionedUNet(self.network)
+        self.load_weights_into(network, text)
+        network.to(device).eval()
+        text.eval()
+        return network, text
+
+    def load_weights_into(self, network: TextConditionedUNet, text: TextEncoder) -> None:
+        """This bundle's weights into an existing network (strict) and text encoder (its prompt vectors);
+        ``build`` and fine-tuning (``mmcontour train --init``) both use it."""
         net_state = {k[4:]: v for k, v in self.weights.items() if k.startswith("net.")}
         text_state = {k[5:]: v for k, v in self.weights.items() if k.startswith("text.")}
         try:
@@ -96,9 +104,6 @@ class ModelBundle:
             text.load_trainable_state_dict(text_state)
         except (RuntimeError, ValueError) as exc:
             raise BundleError(f"bundle weights do not fit its config ({self.path}): {exc}") from None
-        network.to(device).eval()
-        text.eval()
-        return network, text
 
     # -- disk -------------------------------------------------------------------------------------
     def config_dict(self, weights_sha256: str = "", weights_bytes: int = 0) -> dict:

@@ -347,10 +347,10 @@ def structure_volume_range(cache) -> dict[str, list[float]]:
             for name, v in volumes.items()}
 
 
-def start_from_bundle(path: str, network, text) -> str:
-    """Load the weights of the bundle at ``path`` into ``network`` and ``text`` (its prompt vectors); returns its
-    bundle id. Refused, naming the difference, when the bundle's network (width, structure classes, text
-    width) or text model is not the run's."""
+def init_bundle(path: str, network, text):
+    """The bundle at ``path`` that ``--init`` starts from, checked against this run's ``network`` and ``text``:
+    refused, naming the difference, when its network (width, structure classes, text width) or text model
+    is not the run's."""
     from ..model.bundle import BundleError, ModelBundle
 
     try:
@@ -365,12 +365,7 @@ def start_from_bundle(path: str, network, text) -> str:
         raise TrainingError(f"--init {path}: it was trained with text model {bundle.text_encoder.name!r} "
                             f"(fingerprint {bundle.text_encoder.fingerprint}), this run uses {text.spec.name!r} "
                             f"({text.spec.fingerprint})")
-    net_state = {k[4:]: v for k, v in bundle.weights.items() if k.startswith("net.")}
-    text_state = {k[5:]: v for k, v in bundle.weights.items() if k.startswith("text.")}
-    network.load_state_dict(net_state, strict=True)
-    if text_state:
-        text.load_trainable_state_dict(text_state)
-    return bundle.bundle_id
+    return bundle
 
 
 def train(config: TrainConfig, resume: bool = False,
@@ -462,8 +457,10 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
                                                 structures=structures),
                                   activation_checkpointing=config.activation_checkpointing)
     model = TrainableModel(network, text).to(device)
-    init_id = start_from_bundle(config.init, network, text) if config.init and state is None else None
-    if text.dim is not None and state is None and not init_id:  # standardise note embeddings over this run's notes
+    start = init_bundle(config.init, network, text) if config.init else None
+    if start is not None and state is None:  # a resumed run has its own weights in the checkpoint
+        start.load_weights_into(network, text)
+    if text.dim is not None and state is None and start is None:  # standardise note embeddings over this run's notes
         with torch.no_grad():
             network.text_norm.reset_from(text(sorted({c.prompt for c in train_cases})))
     model.train()
@@ -517,7 +514,7 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
         "batch_size": global_batch, "patch": list(patch), "lr": config.lr, "processes": dist.world_size,
         "text_encoder": config.text_encoder, "trainable_parameters": count_parameters(model),
         "region_weight": config.region_weight, "soft_labels": config.soft_labels,
-        **({"init_bundle": {"path": str(config.init), "bundle_id": init_id}} if config.init else {}),
+        **({"init_bundle": {"path": str(config.init), "bundle_id": start.bundle_id}} if start else {}),
         "ct_range": training_range(cached_statistics(train_cache)),  # what the review checks a new CT against
         "structures": {"classes": list(structures), "cases_with_regions": with_regions,
                        "union_only_cases": len(train_cases) - with_regions,
