@@ -243,11 +243,14 @@ def cc_caudal_to(mask: sitk.Image, z_mm: float | None) -> float | None:
     CT did not show the landmark). Evaluation uses it with the lung base: what a contour still holds below it."""
     if z_mm is None:
         return None
+    from scipy import ndimage
+
     arr = sitk.GetArrayViewFromImage(mask) > 0
     if not arr.any():
         return 0.0
-    _x, z = _coordinates(mask, (1, 1, 1))
-    below = arr & (np.broadcast_to(z, arr.shape) < z_mm)
+    box = ndimage.find_objects(arr.view(np.uint8))[0]  # coordinates of the mask's box only, as the range step
+    _x, z = _coordinates(mask, (1, 1, 1), box)
+    below = arr[box] & (np.broadcast_to(z, arr[box].shape) < z_mm)
     return round(float(np.count_nonzero(below)) * float(np.prod(mask.GetSpacing())) / 1000.0, 2)
 
 
