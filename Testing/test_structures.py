@@ -31,6 +31,16 @@ def test_classes_are_every_region_structure_on_both_sides_with_distinct_colours(
     assert "Right" in terminology_entry("CTVn_IMN_R") and "Left" in terminology_entry("CTVn_L1_L")
 
 
+def test_the_demo_figures_guideline_outline_is_no_structures_fill_colour():
+    from matplotlib.colors import to_rgb
+
+    from MMContourLib.inference.demo import GUIDELINE_OUTLINE
+
+    outline = np.array(to_rgb(GUIDELINE_OUTLINE))
+    nearest = min(np.abs(outline - np.array(row.color)).max() for row in STRUCTURES.values())
+    assert nearest >= 0.3, f"the outline {GUIDELINE_OUTLINE} is within {nearest:.2f} of a structure's colour"
+
+
 def test_n0_notes_call_for_no_nodal_structure_and_n1_for_every_level_on_its_side():
     assert structures_for_note(note("N0, breast conserving surgery, left side")) == ["CTVp_Breast_L"]
     assert structures_for_note(note("N0, mastectomy, right side")) == ["CTVp_ChestWall_R"]

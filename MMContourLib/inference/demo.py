@@ -76,6 +76,10 @@ def _label_colours(labels: np.ndarray, classes) -> np.ndarray:
     return rgba
 
 
+#: The guideline CTV's outline in the figure: a colour no structure of the table fills with (cyan was CTVn_L2's).
+GUIDELINE_OUTLINE = "white"
+
+
 def figure(path: Path, ct: sitk.Image, panels: list[tuple]) -> Path:
     """Axial and coronal views per note: CT, guideline CTV (outline) and prediction (fill: each structure in
     its colour for a per-structure bundle). A panel: (title, truth, mask, Dice[, labels, classes])."""
@@ -112,7 +116,7 @@ def figure(path: Path, ct: sitk.Image, panels: list[tuple]) -> Path:
             else:
                 ax.imshow(np.ma.masked_where(pp == 0, pp), cmap="autumn", alpha=0.45, aspect=aspect)
             if tt.any():
-                ax.contour(tt, levels=[0.5], colors="cyan", linewidths=1.0)
+                ax.contour(tt, levels=[0.5], colors=GUIDELINE_OUTLINE, linewidths=1.0, linestyles="dashed")
             ax.set_xticks([]), ax.set_yticks([])
             if row == 0:
                 ax.set_title(f"{title}\nDice {d:.2f}", fontsize=9)
@@ -131,7 +135,7 @@ def figure(path: Path, ct: sitk.Image, panels: list[tuple]) -> Path:
         fig.legend(handles=[Patch(color=segment_color(n), label=f"{n} ({', '.join(sorted(s - {''}))})" if s - {""} else n)
                             for n, s in drawn.items()], loc="lower center", ncol=min(7, len(drawn)), fontsize=8,
                    frameon=False)
-    fig.suptitle("MMContour: same CT, different clinical notes (fill: prediction, cyan: guideline CTV)", fontsize=10)
+    fig.suptitle(f"MMContour: same CT, different clinical notes (fill: prediction, dashed {GUIDELINE_OUTLINE}: guideline CTV)", fontsize=10)
     fig.tight_layout(rect=(0, 0.05 if drawn else 0, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
