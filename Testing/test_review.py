@@ -294,3 +294,41 @@ def test_flags_bench_measures_contours_and_structures(tmp_path):
     # a single-CTV bundle has no structure rows
     single = make_any_bundle(tmp_path / "single", None)
     assert bench.run_set(Contourer.from_bundle(single, device="cpu"), cases[:1], None)[1] == []
+
+
+def test_flags_bench_calibrates_both_confidence_thresholds_within_one_budget_for_the_whole_review():
+    """20 right contours: 2 flagged by the note check (no threshold), the rest by their uncertain ratios only.
+    A 20 % budget allows 4: the joint thresholds leave 2 more flagged, where calibrating each flag alone at
+    20 % flags up to 2 + 4 + 4."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "review_flags.py"
+    spec = importlib.util.spec_from_file_location("review_flags", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = []
+    for i in range(20):
+        note = i < 2
+        rows.append({"correct": True, "kinds": ["note"] if note else [], "uncertain_ratio": 0.1 * i,
+                     "structure_confidence": {"CTVn_L1_L": {"uncertain_ratio": 0.05 * (19 - i), "volume_cc": 30.0}},
+                     "drawn_cc": {"CTVn_L1_L": 30.0}})
+    rows.append({"correct": False, "kinds": ["note"], "uncertain_ratio": 3.0, "structure_confidence": {},
+                 "drawn_cc": {}})
+    joint = bench.calibrate_jointly(rows, 0.2)
+    assert joint["right"] == 20 and joint["right_flagged_without_threshold"] == 2
+    assert joint["right_flagged"] <= 4 and 0 < joint["share"] < 0.2
+    t1, t2 = joint["max_uncertain_ratio"], joint["max_structure_uncertain_ratio"]
+    flagged = sum(bool(r["kinds"]) or r["uncertain_ratio"] > t1
+                  or r["structure_confidence"]["CTVn_L1_L"]["uncertain_ratio"] > t2 for r in rows[:20])
+    assert flagged == joint["right_flagged"]
+    # each flag calibrated alone at 20 % (the old way): the review as a whole goes over the budget
+    alone = bench.calibrate(rows[:20], 0.2)
+    alone_structure = float(np.quantile([r["structure_confidence"]["CTVn_L1_L"]["uncertain_ratio"] for r in rows[:20]], 0.8))
+    assert sum(bool(r["kinds"]) or r["uncertain_ratio"] > alone
+               or r["structure_confidence"]["CTVn_L1_L"]["uncertain_ratio"] > alone_structure for r in rows[:20]) > 4
+    # the checks without a threshold spend the whole budget: no right contour may add a confidence flag
+    spent = [{**r, "kinds": ["note"] if i < 5 else []} for i, r in enumerate(rows[:20])]
+    joint = bench.calibrate_jointly(spent, 0.2)
+    assert joint["share"] == 0 and joint["right_flagged"] == 5
+    assert max(r["uncertain_ratio"] for r in spent) <= joint["max_uncertain_ratio"] < 1.91

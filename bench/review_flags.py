@@ -25,7 +25,10 @@ right nor wrong; a structure is flagged when a reason names it. A single-CTV bun
 print the uncertain-voxel ratio that flags at most 20 % of their right contours (issue 11's
 false-flag budget): ``ReviewConfig.max_uncertain_ratio`` is that number, rounded; for a per-structure
 bundle also the per-structure ratio (``review.measures["structure_confidence"]``) that flags at most 20 %
-of the right structures of more than ``min_confidence_cc``: ``max_structure_uncertain_ratio``.
+of the right structures of more than ``min_confidence_cc``: ``max_structure_uncertain_ratio``. Each
+of those spends the 20 % alone; the budget is the whole review's, so it also prints both thresholds
+calibrated jointly (``calibrate_jointly``): the checks without a threshold (note, range, input) spend
+their share first and the two confidence flags get the rest. ``ReviewConfig`` takes the joint pair.
 ``--training-range M``: a bundle trained before the range was recorded (the shipped demo) has no
 input flag; this rebuilds its range from the first M training-split phantoms of its own training
 set (``mmcontour phantom --n 160 --seed 0``) and reviews again with it (the ``+range`` rows).
@@ -126,7 +129,8 @@ def run_set(contourer, cases, with_range: dict | None, dice_threshold: float = 0
                "kinds_whole": sorted({r.kind for r in reasons if not r.structure}),
                "kinds_structure": sorted({r.kind for r in reasons if r.structure}),
                "reasons": result.review.to_dict()["reasons"],
-               "structure_confidence": result.review.measures.get("structure_confidence")}
+               "structure_confidence": result.review.measures.get("structure_confidence"),
+               "drawn_cc": result.structure_volumes()}
         if with_range is not None:
             training = {**contourer.bundle.training, "ct_range": with_range}
             again = review_contour(case.ct, result.probability, result.mask, case.note, training,
@@ -181,6 +185,45 @@ def calibrate_structures(rows: list[dict], per_structure: list[dict], false_flag
     return {"suggested": float(np.quantile(right, 1 - false_flag_budget)) if right else None,
             "right_ratios": sorted(right), "wrong_ratios": sorted(wrong),
             "available": any(measures.values())}
+
+
+def calibrate_jointly(rows: list[dict], false_flag_budget: float = 0.2, step: float = 0.005) -> dict:
+    """Both confidence thresholds at once, so that the *whole* review (every kind of flag) flags at most
+    ``false_flag_budget`` of the right contours: the note, range and input checks have no threshold and
+    spend their share first; the confidence flags get what is left. One share q for both: the whole-contour
+    threshold is the (1 - q) quantile of the right contours' uncertain ratios, the per-structure one that
+    of their structures' (those drawn larger than ``min_confidence_cc``); q is the largest (most
+    sensitive) on a grid of ``step`` that keeps the budget. When the checks without a threshold already
+    spend it, q = 0: each threshold is the largest ratio a right contour showed."""
+    from MMContourLib.inference.review import ReviewConfig
+
+    min_cc = ReviewConfig().min_confidence_cc
+    right = [r for r in rows if r["correct"]]
+    if not right:
+        return {"share": None, "reason": "no right contour in the calibration set"}
+
+    def structure_ratios(r: dict) -> list[float]:
+        drawn = r.get("drawn_cc") or {}
+        return [m["uncertain_ratio"] for name, m in (r.get("structure_confidence") or {}).items()
+                if m.get("uncertain_ratio") is not None and drawn.get(name, m["volume_cc"]) > min_cc]
+
+    other = [any(k != "confidence" for k in r["kinds"]) for r in right]
+    whole = [r["uncertain_ratio"] if r["uncertain_ratio"] is not None else 0.0 for r in right]
+    per = [structure_ratios(r) for r in right]
+    pooled = [x for xs in per for x in xs]
+    allowed = int(np.floor(false_flag_budget * len(right) + 1e-9))
+    up = lambda x: float(np.ceil(x * 1000) / 1000)  # 3 decimals, rounded up: never flags more than computed
+    q = false_flag_budget
+    while True:
+        t1 = up(np.quantile(whole, 1 - q))
+        t2 = up(np.quantile(pooled, 1 - q)) if pooled else None
+        flagged = sum(o or w > t1 or (t2 is not None and any(x > t2 for x in xs))
+                      for o, w, xs in zip(other, whole, per))
+        if flagged <= allowed or q <= 0:
+            break
+        q = max(0.0, round(q - step, 6))
+    return {"share": q, "max_uncertain_ratio": t1, "max_structure_uncertain_ratio": t2, "right": len(right), "right_flagged": int(flagged),
+            "right_flagged_without_threshold": int(sum(other)), "budget": false_flag_budget}
 
 
 def main(argv=None) -> int:
@@ -238,6 +281,12 @@ def main(argv=None) -> int:
                       f"{len(cal['wrong_ratios'])} wrong): ratio flagging <= 20 % of right structures: {cal['suggested']}")
                 print(f"    right: {[round(x, 3) for x in cal['right_ratios']]}")
                 print(f"    wrong: {[round(x, 3) for x in cal['wrong_ratios']]}")
+        joint = calibrate_jointly(rows)
+        report["calibration"]["joint"] = joint
+        print(f"  jointly (the whole review within the 20 % budget; {joint.get('right_flagged_without_threshold')} of "
+              f"{joint.get('right')} right contours flagged by checks without a threshold): share {joint['share']}, "
+              f"max_uncertain_ratio {joint.get('max_uncertain_ratio')}, max_structure_uncertain_ratio "
+              f"{joint.get('max_structure_uncertain_ratio')} ({joint.get('right_flagged')} right flagged)")
     with_range = demo_training_range(args.training_range, planning_fov=not args.thorax_fov) if args.training_range else None
     if with_range:
         report["training_range"] = with_range
