@@ -136,6 +136,42 @@ def test_a_small_ctv_mislabelled_with_confidence_still_pulls_hard_towards_its_tr
     assert pull > 0.9, f"pull towards the true structure {float(pull):.3g}"
 
 
+
+@pytest.mark.parametrize("side", [16, 64])
+def test_class_balance_pulls_a_small_level_taken_for_background_out_of_it(side):
+    """v5's failure: the internal mammary nodes (60-220 voxels) stayed at p ~ 0.01 next to a learned breast.
+    The pull on the small structure's logit, summed over its 8 voxels, is a few hundredths without the
+    class-balanced term, whatever the patch size; with it (balance 1) it is about a third (1 / the
+    classes present: background, breast, the small level)."""
+    from MMContourLib.training.losses import weighted_dice_ce
+
+    label = torch.zeros(1, 1, side, side, 4)
+    label[..., :8, :8, :] = 1            # a large structure (class 1), learned
+    label[..., 10:12, 10:12, :2] = 1     # a small one (class 2), taken for background with confidence
+    classes = torch.zeros_like(label, dtype=torch.uint8)
+    classes[..., :8, :8, :], classes[..., 10:12, 10:12, :2] = 1, 2
+    big, small = classes[:, 0] == 1, classes[:, 0] == 2
+
+    def pull(balance: float) -> float:
+        logits = torch.full((1, 4, side, side, 4), -6.0)
+        logits[:, 0] = 6.0
+        logits[:, 0][big], logits[:, 1][big] = -6.0, 6.0
+        logits.requires_grad_(True)
+        weighted_dice_ce(logits, label, classes=classes, balance=balance).backward()
+        return float(-logits.grad[:, 2][small].sum())
+
+    assert pull(0.0) < 0.05
+    assert 0.3 < pull(1.0) < 0.4
+    # a learned case: the term is small and its gradient too
+    logits = torch.full((1, 4, side, side, 4), -6.0)
+    logits[:, 0] = 6.0
+    for k, where in ((1, big), (2, small)):
+        logits[:, 0][where], logits[:, k][where] = -6.0, 6.0
+    from MMContourLib.training.losses import _balanced_ce
+    log_prob = torch.log_softmax(logits, 1)
+    target = torch.nn.functional.one_hot(classes[:, 0].long(), 4).movedim(-1, 1).float()
+    assert float(_balanced_ce(log_prob, target, torch.ones_like(label))) < 1e-4
+
 # -- training targets on the model grid, labels back on the CT grid --------------------------------
 
 def _image(array: np.ndarray, spacing=(2.0, 2.0, 2.0)) -> sitk.Image:

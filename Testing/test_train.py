@@ -246,10 +246,15 @@ def test_region_weight_trains_through_the_cli_and_needs_region_maps(manifest, ti
     main(["train", "--manifest", str(regions_manifest), "--out", str(out), "--text-encoder", "none",
           "--feature-size", "4", "--spacing", *map(str, SPACING), "--patch", *map(str, PATCH), "--epochs", "2",
           "--lr", "3e-3", "--warmup-epochs", "0", "--device", "cpu", "--region-weight", "5",
-          "--emphasis-labels", "5", "--soft-labels", "--json"])
+          "--emphasis-labels", "5", "--soft-labels", "--class-balance", "1", "--json"])
     saved = json.loads((out / "train_config.json").read_text())
     assert saved["region_weight"] == 5.0 and saved["emphasis_labels"] == [5] and saved["soft_labels"] is True
-    assert ModelBundle.load(out / "last").training["region_weight"] == 5.0
+    assert saved["class_balance"] == 1.0
+    bundle = ModelBundle.load(out / "last")
+    assert bundle.training["region_weight"] == 5.0 and bundle.training["class_balance"] == 1.0
+    assert bundle.network.structures  # the term is on the per-structure loss these maps train
+    with pytest.raises(ValueError, match="balance"):
+        tiny_config(manifest, tmp_path / "neg", tiny_llm_dir, class_balance=-1.0)
     history = json.loads((out / "log.json").read_text())
     assert len(history) == 2 and all(math.isfinite(r["train_loss"]) for r in history)
 

@@ -49,6 +49,9 @@ def register(subparsers) -> None:
     m.add_argument("--soft-labels", action="store_true", default=None,
                    help="train on partial-volume targets (the fraction of each model-grid voxel inside the CTV) "
                         "instead of 0/1: thin structures survive a coarse grid (losses.py)")
+    m.add_argument("--class-balance", type=float, metavar="B",
+                   help="per-structure networks: add B x a class-balanced cross-entropy (every structure present "
+                        "weighs as much as the largest; pulls small levels out of the background; default 0)")
     m.add_argument("--structures", choices=("auto", "regions", "union"),
                    help="regions: one output per ESTRO structure (CTVp_Breast, CTVn_L1, ...), learned from the "
                         "regions maps (cases without one teach the whole CTV); union: one CTV output; "

@@ -56,9 +56,9 @@ class TrainStep:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-                 scheduler=None, precision: str = "auto", region_weight: float = 0.0):
+                 scheduler=None, precision: str = "auto", region_weight: float = 0.0, balance: float = 0.0):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.device, self.precision, self.region_weight = device, precision, region_weight
+        self.device, self.precision, self.region_weight, self.balance = device, precision, region_weight, balance
         self.scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype(device, precision) == torch.float16)
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor, prompts: Sequence[str],
@@ -66,7 +66,7 @@ class TrainStep:
                  classes: torch.Tensor | None = None) -> float:
         with autocast_context(self.device, self.precision):
             logits = self.model(image, prompts)
-        loss = weighted_dice_ce(logits.float(), label, emphasis, self.region_weight, soft, classes)
+        loss = weighted_dice_ce(logits.float(), label, emphasis, self.region_weight, soft, classes, self.balance)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)

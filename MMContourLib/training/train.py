@@ -80,6 +80,9 @@ class TrainConfig:
     region_weight: float = 0.0  # extra loss weight on the emphasised regions (0: the paper's plain Dice + CE)
     emphasis_labels: tuple[int, ...] = DEFAULT_EMPHASIS_LABELS  # label values in the manifest's regions maps
     soft_labels: bool = False  # partial-volume targets (CTV fraction per model-grid voxel) instead of 0/1
+    # weight of the class-balanced cross-entropy (per-structure networks; losses.py): every structure present
+    # weighs as much as the breast, so small levels still taken for background are pulled out of it
+    class_balance: float = 0.0
     # regions: one output per structure (note.structures), learned from the regions maps (cases without one
     # teach the union); union: one CTV output (bundles before per-structure output); auto: regions when any
     # training case has a regions map
@@ -107,6 +110,8 @@ class TrainConfig:
         self.emphasis_labels = tuple(int(v) for v in self.emphasis_labels)
         if self.region_weight < 0:
             raise ValueError(f"region weight must be >= 0; got {self.region_weight}")
+        if self.class_balance < 0:
+            raise ValueError(f"class balance weight must be >= 0; got {self.class_balance}")
         if self.structures not in STRUCTURE_MODES:
             raise ValueError(f"structures {self.structures!r}: use one of {', '.join(STRUCTURE_MODES)}")
         if self.text_encoder not in TEXT_ENCODER_KINDS:
@@ -488,7 +493,7 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     train_step = TrainStep(ddp, optimizer, device, scheduler, precision="auto" if config.amp else "fp32",
-                           region_weight=config.region_weight)
+                           region_weight=config.region_weight, balance=config.class_balance)
     if state is not None:
         train_step.scaler.load_state_dict(state["scaler"])
 
@@ -514,6 +519,7 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
         "batch_size": global_batch, "patch": list(patch), "lr": config.lr, "processes": dist.world_size,
         "text_encoder": config.text_encoder, "trainable_parameters": count_parameters(model),
         "region_weight": config.region_weight, "soft_labels": config.soft_labels,
+        **({"class_balance": config.class_balance} if config.class_balance else {}),
         **({"init_bundle": {"path": str(config.init), "bundle_id": start.bundle_id}} if start else {}),
         "ct_range": training_range(cached_statistics(train_cache)),  # what the review checks a new CT against
         "structures": {"classes": list(structures), "cases_with_regions": with_regions,
