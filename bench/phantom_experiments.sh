@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the phantom experiments of docs/results.md and the shipped demo bundle.
-#   bench/phantom_experiments.sh [data|train|eval|all]   (defaults to all; ~1.5 h on a 2-core CPU)
+#   bench/phantom_experiments.sh [data|train|eval|all]   (defaults to all; ~4.5 h on a 2-core CPU)
 # Fixed seeds throughout: phantoms seed 0 (internal) and 1 (external site), training seed 0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +11,7 @@ STEP=${1:-all}
 # partial-volume targets; 5 mm slices on the model grid. Without these the models learned side and
 # surgery but not the N stage (docs/results.md, "What it took").
 COMMON=(--feature-size 8 --spacing 5 5 5 --patch 80 64 48 --batch-size 2 --epochs 20 --lr 1e-3
-        --warmup-epochs 2 --val-every 10 --seed 0 --region-weight 5 --soft-labels --version 5 --json)
+        --warmup-epochs 2 --val-every 10 --seed 0 --region-weight 5 --soft-labels --json)
 
 if [[ $STEP == data || $STEP == all ]]; then
   $MM phantom --n 160 --out data/phantoms --seed 0 --planning-fov
@@ -24,23 +24,32 @@ if [[ $STEP == train || $STEP == all ]]; then
       > runs/$name.json 2> runs/$name.log
   }
   mkdir -p runs
-  run multimodal mmcontour-demo --text-encoder llm & run vision mmcontour-vision --text-encoder none & wait
-  # stage 2 (v5): 10 more epochs from each stage-1 model, a new cosine at half the learning rate; the
-  # small nodal levels (10-25 cc) were still being learned after 20 epochs (docs/results.md)
-  stage2() {  # folder, bundle name, extra args...
-    local name=$1 bundle=$2; shift 2
-    $MM train --manifest data/phantoms/manifest.csv --out runs/$name-ft --name "$bundle" "${COMMON[@]}" \
-      --epochs 10 --lr 5e-4 --warmup-epochs 1 --val-every 5 --seed 1 --init runs/$name/best "$@" \
-      > runs/$name-ft.json 2> runs/$name-ft.log
+  run multimodal mmcontour-demo --text-encoder llm --version 5 & run vision mmcontour-vision --text-encoder none --version 5 & wait
+  # stages 2-4: more epochs from the stage before, each a new cosine from lr 5e-4 (`--init`). Stage 2 (v5):
+  # 10 epochs; the small nodal levels (10-25 cc) were still being learned. Stage 3: 15 epochs (level 4
+  # learned). Stages 4 and 5 (v6): 15 and 10 epochs with the class-balanced cross-entropy (--class-balance
+  # 1), which pulls the levels still taken for background (internal mammary, left levels 2-3) out of it.
+  stage() {  # from folder, to folder, epochs, seed, bundle name, extra args...
+    local from=$1 to=$2 epochs=$3 seed=$4 bundle=$5; shift 5
+    $MM train --manifest data/phantoms/manifest.csv --out runs/$to --name "$bundle" "${COMMON[@]}" \
+      --epochs "$epochs" --lr 5e-4 --warmup-epochs 1 --val-every 5 --seed "$seed" --init runs/$from/best "$@" \
+      > runs/$to.json 2> runs/$to.log
   }
-  stage2 multimodal mmcontour-demo --text-encoder llm & stage2 vision mmcontour-vision --text-encoder none & wait
-  run multimodal-40 mmcontour-multimodal-40 --text-encoder llm --fraction 0.4 &
-  run vision-40 mmcontour-vision-40 --text-encoder none --fraction 0.4 & wait
+  for model in "multimodal mmcontour-demo llm" "vision mmcontour-vision none"; do
+    set -- $model
+    ( stage $1 $1-ft 10 1 $2 --text-encoder $3 --version 5
+      stage $1-ft $1-s3 15 2 $2 --text-encoder $3 --version 6
+      stage $1-s3 $1-s4 15 3 $2 --text-encoder $3 --version 6 --class-balance 1
+      stage $1-s4 $1-s5 10 4 $2 --text-encoder $3 --version 6 --class-balance 1 ) &
+  done
+  wait
+  run multimodal-40 mmcontour-multimodal-40 --text-encoder llm --fraction 0.4 --version 5 &
+  run vision-40 mmcontour-vision-40 --text-encoder none --fraction 0.4 --version 5 & wait
 fi
 if [[ $STEP == eval || $STEP == all ]]; then
   for set in phantoms:test external:all; do
     data=${set%%:*}; split=${set##*:}
-    $MM evaluate --bundle runs/vision-ft/best runs/multimodal-ft/best --label vision-only MMContour \
+    $MM evaluate --bundle runs/vision-s5/best runs/multimodal-s5/best --label vision-only MMContour \
       --manifest data/$data/manifest.csv --split $split --out runs/eval-$data --json > runs/eval-$data.json &
     $MM evaluate --bundle runs/vision-40/best runs/multimodal-40/best --label vision-only-40% MMContour-40% \
       --manifest data/$data/manifest.csv --split $split --out runs/eval-$data-40 --json > runs/eval-$data-40.json &
