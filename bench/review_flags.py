@@ -81,7 +81,7 @@ def demo_training_range(m: int, n_total: int = 160, seed: int = 0, planning_fov:
     return training_range(ct_statistics(generate_case(seeds[i], cfg, note=notes[i]).ct) for i in chosen)
 
 
-def structure_rows(result, case, config, dice_threshold: float) -> list[dict]:
+def structure_rows(result, case, config, dice_threshold: float, drawn: dict | None = None) -> list[dict]:
     """Per structure of a per-structure contour: Dice against the note's guideline truth, wrong or not,
     flagged or not (by which kinds); [] for a single-CTV bundle."""
     from MMContourLib.note.targets import structure_label_map
@@ -96,7 +96,7 @@ def structure_rows(result, case, config, dice_threshold: float) -> list[dict]:
     truth = structure_label_map(sitk.GetArrayFromImage(case.regions), case.note, classes)
     truth_voxels = np.bincount(truth.ravel(), minlength=256)
     voxel_cc = float(np.prod(case.regions.GetSpacing())) / 1000.0
-    drawn = result.structure_volumes()
+    drawn = result.structure_volumes() if drawn is None else drawn
     kinds: dict[str, set] = {}
     for r in result.review.reasons:
         if r.structure:
@@ -120,6 +120,7 @@ def run_set(contourer, cases, with_range: dict | None, dice_threshold: float = 0
     rows, per_structure = [], []
     for case in cases:
         result = contourer.contour(case.ct, case.note)
+        drawn = result.structure_volumes()  # once per contour: the row and the structure rows share it
         check = clinical_check(region_coverage(result.mask, case.regions), case.note)
         reasons = result.review.reasons
         row = {"case_id": case.case_id, "prompt": result.prompt, "correct": bool(check["correct"]),
@@ -130,7 +131,7 @@ def run_set(contourer, cases, with_range: dict | None, dice_threshold: float = 0
                "kinds_structure": sorted({r.kind for r in reasons if r.structure}),
                "reasons": result.review.to_dict()["reasons"],
                "structure_confidence": result.review.measures.get("structure_confidence"),
-               "drawn_cc": result.structure_volumes()}
+               "drawn_cc": drawn}
         if with_range is not None:
             training = {**contourer.bundle.training, "ct_range": with_range}
             again = review_contour(case.ct, result.probability, result.mask, case.note, training,
@@ -139,7 +140,7 @@ def run_set(contourer, cases, with_range: dict | None, dice_threshold: float = 0
             row["kinds_with_range"] = sorted({r.kind for r in list(again.reasons) + structure_reasons})
             row["reasons_with_range"] = again.to_dict()["reasons"] + [r.line() for r in structure_reasons]
         rows.append(row)
-        per_structure += structure_rows(result, case, config, dice_threshold)
+        per_structure += structure_rows(result, case, config, dice_threshold, drawn)
     return rows, per_structure
 
 
