@@ -29,10 +29,11 @@ BODY_HU = -400.0
 LUNG_HU = -400.0                     # air density: lung parenchyma, airways, gas
 LUNG_MEDIAN_HU = (-960.0, -600.0)    # parenchyma; gas and the air outside sit at -1000
 MIN_LUNG_CC = 150.0
-#: A ptotic breast's inframammary fold can hang at or a little below the lowest lung slice on a supine
-#: planning CT; 30 mm below the lowest lung voxel keeps it (on 15 planning-FOV phantoms the CTV ends 40-70 mm above
-#: that voxel) while an abdomen starts well below (stomach, liver and bowel lie 30-200 mm lower).
-CAUDAL_MARGIN_MM = 30.0
+#: No margin: the lowest lung voxel is the posterior costophrenic recess (about T12-L1), several
+#: centimetres below the anterior diaphragm and the inframammary fold, so no breast or nodal CTV lies
+#: caudal to it (on the 190 planning-FOV phantoms the CTV ends 20-70 mm above it). A removal there is
+#: reported and, above a few cc, flagged for review, so an unusual patient is shown, not silently cut.
+CAUDAL_MARGIN_MM = 0.0
 #: The cricoid's lower border (C6) lies about two vertebral levels above the lung apices (T1).
 APEX_TO_CRICOID_MM = 30.0
 AIRWAY_HALF_WIDTH_MM = 20.0
