@@ -40,13 +40,14 @@ demo-bundle: venv
 	bench/phantom_experiments.sh data
 	bench/phantom_experiments.sh train
 	rm -rf Resources/Models/demo && mkdir -p Resources/Models
-	cp -r runs/multimodal-s5/best Resources/Models/demo
+	cp -r runs/multimodal-s6/best Resources/Models/demo
 	rm -rf Resources/Models/demo-training && mkdir -p Resources/Models/demo-training
 	cp runs/multimodal/log.csv Resources/Models/demo-training/log-stage1.csv
 	cp runs/multimodal-ft/log.csv Resources/Models/demo-training/log-stage2.csv
 	cp runs/multimodal-s3/log.csv Resources/Models/demo-training/log-stage3.csv
 	cp runs/multimodal-s4/log.csv Resources/Models/demo-training/log-stage4.csv
-	cp runs/multimodal-s5/log.csv runs/multimodal-s5/loss_curve.png runs/multimodal-s5/train_config.json Resources/Models/demo-training/
+	cp runs/multimodal-s5/log.csv Resources/Models/demo-training/log-stage5.csv
+	cp runs/multimodal-s6/log.csv runs/multimodal-s6/loss_curve.png runs/multimodal-s6/train_config.json Resources/Models/demo-training/
 
 experiments: demo-bundle
 	bench/phantom_experiments.sh eval

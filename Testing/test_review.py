@@ -332,3 +332,49 @@ def test_flags_bench_calibrates_both_confidence_thresholds_within_one_budget_for
     joint = bench.calibrate_jointly(spent, 0.2)
     assert joint["share"] == 0 and joint["right_flagged"] == 5
     assert max(r["uncertain_ratio"] for r in spent) <= joint["max_uncertain_ratio"] < 1.91
+
+
+def test_a_bundle_carries_its_own_calibrated_thresholds_and_the_contourer_flags_with_them(tmp_path):
+    """Confidence thresholds depend on the model: ``bench/review_flags.py --calibrate K --save`` writes them
+    into the bundle (``inference.review``), and the contourer reviews with them; other bundles keep the
+    defaults, and a broken value is refused when the bundle is opened."""
+    import importlib.util
+    from pathlib import Path
+
+    from MMContourLib.bench.fixtures import make_bundle as make_any_bundle
+    from MMContourLib.data.phantom import PhantomConfig, generate_case
+    from MMContourLib.model.bundle import ModelBundle
+    from MMContourLib.note.structures import structure_classes
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "review_flags.py"
+    spec = importlib.util.spec_from_file_location("review_flags", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bundle = make_any_bundle(tmp_path / "b", None, structures=structure_classes())
+    case = generate_case(1, PhantomConfig(in_plane_spacing=6.0, slice_thickness=10.0), case_id="c1")
+    default = Contourer.from_bundle(bundle, device="cpu")
+    assert default.review_config == ReviewConfig()
+
+    def confidence(contourer):
+        return [r for r in contourer.contour(case.ct, case.note).review.reasons if r.kind == "confidence"]
+
+    # a random network is unsure everywhere: a tiny threshold flags the contour and its structures ...
+    config = bench.save_thresholds(bundle, {"share": 0.1, "max_uncertain_ratio": 1e-4, "max_structure_uncertain_ratio": 1e-4,
+                                            "right": 20, "right_flagged": 4, "budget": 0.2}, seed=3, cases=20)
+    assert config.max_uncertain_ratio == 1e-4 and config.max_structure_uncertain_ratio == 1e-4
+    saved = ModelBundle.load(bundle).inference.review
+    assert saved["max_uncertain_ratio"] == 1e-4 and saved["calibration"]["phantoms"].endswith("--seed 3 --planning-fov")
+    flagged = confidence(Contourer.from_bundle(bundle, device="cpu"))
+    assert any(r.structure is None for r in flagged) and any(r.structure for r in flagged)
+    assert all("above 0:" in r.text for r in flagged)  # the bundle's threshold, in the clinician's line
+    # ... a huge one flags nothing
+    bench.save_thresholds(bundle, {"share": 0.0, "max_uncertain_ratio": 1e6, "max_structure_uncertain_ratio": 1e6,
+                                   "right": 20, "right_flagged": 0, "budget": 0.2}, seed=3, cases=20)
+    assert confidence(Contourer.from_bundle(bundle, device="cpu")) == []
+    # a broken threshold is refused when the bundle is opened, not at the first contour
+    broken = ModelBundle.load(bundle)
+    broken.inference.review = {"max_uncertain_ratio": -1}
+    broken.save(tmp_path / "broken")
+    with pytest.raises(ValueError, match="max_uncertain_ratio"):
+        Contourer.from_bundle(tmp_path / "broken", device="cpu")
+    assert ReviewConfig.for_bundle({"calibration": {"share": 0.1}}) == ReviewConfig()

@@ -132,6 +132,36 @@ def test_patches_are_deterministic_per_key_and_cover_the_ctv(manifest):
     assert batch["image"].shape == (3, 1, 16, 16, 16) and len(batch["prompt"]) == 3
 
 
+def test_the_shift_margin_puts_the_body_at_varying_distances_from_the_patch_edges(manifest):
+    """A patch as wide as the CT's field of view shows the body at one place only, and a network learns that
+    place (v6 lost the internal mammary nodes when a CT's model grid was wider). With ``shift_margin_mm`` the
+    cache holds air and background around the CT, and the crops put the body at varying offsets."""
+    from MMContourLib.data.dataset import BODY_THRESHOLD
+
+    cases = read_manifest(manifest, split="train")[:1]
+    config = PreprocessConfig(spacing=SPACING)
+    plain = build_cache(cases, config, PATCH, progress=False)
+    nx, ny = plain[0]["image"].shape[1:3]
+    patch = (nx, ny, 16)  # the CT's whole width and depth
+    padded = build_cache(cases, config, patch, progress=False, shift_margin_mm=30.0)  # 5 voxels of 6 mm
+    image, label = np.asarray(padded[0]["image"]), np.asarray(padded[0]["label"])
+    assert image.shape[1:3] == (nx + 10, ny + 10)
+    assert not image[0, :5].any() and not image[0, -5:].any() and not image[0, :, :5].any()  # air: -1000 HU
+    assert label.sum() == np.asarray(plain[0]["label"]).sum()  # the whole CTV, moved, not cut
+
+    def body_edges(cache):
+        dataset = PatchDataset(cache, sample_transforms(patch))
+        edges = set()
+        for seed in range(16):
+            body = dataset[(0, seed)]["image"][0].numpy() > BODY_THRESHOLD
+            xs, ys = np.nonzero(body.any(axis=(1, 2)))[0], np.nonzero(body.any(axis=(0, 2)))[0]
+            edges.add((int(xs[0]), int(ys[0])))
+        return edges
+
+    assert len(body_edges(build_cache(cases, config, patch, progress=False))) == 1
+    assert len(body_edges(padded)) >= 4
+
+
 def with_regions(manifest: Path, label: int = 5) -> Path:
     """The manifest plus a ``regions`` column: label ``label`` exactly on each case's CTV, 1 on a box beside it."""
     rows = list(csv.DictReader(open(manifest)))
@@ -246,12 +276,15 @@ def test_region_weight_trains_through_the_cli_and_needs_region_maps(manifest, ti
     main(["train", "--manifest", str(regions_manifest), "--out", str(out), "--text-encoder", "none",
           "--feature-size", "4", "--spacing", *map(str, SPACING), "--patch", *map(str, PATCH), "--epochs", "2",
           "--lr", "3e-3", "--warmup-epochs", "0", "--device", "cpu", "--region-weight", "5",
-          "--emphasis-labels", "5", "--soft-labels", "--class-balance", "1", "--json"])
+          "--emphasis-labels", "5", "--soft-labels", "--class-balance", "1", "--shift-margin", "24", "--json"])
     saved = json.loads((out / "train_config.json").read_text())
     assert saved["region_weight"] == 5.0 and saved["emphasis_labels"] == [5] and saved["soft_labels"] is True
-    assert saved["class_balance"] == 1.0
+    assert saved["class_balance"] == 1.0 and saved["shift_margin_mm"] == 24.0
     bundle = ModelBundle.load(out / "last")
     assert bundle.training["region_weight"] == 5.0 and bundle.training["class_balance"] == 1.0
+    assert bundle.training["shift_margin_mm"] == 24.0
+    with pytest.raises(ValueError, match="shift margin"):
+        tiny_config(manifest, tmp_path / "neg", tiny_llm_dir, shift_margin_mm=-1.0)
     assert bundle.network.structures  # the term is on the per-structure loss these maps train
     with pytest.raises(ValueError, match="balance"):
         tiny_config(manifest, tmp_path / "neg", tiny_llm_dir, class_balance=-1.0)

@@ -10,8 +10,9 @@ STEP=${1:-all}
 # --region-weight 5: the nodal levels (regions maps, labels 5-10) weigh 6x in Dice + CE; --soft-labels:
 # partial-volume targets; 5 mm slices on the model grid. Without these the models learned side and
 # surgery but not the N stage (docs/results.md, "What it took").
+# --shift-margin 0: stages 1-5 were trained before the shift margin existed (stage 6 sets it).
 COMMON=(--feature-size 8 --spacing 5 5 5 --patch 80 64 48 --batch-size 2 --epochs 20 --lr 1e-3
-        --warmup-epochs 2 --val-every 10 --seed 0 --region-weight 5 --soft-labels --json)
+        --warmup-epochs 2 --val-every 10 --seed 0 --region-weight 5 --soft-labels --shift-margin 0 --json)
 
 if [[ $STEP == data || $STEP == all ]]; then
   $MM phantom --n 160 --out data/phantoms --seed 0 --planning-fov
@@ -29,6 +30,9 @@ if [[ $STEP == train || $STEP == all ]]; then
   # 10 epochs; the small nodal levels (10-25 cc) were still being learned. Stage 3: 15 epochs (level 4
   # learned). Stages 4 and 5 (v6): 15 and 10 epochs with the class-balanced cross-entropy (--class-balance
   # 1), which pulls the levels still taken for background (internal mammary, left levels 2-3) out of it.
+  # Stage 6 (v7): 10 epochs at lr 3e-4 with 60 mm of air around each training CT (--shift-margin 60): the
+  # 80-voxel patch was as wide as the 400 mm field of view, so v6 had learned where the field of view ends
+  # and lost the internal mammary nodes when a CT's model grid was wider (oblique CTs; 9 mm of air added).
   stage() {  # from folder, to folder, epochs, seed, bundle name, extra args...
     local from=$1 to=$2 epochs=$3 seed=$4 bundle=$5; shift 5
     $MM train --manifest data/phantoms/manifest.csv --out runs/$to --name "$bundle" "${COMMON[@]}" \
@@ -40,7 +44,8 @@ if [[ $STEP == train || $STEP == all ]]; then
     ( stage $1 $1-ft 10 1 $2 --text-encoder $3 --version 5
       stage $1-ft $1-s3 15 2 $2 --text-encoder $3 --version 6
       stage $1-s3 $1-s4 15 3 $2 --text-encoder $3 --version 6 --class-balance 1
-      stage $1-s4 $1-s5 10 4 $2 --text-encoder $3 --version 6 --class-balance 1 ) &
+      stage $1-s4 $1-s5 10 4 $2 --text-encoder $3 --version 6 --class-balance 1
+      stage $1-s5 $1-s6 10 5 $2 --text-encoder $3 --version 7 --shift-margin 60 --lr 3e-4 --warmup-epochs 0 ) &
   done
   wait
   run multimodal-40 mmcontour-multimodal-40 --text-encoder llm --fraction 0.4 --version 5 &
@@ -49,7 +54,7 @@ fi
 if [[ $STEP == eval || $STEP == all ]]; then
   for set in phantoms:test external:all; do
     data=${set%%:*}; split=${set##*:}
-    $MM evaluate --bundle runs/vision-s5/best runs/multimodal-s5/best --label vision-only MMContour \
+    $MM evaluate --bundle runs/vision-s6/best runs/multimodal-s6/best --label vision-only MMContour \
       --manifest data/$data/manifest.csv --split $split --out runs/eval-$data --json > runs/eval-$data.json &
     $MM evaluate --bundle runs/vision-40/best runs/multimodal-40/best --label vision-only-40% MMContour-40% \
       --manifest data/$data/manifest.csv --split $split --out runs/eval-$data-40 --json > runs/eval-$data-40.json &

@@ -28,7 +28,10 @@ bundle also the per-structure ratio (``review.measures["structure_confidence"]``
 of the right structures of more than ``min_confidence_cc``: ``max_structure_uncertain_ratio``. Each
 of those spends the 20 % alone; the budget is the whole review's, so it also prints both thresholds
 calibrated jointly (``calibrate_jointly``): the checks without a threshold (note, range, input) spend
-their share first and the two confidence flags get the rest. ``ReviewConfig`` takes the joint pair.
+their share first and the two confidence flags get the rest. ``--save`` writes the joint pair into the
+bundle (``config.json`` ``inference.review``, with how it was found), where ``ReviewConfig.for_bundle``
+reads it: thresholds belong to the model they were calibrated on. Without ``--save`` the flags are
+measured with the bundle's own thresholds (or the defaults).
 ``--training-range M``: a bundle trained before the range was recorded (the shipped demo) has no
 input flag; this rebuilds its range from the first M training-split phantoms of its own training
 set (``mmcontour phantom --n 160 --seed 0``) and reviews again with it (the ``+range`` rows).
@@ -113,10 +116,10 @@ def structure_rows(result, case, config, dice_threshold: float, drawn: dict | No
 
 def run_set(contourer, cases, with_range: dict | None, dice_threshold: float = 0.5) -> tuple[list[dict], list[dict]]:
     """(one row per contour, one row per structure of per-structure contours)."""
-    from MMContourLib.inference.review import ReviewConfig, review_contour
+    from MMContourLib.inference.review import review_contour
     from MMContourLib.training.evaluate import clinical_check, region_coverage
 
-    config = ReviewConfig()
+    config = contourer.review_config  # the defaults with the bundle's own calibrated thresholds
     rows, per_structure = [], []
     for case in cases:
         result = contourer.contour(case.ct, case.note)
@@ -135,7 +138,7 @@ def run_set(contourer, cases, with_range: dict | None, dice_threshold: float = 0
         if with_range is not None:
             training = {**contourer.bundle.training, "ct_range": with_range}
             again = review_contour(case.ct, result.probability, result.mask, case.note, training,
-                                   contourer.bundle.preprocessing)
+                                   contourer.bundle.preprocessing, config)
             structure_reasons = [r for r in reasons if r.structure]  # the contourer's, unchanged by the range
             row["kinds_with_range"] = sorted({r.kind for r in list(again.reasons) + structure_reasons})
             row["reasons_with_range"] = again.to_dict()["reasons"] + [r.line() for r in structure_reasons]
@@ -227,6 +230,24 @@ def calibrate_jointly(rows: list[dict], false_flag_budget: float = 0.2, step: fl
             "right_flagged_without_threshold": int(sum(other)), "budget": false_flag_budget}
 
 
+def save_thresholds(bundle_path, joint: dict, seed: int, cases: int):
+    """Write ``calibrate_jointly``'s thresholds into the bundle (``InferenceConfig.review``) with how they were
+    found; the bundle is saved again as a whole (atomically, read back). Returns the ReviewConfig they give."""
+    from MMContourLib.inference.review import BUNDLE_THRESHOLDS, ReviewConfig
+    from MMContourLib.model.bundle import ModelBundle
+
+    if joint.get("share") is None:
+        raise SystemExit(f"review_flags: nothing to save: {joint.get('reason')}")
+    bundle = ModelBundle.load(bundle_path)
+    values = {k: joint[k] for k in BUNDLE_THRESHOLDS if joint.get(k) is not None}
+    bundle.inference.review = {**values, "calibration": {
+        "by": "bench/review_flags.py --calibrate", "phantoms": f"mmcontour phantom --n {cases} --seed {seed} --planning-fov",
+        "share": joint["share"], "right": joint["right"], "right_flagged": joint["right_flagged"],
+        "budget": joint["budget"]}}
+    bundle.save(bundle_path)
+    return ReviewConfig.for_bundle(bundle.inference.review)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", default=str(ROOT / "Resources" / "Models" / "demo"))
@@ -234,6 +255,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--calibrate", type=int, default=0, metavar="K")
     ap.add_argument("--calibration-seed", type=int, default=3)
+    ap.add_argument("--save", action="store_true",
+                    help="with --calibrate: write the jointly calibrated thresholds into the bundle "
+                         "(config.json inference.review) and measure with them")
     ap.add_argument("--training-range", type=int, default=0, metavar="M")
     ap.add_argument("--structure-dice", type=float, default=0.5,
                     help="a structure with a lower Dice against its guideline truth is wrong (default 0.5)")
@@ -247,16 +271,16 @@ def main(argv=None) -> int:
     import torch
 
     from MMContourLib.inference.contourer import Contourer
-    from MMContourLib.inference.review import ReviewConfig
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     contourer = Contourer.from_bundle(args.bundle, device=args.device)
     per_structure_bundle = bool(getattr(contourer.network.config, "structures", ()))
-    config = ReviewConfig()
-    report: dict = {"bundle": args.bundle, "max_uncertain_ratio": config.max_uncertain_ratio,
-                    "max_structure_uncertain_ratio": config.max_structure_uncertain_ratio,
-                    "per_structure_bundle": per_structure_bundle, "structure_dice": args.structure_dice}
+    if args.save and not args.calibrate:
+        ap.error("--save writes what --calibrate K finds: give --calibrate")
+    config = contourer.review_config
+    report: dict = {"bundle": args.bundle, "per_structure_bundle": per_structure_bundle,
+                    "structure_dice": args.structure_dice}
     if args.calibrate:
         rows, structures = run_set(contourer, phantom_cases(args.calibrate, args.calibration_seed, False,
                                                                  not args.thorax_fov), None,
@@ -288,6 +312,12 @@ def main(argv=None) -> int:
               f"{joint.get('right')} right contours flagged by checks without a threshold): share {joint['share']}, "
               f"max_uncertain_ratio {joint.get('max_uncertain_ratio')}, max_structure_uncertain_ratio "
               f"{joint.get('max_structure_uncertain_ratio')} ({joint.get('right_flagged')} right flagged)")
+        if args.save:
+            contourer.review_config = save_thresholds(args.bundle, joint, args.calibration_seed, len(rows))
+            print(f"  saved in {args.bundle} (inference.review); measuring with them")
+    config = contourer.review_config
+    report["max_uncertain_ratio"] = config.max_uncertain_ratio
+    report["max_structure_uncertain_ratio"] = config.max_structure_uncertain_ratio
     with_range = demo_training_range(args.training_range, planning_fov=not args.thorax_fov) if args.training_range else None
     if with_range:
         report["training_range"] = with_range

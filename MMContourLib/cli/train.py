@@ -52,6 +52,10 @@ def register(subparsers) -> None:
     m.add_argument("--class-balance", type=float, metavar="B",
                    help="per-structure networks: add B x a class-balanced cross-entropy (every structure present "
                         "weighs as much as the largest; pulls small levels out of the background; default 0)")
+    m.add_argument("--shift-margin", type=float, metavar="MM", dest="shift_margin_mm",
+                   help="air added at the training CTs' sides before patches are drawn, so the body sits at varying "
+                        "distances from a patch's edges and the network does not learn the field of view "
+                        "(default 60 mm; 0: none, as bundles up to v6 were trained)")
     m.add_argument("--structures", choices=("auto", "regions", "union"),
                    help="regions: one output per ESTRO structure (CTVp_Breast, CTVn_L1, ...), learned from the "
                         "regions maps (cases without one teach the whole CTV); union: one CTV output; "

@@ -144,17 +144,25 @@ def _classes_on_model_grid(ctv, regions, fraction: np.ndarray, model_input, stru
 
 def build_cache(cases: Sequence[Case], preprocessing: PreprocessConfig, patch_size: Sequence[int],
                 cache_rate: float = 1.0, num_workers: int = 0, progress: bool = True,
-                emphasis_labels: Sequence[int] = (), structures: Sequence[str] = ()) -> CacheDataset:
+                emphasis_labels: Sequence[int] = (), structures: Sequence[str] = (),
+                shift_margin_mm: float = 0.0) -> CacheDataset:
     """The deterministic part of the pipeline, computed once per case: model grid, padding to at least the
-    patch, and the foreground / in-body background voxel indices the crop sampler draws from."""
+    patch, and the foreground / in-body background voxel indices the crop sampler draws from.
+    ``shift_margin_mm``: air (0, i.e. -1000 HU, and background labels) added on both sides along R-L and
+    A-P, so that the crops, which stay inside the padded volume, put the body at varying distances from
+    the patch's edges (a network must not learn where the field of view ends)."""
+    from monai.transforms import BorderPadd, CastToTyped, Compose, FgBgToIndicesd, SpatialPadd
     from monai.data import CacheDataset
-    from monai.transforms import CastToTyped, Compose, FgBgToIndicesd, SpatialPadd
 
     items = [{"case_id": c.case_id, "ct": str(c.ct), "ctv": str(c.ctv), "prompt": c.prompt,
               "regions": str(c.regions) if c.regions else ""} for c in cases]
+    keys = ("image", "label", "soft", "emphasis", "classes")
+    margin = [int(round(shift_margin_mm / s)) for s in preprocessing.spacing[:2]] + [0]
+    margin = [v for v in margin for _ in (0, 1)]  # (x-, x+, y-, y+, z-, z+)
     transform = Compose([
         LoadCaseOnModelGridd(preprocessing, emphasis_labels, structures),
-        SpatialPadd(("image", "label", "soft", "emphasis", "classes"), spatial_size=tuple(patch_size), mode="constant"),
+        SpatialPadd(keys, spatial_size=tuple(patch_size), mode="constant"),
+        *([BorderPadd(keys, spatial_border=margin, mode="constant")] if any(margin) else []),
         FgBgToIndicesd("label", image_key="image", image_threshold=BODY_THRESHOLD),
         CastToTyped(("label_fg_indices", "label_bg_indices"), dtype=np.int32),  # half the memory of int64
     ])

@@ -33,7 +33,7 @@ from ..note.structures import UNION
 from ..note.targets import structures_for_note
 from . import anatomy
 from ..image.ctstats import ct_statistics
-from .review import Review, review_contour, structure_confidence_reasons, structure_reasons
+from .review import Review, ReviewConfig, review_contour, structure_confidence_reasons, structure_reasons
 
 #: What ``ContourResult.segments`` gives: the structures, their union ``CTV``, or both.
 SEGMENT_MODES = ("both", "regions", "union")
@@ -149,6 +149,7 @@ class Contourer:
                  offload_llm: bool = False, anatomical_range: bool = True):
         self.bundle = bundle
         self.anatomical_range = anatomical_range
+        self.review_config = ReviewConfig.for_bundle(bundle.inference.review)  # refuses a broken threshold early
         self.device = resolve_device(device)
         self.network, self.text = bundle.build(self.device, llm=llm, dtype=dtype, allow_download=allow_download)
         self.roi_size = tuple(int(v) for v in (roi_size or bundle.inference.roi_size))
@@ -384,13 +385,13 @@ class Contourer:
                     range_report["components"] = list(range_report.get("components", [])) + strays
                     range_report["dropped_cc"] = round(sum(c["cc"] for c in range_report["components"]), 2)
         review = review_contour(image, prob_img, mask, note, self.bundle.training, self.bundle.preprocessing,
-                                anatomical_range=range_report, input_notes=model_input.notes,
-                                ct_stats=facts["stats"])
+                                config=self.review_config, anatomical_range=range_report,
+                                input_notes=model_input.notes, ct_stats=facts["stats"])
         if classes:
             drawn = structure_volumes(labels, classes)
-            review.reasons += structure_reasons(drawn, expected, note, self.bundle.training)
+            review.reasons += structure_reasons(drawn, expected, note, self.bundle.training, self.review_config)
             voxel_cc = float(np.prod(model_input.grid.GetSpacing())) / 1000.0
-            reasons, measures = structure_confidence_reasons(prob, classes, voxel_cc,
+            reasons, measures = structure_confidence_reasons(prob, classes, voxel_cc, self.review_config,
                                                              threshold=self.bundle.inference.threshold, drawn=drawn)
             review.reasons += reasons
             review.measures["structure_confidence"] = measures

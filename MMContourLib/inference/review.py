@@ -23,7 +23,7 @@ bundle without a training range gives no input flag and says so in ``notes``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -73,6 +73,24 @@ class ReviewConfig:
     # Removed by the anatomical range step (cc) above which the clinician is told: a few cc are partial-volume
     # crumbs at a limit; more means the model painted outside the target region and may have erred inside it.
     max_dropped_cc: float = 5.0
+
+    @classmethod
+    def for_bundle(cls, review: Mapping | None) -> "ReviewConfig":
+        """The defaults, with the thresholds a bundle records for itself (``InferenceConfig.review``: calibrated
+        on that model by ``bench/review_flags.py --calibrate K --save``). Other keys (the calibration's
+        provenance) are left alone; a value that is not a positive number is refused."""
+        names = {f.name for f in fields(cls)} & set(BUNDLE_THRESHOLDS)
+        values = {}
+        for key in names & set(review or {}):
+            value = review[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"the bundle's review threshold {key} is {value!r}; it must be a positive number")
+            values[key] = float(value)
+        return replace(cls(), **values)
+
+
+#: ReviewConfig fields a bundle may set for itself: the confidence thresholds, which depend on the model.
+BUNDLE_THRESHOLDS = ("max_uncertain_ratio", "max_structure_uncertain_ratio")
 
 
 @dataclass(frozen=True)

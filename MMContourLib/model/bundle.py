@@ -40,14 +40,18 @@ class InferenceConfig:
     roi_size: tuple[int, int, int] = (384, 384, 128)
     overlap: float = 0.5
     threshold: float = 0.5
+    # review thresholds calibrated on this model (``inference.review.ReviewConfig.for_bundle``; written by
+    # ``bench/review_flags.py --calibrate K --save``) and how they were calibrated; empty: the defaults
+    review: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"roi_size": list(self.roi_size), "overlap": self.overlap, "threshold": self.threshold}
+        return {"roi_size": list(self.roi_size), "overlap": self.overlap, "threshold": self.threshold,
+                **({"review": dict(self.review)} if self.review else {})}
 
     @classmethod
     def from_dict(cls, data: dict) -> "InferenceConfig":
         return cls(tuple(int(v) for v in data.get("roi_size", (384, 384, 128))), float(data.get("overlap", 0.5)),
-                   float(data.get("threshold", 0.5)))
+                   float(data.get("threshold", 0.5)), dict(data.get("review") or {}))
 
 
 @dataclass

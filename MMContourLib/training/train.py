@@ -83,6 +83,11 @@ class TrainConfig:
     # weight of the class-balanced cross-entropy (per-structure networks; losses.py): every structure present
     # weighs as much as the breast, so small levels still taken for background are pulled out of it
     class_balance: float = 0.0
+    # air (mm) added at the training CTs' left, right, front and back before patches are drawn, so that a
+    # patch's edges fall at varying distances from the body: without it a patch as wide as the field of
+    # view always shows the body at the same place, and the network learns that place (a CT with a wider
+    # field of view, or an oblique one whose model grid is larger, then loses the small levels)
+    shift_margin_mm: float = 60.0
     # regions: one output per structure (note.structures), learned from the regions maps (cases without one
     # teach the union); union: one CTV output (bundles before per-structure output); auto: regions when any
     # training case has a regions map
@@ -112,6 +117,8 @@ class TrainConfig:
             raise ValueError(f"region weight must be >= 0; got {self.region_weight}")
         if self.class_balance < 0:
             raise ValueError(f"class balance weight must be >= 0; got {self.class_balance}")
+        if not 0 <= self.shift_margin_mm <= 500:
+            raise ValueError(f"shift margin must be 0-500 mm; got {self.shift_margin_mm}")
         if self.structures not in STRUCTURE_MODES:
             raise ValueError(f"structures {self.structures!r}: use one of {', '.join(STRUCTURE_MODES)}")
         if self.text_encoder not in TEXT_ENCODER_KINDS:
@@ -505,7 +512,7 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
         raise TrainingError(f"--region-weight {config.region_weight} needs sub-region label maps: the manifest "
                             f"{config.manifest} has no 'regions' column values for its training cases")
     train_cache = build_cache(train_cases, preprocessing, patch, config.cache_rate, config.num_workers, show,
-                              emphasis_labels, structures)
+                              emphasis_labels, structures, shift_margin_mm=config.shift_margin_mm)
     val_cache = build_cache(val_cases, preprocessing, patch, 1.0, config.num_workers, show) \
         if (val_cases and dist.is_main) else None
     dataset = PatchDataset(train_cache, sample_transforms(patch, AugmentConfig(pos=config.pos, neg=config.neg)))
@@ -520,6 +527,7 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
         "text_encoder": config.text_encoder, "trainable_parameters": count_parameters(model),
         "region_weight": config.region_weight, "soft_labels": config.soft_labels,
         **({"class_balance": config.class_balance} if config.class_balance else {}),
+        "shift_margin_mm": config.shift_margin_mm,
         **({"init_bundle": {"path": str(config.init), "bundle_id": start.bundle_id}} if start else {}),
         "ct_range": training_range(cached_statistics(train_cache)),  # what the review checks a new CT against
         "structures": {"classes": list(structures), "cases_with_regions": with_regions,
