@@ -378,3 +378,25 @@ def test_a_bundle_carries_its_own_calibrated_thresholds_and_the_contourer_flags_
     with pytest.raises(ValueError, match="max_uncertain_ratio"):
         Contourer.from_bundle(tmp_path / "broken", device="cpu")
     assert ReviewConfig.for_bundle({"calibration": {"share": 0.1}}) == ReviewConfig()
+
+
+def test_fov_bench_adds_air_around_the_same_patient_and_picks_node_positive_notes():
+    """bench/fov_robustness.py: the padded CT shows the same patient at the same place (only air around it)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "fov_robustness.py"
+    spec = importlib.util.spec_from_file_location("fov_robustness", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    (case,) = bench.node_positive_cases(1, seed=11)
+    assert len(case.note.sides) == 1 and case.note.sides[0].node_positive
+    assert case.ct.GetDirection() == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    wide = bench.padded(case.ct, 20.0)
+    voxels = int(round(20.0 / case.ct.GetSpacing()[0]))
+    assert wide.GetSize() == (case.ct.GetSize()[0] + 2 * voxels, case.ct.GetSize()[1] + 2 * voxels, case.ct.GetSize()[2])
+    back = sitk.Resample(wide, case.ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(case.ct))
+    rim = sitk.GetArrayViewFromImage(wide)[:, :, :voxels]
+    assert (rim == -1000).all()
+    assert bench.padded(case.ct, 0) is case.ct
