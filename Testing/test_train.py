@@ -162,6 +162,35 @@ def test_the_shift_margin_puts_the_body_at_varying_distances_from_the_patch_edge
     assert len(body_edges(padded)) >= 4
 
 
+def test_oversampled_cases_are_visited_k_times_per_epoch_and_a_typo_is_refused(manifest, tmp_path, capsys):
+    from MMContourLib.data.dataset import case_visits, parse_oversample
+
+    cases = read_manifest(manifest, split="train")  # c0 left, c1 right, c2 left, c3 right
+    assert case_visits(cases) == [0, 1, 2, 3]
+    assert case_visits(cases, ["side=left:3"]) == [0, 0, 0, 1, 2, 2, 2, 3]
+    assert case_visits(cases, ["side=left:3", "n_stage=N2:2"]) == [0, 0, 0, 1, 2, 2, 2, 3, 3]  # the largest K
+    assert parse_oversample(" side = both : 4") == ("side", "both", 4)
+    for rule, why in (("side=both", "COLUMN=VALUE:K"), ("side=left:0", "K >= 1"), ("sides=left:2", "no column 'sides'"),
+                      ("side=both:4", "no training case has side = 'both'")):
+        with pytest.raises(ValueError, match=why):
+            case_visits(cases, [rule])
+    # through training: 8 visits -> 4 steps of 2 per epoch (2 without), recorded in the bundle
+    out = tmp_path / "over"
+    main(["train", "--manifest", str(manifest), "--out", str(out), "--text-encoder", "none", "--feature-size", "4",
+          "--spacing", *map(str, SPACING), "--patch", *map(str, PATCH), "--epochs", "1", "--warmup-epochs", "0",
+          "--device", "cpu", "--oversample", "side=left:3", "--json"])
+    history = json.loads((out / "log.json").read_text())
+    assert history[0]["step"] == 4
+    bundle = ModelBundle.load(out / "last")
+    assert bundle.training["oversample"] == ["side=left:3"] and bundle.training["visits_per_epoch"] == 8
+    capsys.readouterr()
+    assert main(["train", "--manifest", str(manifest), "--out", str(tmp_path / "typo"), "--text-encoder", "none",
+                 "--feature-size", "4", "--spacing", *map(str, SPACING), "--patch", *map(str, PATCH), "--epochs", "1",
+                 "--device", "cpu", "--oversample", "sid=left:3", "--json"]) == 2
+    assert "no column 'sid'" in capsys.readouterr().err
+    assert not (tmp_path / "typo" / "last").exists()
+
+
 def with_regions(manifest: Path, label: int = 5) -> Path:
     """The manifest plus a ``regions`` column: label ``label`` exactly on each case's CTV, 1 on a box beside it."""
     rows = list(csv.DictReader(open(manifest)))

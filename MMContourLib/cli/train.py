@@ -56,6 +56,9 @@ def register(subparsers) -> None:
                    help="air added at the training CTs' sides before patches are drawn, so the body sits at varying "
                         "distances from a patch's edges and the network does not learn the field of view "
                         "(default 60 mm; 0: none, as bundles up to v6 were trained)")
+    m.add_argument("--oversample", nargs="+", metavar="COLUMN=VALUE:K",
+                   help="visit the training cases whose manifest COLUMN is VALUE K times per epoch (rare kinds of "
+                        "case), e.g. side=both:4 for bilateral notes")
     m.add_argument("--structures", choices=("auto", "regions", "union"),
                    help="regions: one output per ESTRO structure (CTVp_Breast, CTVn_L1, ...), learned from the "
                         "regions maps (cases without one teach the whole CTV); union: one CTV output; "

@@ -257,6 +257,39 @@ def collate(samples: Sequence[dict]) -> dict:
             "classes": torch.stack([s["classes"] for s in samples]), "prompt": [s["prompt"] for s in samples], "case_id": [s["case_id"] for s in samples]}
 
 
+def parse_oversample(rule: str) -> tuple[str, str, int]:
+    """``"column=value:K"`` -> (column, value, K): the training cases whose manifest ``column`` is ``value``
+    are visited K times per epoch (a rare kind of case, e.g. ``side=both:4`` for bilateral notes)."""
+    try:
+        match, k = rule.rsplit(":", 1)
+        column, value = match.split("=", 1)
+        k = int(k)
+    except ValueError:
+        raise ValueError(f"oversample rule {rule!r}: write COLUMN=VALUE:K, e.g. side=both:4") from None
+    if not column.strip() or k < 1:
+        raise ValueError(f"oversample rule {rule!r}: give a manifest column and K >= 1")
+    return column.strip(), value.strip(), k
+
+
+def case_visits(cases: Sequence[Case], rules: Sequence[str] = ()) -> list[int]:
+    """Indices into ``cases``, each case as often per epoch as the largest K of the rules it matches (once
+    when none does). A rule whose column no case has, or that matches no case, is refused: a typo would
+    otherwise train the plain mix without a word."""
+    repeat = [1] * len(cases)
+    for rule in rules:
+        column, value, k = parse_oversample(rule)
+        if not any(column in c.row for c in cases):
+            known = sorted({key for c in cases for key in c.row})
+            raise ValueError(f"oversample rule {rule!r}: the manifest has no column {column!r} "
+                             f"(it has {', '.join(known)})")
+        hits = [i for i, c in enumerate(cases) if str(c.row.get(column, "")).strip() == value]
+        if not hits:
+            raise ValueError(f"oversample rule {rule!r}: no training case has {column} = {value!r}")
+        for i in hits:
+            repeat[i] = max(repeat[i], k)
+    return [i for i, r in enumerate(repeat) for _ in range(r)]
+
+
 def steps_per_epoch(num_cases: int, global_batch: int) -> int:
     return max(1, -(-num_cases // global_batch))
 

@@ -34,8 +34,8 @@ import torch
 
 from ..image.ctstats import training_range
 from ..image.fileio import atomic_write
-from ..data.dataset import (AugmentConfig, PatchDataset, build_cache, case_item, cached_statistics, collate, epoch_plan,
-                            sample_transforms, select_fraction, steps_per_epoch)
+from ..data.dataset import (AugmentConfig, PatchDataset, build_cache, case_item, case_visits, cached_statistics, collate,
+                            epoch_plan, parse_oversample, sample_transforms, select_fraction, steps_per_epoch)
 from ..data.manifest import manifest_hash, read_cases
 from ..image.preprocess import PreprocessConfig
 from ..model.device import DeviceError, resolve_device
@@ -88,6 +88,9 @@ class TrainConfig:
     # view always shows the body at the same place, and the network learns that place (a CT with a wider
     # field of view, or an oblique one whose model grid is larger, then loses the small levels)
     shift_margin_mm: float = 60.0
+    # "COLUMN=VALUE:K": training cases whose manifest COLUMN is VALUE are visited K times per epoch (rare
+    # kinds of case: "side=both:4" for bilateral notes); data.dataset.case_visits
+    oversample: tuple[str, ...] = ()
     # regions: one output per structure (note.structures), learned from the regions maps (cases without one
     # teach the union); union: one CTV output (bundles before per-structure output); auto: regions when any
     # training case has a regions map
@@ -113,6 +116,9 @@ class TrainConfig:
         self.spacing = tuple(float(v) for v in self.spacing)
         self.patch = tuple(int(v) for v in self.patch)
         self.emphasis_labels = tuple(int(v) for v in self.emphasis_labels)
+        self.oversample = tuple(str(v) for v in self.oversample)
+        for rule in self.oversample:
+            parse_oversample(rule)
         if self.region_weight < 0:
             raise ValueError(f"region weight must be >= 0; got {self.region_weight}")
         if self.class_balance < 0:
@@ -145,6 +151,7 @@ class TrainConfig:
         d = asdict(self)
         d["spacing"], d["patch"] = list(self.spacing), list(self.patch)
         d["emphasis_labels"] = list(self.emphasis_labels)
+        d["oversample"] = list(self.oversample)
         return d
 
     @classmethod
@@ -477,7 +484,11 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
             network.text_norm.reset_from(text(sorted({c.prompt for c in train_cases})))
     model.train()
     optimizer = adamw(model, config.lr, config.weight_decay)
-    n_steps = steps_per_epoch(len(train_cases) * config.patches_per_case, global_batch)
+    try:
+        visits = case_visits(train_cases, config.oversample)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
+    n_steps = steps_per_epoch(len(visits) * config.patches_per_case, global_batch)
     total_steps = n_steps * config.epochs
     warmup = int(round(config.warmup_epochs * n_steps))
     scheduler = WarmupCosineSchedule(optimizer, warmup_steps=warmup, t_total=total_steps)
@@ -528,6 +539,7 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
         "region_weight": config.region_weight, "soft_labels": config.soft_labels,
         **({"class_balance": config.class_balance} if config.class_balance else {}),
         "shift_margin_mm": config.shift_margin_mm,
+        **({"oversample": list(config.oversample), "visits_per_epoch": len(visits)} if config.oversample else {}),
         **({"init_bundle": {"path": str(config.init), "bundle_id": start.bundle_id}} if start else {}),
         "ct_range": training_range(cached_statistics(train_cache)),  # what the review checks a new CT against
         "structures": {"classes": list(structures), "cases_with_regions": with_regions,
@@ -537,9 +549,9 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
     epoch_times = []
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
-        plan = epoch_plan(len(train_cases) * config.patches_per_case, epoch, config.seed, config.batch_size,
+        plan = epoch_plan(len(visits) * config.patches_per_case, epoch, config.seed, config.batch_size,
                           dist.world_size, dist.rank)
-        plan = [[(i % len(train_cases), s) for i, s in batch] for batch in plan]
+        plan = [[(visits[i % len(visits)], s) for i, s in batch] for batch in plan]
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=plan, collate_fn=collate,
                                              num_workers=config.num_workers)
         losses = []
