@@ -151,8 +151,8 @@ def build_cache(cases: Sequence[Case], preprocessing: PreprocessConfig, patch_si
     ``shift_margin_mm``: air (0, i.e. -1000 HU, and background labels) added on both sides along R-L and
     A-P, so that the crops, which stay inside the padded volume, put the body at varying distances from
     the patch's edges (a network must not learn where the field of view ends)."""
-    from monai.transforms import BorderPadd, CastToTyped, Compose, FgBgToIndicesd, SpatialPadd
     from monai.data import CacheDataset
+    from monai.transforms import BorderPadd, CastToTyped, Compose, FgBgToIndicesd, SpatialPadd
 
     items = [{"case_id": c.case_id, "ct": str(c.ct), "ctv": str(c.ctv), "prompt": c.prompt,
               "regions": str(c.regions) if c.regions else ""} for c in cases]
