@@ -33,6 +33,8 @@ if [[ $STEP == train || $STEP == all ]]; then
   # Stage 6 (v7): 10 epochs at lr 3e-4 with 60 mm of air around each training CT (--shift-margin 60): the
   # 80-voxel patch was as wide as the 400 mm field of view, so v6 had learned where the field of view ends
   # and lost the internal mammary nodes when a CT's model grid was wider (oblique CTs; 9 mm of air added).
+  # Stage 7 (v8): 10 more epochs at lr 2e-4 with the 4 bilateral training cases visited 5 times per epoch
+  # (--oversample side=both:5): bilateral notes were most of the N0 <-> N2 failures.
   stage() {  # from folder, to folder, epochs, seed, bundle name, extra args...
     local from=$1 to=$2 epochs=$3 seed=$4 bundle=$5; shift 5
     $MM train --manifest data/phantoms/manifest.csv --out runs/$to --name "$bundle" "${COMMON[@]}" \
@@ -45,7 +47,9 @@ if [[ $STEP == train || $STEP == all ]]; then
       stage $1-ft $1-s3 15 2 $2 --text-encoder $3 --version 6
       stage $1-s3 $1-s4 15 3 $2 --text-encoder $3 --version 6 --class-balance 1
       stage $1-s4 $1-s5 10 4 $2 --text-encoder $3 --version 6 --class-balance 1
-      stage $1-s5 $1-s6 10 5 $2 --text-encoder $3 --version 7 --shift-margin 60 --lr 3e-4 --warmup-epochs 0 ) &
+      stage $1-s5 $1-s6 10 5 $2 --text-encoder $3 --version 7 --shift-margin 60 --lr 3e-4 --warmup-epochs 0
+      stage $1-s6 $1-s7 10 6 $2 --text-encoder $3 --version 8 --shift-margin 60 --lr 2e-4 --warmup-epochs 0 \
+        --oversample side=both:5 ) &
   done
   wait
   run multimodal-40 mmcontour-multimodal-40 --text-encoder llm --fraction 0.4 --version 5 &
@@ -54,7 +58,7 @@ fi
 if [[ $STEP == eval || $STEP == all ]]; then
   for set in phantoms:test external:all; do
     data=${set%%:*}; split=${set##*:}
-    $MM evaluate --bundle runs/vision-s6/best runs/multimodal-s6/best --label vision-only MMContour \
+    $MM evaluate --bundle runs/vision-s7/best runs/multimodal-s7/best --label vision-only MMContour \
       --manifest data/$data/manifest.csv --split $split --out runs/eval-$data --json > runs/eval-$data.json &
     $MM evaluate --bundle runs/vision-40/best runs/multimodal-40/best --label vision-only-40% MMContour-40% \
       --manifest data/$data/manifest.csv --split $split --out runs/eval-$data-40 --json > runs/eval-$data-40.json &
