@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the phantom experiments of docs/results.md and the shipped demo bundle.
-#   bench/phantom_experiments.sh [data|train|eval|all]   (defaults to all; ~4.5 h on a 2-core CPU)
+#   bench/phantom_experiments.sh [data|train|eval|all]   (defaults to all; ~5.5 h on a 2-core CPU)
 # Fixed seeds throughout: phantoms seed 0 (internal) and 1 (external site), training seed 0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
