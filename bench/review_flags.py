@@ -84,7 +84,7 @@ def demo_training_range(m: int, n_total: int = 160, seed: int = 0, planning_fov:
     return training_range(ct_statistics(generate_case(seeds[i], cfg, note=notes[i]).ct) for i in chosen)
 
 
-def structure_rows(result, case, config, dice_threshold: float, drawn: dict | None = None) -> list[dict]:
+def structure_rows(result, case, config, dice_threshold: float, drawn: dict) -> list[dict]:
     """Per structure of a per-structure contour: Dice against the note's guideline truth, wrong or not,
     flagged or not (by which kinds); [] for a single-CTV bundle."""
     from MMContourLib.note.targets import structure_label_map
@@ -99,7 +99,6 @@ def structure_rows(result, case, config, dice_threshold: float, drawn: dict | No
     truth = structure_label_map(sitk.GetArrayFromImage(case.regions), case.note, classes)
     truth_voxels = np.bincount(truth.ravel(), minlength=256)
     voxel_cc = float(np.prod(case.regions.GetSpacing())) / 1000.0
-    drawn = result.structure_volumes() if drawn is None else drawn
     kinds: dict[str, set] = {}
     for r in result.review.reasons:
         if r.structure:
@@ -278,7 +277,6 @@ def main(argv=None) -> int:
     per_structure_bundle = bool(getattr(contourer.network.config, "structures", ()))
     if args.save and not args.calibrate:
         ap.error("--save writes what --calibrate K finds: give --calibrate")
-    config = contourer.review_config
     report: dict = {"bundle": args.bundle, "per_structure_bundle": per_structure_bundle,
                     "structure_dice": args.structure_dice}
     if args.calibrate:
@@ -302,7 +300,7 @@ def main(argv=None) -> int:
                 print("  per structure: the review has no measures['structure_confidence'] (the contourer does not "
                       "pass the per-structure probabilities yet): no per-structure calibration")
             else:
-                print(f"  per structure (> {config.min_confidence_cc:g} cc; {len(cal['right_ratios'])} right, "
+                print(f"  per structure (> {contourer.review_config.min_confidence_cc:g} cc; {len(cal['right_ratios'])} right, "
                       f"{len(cal['wrong_ratios'])} wrong): ratio flagging <= 20 % of right structures: {cal['suggested']}")
                 print(f"    right: {[round(x, 3) for x in cal['right_ratios']]}")
                 print(f"    wrong: {[round(x, 3) for x in cal['wrong_ratios']]}")

@@ -32,7 +32,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-BODY = 0.3  # model-grid intensity (0..1 over -1000..1000 HU) above which a voxel is body: -400 HU
 
 
 def load(manifest: str, spacing: float) -> list[dict]:
@@ -61,7 +60,9 @@ def load(manifest: str, spacing: float) -> list[dict]:
 def half_signs(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """+1 on the body's left half, -1 on its right, on a grid of ``shape`` (the evidence map's): X runs R->L,
     the halves meet at the body's centre of mass along X."""
-    body = array > BODY
+    from MMContourLib.data.dataset import BODY_THRESHOLD
+
+    body = array > BODY_THRESHOLD
     x = np.arange(array.shape[0], dtype=np.float64)
     mass = body.sum(axis=(1, 2))
     centre = float((x * mass).sum() / max(mass.sum(), 1))

@@ -23,7 +23,7 @@ bundle without a training range gives no input flag and says so in ``notes``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -79,9 +79,8 @@ class ReviewConfig:
         """The defaults, with the thresholds a bundle records for itself (``InferenceConfig.review``: calibrated
         on that model by ``bench/review_flags.py --calibrate K --save``). Other keys (the calibration's
         provenance) are left alone; a value that is not a positive number is refused."""
-        names = {f.name for f in fields(cls)} & set(BUNDLE_THRESHOLDS)
         values = {}
-        for key in names & set(review or {}):
+        for key in set(BUNDLE_THRESHOLDS) & set(review or {}):
             value = review[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"the bundle's review threshold {key} is {value!r}; it must be a positive number")
