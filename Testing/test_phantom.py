@@ -501,6 +501,35 @@ def test_cli_phantom_writes_a_dataset_and_prints_a_summary(tmp_path, capsys):
     assert not (tmp_path / "none").exists()
 
 
+def test_extra_bilateral_training_cases_merge_into_one_manifest(tmp_path, capsys):
+    """`phantom --bilateral-share 1 --splits 1 0 0` writes only bilateral training cases; `merge-manifests`
+    joins them with another set, paths rewritten so training reads both; clashes and bad values are refused."""
+    from MMContourLib.cli.main import main
+    from MMContourLib.data.manifest import read_cases
+
+    assert main(["phantom", "--n", "3", "--out", str(tmp_path / "bil"), "--seed", "2", "--bilateral-share", "1",
+                 "--splits", "1", "0", "0"]) == 0
+    bilateral = read_cases(tmp_path / "bil" / "manifest.csv")
+    assert [c.split for c in bilateral] == ["train"] * 3 and all(len(c.note.sides) == 2 for c in bilateral)
+    assert main(["phantom", "--n", "3", "--out", str(tmp_path / "base"), "--seed", "4"]) == 0
+    assert main(["phantom", "--n", "1", "--out", str(tmp_path / "x"), "--bilateral-share", "1.5"]) == 2
+    assert "--bilateral-share must lie in [0, 1]" in capsys.readouterr().err
+    out = tmp_path / "mixed" / "train.csv"
+    out.parent.mkdir()
+    assert main(["merge-manifests", str(tmp_path / "base" / "manifest.csv"), str(tmp_path / "bil" / "manifest.csv"),
+                 "--out", str(out)]) == 0
+    assert "wrote 6 cases from 2 manifest(s)" in capsys.readouterr().out
+    merged = read_cases(out)
+    assert [c.case_id for c in merged] == [f"p4-{i:04d}" for i in range(3)] + [f"p2-{i:04d}" for i in range(3)]
+    same = lambda cases: [(c.ct.resolve(), c.ctv.resolve(), c.regions.resolve(), c.split, c.note) for c in cases]
+    assert same(merged[3:]) == same(bilateral)
+    assert out.read_text().count("../bil/cases/p2-0000_ct.nii.gz") == 1  # relative to the merged manifest
+    assert main(["merge-manifests", str(tmp_path / "bil" / "manifest.csv"), "--out", str(out)]) == 2  # no overwrite
+    assert main(["merge-manifests", str(tmp_path / "bil" / "manifest.csv"), str(tmp_path / "bil" / "manifest.csv"),
+                 "--out", str(tmp_path / "twice.csv")]) == 2
+    assert "case_id 'p2-0000' is also in" in capsys.readouterr().err and not (tmp_path / "twice.csv").exists()
+
+
 def test_config_refuses_unknown_knob_values():
     with pytest.raises(ValueError, match="orientation_mix"):
         PhantomConfig(orientation_mix={"LAS": 1.0})

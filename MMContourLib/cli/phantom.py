@@ -19,23 +19,34 @@ def register(subparsers) -> None:
     p.add_argument("--planning-fov", action="store_true",
                    help="a planning CT's field of view: from the neck (above the cricoid) to the upper abdomen "
                         "(liver, stomach, kidneys, bowel gas), varied per case; default: the thorax only")
+    p.add_argument("--bilateral-share", type=float, metavar="P",
+                   help="share of bilateral notes (default 0.03, external site 0.05): more of the rarest kind of "
+                        "case for training")
+    p.add_argument("--splits", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"), default=(0.6, 0.2, 0.2),
+                   help="split fractions (default 0.6 0.2 0.2; '1 0 0': every case for training)")
     p.add_argument("--json", action="store_true", help="print one JSON summary")
     p.set_defaults(func=run)
 
 
 def run(args) -> dict:
+    from dataclasses import replace
+
     from ..data.phantom import PhantomConfig
     from ..data.phantom_dataset import summarize, write_dataset
+    from .common import UsageError
 
     cfg = PhantomConfig.clinical() if args.clinical_resolution else PhantomConfig()
     if args.external:
         cfg = PhantomConfig.external_site(cfg)
     if args.planning_fov:
-        from dataclasses import replace
-
         cfg = replace(cfg, planning_fov=True)
+    if args.bilateral_share is not None:
+        if not 0.0 <= args.bilateral_share <= 1.0:
+            raise UsageError(f"--bilateral-share must lie in [0, 1], got {args.bilateral_share}")
+        cfg = replace(cfg, p_bilateral=args.bilateral_share)
     t0 = time.perf_counter()
-    manifest = write_dataset(args.n, args.out, seed=args.seed, config=cfg, progress=not args.json)
+    manifest = write_dataset(args.n, args.out, seed=args.seed, config=cfg, split_fractions=args.splits,
+                             progress=not args.json)
     summary = {**summarize(manifest), "external": bool(args.external), "planning_fov": bool(args.planning_fov),
                "seconds": round(time.perf_counter() - t0, 2)}
     if not args.json:

@@ -128,6 +128,30 @@ def write_manifest(path: str | os.PathLike, rows: Iterable[Mapping[str, object]]
     return write_text(path, text.getvalue())
 
 
+def merge_manifests(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> Path:
+    """One manifest of the cases of several (each checked whole: notes parse, files exist), with every
+    file path rewritten relative to ``out``'s folder, so two archives (or a phantom set and extra cases
+    of a rare kind) train as one. A case id found in two of them is refused, as is an ``out`` that is
+    one of the inputs."""
+    out = Path(out)
+    if not paths:
+        raise ValueError("merge_manifests: give at least one manifest")
+    if any(out.resolve() == Path(p).resolve() for p in paths):
+        raise ManifestError(out, "is one of the manifests being merged; write the merged one elsewhere")
+    rows, origin = [], {}
+    for path in paths:
+        for row in read_manifest(path, check=True, require=("split",)):
+            case = row["case_id"]
+            if case in origin:
+                raise ManifestError(path, f"case_id {case!r} is also in {origin[case]}", case=case, column="case_id")
+            origin[case] = str(path)
+            for column in PATH_COLUMNS:
+                if row.get(column):
+                    row[column] = os.path.relpath(Path(row[column]).resolve(), out.parent.resolve())
+            rows.append({k: row[k] for k in MANIFEST_COLUMNS + OPTIONAL_COLUMNS if k in row})
+    return write_manifest(out, rows)
+
+
 def manifest_hash(path: str | os.PathLike) -> str:
     return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:24]
 
@@ -159,4 +183,4 @@ def read_cases(path: str | os.PathLike, split: str | None = None, require_ctv: b
 
 
 __all__ = ["MANIFEST_COLUMNS", "OPTIONAL_COLUMNS", "ManifestError", "ManifestNotFoundError", "Case", "note_for",
-           "read_manifest", "read_cases", "write_manifest", "manifest_hash"]
+           "read_manifest", "read_cases", "write_manifest", "merge_manifests", "manifest_hash"]
