@@ -186,6 +186,21 @@ def test_n0_note_with_a_nodal_level_drawn_is_flagged_note():
     assert set(wrong_local) == {"CTVp_ChestWall_L"} and "no nodal levels" not in wrong_local["CTVp_ChestWall_L"].text
 
 
+def test_a_breast_drawn_where_the_note_says_mastectomy_names_the_disagreement():
+    """A mastectomy note on the side of an intact breast (wrong side or surgery in the note): the model draws
+    the breast it sees; the review says the note and the CT disagree, not merely 'delete it'."""
+    note = "N0, total mastectomy surgery, right side"
+    reasons = _note_reasons(note, CTVp_Breast_R=405.0, CTVp_ChestWall_R=0.3)
+    assert set(reasons) == {"CTVp_Breast_R", "CTVp_ChestWall_R"}
+    text = reasons["CTVp_Breast_R"].text
+    assert text.startswith("405 cc of breast drawn where the note says total mastectomy (right side)")
+    assert "check the note's side and surgery" in text and reasons["CTVp_Breast_R"].kind == "note"
+    assert reasons["CTVp_ChestWall_R"].text.startswith("missing")
+    # a breast on the other, untreated side is the ordinary excluded-structure reason
+    other = _note_reasons(note, CTVp_ChestWall_R=300.0, CTVp_Breast_L=50.0)
+    assert set(other) == {"CTVp_Breast_L"} and "treats only the right side" in other["CTVp_Breast_L"].text
+
+
 def test_expected_structure_missing_or_far_below_training_is_flagged():
     n2 = "N2, breast conserving surgery, left side"
     full = dict(CTVp_Breast_L=600.0, CTVn_L1_L=30.0, CTVn_L2_L=15.0, CTVn_L3_L=8.0, CTVn_L4_L=10.0, CTVn_IMN_L=4.0)

@@ -286,6 +286,13 @@ def _side_why(name: str, note: ClinicalNote) -> str:
     return f"the note's guideline for the {side} side ({why}) does not include it"
 
 
+def _breast_after_mastectomy(name: str, note: ClinicalNote) -> bool:
+    """Whether ``name`` is a breast structure on a side the note calls a mastectomy."""
+    row, side = structure_for(name)
+    s = note.findings(side) if side else None
+    return bool(s is not None and s.surgery == "mastectomy" and row is not None and "breast" in row.regions)
+
+
 def structure_reasons(volumes: Mapping[str, float], expected, note: ClinicalNote, training: Mapping | None,
                       config: ReviewConfig = ReviewConfig()) -> list[Reason]:
     """Note consistency per structure (kind "note"): ``volumes`` {structure: cc} as drawn, for every structure
@@ -302,7 +309,12 @@ def structure_reasons(volumes: Mapping[str, float], expected, note: ClinicalNote
     for name, cc in volumes.items():
         cc = float(cc)
         if name not in expected:
-            if cc > config.max_excluded_cc:
+            if cc > config.max_excluded_cc and _breast_after_mastectomy(name, note):
+                # the model draws the breast it sees on the CT: the note's side or surgery disagrees with it
+                out.append(Reason("note", f"{cc:.0f} cc of breast drawn where the note says total mastectomy "
+                                          f"({structure_for(name)[1]} side): the CT seems to show a breast there; "
+                                          "check the note's side and surgery", name))
+            elif cc > config.max_excluded_cc:
                 out.append(Reason("note", f"{cc:.0f} cc drawn, but {_side_why(name, note)}: delete it or check "
                                           "the note", name))
         elif cc < config.min_drawn_cc:
