@@ -337,6 +337,9 @@ def test_flags_bench_calibrates_both_confidence_thresholds_within_one_budget_for
     flagged = sum(bool(r["kinds"]) or r["uncertain_ratio"] > t1
                   or r["structure_confidence"]["CTVn_L1_L"]["uncertain_ratio"] > t2 for r in rows[:20])
     assert flagged == joint["right_flagged"]
+    # a smaller budget (room for the noise of 20 phantoms): the note flags alone spend 10 %, no confidence flag
+    tight = bench.calibrate_jointly(rows, 0.1)
+    assert tight["right_flagged"] == 2 and tight["budget"] == 0.1 and tight["max_uncertain_ratio"] >= t1
     # each flag calibrated alone at 20 % (the old way): the review as a whole goes over the budget
     alone = bench.calibrate(rows[:20], 0.2)
     alone_structure = float(np.quantile([r["structure_confidence"]["CTVn_L1_L"]["uncertain_ratio"] for r in rows[:20]], 0.8))
