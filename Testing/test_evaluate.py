@@ -260,7 +260,11 @@ class FakeContourer:
 
     def contour(self, ct, note):
         regions, true_note = self.cases[self._key(ct)]
-        return SimpleNamespace(mask=ctv_for_note(regions, note if self.follow_note else true_note))
+        # the note-blind model at least says when it was asked for another note than the one it draws
+        ignored = [SimpleNamespace(kind="note", structure=None, line=lambda: "note ignored")] \
+            if not self.follow_note and note != true_note else []
+        return SimpleNamespace(mask=ctv_for_note(regions, note if self.follow_note else true_note),
+                               review=SimpleNamespace(reasons=ignored))
 
 
 class FakeStructureContourer(FakeContourer):
@@ -295,6 +299,10 @@ def test_evaluate_scores_a_note_following_model_above_a_note_blind_one(phantom_m
     assert tf_oracle["nodes"]["dice_vs_truth"]["mean"] == 1.0
     assert tf_blind["nodes"]["follows"]["mean"] == 0.0 and tf_blind["all"]["follows"]["mean"] == 0.0
     assert tf_oracle["side"]["follows"]["mean"] == 1.0 and tf_blind["side"]["follows"]["mean"] == 0.0
+    # the notes not followed, and how many of those the review flagged (the blind fake flags each)
+    assert tf_oracle["side"]["not_followed"] == 0 and tf_oracle["nodes"]["not_followed_flagged"] == 0
+    assert tf_blind["nodes"]["not_followed"] == 4 and tf_blind["nodes"]["not_followed_flagged"] == 4
+    assert tf_blind["side"]["not_followed"] == tf_blind["side"]["not_followed_flagged"] > 0
 
     out = tmp_path / "eval"
     assert json.loads((out / "metrics.json").read_text())["models"][0]["model"] == "oracle"
@@ -304,6 +312,8 @@ def test_evaluate_scores_a_note_following_model_above_a_note_blind_one(phantom_m
     table = (out / "table.md").read_text()
     assert "| Model | Dice | IoU | HD95 (mm) | Clinical accuracy |" in table
     assert "| oracle | 1.000 (1.000-1.000) | 1.000 (1.000-1.000) | 0.00 (0.00-0.00) | 1.000 (1.000-1.000) |" in table
+    assert table.rstrip().endswith(f"| note-blind | 0.00 (0.00-0.00) | 0.00 (0.00-0.00) | 0.00 (0.00-0.00) | "
+                                   f"{tf_blind['side']['not_followed']}/{tf_blind['side']['not_followed']} / 4/4 |")
     assert len(list((out / "overlays" / "oracle").glob("*.png"))) == 4
     for model in (oracle, blind):  # the contour of the true note lies on the treated side(s)
         assert model["side_found"]["mean"] == 1.0

@@ -81,11 +81,15 @@ def write_table(models: Sequence[dict], path: Path, side_share: float = 0.8) -> 
         lines += ["", "After the anatomical range step (inference/anatomy.py); the lung base is the CT's lowest lung "
                       "voxel."]
     if any("text_following" in m for m in models):
-        lines += ["", "| Model | Follows side flip | Follows N0<->N2 | Follows both |", "|---|---|---|---|"]
+        lines += ["", "| Model | Follows side flip | Follows N0<->N2 | Follows both | Not followed, flagged for "
+                      "review (side / N) |", "|---|---|---|---|---|"]
         for m in models:
             tf = m.get("text_following", {})
             get = lambda k: _fmt(tf.get(k, {}).get("follows"), 2)
-            lines.append(f"| {m['model']} | {get('side')} | {get('nodes')} | {get('all')} |")
+            caught = lambda k: (f"{tf[k]['not_followed_flagged']}/{tf[k]['not_followed']}"
+                                if "not_followed" in tf.get(k, {}) else "n/a")
+            lines.append(f"| {m['model']} | {get('side')} | {get('nodes')} | {get('all')} | "
+                         f"{caught('side')} / {caught('nodes')} |")
     text = "\n".join(lines) + "\n"
     _atomic(path, lambda tmp: tmp.write_text(text))
     return path

@@ -335,7 +335,7 @@ def _evaluate_case(contourer, case, ct, truth, regions, config: EvalConfig, out:
     row["caudal_to_lung_base_cc"] = cc_caudal_to(result.mask, report.get("limits_mm", {}).get("lung_base"))
     labels = getattr(result, "labels", None)
     row["per_structure"] = labels is not None
-    reasons = getattr(getattr(result, "review", None), "reasons", [])
+    reasons = _review_reasons(result)
     row["needs_review"] = bool(reasons)
     row["review_kinds"] = ";".join(sorted({r.kind + ("/structure" if r.structure else "") for r in reasons}))
     row["review_reasons"] = " | ".join(r.line() for r in reasons)
@@ -357,13 +357,20 @@ def _evaluate_case(contourer, case, ct, truth, regions, config: EvalConfig, out:
     return row
 
 
+def _review_reasons(result) -> list:
+    """The review's reasons of a contour ([] for a contourer without a review)."""
+    return list(getattr(getattr(result, "review", None), "reasons", []))
+
+
 def _counterfactual(contourer, ct, kind: str, note: ClinicalNote, row: dict, regions, config: EvalConfig) -> dict:
     """Contour with a counterfactual note. ``follows``: side flip -> the contour is on the new side only
     (with regions; without them: most of its volume is on the new side) and grew there; N flip -> nodal
     regions targeted iff the new note is node-positive (needs regions; else None)."""
-    mask = contourer.contour(ct, note).mask
+    result = contourer.contour(ct, note)
+    mask = result.mask
     volumes = side_volumes(mask, config.midline_x)
-    entry = {"prompt": note.to_prompt(), **volumes}
+    # whether the review asks for a check: a note the model does not follow should not pass silently
+    entry = {"prompt": note.to_prompt(), **volumes, "needs_review": bool(_review_reasons(result))}
     side_flip = kind == "side"
     other = "left" if note.side == "right" else "right"
     if regions is None:
@@ -412,6 +419,9 @@ def _summarise(label, bundle_path, contourer, per_case, config: EvalConfig, seco
             tf[kind] = {"follows": ci([float(e["follows"]) for e in entries], 10 + j)}
             if "dice_vs_truth" in entries[0]:
                 tf[kind]["dice_vs_truth"] = ci([e["dice_vs_truth"] for e in entries], 20 + j)
+            missed = [e for e in entries if not e["follows"]]
+            tf[kind]["not_followed"] = len(missed)
+            tf[kind]["not_followed_flagged"] = sum(bool(e.get("needs_review")) for e in missed)
     both = [float(all(e["follows"] for e in cf.values())) for cf in followed
             if all(e["follows"] is not None for e in cf.values())]
     if both:
