@@ -409,6 +409,12 @@ def test_evaluate_a_real_per_structure_bundle(phantom_manifest, tmp_path, tiny_v
         assert 0.0 <= model["side_found"]["mean"] <= 1.0 and model["side_found"]["n"] == 4
     rows = list(csv.DictReader(open(tmp_path / "real" / "cases.csv")))
     assert [r["per_structure"] for r in rows] == ["True"] * 4 + ["False"] * 4
+    # the confidence measures behind the flags come along (per structure drawn, for the per-structure bundle)
+    assert all(float(r["uncertain_ratio"]) > 0 for r in rows)  # a random network is unsure everywhere
+    drawn = [k for k in rows[0] if k.startswith("uncertain_CTV")]
+    assert drawn and set(k[len("uncertain_"):] for k in drawn) <= set(structure_classes())
+    assert any(float(r[k]) > 0 for r in rows[:4] for k in drawn if r[k])
+    assert all(r[k] == "" for r in rows[4:] for k in drawn)  # the single-CTV bundle has none
     table = (tmp_path / "real" / "table.md").read_text()
     assert "| Structure | tiny-structures | tiny-test |" in table
     assert "tiny-test: single-CTV bundle (one output): no per-structure contours to score." in table

@@ -141,6 +141,8 @@ def _flat(row: dict) -> dict:
         flat["dice_structures_mean"] = float(np.mean(list(row["structure_dice"].values())))
     for name, v in row.get("structure_dice", {}).items():
         flat[f"dice_{name}"] = v
+    for name, v in row.get("structure_uncertain", {}).items():
+        flat[f"uncertain_{name}"] = v
     for kind, entry in row.get("counterfactual", {}).items():
         for k, v in entry.items():
             if isinstance(v, dict):

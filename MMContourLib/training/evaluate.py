@@ -339,6 +339,11 @@ def _evaluate_case(contourer, case, ct, truth, regions, config: EvalConfig, out:
     row["needs_review"] = bool(reasons)
     row["review_kinds"] = ";".join(sorted({r.kind + ("/structure" if r.structure else "") for r in reasons}))
     row["review_reasons"] = " | ".join(r.line() for r in reasons)
+    # the confidence measures behind the flags, so thresholds can be studied without contouring again
+    measures = getattr(getattr(result, "review", None), "measures", None) or {}
+    row["uncertain_ratio"] = measures.get("uncertain_ratio")
+    row["structure_uncertain"] = {name: m.get("uncertain_ratio")
+                                  for name, m in (measures.get("structure_confidence") or {}).items()}
     if regions is not None:
         coverage = region_coverage(result.mask, regions)
         row["clinical"] = clinical_check(coverage, case.note, config.coverage_threshold)
