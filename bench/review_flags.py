@@ -310,7 +310,7 @@ def main(argv=None) -> int:
                 print(f"    right: {[round(x, 3) for x in cal['right_ratios']]}")
                 print(f"    wrong: {[round(x, 3) for x in cal['wrong_ratios']]}")
         if args.json:  # every calibration contour, to calibrate again (another budget) without contouring again
-            report["calibration"]["rows"] = rows
+            report["calibration"]["rows"], report["calibration"]["structure_rows"] = rows, structures
         joint = calibrate_jointly(rows, args.budget)
         report["calibration"]["joint"] = joint
         print(f"  jointly (the whole review within the {100 * args.budget:g} % budget; {joint.get('right_flagged_without_threshold')} of "
