@@ -131,8 +131,8 @@ def write_manifest(path: str | os.PathLike, rows: Iterable[Mapping[str, object]]
 def merge_manifests(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> Path:
     """One manifest of the cases of several (each checked whole: notes parse, files exist), with every
     file path rewritten relative to ``out``'s folder, so two archives (or a phantom set and extra cases
-    of a rare kind) train as one. A case id found in two of them is refused, as is an ``out`` that is
-    one of the inputs."""
+    of a rare kind) train as one. Columns other than MANIFEST_COLUMNS and OPTIONAL_COLUMNS are left out.
+    A case id found in two of them is refused, as is an ``out`` that is one of the inputs."""
     out = Path(out)
     if not paths:
         raise ValueError("merge_manifests: give at least one manifest")
