@@ -10,12 +10,14 @@ from MMContourLib.data.phantom_dataset import case_seed
 
 def test_demo_phantom_was_never_a_training_case():
     cfg = json.loads((default_bundle_path() / "config.json").read_text())
-    # trained on data/phantoms/manifest.csv, which the recipe makes with phantom seed 0 (the training seed is
-    # another thing: stage 2 of the v5 recipe uses 1)
-    assert cfg["training"]["manifest"] == "data/phantoms/manifest.csv"
+    # its last stage trained on data/train-mix.csv: the recipe's phantoms of seed 0 and its bilateral
+    # phantoms of seed 2, merged (the training seed is another thing: stage 2 of the v5 recipe uses 1)
+    assert cfg["training"]["manifest"] == "data/train-mix.csv"
     recipe = (default_bundle_path().parents[2] / "bench" / "phantom_experiments.sh").read_text()
     assert "phantom --n 160 --out data/phantoms --seed 0" in recipe
-    training_seeds = {case_seed(0, i) for i in range(400)}  # the demo bundle used 160 phantoms of seed 0
+    assert "phantom --n 24 --out data/bilateral --seed 2" in recipe
+    assert "merge-manifests data/phantoms/manifest.csv data/bilateral/manifest.csv --out data/train-mix.csv" in recipe
+    training_seeds = {case_seed(seed, i) for seed in (0, 2) for i in range(400)}
     assert DEMO_SEED not in training_seeds
 
 

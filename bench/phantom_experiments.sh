@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the phantom experiments of docs/results.md and the shipped demo bundle.
-#   bench/phantom_experiments.sh [data|train|eval|all]   (defaults to all; ~5.5 h on a 2-core CPU)
+#   bench/phantom_experiments.sh [data|train|eval|all]   (defaults to all; ~6 h on a 2-core CPU)
 # Fixed seeds throughout: phantoms seed 0 (internal) and 1 (external site), training seed 0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +17,9 @@ COMMON=(--feature-size 8 --spacing 5 5 5 --patch 80 64 48 --batch-size 2 --epoch
 if [[ $STEP == data || $STEP == all ]]; then
   $MM phantom --n 160 --out data/phantoms --seed 0 --planning-fov
   $MM phantom --n 30 --out data/external --seed 1 --external --planning-fov
+  # stage 8: 24 more bilateral training cases (the internal set has 4), merged into one training manifest
+  $MM phantom --n 24 --out data/bilateral --seed 2 --planning-fov --bilateral-share 1 --splits 1 0 0
+  $MM merge-manifests data/phantoms/manifest.csv data/bilateral/manifest.csv --out data/train-mix.csv --overwrite
 fi
 if [[ $STEP == train || $STEP == all ]]; then
   run() {  # folder, bundle name, extra args...
@@ -35,7 +38,11 @@ if [[ $STEP == train || $STEP == all ]]; then
   # and lost the internal mammary nodes when a CT's model grid was wider (oblique CTs; 9 mm of air added).
   # Stage 7 (v8): 10 more epochs at lr 2e-4 with the 4 bilateral training cases visited 5 times per epoch
   # (--oversample side=both:5): bilateral notes were most of the N0 <-> N2 failures.
-  stage() {  # from folder, to folder, epochs, seed, bundle name, extra args...
+  # Stage 8 (v9): 10 more epochs at lr 2e-4 on the training set plus 24 bilateral phantoms
+  # (data/train-mix.csv: 28 of 120 training cases bilateral, no oversampling): the bilateral N0 notes
+  # themselves still got nodes on the right with 4 bilateral training cases.
+  # Stage 9 (v10, shipped): 6 more epochs at lr 1.5e-4 on the same set, bilateral cases visited 3 times.
+  stage() {  # from folder, to folder, epochs, seed, bundle name, extra args (a later --manifest replaces the first)
     local from=$1 to=$2 epochs=$3 seed=$4 bundle=$5; shift 5
     $MM train --manifest data/phantoms/manifest.csv --out runs/$to --name "$bundle" "${COMMON[@]}" \
       --epochs "$epochs" --lr 5e-4 --warmup-epochs 1 --val-every 5 --seed "$seed" --init runs/$from/best "$@" \
@@ -49,7 +56,11 @@ if [[ $STEP == train || $STEP == all ]]; then
       stage $1-s4 $1-s5 10 4 $2 --text-encoder $3 --version 6 --class-balance 1
       stage $1-s5 $1-s6 10 5 $2 --text-encoder $3 --version 7 --shift-margin 60 --lr 3e-4 --warmup-epochs 0
       stage $1-s6 $1-s7 10 6 $2 --text-encoder $3 --version 8 --shift-margin 60 --lr 2e-4 --warmup-epochs 0 \
-        --oversample side=both:5 ) &
+        --oversample side=both:5
+      stage $1-s7 $1-s8 10 7 $2 --text-encoder $3 --version 9 --shift-margin 60 --lr 2e-4 --warmup-epochs 0 \
+        --manifest data/train-mix.csv
+      stage $1-s8 $1-s9 6 8 $2 --text-encoder $3 --version 10 --shift-margin 60 --lr 1.5e-4 --warmup-epochs 0 \
+        --val-every 3 --manifest data/train-mix.csv --oversample side=both:3 ) &
   done
   wait
   run multimodal-40 mmcontour-multimodal-40 --text-encoder llm --fraction 0.4 --version 5 &
@@ -58,7 +69,7 @@ fi
 if [[ $STEP == eval || $STEP == all ]]; then
   for set in phantoms:test external:all; do
     data=${set%%:*}; split=${set##*:}
-    $MM evaluate --bundle runs/vision-s7/best runs/multimodal-s7/best --label vision-only MMContour \
+    $MM evaluate --bundle runs/vision-s9/best runs/multimodal-s9/best --label vision-only MMContour \
       --manifest data/$data/manifest.csv --split $split --out runs/eval-$data --json > runs/eval-$data.json &
     $MM evaluate --bundle runs/vision-40/best runs/multimodal-40/best --label vision-only-40% MMContour-40% \
       --manifest data/$data/manifest.csv --split $split --out runs/eval-$data-40 --json > runs/eval-$data-40.json &
