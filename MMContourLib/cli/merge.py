@@ -16,18 +16,16 @@ def register(subparsers) -> None:
 
 
 def run(args) -> dict:
+    from collections import Counter
     from pathlib import Path
 
     from ..data.manifest import merge_manifests, read_manifest
-    from .common import UsageError
+    from .common import check_output
 
-    if Path(args.out).exists() and not args.overwrite:
-        raise UsageError(f"{args.out} exists; MMContour never overwrites a file unless you pass --overwrite")
+    check_output(Path(args.out), args.overwrite, inputs=args.manifests)
     out = merge_manifests(args.manifests, args.out)
     rows = read_manifest(out)
-    splits: dict[str, int] = {}
-    for row in rows:
-        splits[row.get("split", "")] = splits.get(row.get("split", ""), 0) + 1
+    splits = dict(Counter(row.get("split", "") for row in rows))
     summary = {"manifest": str(out), "cases": len(rows), "splits": splits, "from": list(map(str, args.manifests))}
     if not args.json:
         print(f"wrote {len(rows)} cases from {len(args.manifests)} manifest(s) -> {out} ("
