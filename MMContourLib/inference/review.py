@@ -286,11 +286,12 @@ def _side_why(name: str, note: ClinicalNote) -> str:
     return f"the note's guideline for the {side} side ({why}) does not include it"
 
 
-def _breast_after_mastectomy(name: str, note: ClinicalNote) -> bool:
-    """Whether ``name`` is a breast structure on a side the note calls a mastectomy."""
+def _breast_after_mastectomy(name: str, note: ClinicalNote) -> str | None:
+    """The side, when ``name`` is a breast structure on a side the note calls a mastectomy; else None."""
     row, side = structure_for(name)
     s = note.findings(side) if side else None
-    return bool(s is not None and s.surgery == "mastectomy" and row is not None and "breast" in row.regions)
+    return side if s is not None and s.surgery == "mastectomy" and row is not None and "breast" in row.regions \
+        else None
 
 
 def structure_reasons(volumes: Mapping[str, float], expected, note: ClinicalNote, training: Mapping | None,
@@ -309,10 +310,11 @@ def structure_reasons(volumes: Mapping[str, float], expected, note: ClinicalNote
     for name, cc in volumes.items():
         cc = float(cc)
         if name not in expected:
-            if cc > config.max_excluded_cc and _breast_after_mastectomy(name, note):
+            mastectomy_side = _breast_after_mastectomy(name, note) if cc > config.max_excluded_cc else None
+            if mastectomy_side:
                 # the model draws the breast it sees on the CT: the note's side or surgery disagrees with it
                 out.append(Reason("note", f"{cc:.0f} cc of breast drawn where the note says total mastectomy "
-                                          f"({structure_for(name)[1]} side): the CT seems to show a breast there; "
+                                          f"({mastectomy_side} side): the CT seems to show a breast there; "
                                           "check the note's side and surgery", name))
             elif cc > config.max_excluded_cc:
                 out.append(Reason("note", f"{cc:.0f} cc drawn, but {_side_why(name, note)}: delete it or check "
