@@ -82,10 +82,24 @@ def test_bundle_save_load_gives_identical_outputs(tiny_bundle, contourer, tmp_pa
     assert np.array_equal(a, b)
     config = json.loads((copy / "config.json").read_text())
     assert config["text_encoder"]["fingerprint"] == contourer.text.fingerprint
-    assert config["prompt_template_version"] == "table5-v1"
+    assert config["prompt_template_version"] == contourer.text.template == "table5-v2"
     assert all(k.startswith(("net.", "text.")) for k in ModelBundle.load(copy).weights)
     assert not any("embed_tokens" in k or "layers." in k for k in ModelBundle.load(copy).weights), \
         "the LLM's weights must never be copied into a bundle"
+
+
+def test_a_table5_v1_bundle_is_read_as_it_was_trained(tiny_bundle, tmp_path):
+    """Bundles up to v10 read a bilateral note in one pass (N tokens); they keep doing so."""
+    old = ModelBundle.load(tiny_bundle)
+    old.prompt_template_version = "table5-v1"
+    old = Contourer.from_bundle(old.save(tmp_path / "v1"), device="cpu")
+    new = Contourer.from_bundle(tiny_bundle, device="cpu")
+    bilateral = "N0, breast conserving surgery, left side; N2, total mastectomy surgery, right side"
+    assert old.text.template == "table5-v1" and old.encode_notes([bilateral]).shape[1] == 2
+    assert new.encode_notes([bilateral]).shape[1] == 4
+    torch.testing.assert_close(old.encode_notes([NOTE]), new.encode_notes([NOTE]))  # unilateral: the same reading
+    result = old.contour(make_ct(size=(48, 40, 24)), bilateral)
+    assert result.provenance["prompt_template_version"] == "table5-v1"
 
 
 def test_mismatched_llm_is_refused(tiny_bundle, other_llm_dir):

@@ -1,6 +1,7 @@
 import pytest
 
-from MMContourLib.note.clinical import ClinicalNote, ContradictionError, NoteError, normalise_n_stage, normalise_t_stage
+from MMContourLib.note.clinical import (ClinicalNote, ContradictionError, NoteError, normalise_n_stage,
+                                        normalise_t_stage, prompt_clauses)
 
 
 @pytest.mark.parametrize("raw,expected", [("1mi", "N1mi"), ("N1mi", "N1mi"), ("pN1(mi)", "N1mi"), ("pN1a", "N1"),
@@ -34,6 +35,16 @@ def test_prompts_match_paper_table5():
         "N2, total mastectomy surgery, right side"
     both = ClinicalNote.from_fields(side="both", n_stage="N0", surgery="BCS")
     assert both.to_prompt() == ("N0, breast conserving surgery, left side; N0, breast conserving surgery, right side")
+
+
+def test_template_v2_reads_each_side_on_its_own_and_v1_the_whole_note():
+    both = ClinicalNote.from_fields(side="both", n_stage="left:N0;right:N2", surgery="BCS").to_prompt()
+    assert prompt_clauses(both) == ["N0, breast conserving surgery, left side", "N2, breast conserving surgery, right side"]
+    assert prompt_clauses(both, "table5-v1") == [both]
+    one = "N1, breast conserving surgery, left side"
+    assert prompt_clauses(one) == prompt_clauses(one, "table5-v1") == [one]
+    with pytest.raises(ValueError, match="unknown prompt template"):
+        prompt_clauses(one, "table6")
 
 
 def test_bilateral_per_side_fields_round_trip():

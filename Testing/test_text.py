@@ -3,8 +3,10 @@ import pytest
 import torch
 
 from MMContourLib.model.sources import MINILM_SOURCE
+from MMContourLib.model.network import NetworkConfig, TextConditionedUNet
 from MMContourLib.model.text import (LLMMismatchError, LLMNotFoundError, TextEncoderSpec,
-                               build_text_encoder)
+                               build_text_encoder, stack_context)
+from MMContourLib.note.clinical import PROMPT_TEMPLATE_VERSION
 
 PROMPTS = ["N1, breast conserving surgery, left side",
            "N0, breast conserving surgery, left side; N2, total mastectomy surgery, right side",
@@ -17,16 +19,55 @@ def encoder(tiny_llm_dir):
 
 
 def test_output_is_n_sets_by_hidden_size(encoder):
-    g = encoder(PROMPTS)
-    assert g.shape == (3, 2, encoder.dim) and g.dtype == torch.float32
+    assert encoder.template == PROMPT_TEMPLATE_VERSION == "table5-v2"
+    g = encoder(PROMPTS)  # a bilateral note in the batch: each side's part read on its own, 2 x 2 tokens
+    assert g.shape == (3, 4, encoder.dim) and g.dtype == torch.float32
+    assert encoder(PROMPTS[::2]).shape == (2, 2, encoder.dim)  # unilateral notes only: N = 2
     assert not torch.allclose(g[:, 0], g[:, 1]), "the two prompt sets must give different context embeddings"
     assert not torch.allclose(g[0], g[2]), "different notes must give different embeddings"
+
+
+def test_each_side_of_a_bilateral_note_has_its_own_context_tokens(encoder, tiny_llm_dir):
+    left, right = PROMPTS[1].split("; ")
+    bilateral = encoder([PROMPTS[1]])[0]
+    torch.testing.assert_close(bilateral, torch.cat([encoder([left])[0], encoder([right])[0]]), atol=1e-5, rtol=1e-5)
+    # the right side's N stage changes the right side's tokens only
+    edited = encoder([PROMPTS[1].replace("N2, total", "N0, total")])[0]
+    torch.testing.assert_close(edited[:2], bilateral[:2], atol=1e-5, rtol=1e-5)
+    assert (edited[2:] - bilateral[2:]).abs().max() > 1e-3
+    # a unilateral note batched beside a bilateral one: its tokens repeated, the same as on its own
+    torch.testing.assert_close(encoder(PROMPTS)[0], encoder([PROMPTS[0]])[0].repeat(2, 1), atol=1e-5, rtol=1e-5)
+    # template table5-v1 (bundles v10 and older): the whole note in one reading, N tokens
+    v1 = build_text_encoder(TextEncoderSpec(kind="causal-lm", source=str(tiny_llm_dir)), template="table5-v1")
+    v1.load_trainable_state_dict(encoder.trainable_state_dict())
+    assert v1(PROMPTS).shape == (3, 2, encoder.dim)
+    torch.testing.assert_close(v1([PROMPTS[0]]), encoder([PROMPTS[0]]), atol=1e-5, rtol=1e-5)
+    assert (v1([PROMPTS[1]])[0] - bilateral[:2]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="unknown prompt template"):
+        build_text_encoder(TextEncoderSpec(kind="causal-lm", source=str(tiny_llm_dir)), template="table5-v9")
+
+
+def test_repeated_context_tokens_do_not_change_the_network_output():
+    """Why a unilateral note's N tokens may be repeated to batch it beside a bilateral note's 2N."""
+    torch.manual_seed(0)
+    net = TextConditionedUNet(NetworkConfig(feature_size=8, text_dim=24)).eval()
+    x, g = torch.rand(1, 1, 32, 32, 16), torch.randn(2, 24)
+    other = torch.randn(4, 24)
+    batch = stack_context([g, other])
+    assert batch.shape == (2, 4, 24)
+    with torch.no_grad():
+        for fused in (True, False):
+            net.fused_alignment = fused
+            torch.testing.assert_close(net(x, batch[:1]), net(x, g[None]), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="cannot batch"):
+        stack_context([torch.randn(2, 24), torch.randn(3, 24)])
 
 
 def test_padding_invariance(encoder):
     batch = encoder(PROMPTS)
     for i, p in enumerate(PROMPTS):
-        torch.testing.assert_close(batch[i], encoder([p])[0], atol=1e-5, rtol=1e-5)
+        alone = encoder([p])[0]
+        torch.testing.assert_close(batch[i], alone.repeat(batch.shape[1] // alone.shape[0], 1), atol=1e-5, rtol=1e-5)
 
 
 def test_gradients_reach_prompt_vectors_and_llm_stays_bit_identical(encoder):
@@ -118,7 +159,7 @@ def test_missing_llm_and_hub_ids_are_clear_errors(tmp_path):
 def test_sentence_encoder_path_with_shipped_minilm():
     enc = build_text_encoder(TextEncoderSpec(kind="encoder", source=MINILM_SOURCE, num_sets=2, num_vectors=4))
     g = enc(PROMPTS)
-    assert g.shape == (3, 2, 384)
+    assert g.shape == (3, 4, 384)  # the bilateral note: 2 tokens per side
     torch.testing.assert_close(g[1], enc([PROMPTS[1]])[0], atol=1e-5, rtol=1e-4)
     g.sum().backward()
     assert enc.prompt_vectors.grad.abs().sum() > 0

@@ -23,6 +23,7 @@ from MMContourLib.data.dataset import (PatchDataset, build_cache, collate, epoch
                                sample_transforms, select_fraction)
 from MMContourLib.image.preprocess import PreprocessConfig
 from MMContourLib.training.train import TrainConfig, TrainingError, train
+from MMContourLib.training.checkpoint import load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SPACING, PATCH = (6.0, 6.0, 9.0), (32, 32, 16)
@@ -287,6 +288,7 @@ def test_training_learns_and_writes_bundles_logs_and_refuses_to_overwrite(manife
                                                                          if r["val_dice"] is not None)
     assert last.text_encoder.kind == "causal-lm" and last.text_encoder.fingerprint
     assert tuple(last.inference.roi_size) == PATCH and tuple(last.preprocessing.spacing) == SPACING
+    assert last.prompt_template_version == last.training["prompt_template_version"] == "table5-v2"
 
     from MMContourLib.inference.contourer import Contourer
 
@@ -357,6 +359,22 @@ def test_init_starts_from_a_bundles_weights_and_refuses_another_network(manifest
     capsys.readouterr()
     assert main(["train", "--out", str(tmp_path / "wider"), "--init", str(base / "last"), *wider]) == 2
     assert "feature_size 4 (this run: 8)" in capsys.readouterr().err
+
+
+def test_the_prompt_template_is_a_setting_the_bundle_and_the_checkpoint_keep(manifest, tiny_llm_dir, tmp_path):
+    """--prompt-template table5-v1 trains a bundle read the paper's way; a checkpoint written before the
+    template was a setting resumes with table5-v1, the reading it started with."""
+    out = tmp_path / "v1"
+    train(tiny_config(manifest, out, tiny_llm_dir, epochs=1, prompt_template="table5-v1"))
+    bundle = ModelBundle.load(out / "last")
+    assert bundle.prompt_template_version == bundle.training["prompt_template_version"] == "table5-v1"
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["config"]["prompt_template"] == "table5-v1"
+    del state["config"]["prompt_template"]
+    save_checkpoint(out / "checkpoint.pt", state)
+    assert load_checkpoint(out / "checkpoint.pt")["config"]["prompt_template"] == "table5-v1"
+    with pytest.raises(ValueError, match="unknown prompt template"):
+        train(tiny_config(manifest, tmp_path / "bad", tiny_llm_dir, epochs=1, prompt_template="table5-v9"))
 
 
 KILL_SCRIPT = textwrap.dedent("""

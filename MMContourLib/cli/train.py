@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..model.sources import MINILM_SOURCE, SMOLLM2_SOURCE
+from ..note.clinical import PROMPT_TEMPLATE_VERSION, PROMPT_TEMPLATES
 from ..training.config import DEFAULT_EMPHASIS_LABELS, TEXT_ENCODER_KINDS
 
 if TYPE_CHECKING:
@@ -31,6 +32,9 @@ def register(subparsers) -> None:
                                  f"(default {SMOLLM2_SOURCE}; encoder {MINILM_SOURCE})")
     t.add_argument("--num-prompt-sets", type=int, help="N sets of prompt vectors (default 2)")
     t.add_argument("--num-prompt-vectors", type=int, help="M vectors per set (default 8)")
+    t.add_argument("--prompt-template", choices=list(PROMPT_TEMPLATES),
+                   help=f"how the LLM reads a note (default {PROMPT_TEMPLATE_VERSION}: each side of a bilateral note "
+                        "on its own; table5-v1: the whole note in one pass, as the paper and bundles up to v10)")
     t.add_argument("--dtype", help="LLM dtype: auto | bf16 | fp16 | fp32")
     t.add_argument("--gradient-checkpointing", action="store_true", default=None,
                    help="recompute LLM activations in backward (less memory for 7B models)")

@@ -26,7 +26,7 @@ from .. import __version__
 from ..model.bundle import ModelBundle
 from ..model.device import PRECISIONS, resolve_device
 from ..model.windows import SlidingWindow
-from ..note.clinical import PROMPT_TEMPLATE_VERSION, ClinicalNote, note_from_any
+from ..note.clinical import ClinicalNote, note_from_any
 from ..image.preprocess import (ModelInput, probabilities_to_ct_grid, structures_to_ct_grid, threshold,
                                 to_model_grid)
 from ..note.structures import UNION
@@ -194,7 +194,7 @@ class Contourer:
         return {"bundle_name": self.bundle.name, "bundle_version": self.bundle.version,
                 "bundle_id": self.bundle.bundle_id, "bundle_path": str(self.bundle.path or ""),
                 "llm_name": spec.name, "llm_fingerprint": spec.fingerprint, "text_encoder": spec.kind,
-                "prompt": prompt, "prompt_template_version": PROMPT_TEMPLATE_VERSION,
+                "prompt": prompt, "prompt_template_version": self.bundle.prompt_template_version,
                 "mmcontour_version": __version__, "device": str(self.device)}
 
     # -- steps ------------------------------------------------------------------------------------

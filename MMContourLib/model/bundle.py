@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from .network import NetworkConfig, TextConditionedUNet
-from ..note.clinical import PROMPT_TEMPLATE_VERSION
+from ..note.clinical import PROMPT_TEMPLATE_VERSION, PROMPT_TEMPLATES
 from ..image.fileio import WriteError, current_umask, explain_write_error, remove_stale_temps, temp_path
 from ..image.preprocess import PreprocessConfig
 from .text import TextEncoder, TextEncoderSpec, build_text_encoder
@@ -28,7 +28,7 @@ from .text import TextEncoder, TextEncoderSpec, build_text_encoder
 BUNDLE_FORMAT = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "weights.safetensors"
-SUPPORTED_TEMPLATES = (PROMPT_TEMPLATE_VERSION,)
+SUPPORTED_TEMPLATES = tuple(PROMPT_TEMPLATES)
 
 
 class BundleError(ValueError):
@@ -81,6 +81,7 @@ class ModelBundle:
     def from_models(cls, network: TextConditionedUNet, text: TextEncoder, **fields) -> "ModelBundle":
         weights = {f"net.{k}": v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
         weights.update({f"text.{k}": v.detach().cpu().contiguous() for k, v in text.trainable_state_dict().items()})
+        fields.setdefault("prompt_template_version", text.template)  # the bundle is read as it was trained
         return cls(network=network.config, text_encoder=TextEncoderSpec.from_dict(text.spec.to_dict()),
                    weights=weights, **fields)
 
@@ -89,7 +90,8 @@ class ModelBundle:
         """The network and text encoder with this bundle's weights; the LLM is found at ``llm`` (default:
         where the bundle says) and must have the recorded fingerprint."""
         text = build_text_encoder(TextEncoderSpec.from_dict(self.text_encoder.to_dict()), device=device, dtype=dtype,
-                                  llm=llm, allow_download=allow_download, gradient_checkpointing=gradient_checkpointing)
+                                  llm=llm, allow_download=allow_download, gradient_checkpointing=gradient_checkpointing,
+                                  template=self.prompt_template_version)
         if self.network.text_dim not in (None, text.dim):
             raise BundleError(f"network expects text width {self.network.text_dim}, the text model gives {text.dim}")
         network = TextConditionedUNet(self.network)
@@ -185,7 +187,7 @@ class ModelBundle:
             raise BundleError(f"bundle {path} has format {config['format']}; this MMContour reads format {BUNDLE_FORMAT}")
         if config["prompt_template_version"] not in SUPPORTED_TEMPLATES:
             raise BundleError(f"bundle {path} was trained with prompt template {config['prompt_template_version']!r}; "
-                              f"this MMContour writes {', '.join(SUPPORTED_TEMPLATES)}")
+                              f"this MMContour reads {', '.join(SUPPORTED_TEMPLATES)}")
         expected = config["files"].get(WEIGHTS_NAME, {})
         size = weights_file.stat().st_size
         if expected.get("bytes") and size != expected["bytes"]:

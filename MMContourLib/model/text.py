@@ -4,6 +4,8 @@
   Llama-family model, from a Hugging Face folder or a GGUF file). N sets of M learnable prompt
   vectors follow BOS, then the note tokens, then a learned ``[SEG]`` embedding; the final-norm
   hidden state at ``[SEG]`` of each set is one context embedding (paper; docs/method.md).
+  Under prompt template table5-v2 each side's part of a bilateral note is read on its own and
+  gives its own N embeddings (2N for the note); a unilateral note keeps N.
 * ``SentenceEncoderPromptEncoder``: the same with a bidirectional text tower (BERT / MiniLM /
   CLIP-text style), mean-pooled: the paper's CLIP baseline on the same code path.
 * ``NoTextEncoder``: vision-only.
@@ -21,11 +23,12 @@ from typing import Protocol, Sequence
 import torch
 from torch import nn
 
+from ..note.clinical import PROMPT_TEMPLATE_VERSION, prompt_clauses
 from .llm import (INT8_NAMES, LLMMismatchError, LLMNotFoundError, display_name, fingerprint,
                   fingerprint_from_files, load_hf_model, parse_dtype)
 
 __all__ = ["KINDS", "TextEncoderSpec", "TextEncoder", "TextEncoderLike", "NoTextEncoder", "CausalLMPromptEncoder",
-           "SentenceEncoderPromptEncoder", "build_text_encoder", "LLMMismatchError", "LLMNotFoundError"]
+           "SentenceEncoderPromptEncoder", "build_text_encoder", "stack_context", "LLMMismatchError", "LLMNotFoundError"]
 
 KINDS = ("causal-lm", "encoder", "none")
 
@@ -80,8 +83,10 @@ class TextEncoder(nn.Module):
     dim: int | None = None
     num_tokens: int = 0
 
-    def __init__(self):
+    def __init__(self, template: str = PROMPT_TEMPLATE_VERSION):
         super().__init__()
+        prompt_clauses("", template)  # refuses an unknown template
+        self.template = template  # how a prompt is read (note.clinical.PROMPT_TEMPLATES)
         self.calls = 0  # forward passes of the language model (for "once per note" accounting)
         self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self.cache_size = 256
@@ -113,10 +118,10 @@ class TextEncoder(nn.Module):
             h.update(v.float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
-    def _cache_keys(self, prompts: Sequence[str]) -> list[tuple[str, str, str]]:
-        """(LLM fingerprint, prompt-vector hash, prompt text): an embedding is reused only for all three."""
+    def _cache_keys(self, prompts: Sequence[str]) -> list[tuple[str, str, str, str]]:
+        """(LLM fingerprint, prompt-vector hash, template, prompt text): an embedding is reused only for all four."""
         pv = self.prompt_vector_hash()
-        return [(self.fingerprint, pv, p) for p in prompts]
+        return [(self.fingerprint, pv, self.template, p) for p in prompts]
 
     def is_cached(self, prompts: Sequence[str]) -> bool:
         """Whether ``encode(prompts)`` can answer without the LLM (always, for vision-only)."""
@@ -132,7 +137,7 @@ class TextEncoder(nn.Module):
         if missing:
             for k, g in zip(self._cache_keys(missing), self.forward(missing)):
                 self._cache[k] = g.detach()
-        result = torch.stack([self._cache[k] for k in keys])
+        result = stack_context([self._cache[k] for k in keys])
         for k in keys:
             self._cache.move_to_end(k)
         while len(self._cache) > self.cache_size:
@@ -152,6 +157,17 @@ class TextEncoder(nn.Module):
         """Recompute the frozen LLM's activations in the backward pass (if it has any)."""
 
 
+def stack_context(tokens: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Notes' context embeddings (each (N_i, D)) -> (B, max N_i, D). A shorter one is repeated to the longest
+    (a unilateral note's N beside a bilateral note's 2N): attention over repeated tokens is the same as over
+    the originals (each repeated key brings its value as often as its weight), so the network's answer for
+    a note does not depend on which notes share its batch."""
+    longest = max(t.shape[0] for t in tokens)
+    if any(longest % t.shape[0] for t in tokens):
+        raise ValueError(f"cannot batch notes with {sorted({t.shape[0] for t in tokens})} context tokens")
+    return torch.stack([t.repeat(longest // t.shape[0], 1) for t in tokens])
+
+
 class NoTextEncoder(TextEncoder):
     def __init__(self):
         super().__init__()
@@ -167,8 +183,9 @@ class _PromptTuned(TextEncoder):
     hf_kind = "causal-lm"  # which Auto class loads the frozen model
 
     def __init__(self, spec: TextEncoderSpec, device: torch.device | str = "cpu", dtype="auto",
-                 allow_download: bool = False, gradient_checkpointing: bool = False):
-        super().__init__()
+                 allow_download: bool = False, gradient_checkpointing: bool = False,
+                 template: str = PROMPT_TEMPLATE_VERSION):
+        super().__init__(template)
         device = torch.device(device)
         self.load_in_8bit = dtype in INT8_NAMES
         self.llm_dtype = parse_dtype(dtype, device)
@@ -293,9 +310,20 @@ class _PromptTuned(TextEncoder):
         raise NotImplementedError
 
     def forward(self, prompts: Sequence[str]) -> torch.Tensor:
-        """prompts: B strings -> (B, N, D) float32. Gradients reach the prompt vectors, not the LLM."""
+        """prompts: B strings -> (B, N', D) float32, N' = N per part the template reads (``stack_context``).
+        Gradients reach the prompt vectors, not the LLM."""
         if isinstance(prompts, str):
             prompts = [prompts]
+        parts = [prompt_clauses(p, self.template) for p in prompts]
+        g = self._read([c for clauses in parts for c in clauses])  # one LLM pass for every part of every note
+        notes, start = [], 0
+        for clauses in parts:
+            notes.append(g[start:start + len(clauses)].reshape(-1, g.shape[-1]))
+            start += len(clauses)
+        return stack_context(notes)
+
+    def _read(self, prompts: Sequence[str]) -> torch.Tensor:
+        """B texts -> (B, N, D): each text read once by the LLM after each set of prompt vectors."""
         self.calls += 1
         ids = self._token_ids(prompts)
         if not self.llm_loaded:  # released to save memory: load it again where the trainable vectors are
@@ -379,9 +407,11 @@ class SentenceEncoderPromptEncoder(_PromptTuned):
 
 
 def build_text_encoder(spec: TextEncoderSpec, device="cpu", dtype="auto", llm: str | None = None,
-                       allow_download: bool = False, gradient_checkpointing: bool = False) -> TextEncoder:
-    """Build the encoder a spec describes. ``llm`` overrides where the model is found (its fingerprint
-    must still match the spec's, when the spec has one)."""
+                       allow_download: bool = False, gradient_checkpointing: bool = False,
+                       template: str = PROMPT_TEMPLATE_VERSION) -> TextEncoder:
+    """Build the encoder a spec describes, reading prompts as ``template`` says (a bundle's own version).
+    ``llm`` overrides where the model is found (its fingerprint must still match the spec's, when the
+    spec has one)."""
     if spec.kind == "none":
         return NoTextEncoder()
     if llm:
@@ -390,4 +420,4 @@ def build_text_encoder(spec: TextEncoderSpec, device="cpu", dtype="auto", llm: s
         raise LLMNotFoundError("no LLM location: give --llm (a local folder or .gguf file)")
     cls = CausalLMPromptEncoder if spec.kind == "causal-lm" else SentenceEncoderPromptEncoder
     return cls(spec, device=device, dtype=dtype, allow_download=allow_download,
-               gradient_checkpointing=gradient_checkpointing)
+               gradient_checkpointing=gradient_checkpointing, template=template)

@@ -12,8 +12,24 @@ import re
 from dataclasses import dataclass
 from typing import Mapping
 
-#: Bump when the wording of ``to_prompt`` changes; a bundle records the version it was trained with.
-PROMPT_TEMPLATE_VERSION = "table5-v1"
+#: How a note becomes what the LLM reads, by version; a bundle records the version it was trained with
+#: and is read the same way. Add a version when the wording of ``to_prompt`` or the reading changes.
+PROMPT_TEMPLATES = {
+    "table5-v1": "the whole note is read at once: one set of context tokens",
+    "table5-v2": "each side's part of a bilateral note is read on its own: one set of context tokens per side",
+}
+PROMPT_TEMPLATE_VERSION = "table5-v2"  # what new bundles are trained with
+CLAUSE_SEPARATOR = "; "  # between the sides' parts of a bilateral prompt
+
+
+def prompt_clauses(prompt: str, template: str = PROMPT_TEMPLATE_VERSION) -> list[str]:
+    """The texts the LLM reads for ``prompt`` under ``template``: the whole prompt (table5-v1), or each
+    side's part of it on its own (table5-v2; a unilateral prompt has one part)."""
+    if template not in PROMPT_TEMPLATES:
+        raise ValueError(f"unknown prompt template {template!r}; known: {', '.join(PROMPT_TEMPLATES)}")
+    if template == "table5-v1":
+        return [prompt]
+    return [c.strip() for c in prompt.split(CLAUSE_SEPARATOR.strip()) if c.strip()] or [prompt]
 
 SIDES = ("left", "right")
 N_STAGES = ("N0", "N1mi", "N1", "N2", "N3")
@@ -311,7 +327,7 @@ class ClinicalNote:
 
     def to_prompt(self) -> str:
         """The exact text the LLM reads (paper Table 5); see PROMPT_TEMPLATE_VERSION."""
-        return "; ".join(s.to_prompt() for s in self.sides)
+        return CLAUSE_SEPARATOR.join(s.to_prompt() for s in self.sides)
 
     def to_fields(self) -> dict[str, str]:
         """Flat string form (manifest row / form widgets); ``from_fields(**to_fields())`` round-trips."""
@@ -501,6 +517,7 @@ def note_from_any(note: "ClinicalNote | str | Mapping[str, object]") -> Clinical
     return ClinicalNote.from_row(note)
 
 
-__all__ = ["ClinicalNote", "SideFindings", "NoteError", "ContradictionError", "PROMPT_TEMPLATE_VERSION", "FIELDS",
+__all__ = ["ClinicalNote", "SideFindings", "NoteError", "ContradictionError", "PROMPT_TEMPLATE_VERSION", "PROMPT_TEMPLATES",
+           "prompt_clauses", "FIELDS",
            "N_STAGES", "T_STAGES", "M_STAGES", "SURGERIES", "CHEMOTHERAPIES", "PATHOLOGIES", "note_from_any",
            "note_from_parts", "note_from_reading"]

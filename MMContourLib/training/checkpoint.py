@@ -67,6 +67,8 @@ def load_checkpoint(path: Path) -> dict:
         raise TrainingError(damaged) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise TrainingError(f"{path} is not an MMContour checkpoint of format {CHECKPOINT_FORMAT}; {start_again}")
+    if isinstance(state.get("config"), dict):  # runs started before the prompt template was a setting read notes
+        state["config"].setdefault("prompt_template", "table5-v1")  # whole: they resume that way
     return state
 
 

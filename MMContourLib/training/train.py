@@ -39,6 +39,7 @@ from ..image.preprocess import PreprocessConfig
 from ..model.device import DeviceError, resolve_device
 from ..model.text import TextEncoderSpec, build_text_encoder
 from ..model.windows import SlidingWindow
+from ..note.clinical import PROMPT_TEMPLATE_VERSION
 from ..note.structures import structure_classes
 from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, TrainingError, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state, write_logs)
@@ -60,6 +61,7 @@ class TrainConfig:
     llm: str = ""  # folder, .gguf or pkg:...; default per text_encoder (SmolLM2 / MiniLM)
     num_prompt_sets: int = 2
     num_prompt_vectors: int = 8
+    prompt_template: str = PROMPT_TEMPLATE_VERSION  # how the LLM reads a note (note.clinical.PROMPT_TEMPLATES)
     feature_size: int = 48
     spacing: tuple[float, float, float] = (1.0, 1.0, 3.0)
     patch: tuple[int, int, int] = (384, 384, 128)
@@ -362,6 +364,7 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
             text = build_text_encoder(
                 TextEncoderSpec(kind=config.text_kind, source=config.text_source, num_sets=config.num_prompt_sets,
                                 num_vectors=config.num_prompt_vectors),
+                template=config.prompt_template,
                 device=device, dtype=config.dtype, allow_download=config.allow_download,
                 gradient_checkpointing=config.gradient_checkpointing)
         dist.barrier()
@@ -444,7 +447,9 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
         **({"class_balance": config.class_balance} if config.class_balance else {}),
         "shift_margin_mm": config.shift_margin_mm,
         **({"oversample": list(config.oversample), "visits_per_epoch": len(visits)} if config.oversample else {}),
-        **({"init_bundle": {"path": str(config.init), "bundle_id": start.bundle_id}} if start else {}),
+        "prompt_template_version": config.prompt_template,
+        **({"init_bundle": {"path": str(config.init), "bundle_id": start.bundle_id,
+                            "prompt_template_version": start.prompt_template_version}} if start else {}),
         "ct_range": training_range(cached_statistics(train_cache)),  # what the review checks a new CT against
         "structures": {"classes": list(structures), "cases_with_regions": with_regions,
                        "union_only_cases": len(train_cases) - with_regions,
