@@ -40,7 +40,7 @@ demo-bundle: venv
 	bench/phantom_experiments.sh data
 	bench/phantom_experiments.sh train
 	rm -rf Resources/Models/demo && mkdir -p Resources/Models
-	cp -r runs/multimodal-s9/best Resources/Models/demo
+	cp -r runs/multimodal-s11/best Resources/Models/demo
 	$(BIN)/python bench/review_flags.py --bundle Resources/Models/demo --calibrate 20 --budget 0.05 --save
 	rm -rf Resources/Models/demo-training && mkdir -p Resources/Models/demo-training
 	cp runs/multimodal/log.csv Resources/Models/demo-training/log-stage1.csv
@@ -51,7 +51,9 @@ demo-bundle: venv
 	cp runs/multimodal-s6/log.csv Resources/Models/demo-training/log-stage6.csv
 	cp runs/multimodal-s7/log.csv Resources/Models/demo-training/log-stage7.csv
 	cp runs/multimodal-s8/log.csv Resources/Models/demo-training/log-stage8.csv
-	cp runs/multimodal-s9/log.csv runs/multimodal-s9/loss_curve.png runs/multimodal-s9/train_config.json Resources/Models/demo-training/
+	cp runs/multimodal-s9/log.csv Resources/Models/demo-training/log-stage9.csv
+	cp runs/multimodal-s10/log.csv Resources/Models/demo-training/log-stage10.csv
+	cp runs/multimodal-s11/log.csv runs/multimodal-s11/loss_curve.png runs/multimodal-s11/train_config.json Resources/Models/demo-training/
 
 experiments: demo-bundle
 	bench/phantom_experiments.sh eval

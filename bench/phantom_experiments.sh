@@ -11,8 +11,10 @@ STEP=${1:-all}
 # partial-volume targets; 5 mm slices on the model grid. Without these the models learned side and
 # surgery but not the N stage (docs/results.md, "What it took").
 # --shift-margin 0: stages 1-5 were trained before the shift margin existed (stage 6 sets it).
+# --prompt-template table5-v1: stages 1-9 read a bilateral note in one pass (stage 10 reads each side apart).
 COMMON=(--feature-size 8 --spacing 5 5 5 --patch 80 64 48 --batch-size 2 --epochs 20 --lr 1e-3
-        --warmup-epochs 2 --val-every 10 --seed 0 --region-weight 5 --soft-labels --shift-margin 0 --json)
+        --warmup-epochs 2 --val-every 10 --seed 0 --region-weight 5 --soft-labels --shift-margin 0
+        --prompt-template table5-v1 --json)
 
 if [[ $STEP == data || $STEP == all ]]; then
   $MM phantom --n 160 --out data/phantoms --seed 0 --planning-fov
@@ -41,7 +43,11 @@ if [[ $STEP == train || $STEP == all ]]; then
   # Stage 8 (v9): 10 more epochs at lr 2e-4 on the training set plus 24 bilateral phantoms
   # (data/train-mix.csv: 28 of 120 training cases bilateral, no oversampling): the bilateral N0 notes
   # themselves still got nodes on the right with 4 bilateral training cases.
-  # Stage 9 (v10, shipped): 6 more epochs at lr 1.5e-4 on the same set, bilateral cases visited 3 times.
+  # Stage 9 (v10): 6 more epochs at lr 1.5e-4 on the same set, bilateral cases visited 3 times.
+  # Stages 10-11 (v11, shipped; the multimodal model only, the vision-only one reads no note): prompt
+  # template table5-v2 (each side of a bilateral note read on its own; read in one pass, the right side's
+  # N stage of a bilateral note hardly reached the embedding): 8 epochs at lr 2e-4 with the bilateral
+  # cases visited 3 times, then 6 at lr 1e-4 without oversampling (unilateral contours had lost some Dice).
   stage() {  # from folder, to folder, epochs, seed, bundle name, extra args (a later --manifest replaces the first)
     local from=$1 to=$2 epochs=$3 seed=$4 bundle=$5; shift 5
     $MM train --manifest data/phantoms/manifest.csv --out runs/$to --name "$bundle" "${COMMON[@]}" \
@@ -63,13 +69,17 @@ if [[ $STEP == train || $STEP == all ]]; then
         --val-every 3 --manifest data/train-mix.csv --oversample side=both:3 ) &
   done
   wait
+  stage multimodal-s9 multimodal-s10 8 9 mmcontour-demo --text-encoder llm --version 11 --shift-margin 60 --lr 2e-4 \
+    --warmup-epochs 0 --val-every 4 --manifest data/train-mix.csv --oversample side=both:3 --prompt-template table5-v2
+  stage multimodal-s10 multimodal-s11 6 10 mmcontour-demo --text-encoder llm --version 11 --shift-margin 60 --lr 1e-4 \
+    --warmup-epochs 0 --val-every 3 --manifest data/train-mix.csv --prompt-template table5-v2
   run multimodal-40 mmcontour-multimodal-40 --text-encoder llm --fraction 0.4 --version 5 &
   run vision-40 mmcontour-vision-40 --text-encoder none --fraction 0.4 --version 5 & wait
 fi
 if [[ $STEP == eval || $STEP == all ]]; then
   for set in phantoms:test external:all; do
     data=${set%%:*}; split=${set##*:}
-    $MM evaluate --bundle runs/vision-s9/best runs/multimodal-s9/best --label vision-only MMContour \
+    $MM evaluate --bundle runs/vision-s9/best runs/multimodal-s11/best --label vision-only MMContour \
       --manifest data/$data/manifest.csv --split $split --out runs/eval-$data --json > runs/eval-$data.json &
     $MM evaluate --bundle runs/vision-40/best runs/multimodal-40/best --label vision-only-40% MMContour-40% \
       --manifest data/$data/manifest.csv --split $split --out runs/eval-$data-40 --json > runs/eval-$data-40.json &
