@@ -288,7 +288,7 @@ def bench_reference(contourer, ct, note: str, preset: Preset, work_llm: Path, sa
         return {"skipped": f"the fp32 LLM needs ~{need / 2**30:.1f} GiB, more than this machine has free"}
     spec = TextEncoderSpec.from_dict({**contourer.text.spec.to_dict(), "source": str(work_llm)})
     with Measure(contourer.device) as load:
-        text = build_text_encoder(spec, device=contourer.device, dtype="fp32")
+        text = build_text_encoder(spec, device=contourer.device, dtype="fp32", template=contourer.text.template)
         text.load_trainable_state_dict(contourer.text.trainable_state_dict())
     net = TextConditionedUNet(contourer.network.config, fused_alignment=False)
     net.load_state_dict(contourer.network.state_dict())
