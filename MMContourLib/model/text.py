@@ -23,7 +23,7 @@ from typing import Protocol, Sequence
 import torch
 from torch import nn
 
-from ..note.clinical import PROMPT_TEMPLATE_VERSION, prompt_clauses
+from ..note.clinical import PROMPT_TEMPLATE_VERSION, check_prompt_template, prompt_clauses
 from .llm import (INT8_NAMES, LLMMismatchError, LLMNotFoundError, display_name, fingerprint,
                   fingerprint_from_files, load_hf_model, parse_dtype)
 
@@ -85,8 +85,7 @@ class TextEncoder(nn.Module):
 
     def __init__(self, template: str = PROMPT_TEMPLATE_VERSION):
         super().__init__()
-        prompt_clauses("", template)  # refuses an unknown template
-        self.template = template  # how a prompt is read (note.clinical.PROMPT_TEMPLATES)
+        self.template = check_prompt_template(template)  # how a prompt is read (note.clinical.PROMPT_TEMPLATES)
         self.calls = 0  # forward passes of the language model (for "once per note" accounting)
         self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self.cache_size = 256

@@ -22,12 +22,17 @@ PROMPT_TEMPLATE_VERSION = "table5-v2"  # what new bundles are trained with
 CLAUSE_SEPARATOR = "; "  # between the sides' parts of a bilateral prompt
 
 
+def check_prompt_template(template: str) -> str:
+    """``template`` if it is one of PROMPT_TEMPLATES; else a ValueError naming the known ones."""
+    if template not in PROMPT_TEMPLATES:
+        raise ValueError(f"unknown prompt template {template!r}; known: {', '.join(PROMPT_TEMPLATES)}")
+    return template
+
+
 def prompt_clauses(prompt: str, template: str = PROMPT_TEMPLATE_VERSION) -> list[str]:
     """The texts the LLM reads for ``prompt`` under ``template``: the whole prompt (table5-v1), or each
     side's part of it on its own (table5-v2; a unilateral prompt has one part)."""
-    if template not in PROMPT_TEMPLATES:
-        raise ValueError(f"unknown prompt template {template!r}; known: {', '.join(PROMPT_TEMPLATES)}")
-    if template == "table5-v1":
+    if check_prompt_template(template) == "table5-v1":
         return [prompt]
     return [c.strip() for c in prompt.split(CLAUSE_SEPARATOR.strip()) if c.strip()] or [prompt]
 
@@ -518,6 +523,6 @@ def note_from_any(note: "ClinicalNote | str | Mapping[str, object]") -> Clinical
 
 
 __all__ = ["ClinicalNote", "SideFindings", "NoteError", "ContradictionError", "PROMPT_TEMPLATE_VERSION", "PROMPT_TEMPLATES",
-           "prompt_clauses", "FIELDS",
+           "check_prompt_template", "prompt_clauses", "FIELDS",
            "N_STAGES", "T_STAGES", "M_STAGES", "SURGERIES", "CHEMOTHERAPIES", "PATHOLOGIES", "note_from_any",
            "note_from_parts", "note_from_reading"]
