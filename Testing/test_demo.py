@@ -68,3 +68,29 @@ def test_demo_contours_follow_the_note(tmp_path, one_thread):
     segments = read_segmentation(tmp_path / "demo" / summary["notes"][0]["segmentation"])
     assert list(segments)[0] == "CTV" and set(list(segments)[1:]) <= set(structure_classes())
     assert all("review" in n and "needs_review" in n["review"] for n in summary["notes"])
+
+
+@pytest.mark.slow
+def test_shipped_bundle_follows_each_side_of_a_bilateral_note(one_thread):
+    """v10 (one reading of the whole note) drew right-sided nodes for every bilateral N0 note; the shipped
+    bundle reads each side on its own (template table5-v2), so each side's nodes follow its own N stage."""
+    from MMContourLib.data.phantom import PhantomConfig, generate_case
+    from MMContourLib.inference.contourer import Contourer
+    from MMContourLib.note.clinical import ClinicalNote
+
+    seed = DEMO_SEED + 7
+    assert seed not in {case_seed(s, i) for s in (0, 2) for i in range(400)}
+    truth = ClinicalNote.parse("N0, breast conserving surgery, left side; N0, breast conserving surgery, right side")
+    case = generate_case(seed, PhantomConfig(planning_fov=True), note=truth, case_id="bilateral")
+    contourer = Contourer.from_bundle(default_bundle_path(), device="cpu")
+    assert contourer.bundle.prompt_template_version == "table5-v2"
+
+    def nodal_cc(n_stage):
+        volumes = contourer.contour(case.ct, truth.replace(n_stage=n_stage)).structure_volumes()
+        return {side: sum(v for k, v in volumes.items() if k.startswith("CTVn") and k.endswith(f"_{side}"))
+                for side in "LR"}
+
+    none, right, left = nodal_cc("N0"), nodal_cc("left:N0;right:N2"), nodal_cc("left:N2;right:N0")
+    assert none["L"] < 5 and none["R"] < 5, none
+    assert right["R"] > 50 and right["L"] < 5, right
+    assert left["L"] > 50 and left["R"] < 5, left
