@@ -310,15 +310,15 @@ def structure_reasons(volumes: Mapping[str, float], expected, note: ClinicalNote
     for name, cc in volumes.items():
         cc = float(cc)
         if name not in expected:
-            mastectomy_side = _breast_after_mastectomy(name, note) if cc > config.max_excluded_cc else None
-            if mastectomy_side:
-                # the model draws the breast it sees on the CT: the note's side or surgery disagrees with it
-                out.append(Reason("note", f"{cc:.0f} cc of breast drawn where the note says total mastectomy "
-                                          f"({mastectomy_side} side): the CT seems to show a breast there; "
-                                          "check the note's side and surgery", name))
-            elif cc > config.max_excluded_cc:
-                out.append(Reason("note", f"{cc:.0f} cc drawn, but {_side_why(name, note)}: delete it or check "
-                                          "the note", name))
+            if cc <= config.max_excluded_cc:
+                continue
+            mastectomy_side = _breast_after_mastectomy(name, note)
+            # a breast where the note says mastectomy: the model draws the breast it sees on the CT, so the
+            # note's side or surgery disagrees with the CT; anything else excluded is the model's to delete
+            why = (f"of breast drawn where the note says total mastectomy ({mastectomy_side} side): the CT seems to "
+                   "show a breast there; check the note's side and surgery" if mastectomy_side else
+                   f"drawn, but {_side_why(name, note)}: delete it or check the note")
+            out.append(Reason("note", f"{cc:.0f} cc {why}", name))
         elif cc < config.min_drawn_cc:
             drawn = "none" if cc <= 0 else f"only {cc:.2f} cc"
             out.append(Reason("note", f"missing: the note's guideline calls for it but the model drew {drawn}; "
