@@ -314,12 +314,10 @@ class _PromptTuned(TextEncoder):
         if isinstance(prompts, str):
             prompts = [prompts]
         parts = [prompt_clauses(p, self.template) for p in prompts]
-        g = self._read([c for clauses in parts for c in clauses])  # one LLM pass for every part of every note
-        notes, start = [], 0
-        for clauses in parts:
-            notes.append(g[start:start + len(clauses)].reshape(-1, g.shape[-1]))
-            start += len(clauses)
-        return stack_context(notes)
+        texts = list(dict.fromkeys(c for clauses in parts for c in clauses))  # a part two notes share is read once
+        g = self._read(texts)  # one LLM pass for all of them
+        row = {t: i for i, t in enumerate(texts)}
+        return stack_context([g[[row[c] for c in clauses]].reshape(-1, g.shape[-1]) for clauses in parts])
 
     def _read(self, prompts: Sequence[str]) -> torch.Tensor:
         """B texts -> (B, N, D): each text read once by the LLM after each set of prompt vectors."""
