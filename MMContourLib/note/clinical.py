@@ -19,7 +19,7 @@ PROMPT_TEMPLATES = {
     "table5-v2": "each side's part of a bilateral note is read on its own: one set of context tokens per side",
 }
 PROMPT_TEMPLATE_VERSION = "table5-v2"  # what new bundles are trained with
-CLAUSE_SEPARATOR = "; "  # between the sides' parts of a bilateral prompt
+CLAUSE_SEPARATOR = "; "  # between the sides' parts of a bilateral prompt (and of a note in the prompt's form)
 
 
 def check_prompt_template(template: str) -> str:
@@ -34,7 +34,12 @@ def prompt_clauses(prompt: str, template: str = PROMPT_TEMPLATE_VERSION) -> list
     side's part of it on its own (table5-v2; a unilateral prompt has one part)."""
     if check_prompt_template(template) == "table5-v1":
         return [prompt]
-    return [c.strip() for c in prompt.split(CLAUSE_SEPARATOR.strip()) if c.strip()] or [prompt]
+    return [c.strip() for c in _side_parts(prompt) if c.strip()] or [prompt]
+
+
+def _side_parts(text: str) -> list[str]:
+    """A note or prompt in the prompt's form, cut at CLAUSE_SEPARATOR into its sides' parts."""
+    return str(text).split(CLAUSE_SEPARATOR.strip())
 
 SIDES = ("left", "right")
 N_STAGES = ("N0", "N1mi", "N1", "N2", "N3")
@@ -298,7 +303,7 @@ class ClinicalNote:
             raise NoteError("note", text, "a note such as 'N1, breast conserving surgery, left side'")
         common: dict[str, object] = {}
         sides: list[dict[str, str]] = []
-        for part in str(text).split(";"):
+        for part in _side_parts(text):
             facts: dict[str, str] = {}
             for token in (t.strip() for t in part.split(",")):
                 if not token:
@@ -460,7 +465,8 @@ def note_from_parts(text: str | None, fields: Mapping[str, object], *, text_name
     given = _given(fields)
     if text is None or not str(text).strip():
         return ClinicalNote.from_row(given)
-    text, bilateral = str(text), ";" in str(text)
+    text = str(text)
+    bilateral = len(_side_parts(text)) > 1
     original = text
 
     def token(name: str) -> str:
