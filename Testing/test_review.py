@@ -201,7 +201,7 @@ def test_a_breast_drawn_where_the_note_says_mastectomy_names_the_disagreement():
     assert set(other) == {"CTVp_Breast_L"} and "treats only the right side" in other["CTVp_Breast_L"].text
 
 
-def test_expected_structure_missing_or_far_below_training_is_flagged():
+def test_expected_structure_missing_or_far_below_or_above_training_is_flagged():
     n2 = "N2, breast conserving surgery, left side"
     full = dict(CTVp_Breast_L=600.0, CTVn_L1_L=30.0, CTVn_L2_L=15.0, CTVn_L3_L=8.0, CTVn_L4_L=10.0, CTVn_IMN_L=4.0)
     assert _note_reasons(n2, **full) == {}
@@ -213,6 +213,12 @@ def test_expected_structure_missing_or_far_below_training_is_flagged():
     small = _note_reasons(n2, training, **{**full, "CTVn_L1_L": 6.0})
     assert set(small) == {"CTVn_L1_L"} and "below 25 % of the smallest seen in training (40.0 cc)" in small["CTVn_L1_L"].text
     assert _note_reasons(n2, training, **{**full, "CTVn_L1_L": 12.0}) == {}  # 30 % of 40 cc
+    # far above the largest seen in training: spread beyond the structure (the demo's level 4, v11: 68 cc)
+    large = _note_reasons(n2, training, **{**full, "CTVn_L1_L": 200.0})
+    assert set(large) == {"CTVn_L1_L"} and large["CTVn_L1_L"].kind == "note"
+    assert large["CTVn_L1_L"].text.startswith("200 cc, more than 2 times the largest seen in training (90 cc)")
+    assert _note_reasons(n2, training, **{**full, "CTVn_L1_L": 170.0}) == {}  # 1.9 times: a large patient
+    assert _note_reasons(n2, None, **{**full, "CTVn_L1_L": 900.0}) == {}  # no training sizes: nothing to compare
 
 
 def test_bilateral_note_expects_each_sides_structures():

@@ -14,7 +14,7 @@
 Per structure (per-structure bundles; the contourer adds these to the same review):
 
 * note consistency (``structure_reasons``): a structure the note's guideline excludes is drawn, or one
-  it calls for is missing or far below the sizes seen in training;
+  it calls for is missing, or far below or above the sizes seen in training;
 * confidence (``structure_confidence_reasons``): the uncertain voxels of each structure's probability per
   voxel of that structure, on the model grid, for structures of more than a few cc.
 
@@ -60,6 +60,9 @@ class ReviewConfig:
     max_excluded_cc: float = 5.0
     # A structure the guideline calls for is flagged below this share of the smallest volume seen in training.
     min_share_of_trained: float = 0.25
+    # ... and above this multiple of the largest volume seen in training: it has spread beyond its level (into
+    # muscle, fat or the next level). Twice the largest leaves room for patients larger than the training set's.
+    max_times_trained: float = 2.0
     # A structure the guideline calls for with less than this (cc) is missing: a few voxels at a border where
     # it won the argmax, not a contour (a model-grid voxel of 2.5 x 2.5 x 3 mm is 0.02 cc).
     min_drawn_cc: float = 0.5
@@ -302,7 +305,8 @@ def structure_reasons(volumes: Mapping[str, float], expected, note: ClinicalNote
 
     Flagged: a structure the guideline excludes with more than ``max_excluded_cc``; one it calls for with
     less than ``min_drawn_cc`` (missing), or below ``min_share_of_trained`` of the smallest seen in training
-    (``training["structures"]["volume_cc"]`` = {name: [min, median, max]}). An expected structure that is
+    (``training["structures"]["volume_cc"]`` = {name: [min, median, max]}), or above ``max_times_trained``
+    times the largest. An expected structure that is
     not in ``volumes`` is one the bundle cannot draw: not flagged here."""
     expected = set(expected)
     trained = ((training or {}).get("structures") or {}).get("volume_cc") or {}
@@ -327,6 +331,10 @@ def structure_reasons(volumes: Mapping[str, float], expected, note: ClinicalNote
             out.append(Reason("note", f"only {cc:.1f} cc, below {100 * config.min_share_of_trained:.0f} % of the "
                                       f"smallest seen in training ({float(trained[name][0]):.1f} cc): probably "
                                       "incomplete", name))
+        elif name in trained and cc > config.max_times_trained * float(trained[name][-1]):
+            out.append(Reason("note", f"{cc:.0f} cc, more than {config.max_times_trained:g} times the largest seen in "
+                                      f"training ({float(trained[name][-1]):.0f} cc): probably spread beyond the "
+                                      "structure; check its borders", name))
     return out
 
 
