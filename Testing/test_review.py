@@ -324,6 +324,8 @@ def test_flags_bench_calibrates_both_confidence_thresholds_within_one_budget_for
     import importlib.util
     from pathlib import Path
 
+    from MMContourLib.training.review_calibration import calibrate_jointly
+
     path = Path(__file__).resolve().parents[1] / "bench" / "review_flags.py"
     spec = importlib.util.spec_from_file_location("review_flags", path)
     bench = importlib.util.module_from_spec(spec)
@@ -336,7 +338,7 @@ def test_flags_bench_calibrates_both_confidence_thresholds_within_one_budget_for
                      "drawn_cc": {"CTVn_L1_L": 30.0}})
     rows.append({"correct": False, "kinds": ["note"], "uncertain_ratio": 3.0, "structure_confidence": {},
                  "drawn_cc": {}})
-    joint = bench.calibrate_jointly(rows, 0.2)
+    joint = calibrate_jointly(rows, 0.2)
     assert joint["right"] == 20 and joint["right_flagged_without_threshold"] == 2
     assert joint["right_flagged"] <= 4 and 0 < joint["share"] < 0.2
     t1, t2 = joint["max_uncertain_ratio"], joint["max_structure_uncertain_ratio"]
@@ -344,7 +346,7 @@ def test_flags_bench_calibrates_both_confidence_thresholds_within_one_budget_for
                   or r["structure_confidence"]["CTVn_L1_L"]["uncertain_ratio"] > t2 for r in rows[:20])
     assert flagged == joint["right_flagged"]
     # a smaller budget (room for the noise of 20 phantoms): the note flags alone spend 10 %, no confidence flag
-    tight = bench.calibrate_jointly(rows, 0.1)
+    tight = calibrate_jointly(rows, 0.1)
     assert tight["right_flagged"] == 2 and tight["budget"] == 0.1 and tight["max_uncertain_ratio"] >= t1
     # each flag calibrated alone at 20 % (the old way): the review as a whole goes over the budget
     alone = bench.calibrate(rows[:20], 0.2)
@@ -353,7 +355,7 @@ def test_flags_bench_calibrates_both_confidence_thresholds_within_one_budget_for
                or r["structure_confidence"]["CTVn_L1_L"]["uncertain_ratio"] > alone_structure for r in rows[:20]) > 4
     # the checks without a threshold spend the whole budget: no right contour may add a confidence flag
     spent = [{**r, "kinds": ["note"] if i < 5 else []} for i, r in enumerate(rows[:20])]
-    joint = bench.calibrate_jointly(spent, 0.2)
+    joint = calibrate_jointly(spent, 0.2)
     assert joint["share"] == 0 and joint["right_flagged"] == 5
     assert max(r["uncertain_ratio"] for r in spent) <= joint["max_uncertain_ratio"] < 1.91
 
@@ -424,3 +426,69 @@ def test_fov_bench_adds_air_around_the_same_patient_and_picks_node_positive_note
     rim = sitk.GetArrayViewFromImage(wide)[:, :, :voxels]
     assert (rim == -1000).all()
     assert bench.padded(case.ct, 0) is case.ct
+
+
+@pytest.mark.slow
+def test_calibrate_review_sets_a_sites_thresholds_from_its_own_cases_in_a_new_bundle(tmp_path, one_thread):
+    """``mmcontour calibrate-review``: the shipped bundle contours a site's cases (a manifest with regions maps),
+    each is judged against its guideline regions, and the bundle is written to a new folder with the
+    thresholds that keep the whole review within the budget on those cases; the input bundle and the weights
+    are unchanged, and a contourer of the new bundle reviews with the new thresholds. A manifest without
+    regions maps, or too few right contours, is refused with nothing written."""
+    from dataclasses import replace
+
+    from MMContourLib.cli.main import main
+    from MMContourLib.data.manifest import read_cases
+    from MMContourLib.data.phantom import PhantomConfig
+    from MMContourLib.data.phantom_dataset import write_dataset
+    from MMContourLib.model.bundle import ModelBundle
+    from MMContourLib.model.bundle_info import default_bundle_path
+    from MMContourLib.training.review_calibration import calibration_rows, flagged_with, write_calibrated
+
+    shipped = default_bundle_path()
+    shipped_config = (shipped / "config.json").read_bytes()
+    manifest = write_dataset(4, tmp_path / "site", seed=5, config=replace(PhantomConfig.external_site(), planning_fov=True),
+                             split_fractions=(0, 0, 1), progress=False)
+    contourer = Contourer.from_bundle(shipped, device="cpu")
+    rows = calibration_rows(contourer, read_cases(manifest, require_ctv=False))
+    assert [r["case_id"] for r in rows] == [c.case_id for c in read_cases(manifest)]
+    right = sum(r["correct"] for r in rows)
+    assert right >= 2, rows  # the shipped bundle gets most phantoms right
+
+    # too few right contours for the asked minimum: refused, nothing written
+    with pytest.raises(ValueError, match="clinically right"):
+        write_calibrated(shipped, rows, tmp_path / "refused", 0.25, {"by": "test"}, min_right=right + 1)
+    assert not (tmp_path / "refused").exists()
+
+    report = write_calibrated(shipped, rows, tmp_path / "site-bundle", 0.25, {"by": "test"}, min_right=2)
+    allowed = int(0.25 * right)
+    after = report["after"]
+    assert after["right"] == right and (after["right_flagged"] <= allowed or report["joint"]["share"] == 0)
+    assert after == {**{k: report["joint"][k] for k in ("max_uncertain_ratio", "max_structure_uncertain_ratio")},
+                     **flagged_with(rows, report["joint"])}
+    assert report["before"]["max_uncertain_ratio"] == contourer.review_config.max_uncertain_ratio
+    calibrated = ModelBundle.load(tmp_path / "site-bundle")
+    assert calibrated.bundle_id == contourer.bundle.bundle_id == report["bundle_id"]  # weights unchanged
+    review = calibrated.inference.review
+    assert review["max_uncertain_ratio"] == after["max_uncertain_ratio"]
+    assert review["calibration"]["by"] == "test" and review["calibration"]["cases"] == len(rows)
+    again = Contourer.from_bundle(tmp_path / "site-bundle", device="cpu")
+    assert again.review_config.max_uncertain_ratio == after["max_uncertain_ratio"]
+    assert again.review_config.max_structure_uncertain_ratio == after["max_structure_uncertain_ratio"]
+    assert (shipped / "config.json").read_bytes() == shipped_config  # the input bundle is never touched
+
+    # the command refuses a manifest whose cases have no regions map, before contouring, and writes nothing
+    import csv
+
+    with open(manifest, newline="") as f:
+        table = list(csv.DictReader(f))
+    with open(tmp_path / "site" / "bare.csv", "w", newline="") as f:  # beside the cases: same relative paths
+        writer = csv.DictWriter(f, [k for k in table[0] if k != "regions"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(table)
+    code = main(["calibrate-review", "--manifest", str(tmp_path / "site" / "bare.csv"), "--out", str(tmp_path / "x"), "--json"])
+    assert code == 2 and not (tmp_path / "x").exists()
+    # and an output that is the input bundle
+    code = main(["calibrate-review", "--bundle", str(shipped), "--manifest", str(manifest), "--out", str(shipped),
+                 "--overwrite", "--json"])
+    assert code == 2 and (shipped / "config.json").read_bytes() == shipped_config

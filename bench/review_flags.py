@@ -49,6 +49,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from MMContourLib.training.review_calibration import calibrate_jointly  # noqa: E402
+
 
 def phantom_config(external: bool = False, planning_fov: bool = True):
     """The phantoms of ``mmcontour phantom [--external] [--planning-fov]`` (the shipped bundle's: planning FOV)."""
@@ -116,24 +118,14 @@ def structure_rows(result, case, config, dice_threshold: float, drawn: dict) -> 
 def run_set(contourer, cases, with_range: dict | None, dice_threshold: float = 0.5) -> tuple[list[dict], list[dict]]:
     """(one row per contour, one row per structure of per-structure contours)."""
     from MMContourLib.inference.review import review_contour
-    from MMContourLib.training.evaluate import clinical_check, region_coverage
+    from MMContourLib.training.review_calibration import contour_row
 
     config = contourer.review_config  # the defaults with the bundle's own calibrated thresholds
     rows, per_structure = [], []
     for case in cases:
         result = contourer.contour(case.ct, case.note)
-        drawn = result.structure_volumes()  # once per contour: the row and the structure rows share it
-        check = clinical_check(region_coverage(result.mask, case.regions), case.note)
+        row = contour_row(result, case.case_id, case.note, case.regions)
         reasons = result.review.reasons
-        row = {"case_id": case.case_id, "prompt": result.prompt, "correct": bool(check["correct"]),
-               "missing": check["missing"], "extra": check["extra"], "volume_cc": round(result.volume_cc, 1),
-               **{k: result.review.measures.get(k) for k in ("uncertain_ratio", "uncertain_cc", "uncertain_mm")},
-               "kinds": sorted({r.kind for r in reasons}),
-               "kinds_whole": sorted({r.kind for r in reasons if not r.structure}),
-               "kinds_structure": sorted({r.kind for r in reasons if r.structure}),
-               "reasons": result.review.to_dict()["reasons"],
-               "structure_confidence": result.review.measures.get("structure_confidence"),
-               "drawn_cc": drawn}
         if with_range is not None:
             training = {**contourer.bundle.training, "ct_range": with_range}
             again = review_contour(case.ct, result.probability, result.mask, case.note, training,
@@ -142,7 +134,7 @@ def run_set(contourer, cases, with_range: dict | None, dice_threshold: float = 0
             row["kinds_with_range"] = sorted({r.kind for r in list(again.reasons) + structure_reasons})
             row["reasons_with_range"] = again.to_dict()["reasons"] + [r.line() for r in structure_reasons]
         rows.append(row)
-        per_structure += structure_rows(result, case, config, dice_threshold, drawn)
+        per_structure += structure_rows(result, case, config, dice_threshold, row["drawn_cc"])
     return rows, per_structure
 
 
@@ -190,59 +182,18 @@ def calibrate_structures(rows: list[dict], per_structure: list[dict], false_flag
             "available": any(measures.values())}
 
 
-def calibrate_jointly(rows: list[dict], false_flag_budget: float = 0.2, step: float = 0.005) -> dict:
-    """Both confidence thresholds at once, so that the *whole* review (every kind of flag) flags at most
-    ``false_flag_budget`` of the right contours: the note, range and input checks have no threshold and
-    spend their share first; the confidence flags get what is left. One share q for both: the whole-contour
-    threshold is the (1 - q) quantile of the right contours' uncertain ratios, the per-structure one that
-    of their structures' (those drawn larger than ``min_confidence_cc``); q is the largest (most
-    sensitive) on a grid of ``step`` that keeps the budget. When the checks without a threshold already
-    spend it, q = 0: each threshold is the largest ratio a right contour showed."""
-    from MMContourLib.inference.review import ReviewConfig
-
-    min_cc = ReviewConfig().min_confidence_cc
-    right = [r for r in rows if r["correct"]]
-    if not right:
-        return {"share": None, "reason": "no right contour in the calibration set"}
-
-    def structure_ratios(r: dict) -> list[float]:
-        drawn = r.get("drawn_cc") or {}
-        return [m["uncertain_ratio"] for name, m in (r.get("structure_confidence") or {}).items()
-                if m.get("uncertain_ratio") is not None and drawn.get(name, m["volume_cc"]) > min_cc]
-
-    other = [any(k != "confidence" for k in r["kinds"]) for r in right]
-    whole = [r["uncertain_ratio"] if r["uncertain_ratio"] is not None else 0.0 for r in right]
-    per = [structure_ratios(r) for r in right]
-    pooled = [x for xs in per for x in xs]
-    allowed = int(np.floor(false_flag_budget * len(right) + 1e-9))
-    up = lambda x: float(np.ceil(x * 1000) / 1000)  # 3 decimals, rounded up: never flags more than computed
-    q = false_flag_budget
-    while True:
-        t1 = up(np.quantile(whole, 1 - q))
-        t2 = up(np.quantile(pooled, 1 - q)) if pooled else None
-        flagged = sum(o or w > t1 or (t2 is not None and any(x > t2 for x in xs))
-                      for o, w, xs in zip(other, whole, per))
-        if flagged <= allowed or q <= 0:
-            break
-        q = max(0.0, round(q - step, 6))
-    return {"share": q, "max_uncertain_ratio": t1, "max_structure_uncertain_ratio": t2, "right": len(right), "right_flagged": int(flagged),
-            "right_flagged_without_threshold": int(sum(other)), "budget": false_flag_budget}
-
-
 def save_thresholds(bundle_path, joint: dict, seed: int, cases: int):
     """Write ``calibrate_jointly``'s thresholds into the bundle (``InferenceConfig.review``) with how they were
     found; the bundle is saved again as a whole (atomically, read back). Returns the ReviewConfig they give."""
-    from MMContourLib.inference.review import BUNDLE_THRESHOLDS, ReviewConfig
+    from MMContourLib.inference.review import ReviewConfig
     from MMContourLib.model.bundle import ModelBundle
+    from MMContourLib.training.review_calibration import with_thresholds
 
-    if joint.get("share") is None:
-        raise SystemExit(f"review_flags: nothing to save: {joint.get('reason')}")
-    bundle = ModelBundle.load(bundle_path)
-    values = {k: joint[k] for k in BUNDLE_THRESHOLDS if joint.get(k) is not None}
-    bundle.inference.review = {**values, "calibration": {
-        "by": "bench/review_flags.py --calibrate", "phantoms": f"mmcontour phantom --n {cases} --seed {seed} --planning-fov",
-        "share": joint["share"], "right": joint["right"], "right_flagged": joint["right_flagged"],
-        "budget": joint["budget"]}}
+    try:
+        bundle = with_thresholds(ModelBundle.load(bundle_path), joint, {
+            "by": "bench/review_flags.py --calibrate", "phantoms": f"mmcontour phantom --n {cases} --seed {seed} --planning-fov"})
+    except ValueError as exc:
+        raise SystemExit(f"review_flags: {exc}") from None
     bundle.save(bundle_path)
     return ReviewConfig.for_bundle(bundle.inference.review)
 
