@@ -160,3 +160,107 @@ def test_vision_only_bundle_ignores_note(tiny_vision_bundle):
     a = sitk.GetArrayFromImage(c.contour(ct, NOTE).probability)
     b = sitk.GetArrayFromImage(c.contour(ct, "N0, total mastectomy surgery, right side").probability)
     assert np.array_equal(a, b) and c.llm_calls == 0
+
+
+# -- undoing the training's loss weights (inference.loss_weight_correction) --------------------------------
+
+def test_undo_loss_weights_is_bayes_rule_run_backwards():
+    """A network trained with a structure's voxels weighed w times answers w q / (w q + 1 - q) where the voxel is
+    inside with probability q; dividing by w and renormalising against the background gives q back, leaves the
+    other structures' odds against each other alone, and changes nothing where the network is sure."""
+    from MMContourLib.inference.contourer import undo_loss_weights
+
+    classes = ("CTVp_Breast_L", "CTVn_L4_L")
+    q = np.array([0.0, 0.1, 1 / 7, 0.3, 0.5, 0.9, 1.0], np.float32)
+    w = 6.0
+    p = w * q / (w * q + 1 - q)  # what the weighted loss teaches: a voxel inside one time in seven is on the edge (p = 0.5)
+    prob = np.stack([np.zeros_like(p), p])
+    back = undo_loss_weights(prob, classes, {"CTVn_L4_L": w})
+    assert np.allclose(back[1], q, atol=1e-6) and np.allclose(back[0], 0)
+    assert abs(p[2] - 0.5) < 1e-6 and back[1][2] < 0.5 < p[3]  # on the edge of being drawn before, far from it after
+    # two structures and background: the unweighted one keeps its odds against the weighted one's undone share
+    prob = np.array([[0.3], [0.6]], np.float32)  # background 0.1
+    back = undo_loss_weights(prob, classes, {"CTVn_L4_L": 6.0})
+    assert np.allclose(back[:, 0], np.array([0.3, 0.1]) / 0.5)
+    assert undo_loss_weights(prob, classes, {}) is prob  # no correction: the same array
+
+
+def test_a_bundles_loss_weight_correction_shrinks_only_its_structures_and_is_recorded(tiny_structure_bundle, tmp_path):
+    """The contourer applies the bundle's ``inference.loss_weight_correction`` to the network's probabilities:
+    the structures named get smaller or stay, the contour equals ``from_probabilities`` on the same
+    probabilities, the provenance names the correction, and a name the bundle does not draw or a weight below 1
+    is refused when the bundle is opened."""
+    from MMContourLib.inference.contourer import check_loss_weights
+    from MMContourLib.note.clinical import ClinicalNote
+
+    ct = make_ct()
+    plain = Contourer.from_bundle(tiny_structure_bundle, device="cpu")
+    classes = plain.network.config.structures
+    nodal = [c for c in classes if c.startswith("CTVn")]
+    bundle = ModelBundle.load(tiny_structure_bundle)
+    bundle.inference.loss_weight_correction = {name: 1e6 for name in nodal}
+    bundle.save(tmp_path / "corrected")
+    assert ModelBundle.load(tmp_path / "corrected").inference.loss_weight_correction == {n: 1e6 for n in nodal}
+    corrected = Contourer.from_bundle(tmp_path / "corrected", device="cpu")
+    assert corrected.loss_weights == {n: 1e6 for n in nodal} and plain.loss_weights == {}
+
+    model_input = plain.prepare(ct)
+    prob, _ = plain.probabilities(model_input, plain.encode_notes([NOTE]))
+    before = plain.from_probabilities(ct, model_input, ClinicalNote.parse(NOTE), prob)
+    again = plain.contour(ct, NOTE)
+    assert np.array_equal(sitk.GetArrayViewFromImage(before.mask), sitk.GetArrayViewFromImage(again.mask))
+    after = corrected.contour(ct, NOTE)
+    v0, v1 = before.structure_volumes(), after.structure_volumes()
+    assert sum(v0[n] for n in nodal) > 0, v0  # the random network draws some nodal voxels to take away
+    assert sum(v1[n] for n in nodal) < sum(v0[n] for n in nodal) and all(v1[n] <= v0[n] + 1e-9 for n in nodal)
+    assert "CTVn_L1_L /1e+06" in after.provenance["loss_weight_correction"]
+    assert plain.contour(ct, NOTE).provenance["loss_weight_correction"] == ""
+
+    with pytest.raises(ValueError, match="not one of the bundle's structures"):
+        check_loss_weights({"CTVn_L9_L": 2.0}, classes)
+    with pytest.raises(ValueError, match=">= 1"):
+        check_loss_weights({"CTVn_L1_L": 0.5}, classes)
+    bundle.inference.loss_weight_correction = {"CTVn_L1_L": True}
+    bundle.save(tmp_path / "broken")
+    with pytest.raises(ValueError, match="must be a number"):
+        Contourer.from_bundle(tmp_path / "broken", device="cpu")
+
+
+def test_the_correction_bench_picks_the_best_nodal_dice_that_loses_no_right_contour(tiny_structure_bundle, tmp_path):
+    """bench/loss_weight_correction.py: the nodal structures are the levels and internal mammary nodes; the
+    factor chosen has the best nodal-structure Dice among those that make no contour wrong that factor 1 got
+    right; --save writes it for every nodal structure with how it was chosen, and the contourer applies it."""
+    import importlib.util
+    from pathlib import Path
+
+    from MMContourLib.note.structures import structure_classes
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "loss_weight_correction.py"
+    spec = importlib.util.spec_from_file_location("loss_weight_correction", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    nodal = bench.nodal_structures(structure_classes())
+    assert nodal == [c for c in structure_classes() if c.startswith("CTVn")] and len(nodal) == 10
+
+    def row(case, correct, dice):
+        return {"case_id": case, "correct": correct, "dice": 0.9, "nodal_dice": {"CTVn_L4_L": dice}}
+
+    rows = {1.0: [row("a", True, 0.4), row("b", True, 0.5), row("c", False, 0.2)],
+            3.0: [row("a", True, 0.6), row("b", True, 0.6), row("c", True, 0.5)],
+            6.0: [row("a", False, 0.9), row("b", True, 0.9), row("c", True, 0.9)]}
+    summary = bench.summarise(rows)
+    assert summary[6.0]["lost"] == ["a"] and summary[3.0]["lost"] == [] and summary[1.0]["correct"] == 2
+    assert abs(summary[3.0]["nodal_dice"] - 0.5667) < 1e-3
+    assert bench.choose(summary) == 3.0  # 6 has the best Dice but makes case a wrong
+    rows[6.0][0]["correct"] = True
+    assert bench.choose(bench.summarise(rows)) == 6.0
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_structure_bundle, bundle)
+    bench.save(bundle, 3.0, nodal, {"by": "test", "chosen": 3.0}, version="7")
+    saved = ModelBundle.load(bundle)
+    assert saved.inference.loss_weight_correction == {n: 3.0 for n in nodal} and saved.version == "7"
+    assert saved.training["loss_weight_correction"]["chosen"] == 3.0
+    assert Contourer.from_bundle(bundle, device="cpu").loss_weights == {n: 3.0 for n in nodal}
+    bench.save(bundle, 1.0, nodal, {"by": "test", "chosen": 1.0})  # factor 1: no correction at all
+    assert ModelBundle.load(bundle).inference.loss_weight_correction == {}

@@ -49,7 +49,9 @@ def register(subparsers) -> None:
     m.add_argument("--patches-per-case", type=int, help="patches from each training case per epoch (default 1)")
     m.add_argument("--region-weight", type=float,
                    help="extra loss weight w on voxels of the emphasised sub-regions (weight 1 + w; default 0 = "
-                        "plain Dice + CE). Needs the manifest's 'regions' label maps")
+                        "plain Dice + CE). Needs the manifest's 'regions' label maps. The emphasised structures "
+                        "come out too large where the network is unsure: choose how much of the weight to undo "
+                        "at inference on validation cases (bench/loss_weight_correction.py --save)")
     m.add_argument("--soft-labels", action="store_true", default=None,
                    help="train on partial-volume targets (the fraction of each model-grid voxel inside the CTV) "
                         "instead of 0/1: thin structures survive a coarse grid (losses.py)")

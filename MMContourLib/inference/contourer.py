@@ -16,7 +16,7 @@ import hashlib
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -44,6 +44,38 @@ FEATURE_CACHE_MODES = ("auto", "device", "host", "off")
 
 class Cancelled(RuntimeError):
     """The caller asked to stop; nothing was written."""
+
+
+def check_loss_weights(weights: Mapping, classes: Sequence[str]) -> dict[str, float]:
+    """A bundle's ``inference.loss_weight_correction``, refused unless every name is one of its structures and
+    every weight a number >= 1 (a weight below 1 would grow a structure the training never favoured)."""
+    out = {}
+    for name, w in (weights or {}).items():
+        if name not in classes:
+            raise ValueError(f"loss_weight_correction names {name!r}, which is not one of the bundle's structures "
+                             f"({', '.join(classes) or 'none: a single-CTV bundle'})")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 1:
+            raise ValueError(f"loss_weight_correction of {name} is {w!r}; it must be a number >= 1")
+        out[name] = float(w)
+    return out
+
+
+def undo_loss_weights(prob: np.ndarray, classes: Sequence[str], weights: Mapping[str, float]) -> np.ndarray:
+    """Per-structure foreground probabilities ``prob`` (K, ...) of a network whose training loss weighed structure
+    k's voxels ``weights[k]`` (w_k) times the background beside them, with that weighting undone.
+
+    Where the network cannot tell whether a voxel is inside k or just outside, the weighted loss is lowest when
+    it answers w_k q_k / (w_k q_k + 1 - q_k), q_k being how likely the voxel is inside: with w_k = 5 a voxel
+    inside one time in six is drawn. Dividing p_k by w_k and renormalising against the background,
+    1 - sum(p), is Bayes' rule run backwards: q_k again, so a structure is drawn where it is more likely than
+    not. Where the network is sure (p near 0 or 1) nothing changes; structures without a weight are only
+    renormalised."""
+    if not weights:
+        return prob
+    scale = np.array([1.0 / float(weights.get(name, 1.0)) for name in classes], np.float32)
+    scaled = prob * scale.reshape((-1,) + (1,) * (prob.ndim - 1))
+    background = np.clip(1.0 - prob.sum(0), 0.0, None)
+    return (scaled / np.maximum(background + scaled.sum(0), 1e-12)).astype(prob.dtype, copy=False)
 
 
 def structure_volumes(labels: sitk.Image, classes: Sequence[str]) -> dict[str, float]:
@@ -150,6 +182,8 @@ class Contourer:
         self.bundle = bundle
         self.anatomical_range = anatomical_range
         self.review_config = ReviewConfig.for_bundle(bundle.inference.review)  # refuses a broken threshold early
+        # refused early too: a name the network does not draw, or a weight below 1
+        self.loss_weights = check_loss_weights(bundle.inference.loss_weight_correction, bundle.network.structures or ())
         self.device = resolve_device(device)
         self.network, self.text = bundle.build(self.device, llm=llm, dtype=dtype, allow_download=allow_download)
         self.roi_size = tuple(int(v) for v in (roi_size or bundle.inference.roi_size))
@@ -195,6 +229,7 @@ class Contourer:
                 "bundle_id": self.bundle.bundle_id, "bundle_path": str(self.bundle.path or ""),
                 "llm_name": spec.name, "llm_fingerprint": spec.fingerprint, "text_encoder": spec.kind,
                 "prompt": prompt, "prompt_template_version": self.bundle.prompt_template_version,
+                "loss_weight_correction": ", ".join(f"{k} /{w:g}" for k, w in self.loss_weights.items()),
                 "mmcontour_version": __version__, "device": str(self.device)}
 
     # -- steps ------------------------------------------------------------------------------------
@@ -344,7 +379,6 @@ class Contourer:
     def contour(self, image: sitk.Image, note: ClinicalNote | str, progress: Progress | None = None,
                 cancel: Callable[[], bool] | None = None) -> ContourResult:
         note = note_from_any(note)
-        prompt = note.to_prompt()
         timings: dict[str, float] = {}
         report = progress or (lambda stage, done, total: None)
 
@@ -363,9 +397,20 @@ class Contourer:
         t = time.perf_counter()
         prob, windows = self.probabilities(model_input, g, report, cancel)
         timings["windows"] = time.perf_counter() - t
+        return self.from_probabilities(image, model_input, note, prob, windows, timings, report)
 
+    def from_probabilities(self, image: sitk.Image, model_input: ModelInput, note: ClinicalNote, prob: np.ndarray,
+                           windows: int = 0, timings: dict | None = None,
+                           progress: Progress | None = None) -> ContourResult:
+        """The rest of ``contour`` from the network's probabilities ``prob`` (K, X, Y, Z) on the model grid
+        (``probabilities``): the bundle's loss-weight correction, the CT-grid mask, anatomical range,
+        structures and review. Measurements that compare corrections reuse one network pass through it."""
+        timings = dict(timings or {})
+        report = progress or (lambda stage, done, total: None)
+        prompt = note.to_prompt()
         t = time.perf_counter()
         report("postprocess", 0, 1)
+        prob = undo_loss_weights(prob, self.network.config.structures or (), self.loss_weights)
         prob_img = probabilities_to_ct_grid(prob.sum(0), model_input)  # the whole CTV: every structure
         mask = threshold(prob_img, self.bundle.inference.threshold)
         facts = self._ct_facts(image, model_input)

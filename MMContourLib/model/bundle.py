@@ -43,15 +43,22 @@ class InferenceConfig:
     # review thresholds calibrated on this model (``inference.review.ReviewConfig.for_bundle``; written by
     # ``bench/review_flags.py --calibrate K --save``) and how they were calibrated; empty: the defaults
     review: dict = field(default_factory=dict)
+    # {structure: w}: the structure's voxels weighed w times the background around them in the training loss
+    # (``mmcontour train --region-weight``), so the network over-draws it where it is unsure; the contourer
+    # divides its probability by w before thresholding (``inference.contourer.undo_loss_weights``). Written by
+    # ``bench/loss_weight_correction.py --save``, chosen on validation cases; empty: none.
+    loss_weight_correction: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"roi_size": list(self.roi_size), "overlap": self.overlap, "threshold": self.threshold,
-                **({"review": dict(self.review)} if self.review else {})}
+                **({"review": dict(self.review)} if self.review else {}),
+                **({"loss_weight_correction": dict(self.loss_weight_correction)} if self.loss_weight_correction else {})}
 
     @classmethod
     def from_dict(cls, data: dict) -> "InferenceConfig":
         return cls(tuple(int(v) for v in data.get("roi_size", (384, 384, 128))), float(data.get("overlap", 0.5)),
-                   float(data.get("threshold", 0.5)), dict(data.get("review") or {}))
+                   float(data.get("threshold", 0.5)), dict(data.get("review") or {}),
+                   dict(data.get("loss_weight_correction") or {}))
 
 
 @dataclass
