@@ -34,17 +34,10 @@ import numpy as np  # noqa: E402
 
 
 def nodal_structures(classes) -> list[str]:
-    """The bundle's structures made of nodal regions (what region-weighted training emphasises by default)."""
-    from MMContourLib.note.structures import structure_for
-    from MMContourLib.note.targets import NODAL_REGIONS, REGION_PARTS
+    """The bundle's nodal levels (what region-weighted training emphasises by default)."""
+    from MMContourLib.note.targets import is_nodal_structure
 
-    kinds = set(NODAL_REGIONS) | {p for r in NODAL_REGIONS for p in REGION_PARTS.get(r, ())}
-    out = []
-    for name in classes:
-        structure, _ = structure_for(name)
-        if structure is not None and structure.regions and set(structure.regions) <= kinds:
-            out.append(name)
-    return out
+    return [name for name in classes if is_nodal_structure(name)]
 
 
 def score_factors(contourer, cases, factors, progress=None) -> dict:

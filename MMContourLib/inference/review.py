@@ -32,7 +32,7 @@ import SimpleITK as sitk
 from ..image.ctstats import AXES, ct_statistics
 from ..note.clinical import SURGERY_PROMPT, ClinicalNote
 from ..note.structures import structure_for
-from ..note.targets import NODAL_REGIONS, REGION_PARTS
+from ..note.targets import is_nodal_structure
 
 
 @dataclass(frozen=True)
@@ -270,13 +270,6 @@ def review_contour(image: sitk.Image, probability: sitk.Image, mask: sitk.Image,
 
 # -- per structure: does the contour agree with the note? ---------------------------------------
 
-def _is_nodal(name: str) -> bool:
-    """Whether structure ``name`` is a nodal level (made of ``note.targets.NODAL_REGIONS`` or their parts)."""
-    row, _ = structure_for(name)
-    nodal = set(NODAL_REGIONS) | {part for r in NODAL_REGIONS for part in REGION_PARTS.get(r, ())}
-    return bool(row and set(row.regions) & nodal)
-
-
 def _side_why(name: str, note: ClinicalNote) -> str:
     """Why the note's guideline leaves structure ``name`` out, for a clinician."""
     _, side = structure_for(name)
@@ -284,7 +277,7 @@ def _side_why(name: str, note: ClinicalNote) -> str:
     if s is None:
         return f"the note treats only the {' and '.join(f.side for f in note.sides)} side"
     why = f"{s.n_stage}, {SURGERY_PROMPT[s.surgery]}"
-    if _is_nodal(name) and not s.node_positive:
+    if is_nodal_structure(name) and not s.node_positive:
         why += ": no nodal levels" if s.n_stage == "N0" else ": N1mi is treated as N0, no nodal levels"
     return f"the note's guideline for the {side} side ({why}) does not include it"
 

@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .clinical import ClinicalNote, note_from_any
-from .structures import STRUCTURES, Structure, structure_classes
+from .structures import STRUCTURES, Structure, structure_classes, structure_for
 
 REGION_LABELS: dict[str, int] = {
     "breast_left": 1, "breast_right": 2, "chestwall_left": 3, "chestwall_right": 4,
@@ -47,9 +47,17 @@ def labels_of(name: str) -> list[int]:
     return [REGION_LABELS[name]] + [REGION_LABELS[f"{part}_{side}"] for part in REGION_PARTS.get(kind, ())]
 
 
+#: The region kinds of the nodal levels: the nodal regions and their parts ("axilla", "axilla_l1", ...).
+NODAL_KINDS = NODAL_REGIONS + tuple(p for r in NODAL_REGIONS for p in REGION_PARTS.get(r, ()))
 #: Label values of the nodal levels in REGION_LABELS (what region-weighted training emphasises by default).
-NODAL_LABELS = tuple(v for k, v in REGION_LABELS.items()
-                     if region_kind(k) in NODAL_REGIONS + tuple(p for r in NODAL_REGIONS for p in REGION_PARTS.get(r, ())))
+NODAL_LABELS = tuple(v for k, v in REGION_LABELS.items() if region_kind(k) in NODAL_KINDS)
+
+
+def is_nodal_structure(name: str) -> bool:
+    """Whether structure ``name`` (a row of ``note.structures`` with its side) is a nodal level: made of
+    NODAL_KINDS regions."""
+    row, _ = structure_for(name)
+    return bool(row and set(row.regions) & set(NODAL_KINDS))
 
 
 def region_names_for_note(note: ClinicalNote, has_breast: Mapping[str, bool] | None = None) -> list[str]:
