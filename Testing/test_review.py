@@ -457,10 +457,10 @@ def test_calibrate_review_sets_a_sites_thresholds_from_its_own_cases_in_a_new_bu
 
     # too few right contours for the asked minimum: refused, nothing written
     with pytest.raises(ValueError, match="clinically right"):
-        write_calibrated(shipped, rows, tmp_path / "refused", 0.25, {"by": "test"}, min_right=right + 1)
+        write_calibrated(ModelBundle.load(shipped), rows, tmp_path / "refused", 0.25, {"by": "test"}, min_right=right + 1)
     assert not (tmp_path / "refused").exists()
 
-    report = write_calibrated(shipped, rows, tmp_path / "site-bundle", 0.25, {"by": "test"}, min_right=2)
+    report = write_calibrated(ModelBundle.load(shipped), rows, tmp_path / "site-bundle", 0.25, {"by": "test"}, min_right=2)
     allowed = int(0.25 * right)
     after = report["after"]
     assert after["right"] == right and (after["right_flagged"] <= allowed or report["joint"]["share"] == 0)

@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from MMContourLib.training.review_calibration import calibrate_jointly  # noqa: E402
+from MMContourLib.training.review_calibration import calibrate_jointly, share_text as _pct  # noqa: E402
 
 
 def phantom_config(external: bool = False, planning_fov: bool = True):
@@ -154,10 +154,6 @@ def meets_target(r: dict, sensitivity: float = 0.9, false_flags: float = 0.2) ->
         return "n/a (no wrong or no right ones)"
     ok = r["sensitivity"] >= sensitivity and r["false_flag_rate"] <= false_flags
     return "met" if ok else "not met"
-
-
-def _pct(a: int, b: int) -> str:
-    return f"{a}/{b} ({100 * a / b:.0f} %)" if b else f"{a}/0"
 
 
 def calibrate(rows: list[dict], false_flag_budget: float = 0.2) -> float | None:

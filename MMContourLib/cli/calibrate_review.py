@@ -28,12 +28,12 @@ def register(subparsers) -> None:
 
 
 def _line(name: str, entry: dict) -> str:
-    def pct(a, b):
-        return f"{a}/{b} ({100 * a / b:.0f} %)" if b else f"{a}/0"
+    from ..training.review_calibration import share_text
 
     return (f"  {name:6} max_uncertain_ratio {entry['max_uncertain_ratio']}, max_structure_uncertain_ratio "
-            f"{entry['max_structure_uncertain_ratio']}: right contours flagged {pct(entry['right_flagged'], entry['right'])}, "
-            f"wrong flagged {pct(entry['wrong_flagged'], entry['wrong'])}")
+            f"{entry['max_structure_uncertain_ratio']}: right contours flagged "
+            f"{share_text(entry['right_flagged'], entry['right'])}, wrong flagged "
+            f"{share_text(entry['wrong_flagged'], entry['wrong'])}")
 
 
 def run(args) -> dict:

@@ -30,6 +30,11 @@ import numpy as np
 MIN_RIGHT_CASES = 10
 
 
+def share_text(part: int, whole: int) -> str:
+    """"3/20 (15 %)": a count of a whole, as the calibration and the flags bench print it."""
+    return f"{part}/{whole} ({100 * part / whole:.0f} %)" if whole else f"{part}/0"
+
+
 def check_budget(budget: float) -> None:
     """Refuse a false-flag budget outside [0, 1) (before any contouring)."""
     if not 0.0 <= budget < 1.0:
@@ -55,6 +60,22 @@ def contour_row(result, case_id: str, note, regions) -> dict:
             "drawn_cc": result.structure_volumes()}
 
 
+def _structure_ratios(row: dict, min_cc: float) -> list[float]:
+    """A row's per-structure uncertain ratios, for the structures drawn larger than ``min_cc`` (the ones the
+    per-structure confidence check judges)."""
+    drawn = row.get("drawn_cc") or {}
+    return [m["uncertain_ratio"] for name, m in (row.get("structure_confidence") or {}).items()
+            if m.get("uncertain_ratio") is not None and drawn.get(name, m["volume_cc"]) > min_cc]
+
+
+def _flagged(row: dict, t1: float | None, t2: float | None, min_cc: float) -> bool:
+    """Whether the whole review flags a row with confidence thresholds ``t1`` (contour) and ``t2`` (per
+    structure): a flag of another kind as the row records it, or a ratio above its threshold."""
+    return (any(k != "confidence" for k in row["kinds"])
+            or (t1 is not None and (row["uncertain_ratio"] or 0.0) > t1)
+            or (t2 is not None and any(x > t2 for x in _structure_ratios(row, min_cc))))
+
+
 def calibrate_jointly(rows: Sequence[dict], false_flag_budget: float = 0.2, step: float = 0.005) -> dict:
     """Both confidence thresholds at once, so that the *whole* review (every kind of flag) flags at most
     ``false_flag_budget`` of the right contours: the note, range and input checks have no threshold and
@@ -69,29 +90,20 @@ def calibrate_jointly(rows: Sequence[dict], false_flag_budget: float = 0.2, step
     right = [r for r in rows if r["correct"]]
     if not right:
         return {"share": None, "reason": "no right contour in the calibration set"}
-
-    def structure_ratios(r: dict) -> list[float]:
-        drawn = r.get("drawn_cc") or {}
-        return [m["uncertain_ratio"] for name, m in (r.get("structure_confidence") or {}).items()
-                if m.get("uncertain_ratio") is not None and drawn.get(name, m["volume_cc"]) > min_cc]
-
-    other = [any(k != "confidence" for k in r["kinds"]) for r in right]
-    whole = [r["uncertain_ratio"] if r["uncertain_ratio"] is not None else 0.0 for r in right]
-    per = [structure_ratios(r) for r in right]
-    pooled = [x for xs in per for x in xs]
+    whole = [r["uncertain_ratio"] or 0.0 for r in right]
+    pooled = [x for r in right for x in _structure_ratios(r, min_cc)]
     allowed = int(np.floor(false_flag_budget * len(right) + 1e-9))
     up = lambda x: float(np.ceil(x * 1000) / 1000)  # 3 decimals, rounded up: never flags more than computed
     q = false_flag_budget
     while True:
         t1 = up(np.quantile(whole, 1 - q))
         t2 = up(np.quantile(pooled, 1 - q)) if pooled else None
-        flagged = sum(o or w > t1 or (t2 is not None and any(x > t2 for x in xs))
-                      for o, w, xs in zip(other, whole, per))
+        flagged = sum(_flagged(r, t1, t2, min_cc) for r in right)
         if flagged <= allowed or q <= 0:
             break
         q = max(0.0, round(q - step, 6))
     return {"share": q, "max_uncertain_ratio": t1, "max_structure_uncertain_ratio": t2, "right": len(right),
-            "right_flagged": int(flagged), "right_flagged_without_threshold": int(sum(other)),
+            "right_flagged": int(flagged), "right_flagged_without_threshold": sum(_flagged(r, None, None, min_cc) for r in right),
             "budget": false_flag_budget}
 
 
@@ -102,21 +114,10 @@ def flagged_with(rows: Sequence[dict], thresholds: dict) -> dict:
 
     min_cc = ReviewConfig().min_confidence_cc
     t1, t2 = thresholds.get("max_uncertain_ratio"), thresholds.get("max_structure_uncertain_ratio")
-
-    def flagged(r: dict) -> bool:
-        if any(k != "confidence" for k in r["kinds"]):
-            return True
-        if t1 is not None and (r["uncertain_ratio"] or 0.0) > t1:
-            return True
-        drawn = r.get("drawn_cc") or {}
-        return t2 is not None and any(
-            m.get("uncertain_ratio") is not None and drawn.get(name, m["volume_cc"]) > min_cc and m["uncertain_ratio"] > t2
-            for name, m in (r.get("structure_confidence") or {}).items())
-
     right = [r for r in rows if r["correct"]]
     wrong = [r for r in rows if not r["correct"]]
-    return {"right": len(right), "right_flagged": sum(map(flagged, right)),
-            "wrong": len(wrong), "wrong_flagged": sum(map(flagged, wrong))}
+    return {"right": len(right), "right_flagged": sum(_flagged(r, t1, t2, min_cc) for r in right),
+            "wrong": len(wrong), "wrong_flagged": sum(_flagged(r, t1, t2, min_cc) for r in wrong)}
 
 
 def with_thresholds(bundle, joint: dict, provenance: dict):
@@ -149,20 +150,18 @@ def calibration_rows(contourer, cases, progress: Callable[[int, int], None] | No
     return rows
 
 
-def write_calibrated(bundle_path: str | Path, rows: Sequence[dict], out: str | Path, budget: float,
+def write_calibrated(bundle, rows: Sequence[dict], out: str | Path, budget: float,
                      provenance: dict, min_right: int = MIN_RIGHT_CASES) -> dict:
-    """Calibrate on ``rows`` and write the bundle with the thresholds to ``out``; refuses, before writing, fewer
-    than ``min_right`` right contours. Returns the calibration (thresholds, and what they flag on ``rows``
-    against what the bundle's own thresholds flagged)."""
+    """Calibrate on ``rows`` and write ``bundle`` (the ModelBundle that contoured them; its review is replaced)
+    with the thresholds to ``out``; refuses, before writing, fewer than ``min_right`` right contours. Returns the
+    calibration (thresholds, and what they flag on ``rows`` against what the bundle's own thresholds flagged)."""
     from ..inference.review import ReviewConfig
-    from ..model.bundle import ModelBundle
 
     check_budget(budget)
     right = sum(bool(r["correct"]) for r in rows)
     if right < min_right:
         raise ValueError(f"only {right} of {len(rows)} contours are clinically right: at least {min_right} are "
                          "needed to place a threshold; add cases")
-    bundle = ModelBundle.load(bundle_path)
     own = ReviewConfig.for_bundle(bundle.inference.review)
     before = {k: getattr(own, k) for k in ("max_uncertain_ratio", "max_structure_uncertain_ratio")}
     joint = calibrate_jointly(rows, budget)
@@ -180,6 +179,7 @@ def calibrate_review(bundle_path: str | Path, manifest: str | Path, out: str | P
     report, with the case rows."""
     from ..data.manifest import read_cases
     from ..inference.contourer import Contourer
+    from ..model.bundle import ModelBundle
 
     check_budget(budget)
     cases = read_cases(manifest, split=split, require_ctv=False)
@@ -188,9 +188,10 @@ def calibrate_review(bundle_path: str | Path, manifest: str | Path, out: str | P
         raise ValueError(f"none of the {len(cases)} case(s) of {manifest} has a regions map: without the guideline's "
                          "structures a contour cannot be judged right or wrong, so nothing can be calibrated "
                          "(mmcontour import-dicom writes one when the structures are exported separately)")
-    rows = calibration_rows(Contourer.from_bundle(bundle_path, llm=llm, device=device), judged, progress)
+    bundle = ModelBundle.load(bundle_path)  # once: the contourer reads it, and it is written again with the thresholds
+    rows = calibration_rows(Contourer(bundle, llm=llm, device=device), judged, progress)
     provenance = {"by": "mmcontour calibrate-review", "manifest": Path(manifest).name, "split": split or "all",
                   "on": _dt.date.today().isoformat()}
-    report = write_calibrated(bundle_path, rows, out, budget, provenance)
+    report = write_calibrated(bundle, rows, out, budget, provenance)
     return {"bundle": str(bundle_path), "cases": len(cases), "without_regions": len(cases) - len(judged),
             **report, "rows": rows}
