@@ -232,6 +232,37 @@ def test_emphasis_map_follows_the_chosen_region_labels_through_the_crops(manifes
     assert np.asarray(box[0]["emphasis"]).any() and not (np.asarray(box[0]["emphasis"])[cache[0]["label"] > 0] > 0.5).any()
 
 
+def test_the_emphasis_margin_moves_the_weight_step_off_the_structure_border(manifest):
+    """With ``emphasis_margin_mm`` the weighted region reaches that far beyond the emphasised structure (in mm,
+    whatever the grid's spacing per axis), so a voxel just outside the border weighs as much as one just
+    inside; beyond the margin the weight is back to 1."""
+    from scipy import ndimage
+
+    from MMContourLib.data.dataset import grow_emphasis
+
+    cases = read_manifest(with_regions(manifest), split="train")[:1]
+    plain = np.asarray(build_cache(cases, PreprocessConfig(spacing=SPACING), PATCH, progress=False,
+                                   emphasis_labels=(5,))[0]["emphasis"][0])
+    grown = np.asarray(build_cache(cases, PreprocessConfig(spacing=SPACING), PATCH, progress=False,
+                                   emphasis_labels=(5,), emphasis_margin_mm=12.0)[0]["emphasis"][0])
+    inside = plain > 0.5
+    assert inside.any() and (grown >= plain).all()
+    # distance (mm) of every voxel from the emphasised structure, on the anisotropic 6 x 6 x 9 mm grid
+    distance = ndimage.distance_transform_edt(~inside, sampling=SPACING)
+    # the border's outside weighs as its inside (a voxel mostly inside, > 0.5, at least)
+    assert (grown[(distance > 0) & (distance <= 12.0)] > 0.5).all()
+    touched = ndimage.distance_transform_edt(plain == 0, sampling=SPACING)  # from any partial voxel
+    assert grown[touched > 12.0].max() == 0.0  # and beyond the margin, nothing
+    assert grown[(distance > 0) & (distance <= 12.0)].size > inside.sum()  # a real ring, not a no-op
+    # the z axis (9 mm) grows by 1 voxel, x and y (6 mm) by 2
+    point = np.zeros((7, 7, 7), np.float32)
+    point[3, 3, 3] = 0.7
+    ring = grow_emphasis(point, (6.0, 6.0, 9.0), 12.0)
+    assert ring[1, 3, 3] == ring[3, 5, 3] == ring[3, 3, 4] == pytest.approx(0.7)
+    assert ring[0, 3, 3] == ring[3, 3, 5] == 0.0
+    assert grow_emphasis(point, (6.0, 6.0, 9.0), 0.0) is point
+
+
 def test_sharded_batches_average_to_the_global_batch_gradient(manifest, tiny_llm_dir):
     """What DDP relies on: the mean of per-sample gradients of Dice+CE equals the batch-of-2 gradient."""
     from monai.losses import DiceCELoss
@@ -307,15 +338,18 @@ def test_region_weight_trains_through_the_cli_and_needs_region_maps(manifest, ti
     main(["train", "--manifest", str(regions_manifest), "--out", str(out), "--text-encoder", "none",
           "--feature-size", "4", "--spacing", *map(str, SPACING), "--patch", *map(str, PATCH), "--epochs", "2",
           "--lr", "3e-3", "--warmup-epochs", "0", "--device", "cpu", "--region-weight", "5",
-          "--emphasis-labels", "5", "--soft-labels", "--class-balance", "1", "--shift-margin", "24", "--json"])
+          "--emphasis-labels", "5", "--soft-labels", "--class-balance", "1", "--shift-margin", "24",
+          "--emphasis-margin", "12", "--json"])
     saved = json.loads((out / "train_config.json").read_text())
     assert saved["region_weight"] == 5.0 and saved["emphasis_labels"] == [5] and saved["soft_labels"] is True
-    assert saved["class_balance"] == 1.0 and saved["shift_margin_mm"] == 24.0
+    assert saved["class_balance"] == 1.0 and saved["shift_margin_mm"] == 24.0 and saved["emphasis_margin_mm"] == 12.0
     bundle = ModelBundle.load(out / "last")
     assert bundle.training["region_weight"] == 5.0 and bundle.training["class_balance"] == 1.0
-    assert bundle.training["shift_margin_mm"] == 24.0
+    assert bundle.training["shift_margin_mm"] == 24.0 and bundle.training["emphasis_margin_mm"] == 12.0
     with pytest.raises(ValueError, match="shift margin"):
         tiny_config(manifest, tmp_path / "neg", tiny_llm_dir, shift_margin_mm=-1.0)
+    with pytest.raises(ValueError, match="emphasis margin"):
+        tiny_config(manifest, tmp_path / "neg", tiny_llm_dir, emphasis_margin_mm=-1.0)
     assert bundle.network.structures  # the term is on the per-structure loss these maps train
     with pytest.raises(ValueError, match="balance"):
         tiny_config(manifest, tmp_path / "neg", tiny_llm_dir, class_balance=-1.0)

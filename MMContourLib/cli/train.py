@@ -51,7 +51,11 @@ def register(subparsers) -> None:
                    help="extra loss weight w on voxels of the emphasised sub-regions (weight 1 + w; default 0 = "
                         "plain Dice + CE). Needs the manifest's 'regions' label maps. The emphasised structures "
                         "come out too large where the network is unsure: choose how much of the weight to undo "
-                        "at inference on validation cases (bench/loss_weight_correction.py --save)")
+                        "at inference on validation cases (bench/loss_weight_correction.py --save), or grow the "
+                        "weighted regions with --emphasis-margin")
+    m.add_argument("--emphasis-margin", type=float, metavar="MM", dest="emphasis_margin_mm",
+                   help="grow the regions --region-weight emphasises by this much, so the weight does not step at "
+                        "the structures' borders, where it makes them too large (default 0: at the borders)")
     m.add_argument("--soft-labels", action="store_true", default=None,
                    help="train on partial-volume targets (the fraction of each model-grid voxel inside the CTV) "
                         "instead of 0/1: thin structures survive a coarse grid (losses.py)")

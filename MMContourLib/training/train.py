@@ -79,6 +79,9 @@ class TrainConfig:
     val_split: str = "val"
     region_weight: float = 0.0  # extra loss weight on the emphasised regions (0: the paper's plain Dice + CE)
     emphasis_labels: tuple[int, ...] = DEFAULT_EMPHASIS_LABELS  # label values in the manifest's regions maps
+    # the emphasised regions grown by this much (mm) before weighting, so the weight does not step at the
+    # structures' borders (data.dataset.grow_emphasis); 0: at the borders, as bundles up to v11 were trained
+    emphasis_margin_mm: float = 0.0
     soft_labels: bool = False  # partial-volume targets (CTV fraction per model-grid voxel) instead of 0/1
     # weight of the class-balanced cross-entropy (per-structure networks; losses.py): every structure present
     # weighs as much as the breast, so small levels still taken for background are pulled out of it
@@ -123,6 +126,8 @@ class TrainConfig:
             raise ValueError(f"region weight must be >= 0; got {self.region_weight}")
         if self.class_balance < 0:
             raise ValueError(f"class balance weight must be >= 0; got {self.class_balance}")
+        if not 0 <= self.emphasis_margin_mm <= 100:
+            raise ValueError(f"emphasis margin must be 0-100 mm; got {self.emphasis_margin_mm}")
         if not 0 <= self.shift_margin_mm <= 500:
             raise ValueError(f"shift margin must be 0-500 mm; got {self.shift_margin_mm}")
         if self.structures not in STRUCTURE_MODES:
@@ -430,7 +435,8 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
         raise TrainingError(f"--region-weight {config.region_weight} needs sub-region label maps: the manifest "
                             f"{config.manifest} has no 'regions' column values for its training cases")
     train_cache = build_cache(train_cases, preprocessing, patch, config.cache_rate, config.num_workers, show,
-                              emphasis_labels, structures, shift_margin_mm=config.shift_margin_mm)
+                              emphasis_labels, structures, shift_margin_mm=config.shift_margin_mm,
+                              emphasis_margin_mm=config.emphasis_margin_mm)
     val_cache = build_cache(val_cases, preprocessing, patch, 1.0, config.num_workers, show) \
         if (val_cases and dist.is_main) else None
     dataset = PatchDataset(train_cache, sample_transforms(patch, AugmentConfig(pos=config.pos, neg=config.neg)))
@@ -444,6 +450,8 @@ def _train(config: TrainConfig, state: dict | None, out: Path, device: torch.dev
         "batch_size": global_batch, "patch": list(patch), "lr": config.lr, "processes": dist.world_size,
         "text_encoder": config.text_encoder, "trainable_parameters": count_parameters(model),
         "region_weight": config.region_weight, "soft_labels": config.soft_labels,
+        **({"emphasis_margin_mm": config.emphasis_margin_mm} if config.region_weight and config.emphasis_margin_mm
+           else {}),
         **({"class_balance": config.class_balance} if config.class_balance else {}),
         "shift_margin_mm": config.shift_margin_mm,
         **({"oversample": list(config.oversample), "visits_per_epoch": len(visits)} if config.oversample else {}),
