@@ -242,18 +242,28 @@ def test_the_correction_bench_picks_the_best_nodal_dice_that_loses_no_right_cont
     nodal = bench.nodal_structures(structure_classes())
     assert nodal == [c for c in structure_classes() if c.startswith("CTVn")] and len(nodal) == 10
 
-    def row(case, correct, dice):
-        return {"case_id": case, "correct": correct, "dice": 0.9, "nodal_dice": {"CTVn_L4_L": dice}}
+    def row(case, correct, dice, ctv=0.9):
+        return {"case_id": case, "correct": correct, "dice": ctv, "structure_dice": dice,
+                "nodal_dice": {"CTVn_L4_L": dice}}
 
-    rows = {1.0: [row("a", True, 0.4), row("b", True, 0.5), row("c", False, 0.2)],
-            3.0: [row("a", True, 0.6), row("b", True, 0.6), row("c", True, 0.5)],
-            6.0: [row("a", False, 0.9), row("b", True, 0.9), row("c", True, 0.9)]}
+    rows = {(1.0, 0.5): [row("a", True, 0.4), row("b", True, 0.5), row("c", False, 0.2)],
+            (3.0, 0.5): [row("a", True, 0.6), row("b", True, 0.6), row("c", True, 0.5)],
+            (6.0, 0.5): [row("a", False, 0.9), row("b", True, 0.9), row("c", True, 0.9)]}
     summary = bench.summarise(rows)
-    assert summary[6.0]["lost"] == ["a"] and summary[3.0]["lost"] == [] and summary[1.0]["correct"] == 2
-    assert abs(summary[3.0]["nodal_dice"] - 0.5667) < 1e-3
-    assert bench.choose(summary) == 3.0  # 6 has the best Dice but makes case a wrong
-    rows[6.0][0]["correct"] = True
-    assert bench.choose(bench.summarise(rows)) == 6.0
+    assert summary[6.0, 0.5]["lost"] == ["a"] and summary[3.0, 0.5]["lost"] == [] and summary[1.0, 0.5]["correct"] == 2
+    assert abs(summary[3.0, 0.5]["nodal_dice"] - 0.5667) < 1e-3
+    assert bench.choose(summary) == (3.0, 0.5)  # 6 has the best Dice but makes case a wrong
+    rows[6.0, 0.5][0]["correct"] = True
+    assert bench.choose(bench.summarise(rows)) == (6.0, 0.5)
+    # thresholds: the first pair (no correction, the bundle's threshold) is the reference a pair may not lose
+    # contours against; --choose-by ctv decides by the whole CTV's Dice
+    rows = {(1.0, 0.5): [row("a", True, 0.5, 0.80), row("b", True, 0.5, 0.82)],
+            (1.0, 0.6): [row("a", True, 0.5, 0.85), row("b", True, 0.5, 0.86)],
+            (1.0, 0.7): [row("a", True, 0.5, 0.90), row("b", False, 0.5, 0.90)]}
+    summary = bench.summarise(rows)
+    assert summary[1.0, 0.7]["lost"] == ["b"]
+    assert bench.choose(summary, "ctv") == (1.0, 0.6)
+    assert bench.choose(summary, "nodal") == (1.0, 0.5)  # equal nodal Dice: the threshold nearest the bundle's
 
     bundle = tmp_path / "b"
     shutil.copytree(tiny_structure_bundle, bundle)
@@ -262,5 +272,6 @@ def test_the_correction_bench_picks_the_best_nodal_dice_that_loses_no_right_cont
     assert saved.inference.loss_weight_correction == {n: 3.0 for n in nodal} and saved.version == "7"
     assert saved.training["loss_weight_correction"]["chosen"] == 3.0
     assert Contourer.from_bundle(bundle, device="cpu").loss_weights == {n: 3.0 for n in nodal}
-    bench.save(bundle, 1.0, nodal, {"by": "test", "chosen": 1.0})  # factor 1: no correction at all
+    bench.save(bundle, 1.0, nodal, {"by": "test", "chosen": 1.0}, threshold=0.6)  # factor 1: no correction
     assert ModelBundle.load(bundle).inference.loss_weight_correction == {}
+    assert ModelBundle.load(bundle).inference.threshold == 0.6
