@@ -48,6 +48,8 @@ if [[ $STEP == train || $STEP == all ]]; then
   # template table5-v2 (each side of a bilateral note read on its own; read in one pass, the right side's
   # N stage of a bilateral note hardly reached the embedding): 8 epochs at lr 2e-4 with the bilateral
   # cases visited 3 times, then 6 at lr 1e-4 without oversampling (unilateral contours had lost some Dice).
+  # Stage 12 (v12, shipped): 6 epochs at lr 1.5e-4 with the nodal weight grown 15 mm beyond the levels
+  # (--emphasis-margin 15): with the weight stepping at their borders, v11 drew every level too large.
   stage() {  # from folder, to folder, epochs, seed, bundle name, extra args (a later --manifest replaces the first)
     local from=$1 to=$2 epochs=$3 seed=$4 bundle=$5; shift 5
     $MM train --manifest data/phantoms/manifest.csv --out runs/$to --name "$bundle" "${COMMON[@]}" \
@@ -73,13 +75,15 @@ if [[ $STEP == train || $STEP == all ]]; then
     --warmup-epochs 0 --val-every 4 --manifest data/train-mix.csv --oversample side=both:3 --prompt-template table5-v2
   stage multimodal-s10 multimodal-s11 6 10 mmcontour-demo --text-encoder llm --version 11 --shift-margin 60 --lr 1e-4 \
     --warmup-epochs 0 --val-every 3 --manifest data/train-mix.csv --prompt-template table5-v2
+  stage multimodal-s11 multimodal-s12 6 12 mmcontour-demo --text-encoder llm --version 12 --shift-margin 60 --lr 1.5e-4 \
+    --warmup-epochs 0 --val-every 3 --manifest data/train-mix.csv --prompt-template table5-v2 --emphasis-margin 15
   run multimodal-40 mmcontour-multimodal-40 --text-encoder llm --fraction 0.4 --version 5 &
   run vision-40 mmcontour-vision-40 --text-encoder none --fraction 0.4 --version 5 & wait
 fi
 if [[ $STEP == eval || $STEP == all ]]; then
   for set in phantoms:test external:all; do
     data=${set%%:*}; split=${set##*:}
-    $MM evaluate --bundle runs/vision-s9/best runs/multimodal-s11/best --label vision-only MMContour \
+    $MM evaluate --bundle runs/vision-s9/best runs/multimodal-s12/best --label vision-only MMContour \
       --manifest data/$data/manifest.csv --split $split --out runs/eval-$data --json > runs/eval-$data.json &
     $MM evaluate --bundle runs/vision-40/best runs/multimodal-40/best --label vision-only-40% MMContour-40% \
       --manifest data/$data/manifest.csv --split $split --out runs/eval-$data-40 --json > runs/eval-$data-40.json &
