@@ -74,12 +74,12 @@ def score_factors(contourer, cases, factors, progress=None, thresholds=None) -> 
             check = clinical_check(region_coverage(result.mask, regions), case.note)
             dice, _ = structure_dice(result.labels, classes, regions, case.note)
             rows[f, t].append({"case_id": case.case_id, "prompt": case.prompt, "correct": bool(check["correct"]),
-                            "missing": check["missing"], "extra": check["extra"],
-                            "dice": segmentation_metrics(result.mask, truth)["dice"],
-                            "structure_dice": float(np.mean(list(dice.values()))) if dice else None,
-                            "nodal_dice": {k: v for k, v in dice.items() if k in nodal},
-                            "nodal_cc": {k: round(v, 1) for k, v in result.structure_volumes().items()
-                                         if k in nodal and v > 0}})
+                               "missing": check["missing"], "extra": check["extra"],
+                               "dice": segmentation_metrics(result.mask, truth)["dice"],
+                               "structure_dice": float(np.mean(list(dice.values()))) if dice else None,
+                               "nodal_dice": {k: v for k, v in dice.items() if k in nodal},
+                               "nodal_cc": {k: round(v, 1) for k, v in result.structure_volumes().items()
+                                            if k in nodal and v > 0}})
         if progress:
             progress(i + 1, len(cases))
     contourer.bundle.inference.threshold = own
