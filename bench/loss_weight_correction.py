@@ -58,31 +58,32 @@ def score_factors(contourer, cases, factors, progress=None, thresholds=None) -> 
 
     classes = tuple(contourer.network.config.structures or ())
     nodal = nodal_structures(classes)
-    thresholds = list(thresholds or [contourer.bundle.inference.threshold])
-    own = contourer.bundle.inference.threshold
-    rows = {(f, t): [] for f in factors for t in thresholds}
-    for i, case in enumerate(cases):
-        ct = read_image(case.ct)
-        regions = on_grid(read_image(case.regions), ct)
-        truth = on_grid(read_image(case.ctv), ct)
-        model_input = contourer.prepare(ct)
-        prob, windows = contourer.probabilities(model_input, contourer.encode_notes([case.note]))
-        for f, t in rows:
-            contourer.loss_weights = check_loss_weights({name: f for name in nodal} if f != 1 else {}, classes)
-            contourer.bundle.inference.threshold = t
-            result = contourer.from_probabilities(ct, model_input, case.note, prob, windows)
-            check = clinical_check(region_coverage(result.mask, regions), case.note)
-            dice, _ = structure_dice(result.labels, classes, regions, case.note)
-            rows[f, t].append({"case_id": case.case_id, "prompt": case.prompt, "correct": bool(check["correct"]),
-                               "missing": check["missing"], "extra": check["extra"],
-                               "dice": segmentation_metrics(result.mask, truth)["dice"],
-                               "structure_dice": float(np.mean(list(dice.values()))) if dice else None,
-                               "nodal_dice": {k: v for k, v in dice.items() if k in nodal},
-                               "nodal_cc": {k: round(v, 1) for k, v in result.structure_volumes().items()
-                                            if k in nodal and v > 0}})
-        if progress:
-            progress(i + 1, len(cases))
-    contourer.bundle.inference.threshold = own
+    own_threshold, own_weights = contourer.bundle.inference.threshold, contourer.loss_weights
+    weights = {f: check_loss_weights({name: f for name in nodal} if f != 1 else {}, classes) for f in factors}
+    rows = {(f, t): [] for f in factors for t in (thresholds or [own_threshold])}
+    try:
+        for i, case in enumerate(cases):
+            ct = read_image(case.ct)
+            regions = on_grid(read_image(case.regions), ct)
+            truth = on_grid(read_image(case.ctv), ct)
+            model_input = contourer.prepare(ct)
+            prob, windows = contourer.probabilities(model_input, contourer.encode_notes([case.note]))
+            for f, t in rows:
+                contourer.loss_weights, contourer.bundle.inference.threshold = weights[f], t
+                result = contourer.from_probabilities(ct, model_input, case.note, prob, windows)
+                check = clinical_check(region_coverage(result.mask, regions), case.note)
+                dice, _ = structure_dice(result.labels, classes, regions, case.note)
+                rows[f, t].append({"case_id": case.case_id, "prompt": case.prompt, "correct": bool(check["correct"]),
+                                   "missing": check["missing"], "extra": check["extra"],
+                                   "dice": segmentation_metrics(result.mask, truth)["dice"],
+                                   "structure_dice": float(np.mean(list(dice.values()))) if dice else None,
+                                   "nodal_dice": {k: v for k, v in dice.items() if k in nodal},
+                                   "nodal_cc": {k: round(v, 1) for k, v in result.structure_volumes().items()
+                                                if k in nodal and v > 0}})
+            if progress:
+                progress(i + 1, len(cases))
+    finally:  # the contourer draws with the bundle's own settings again
+        contourer.loss_weights, contourer.bundle.inference.threshold = own_weights, own_threshold
     return rows
 
 
