@@ -277,6 +277,97 @@ def test_structure_confidence_on_constructed_probabilities():
         structure_confidence_reasons(prob, classes[:3], voxel_cc)
 
 
+def _left_out_probability():
+    """Two 10-voxel cubes of probability 0.9 (27 cc each at 3 mm): A with a 2-voxel shell of 0.3 around it, outside
+    the contour (the model half-believes A goes further), B with none."""
+    prob = np.zeros((2, 40, 40, 40), np.float32)
+    prob[0, 8:22, 8:22, 8:22] = 0.3
+    prob[0, 10:20, 10:20, 10:20] = 0.9
+    prob[1, 25:35, 25:35, 25:35] = 0.9
+    return prob, ("CTVn_L1_L", "CTVn_L3_L"), 0.027
+
+
+def test_structure_left_out_against_its_own_reference():
+    """A calibrated bundle judges each structure by what it leaves out (probability 0.2 up to the threshold,
+    outside the contour) against that structure's own reference: flagged above ``max_left_out_factor`` times it,
+    with the cc and the multiple in the line; not by the absolute uncertain ratio, which would flag the shell too;
+    a structure without a reference is measured, not flagged."""
+    from MMContourLib.inference.review import structure_confidence_reasons
+
+    prob, classes, voxel_cc = _left_out_probability()
+    shell = 14 ** 3 - 10 ** 3
+    unsure, measures = structure_confidence_reasons(prob, classes, voxel_cc)  # no references: the absolute ratio
+    assert measures["CTVn_L1_L"]["left_out_ratio"] == pytest.approx(shell / 1000, abs=1e-4)
+    assert measures["CTVn_L1_L"]["left_out_cc"] == pytest.approx(shell * voxel_cc, abs=0.01)
+    assert measures["CTVn_L3_L"]["left_out_ratio"] == 0 and measures["CTVn_L3_L"]["volume_cc"] == pytest.approx(27.0)
+    assert [r.structure for r in unsure] == ["CTVn_L1_L"] and "unsure" in unsure[0].text
+    low = ReviewConfig(left_out_reference={"CTVn_L1_L": 0.5, "CTVn_L3_L": 0.5})
+    (reason,) = structure_confidence_reasons(prob, classes, voxel_cc, low)[0]
+    assert reason.kind == "confidence" and reason.structure == "CTVn_L1_L"
+    assert reason.text.startswith("may be drawn too small: 47.1 cc outside the contour have probability 0.2-0.5")
+    assert "3.5 times what the model leaves out of it on right contours (flagged above 2)" in reason.text
+    usual = ReviewConfig(left_out_reference={"CTVn_L1_L": 1.0})  # 1.744 is under 2 x 1.0: its usual
+    assert structure_confidence_reasons(prob, classes, voxel_cc, usual)[0] == []
+    assert structure_confidence_reasons(prob, classes, voxel_cc, ReviewConfig(left_out_reference={"CTVn_L3_L": 0.01}))[0] == []
+    strict = ReviewConfig(left_out_reference={"CTVn_L1_L": 1.0}, max_left_out_factor=1.5)
+    assert [r.structure for r in structure_confidence_reasons(prob, classes, voxel_cc, strict)[0]] == ["CTVn_L1_L"]
+
+
+def test_with_references_the_whole_contour_is_measured_not_flagged():
+    """The whole contour's uncertain ratio depends on which structures the note calls for; a calibrated
+    per-structure bundle leaves it to the structures, and says so in the notes."""
+    blurred = _sphere_review(ramp_mm=80.0)
+    assert [r for r in blurred.reasons if r.kind == "confidence"]
+    ct = make_ct(size=(48, 40, 24), spacing=(4.0, 4.0, 6.0))
+    z, y, x = np.meshgrid(*(np.arange(n) * s for n, s in zip(ct.GetSize()[::-1], ct.GetSpacing()[::-1])), indexing="ij")
+    p = np.clip(0.5 - (np.sqrt((x - 96) ** 2 + (y - 80) ** 2 + (z - 72) ** 2) - 40) / 80.0, 0, 1).astype(np.float32)
+    prob, mask = sitk.GetImageFromArray(p), sitk.GetImageFromArray((p >= 0.5).astype(np.uint8))
+    prob.CopyInformation(ct)
+    mask.CopyInformation(ct)
+    config = ReviewConfig(left_out_reference={"CTVn_L1_L": 0.2})
+    review = review_contour(ct, prob, mask, note_from_any(NOTE), None, config=config)
+    assert not [r for r in review.reasons if r.kind == "confidence"]
+    assert review.measures["uncertain_ratio"] == blurred.measures["uncertain_ratio"]
+    assert any("judged per structure" in n for n in review.notes)
+
+
+def test_left_out_references_and_factor_are_calibrated_on_right_contours():
+    """References: each structure's median over its right structures (> min_confidence_cc) of right contours; too few
+    cases of one side take the other side's; a floor keeps a reference of 0 from flagging single voxels. The factor
+    starts at the default and rises (by 0.25) only while the whole review flags more than the budget of right
+    contours; ``flagged_with`` and the bundle then judge with the references."""
+    from MMContourLib.training.review_calibration import (MIN_REFERENCE, calibrate_jointly, flagged_with,
+                                                          left_out_references, with_thresholds)
+
+    def row(correct, ratios, kinds=()):
+        return {"correct": correct, "kinds": list(kinds), "uncertain_ratio": 0.5, "drawn_cc": {n: 30.0 for n in ratios},
+                "structure_confidence": {n: {"left_out_ratio": v, "uncertain_ratio": 0.5, "volume_cc": 30.0}
+                                         for n, v in ratios.items()}}
+
+    rows = [row(True, {"CTVn_L3_R": 0.1, "CTVp_Breast_R": 0.0}) for _ in range(7)]
+    rows += [row(True, {"CTVn_L3_R": 0.33}) for _ in range(3)]
+    rows += [row(True, {"CTVn_L3_L": 5.0}), row(True, {"CTVn_L3_L": 5.0})]  # 2 cases: not enough for its own
+    rows += [row(False, {"CTVn_L3_R": 0.9}), row(False, {"CTVn_L3_R": 9.0}, kinds=["note"])]
+    references, provenance = left_out_references(rows)
+    assert references == {"CTVn_L3_R": 0.1, "CTVn_L3_L": 0.1, "CTVp_Breast_R": MIN_REFERENCE,
+                          "CTVp_Breast_L": MIN_REFERENCE}
+    assert provenance["CTVn_L3_L"] == {"cases": 2, "from": "CTVn_L3_R"} and provenance["CTVn_L3_R"]["cases"] == 10
+    loose = calibrate_jointly(rows, 0.5)  # 12 right, 6 may be flagged: the default factor stands
+    assert loose["max_left_out_factor"] == ReviewConfig().max_left_out_factor and loose["right_flagged"] == 5
+    assert loose["left_out_reference"] == references and loose["right_flagged_without_threshold"] == 0
+    tight = calibrate_jointly(rows, 0.1)  # 1 may be flagged: the 3 at 3.3 times must pass, the 2 at 50 cannot
+    assert tight["max_left_out_factor"] == 20.0 and tight["right_flagged"] == 2
+    mid = calibrate_jointly(rows[:10] + rows[12:], 0.1)
+    assert mid["max_left_out_factor"] == 3.5 and mid["right_flagged"] == 0
+    assert flagged_with(rows[:10] + rows[12:], mid) == {"right": 10, "right_flagged": 0, "wrong": 2, "wrong_flagged": 2}
+    bundle = with_thresholds(type("B", (), {"inference": type("I", (), {"review": {}})()})(), mid, {"by": "test"})
+    config = ReviewConfig.for_bundle(bundle.inference.review)
+    assert config.max_left_out_factor == 3.5 and config.left_out_reference == references
+    for broken in ({"left_out_reference": {"CTVn_L3_R": 0}}, {"left_out_reference": []}, {"max_left_out_factor": -2}):
+        with pytest.raises(ValueError, match="left_out"):
+            ReviewConfig.for_bundle(broken)
+
+
 def test_flags_bench_measures_contours_and_structures(tmp_path):
     """bench/review_flags.py on a random per-structure bundle and two coarse phantoms: every structure row's
     verdict follows its Dice, its flag the reasons naming it, and the rates count them."""
@@ -464,17 +555,19 @@ def test_calibrate_review_sets_a_sites_thresholds_from_its_own_cases_in_a_new_bu
     allowed = int(0.25 * right)
     after = report["after"]
     assert after["right"] == right and (after["right_flagged"] <= allowed or report["joint"]["share"] == 0)
-    assert after == {**{k: report["joint"][k] for k in ("max_uncertain_ratio", "max_structure_uncertain_ratio")},
-                     **flagged_with(rows, report["joint"])}
-    assert report["before"]["max_uncertain_ratio"] == contourer.review_config.max_uncertain_ratio
+    keys = ("max_uncertain_ratio", "max_structure_uncertain_ratio", "max_left_out_factor", "left_out_reference")
+    assert after == {**{k: report["joint"].get(k) for k in keys}, **flagged_with(rows, report["joint"])}
+    assert report["before"]["left_out_reference"] == contourer.review_config.left_out_reference
     calibrated = ModelBundle.load(tmp_path / "site-bundle")
     assert calibrated.bundle_id == contourer.bundle.bundle_id == report["bundle_id"]  # weights unchanged
     review = calibrated.inference.review
-    assert review["max_uncertain_ratio"] == after["max_uncertain_ratio"]
+    # the shipped bundle has per-structure outputs: the site's own left-out references and factor where its cases
+    # have enough right structures, else the absolute ratios; the bundle carries exactly what was calibrated
+    written = {k: review[k] for k in keys if k in review}
+    assert written == {k: v for k, v in after.items() if k in keys and v is not None}
     assert review["calibration"]["by"] == "test" and review["calibration"]["cases"] == len(rows)
     again = Contourer.from_bundle(tmp_path / "site-bundle", device="cpu")
-    assert again.review_config.max_uncertain_ratio == after["max_uncertain_ratio"]
-    assert again.review_config.max_structure_uncertain_ratio == after["max_structure_uncertain_ratio"]
+    assert all(getattr(again.review_config, k) == v for k, v in written.items())
     assert (shipped / "config.json").read_bytes() == shipped_config  # the input bundle is never touched
 
     # the command refuses a manifest whose cases have no regions map, before contouring, and writes nothing

@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from MMContourLib.training.review_calibration import calibrate_jointly, share_text as _pct  # noqa: E402
+from MMContourLib.training.review_calibration import calibrate_jointly, share_text as _pct, thresholds_text  # noqa: E402
 
 
 def phantom_config(external: bool = False, planning_fov: bool = True):
@@ -262,14 +262,20 @@ def main(argv=None) -> int:
         report["calibration"]["joint"] = joint
         print(f"  jointly (the whole review within the {100 * args.budget:g} % budget; {joint.get('right_flagged_without_threshold')} of "
               f"{joint.get('right')} right contours flagged by checks without a threshold): share {joint['share']}, "
-              f"max_uncertain_ratio {joint.get('max_uncertain_ratio')}, max_structure_uncertain_ratio "
-              f"{joint.get('max_structure_uncertain_ratio')} ({joint.get('right_flagged')} right flagged)")
+              f"{thresholds_text(joint)} ({joint.get('right_flagged')} right flagged)")
+        if joint.get("left_out_reference"):
+            print("  left-out references (median left-out voxels per structure voxel of right structures; cases, "
+                  "from): " + ", ".join(f"{n} {v:g} ({joint['reference_cases'][n]['cases']}, "
+                                        f"{joint['reference_cases'][n]['from']})"
+                                        for n, v in joint["left_out_reference"].items()))
         if args.save:
             contourer.review_config = save_thresholds(args.bundle, joint, args.calibration_seed, len(rows))
             print(f"  saved in {args.bundle} (inference.review); measuring with them")
     config = contourer.review_config
     report["max_uncertain_ratio"] = config.max_uncertain_ratio
     report["max_structure_uncertain_ratio"] = config.max_structure_uncertain_ratio
+    report["max_left_out_factor"] = config.max_left_out_factor
+    report["left_out_reference"] = config.left_out_reference
     with_range = demo_training_range(args.training_range, planning_fov=not args.thorax_fov) if args.training_range else None
     if with_range:
         report["training_range"] = with_range
@@ -295,8 +301,7 @@ def main(argv=None) -> int:
     report["sets"] = sets
     report["seconds"] = round(time.perf_counter() - t0, 1)
 
-    print(f"bundle {args.bundle}; phantoms --n {args.n} --seed {args.seed}; max_uncertain_ratio "
-          f"{report['max_uncertain_ratio']}; max_structure_uncertain_ratio {report['max_structure_uncertain_ratio']}; "
+    print(f"bundle {args.bundle}; phantoms --n {args.n} --seed {args.seed}; {thresholds_text(report)}; "
           f"{report['seconds']} s")
     print("sensitivity = wrong flagged / wrong; false-flag rate = right flagged / right; "
           "target: >= 90 % and <= 20 %")

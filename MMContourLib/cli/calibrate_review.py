@@ -28,10 +28,9 @@ def register(subparsers) -> None:
 
 
 def _line(name: str, entry: dict) -> str:
-    from ..training.review_calibration import share_text
+    from ..training.review_calibration import share_text, thresholds_text
 
-    return (f"  {name:6} max_uncertain_ratio {entry['max_uncertain_ratio']}, max_structure_uncertain_ratio "
-            f"{entry['max_structure_uncertain_ratio']}: right contours flagged "
+    return (f"  {name:6} {thresholds_text(entry)}: right contours flagged "
             f"{share_text(entry['right_flagged'], entry['right'])}, wrong flagged "
             f"{share_text(entry['wrong_flagged'], entry['wrong'])}")
 

@@ -15,8 +15,10 @@ Per structure (per-structure bundles; the contourer adds these to the same revie
 
 * note consistency (``structure_reasons``): a structure the note's guideline excludes is drawn, or one
   it calls for is missing, or far below or above the sizes seen in training;
-* confidence (``structure_confidence_reasons``): the uncertain voxels of each structure's probability per
-  voxel of that structure, on the model grid, for structures of more than a few cc.
+* confidence (``structure_confidence_reasons``): for structures of more than a few cc, on the model grid,
+  what the model leaves out of each structure (probability 0.2 up to the threshold outside the contour)
+  against that structure's own reference on right contours (a calibrated bundle), or else the uncertain
+  voxels of its probability per voxel of it.
 
 A ``Reason`` may name a structure, so that per-structure checks add reasons to the same list; a
 bundle without a training range gives no input flag and says so in ``notes``.
@@ -73,6 +75,16 @@ class ReviewConfig:
     max_structure_uncertain_ratio: float = 1.30
     # Structures at or below this volume (cc) get no confidence flag: their ratio is all border.
     min_confidence_cc: float = 5.0
+    # Per-structure "left out" (``structure_confidence_reasons``): the voxels outside the whole contour that the
+    # model still gives structure k a probability above ``uncertain_band[0]`` (so 0.2 up to the CTV threshold), per
+    # voxel of k drawn. A bundle calibrated with ``left_out_reference`` ({structure: the median of that ratio over
+    # its right structures on the calibration cases}) flags a structure whose ratio is above this multiple of its
+    # own reference: it may be drawn too small, the clinically wrong contours' failure (a region covered by less
+    # than half). Each structure against its own usual: on the v12 bundle the left nodal levels leave out twice
+    # as much as the right ones on right contours, so one threshold for all flagged left level 3 for its kind.
+    # 2: a median is stable on 20-40 calibration cases where a high quantile is not (docs/results.md).
+    max_left_out_factor: float = 2.0
+    left_out_reference: Mapping[str, float] | None = None
     # Removed by the anatomical range step (cc) above which the clinician is told: a few cc are partial-volume
     # crumbs at a limit; more means the model painted outside the target region and may have erred inside it.
     max_dropped_cc: float = 5.0
@@ -84,15 +96,24 @@ class ReviewConfig:
         provenance) are left alone; a value that is not a positive number is refused."""
         values = {}
         for key in set(BUNDLE_THRESHOLDS) & set(review or {}):
-            value = review[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"the bundle's review threshold {key} is {value!r}; it must be a positive number")
-            values[key] = float(value)
+            values[key] = _positive(review[key], f"the bundle's review threshold {key}")
+        reference = (review or {}).get("left_out_reference")
+        if reference is not None:
+            if not isinstance(reference, Mapping) or not reference:
+                raise ValueError(f"the bundle's left_out_reference is {reference!r}; it must map structures to numbers")
+            values["left_out_reference"] = {str(name): _positive(v, f"the bundle's left_out_reference of {name}")
+                                            for name, v in reference.items()}
         return replace(cls(), **values)
 
 
+def _positive(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{what} is {value!r}; it must be a positive number")
+    return float(value)
+
+
 #: ReviewConfig fields a bundle may set for itself: the confidence thresholds, which depend on the model.
-BUNDLE_THRESHOLDS = ("max_uncertain_ratio", "max_structure_uncertain_ratio")
+BUNDLE_THRESHOLDS = ("max_uncertain_ratio", "max_structure_uncertain_ratio", "max_left_out_factor")
 
 
 @dataclass(frozen=True)
@@ -262,7 +283,16 @@ def review_contour(image: sitk.Image, probability: sitk.Image, mask: sitk.Image,
                            uncertain_ratio=None if ratio is None else round(ratio, 4),
                            uncertain_cc=round(uncertain_cc, 2),
                            uncertain_mm=round(10 * uncertain_cc / surface, 3) if surface else None)
-    for reason in (volume_reason(volume_cc, note, config), confidence_reason(ratio, config)):
+    if config.left_out_reference is not None:
+        # how much of the contour is border depends on which structures the note calls for (a chest wall and
+        # nodal levels are mostly border, a breast is not): one threshold would flag node-positive mastectomies
+        # for their shape; each structure is judged against its own reference instead
+        review.notes.append("confidence is judged per structure, each against what the model leaves out of it on "
+                            "right contours; the whole contour's uncertain ratio is measured, not flagged")
+        whole = None
+    else:
+        whole = confidence_reason(ratio, config)
+    for reason in (volume_reason(volume_cc, note, config), whole):
         if reason is not None:
             review.reasons.append(reason)
     return review
@@ -341,22 +371,26 @@ def structure_confidence_reasons(prob: np.ndarray, classes: Sequence[str], voxel
 
     Structure k is the voxels where the union (sum over structures) is at least ``threshold`` (the bundle's
     CTV threshold) and p_k is the largest; its uncertain voxels are those anywhere with p_k strictly inside
-    ``config.uncertain_band``. A structure of more than ``min_confidence_cc`` whose uncertain voxels per
-    structure voxel exceed ``max_structure_uncertain_ratio`` is flagged.
+    ``config.uncertain_band``. Its left-out voxels are those outside the whole contour with p_k
+    above ``uncertain_band[0]``. A structure of more than ``min_confidence_cc`` is flagged:
+
+    * with ``config.left_out_reference`` (a calibrated bundle): when its left-out voxels per structure voxel
+      exceed ``max_left_out_factor`` times its reference (a structure without one is measured, not flagged);
+    * without: when its uncertain voxels per structure voxel exceed ``max_structure_uncertain_ratio``.
 
     ``drawn``: {structure: cc} of the contour as written (on the CT grid, after the anatomical range step):
     a structure is judged by that volume, so one the contour does not hold (the note check calls it missing)
     is never also called "unsure" with a model-grid volume the clinician cannot see.
 
-    Returns (reasons, measures): measures = {structure: {"volume_cc", "uncertain_cc", "uncertain_ratio"}} for
-    every drawn structure (ratio None for an empty one, which is left out)."""
+    Returns (reasons, measures): measures = {structure: {"volume_cc", "uncertain_cc", "uncertain_ratio",
+    "left_out_cc", "left_out_ratio"}} for every drawn structure (an empty one is left out)."""
     prob = np.asarray(prob)
     if prob.ndim != 4 or prob.shape[0] != len(classes):
         raise ValueError(f"prob has shape {prob.shape}; expected (K, X, Y, Z) with K = {len(classes)} classes")
     lo, hi = config.uncertain_band
     inside = prob.sum(0) >= threshold
     owner = np.where(inside, prob.argmax(0), -1)
-    del inside
+    references = config.left_out_reference
     reasons, measures = [], {}
     for k, name in enumerate(classes):
         n = int(np.count_nonzero(owner == k))
@@ -364,16 +398,28 @@ def structure_confidence_reasons(prob: np.ndarray, classes: Sequence[str], voxel
             continue
         p = prob[k]
         uncertain = int(np.count_nonzero((p > lo) & (p < hi)))
+        left_out = int(np.count_nonzero((p > lo) & ~inside))
         ratio, cc = uncertain / n, n * voxel_cc
         measures[name] = {"volume_cc": round(cc, 2), "uncertain_cc": round(uncertain * voxel_cc, 2),
-                          "uncertain_ratio": round(ratio, 4)}
+                          "uncertain_ratio": round(ratio, 4), "left_out_cc": round(left_out * voxel_cc, 2),
+                          "left_out_ratio": round(left_out / n, 4)}
         if drawn is not None:
             cc = float(drawn.get(name, 0.0))
-        if cc > config.min_confidence_cc and ratio > config.max_structure_uncertain_ratio:
-            reasons.append(Reason("confidence", f"the model is unsure of this structure: {100 * ratio:.0f} uncertain "
-                                                f"voxels (probability {lo:g}-{hi:g}) per 100 of its {cc:.0f} cc, above "
-                                                f"{100 * config.max_structure_uncertain_ratio:.0f}: check its borders",
-                                  name))
+        if cc <= config.min_confidence_cc:
+            continue
+        if references is None:
+            if ratio > config.max_structure_uncertain_ratio:
+                reasons.append(Reason("confidence", f"the model is unsure of this structure: {100 * ratio:.0f} "
+                                                    f"uncertain voxels (probability {lo:g}-{hi:g}) per 100 of its "
+                                                    f"{cc:.0f} cc, above {100 * config.max_structure_uncertain_ratio:.0f}"
+                                                    ": check its borders", name))
+        elif name in references and left_out / n > config.max_left_out_factor * references[name]:
+            times = left_out / n / references[name]
+            reasons.append(Reason("confidence", f"may be drawn too small: {left_out * voxel_cc:.1f} cc outside the "
+                                                f"contour have probability {lo:g}-{threshold:g} of belonging to it, "
+                                                f"{times:.1f} times what the model leaves out of it on right contours "
+                                                f"(flagged above {config.max_left_out_factor:g}): check whether it "
+                                                "should extend further", name))
     return reasons, measures
 
 

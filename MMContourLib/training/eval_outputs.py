@@ -143,6 +143,8 @@ def _flat(row: dict) -> dict:
         flat[f"dice_{name}"] = v
     for name, v in row.get("structure_uncertain", {}).items():
         flat[f"uncertain_{name}"] = v
+    for name, v in row.get("structure_left_out", {}).items():
+        flat[f"left_out_{name}"] = v
     for kind, entry in row.get("counterfactual", {}).items():
         for k, v in entry.items():
             if isinstance(v, dict):
