@@ -306,6 +306,9 @@ def test_structure_left_out_against_its_own_reference():
     assert reason.kind == "confidence" and reason.structure == "CTVn_L1_L"
     assert reason.text.startswith("may be drawn too small: 47.1 cc outside the contour have probability 0.2-0.5")
     assert "3.5 times what the model leaves out of it on right contours (flagged above 2)" in reason.text
+    # a structure the note's guideline excludes is the note check's ("delete it"), never also "drawn too small"
+    assert structure_confidence_reasons(prob, classes, voxel_cc, low, expected=("CTVn_L3_L",))[0] == []
+    assert len(structure_confidence_reasons(prob, classes, voxel_cc, low, expected=classes)[0]) == 1
     usual = ReviewConfig(left_out_reference={"CTVn_L1_L": 1.0})  # 1.744 is under 2 x 1.0: its usual
     assert structure_confidence_reasons(prob, classes, voxel_cc, usual)[0] == []
     assert structure_confidence_reasons(prob, classes, voxel_cc, ReviewConfig(left_out_reference={"CTVn_L3_L": 0.01}))[0] == []
@@ -348,6 +351,9 @@ def test_left_out_references_and_factor_are_calibrated_on_right_contours():
     rows += [row(True, {"CTVn_L3_R": 0.33}) for _ in range(3)]
     rows += [row(True, {"CTVn_L3_L": 5.0}), row(True, {"CTVn_L3_L": 5.0})]  # 2 cases: not enough for its own
     rows += [row(False, {"CTVn_L3_R": 0.9}), row(False, {"CTVn_L3_R": 9.0}, kinds=["note"])]
+    # a structure its note's guideline excludes (the note check flags it) is not one of the structure's cases
+    excluded = {**row(True, {"CTVn_L3_R": 0.1, "CTVp_Breast_R": 0.0, "CTVn_L3_L": 7.0}), "expected": ["CTVn_L3_R", "CTVp_Breast_R"]}
+    assert left_out_references(rows + [excluded])[0]["CTVn_L3_L"] == 0.1
     references, provenance = left_out_references(rows)
     assert references == {"CTVn_L3_R": 0.1, "CTVn_L3_L": 0.1, "CTVp_Breast_R": MIN_REFERENCE,
                           "CTVp_Breast_L": MIN_REFERENCE}

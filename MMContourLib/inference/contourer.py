@@ -437,7 +437,8 @@ class Contourer:
             review.reasons += structure_reasons(drawn, expected, note, self.bundle.training, self.review_config)
             voxel_cc = float(np.prod(model_input.grid.GetSpacing())) / 1000.0
             reasons, measures = structure_confidence_reasons(prob, classes, voxel_cc, self.review_config,
-                                                             threshold=self.bundle.inference.threshold, drawn=drawn)
+                                                             threshold=self.bundle.inference.threshold, drawn=drawn,
+                                                             expected=expected)
             review.reasons += reasons
             review.measures["structure_confidence"] = measures
         timings["postprocess"] = time.perf_counter() - t

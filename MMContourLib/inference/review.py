@@ -365,7 +365,8 @@ def structure_reasons(volumes: Mapping[str, float], expected, note: ClinicalNote
 
 def structure_confidence_reasons(prob: np.ndarray, classes: Sequence[str], voxel_cc: float,
                                  config: ReviewConfig = ReviewConfig(), threshold: float = 0.5,
-                                 drawn: Mapping[str, float] | None = None) -> tuple[list[Reason], dict]:
+                                 drawn: Mapping[str, float] | None = None,
+                                 expected: Sequence[str] | None = None) -> tuple[list[Reason], dict]:
     """Confidence per structure (kind "confidence") from the per-structure foreground probabilities ``prob``
     (K, X, Y, Z) on the model grid, ``classes`` their K names, ``voxel_cc`` a model-grid voxel's volume.
 
@@ -375,7 +376,9 @@ def structure_confidence_reasons(prob: np.ndarray, classes: Sequence[str], voxel
     above ``uncertain_band[0]``. A structure of more than ``min_confidence_cc`` is flagged:
 
     * with ``config.left_out_reference`` (a calibrated bundle): when its left-out voxels per structure voxel
-      exceed ``max_left_out_factor`` times its reference (a structure without one is measured, not flagged);
+      exceed ``max_left_out_factor`` times its reference (a structure without one is measured, not flagged;
+      with ``expected``, the structures the note's guideline calls for, only those: one it excludes is the note
+      check's, and "drawn too small" would contradict "delete it");
     * without: when its uncertain voxels per structure voxel exceed ``max_structure_uncertain_ratio``.
 
     ``drawn``: {structure: cc} of the contour as written (on the CT grid, after the anatomical range step):
@@ -413,7 +416,8 @@ def structure_confidence_reasons(prob: np.ndarray, classes: Sequence[str], voxel
                                                     f"uncertain voxels (probability {lo:g}-{hi:g}) per 100 of its "
                                                     f"{cc:.0f} cc, above {100 * config.max_structure_uncertain_ratio:.0f}"
                                                     ": check its borders", name))
-        elif name in references and left_out / n > config.max_left_out_factor * references[name]:
+        elif (name in references and (expected is None or name in expected)
+              and left_out / n > config.max_left_out_factor * references[name]):
             times = left_out / n / references[name]
             reasons.append(Reason("confidence", f"may be drawn too small: {left_out * voxel_cc:.1f} cc outside the "
                                                 f"contour have probability {lo:g}-{threshold:g} of belonging to it, "

@@ -69,7 +69,7 @@ def contour_row(result, case_id: str, note, regions) -> dict:
             "kinds_structure": sorted({r.kind for r in reasons if r.structure}),
             "reasons": result.review.to_dict()["reasons"],
             "structure_confidence": measures.get("structure_confidence"),
-            "drawn_cc": result.structure_volumes()}
+            "drawn_cc": result.structure_volumes(), "expected": list(getattr(result, "expected", ()) or ())}
 
 
 def _structure_ratios(row: dict, min_cc: float) -> list[float]:
@@ -96,10 +96,13 @@ def _flagged(row: dict, t1: float | None, t2: float | None, min_cc: float, refer
 
 
 def _left_out(row: dict, min_cc: float) -> dict[str, float]:
-    """{structure: left-out ratio} of a row's structures drawn larger than ``min_cc`` (those the review judges)."""
+    """{structure: left-out ratio} of a row's structures drawn larger than ``min_cc`` that its note's guideline calls
+    for (those the review judges; a row without ``expected`` keeps every drawn one)."""
     drawn = row.get("drawn_cc") or {}
+    expected = set(row.get("expected") or ()) or None
     return {name: m["left_out_ratio"] for name, m in (row.get("structure_confidence") or {}).items()
-            if m.get("left_out_ratio") is not None and drawn.get(name, m["volume_cc"]) > min_cc}
+            if m.get("left_out_ratio") is not None and drawn.get(name, m["volume_cc"]) > min_cc
+            and (expected is None or name in expected)}
 
 
 #: A structure's left-out reference needs at least this many right cases of it (else its mirror's is used).
