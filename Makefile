@@ -41,7 +41,7 @@ demo-bundle: venv
 	bench/phantom_experiments.sh train
 	rm -rf Resources/Models/demo && mkdir -p Resources/Models
 	cp -r runs/multimodal-s12/best Resources/Models/demo
-	$(BIN)/python bench/review_flags.py --bundle Resources/Models/demo --calibrate 20 --budget 0.05 --save
+	$(BIN)/python bench/review_flags.py --bundle Resources/Models/demo --calibrate 40 --budget 0.1 --save
 	rm -rf Resources/Models/demo-training && mkdir -p Resources/Models/demo-training
 	cp runs/multimodal/log.csv Resources/Models/demo-training/log-stage1.csv
 	cp runs/multimodal-ft/log.csv Resources/Models/demo-training/log-stage2.csv
