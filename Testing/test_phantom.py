@@ -535,3 +535,22 @@ def test_config_refuses_unknown_knob_values():
         PhantomConfig(orientation_mix={"LAS": 1.0})
     with pytest.raises(ValueError, match="n_stage_probs"):
         PhantomConfig(n_stage_probs={"NX": 1.0})
+
+
+def test_arms_down_phantoms_on_request(tmp_path, capsys):
+    """`phantom --arms-up 0`: every patient lies with the arms down (planning CTs without a breast board); the
+    share is recorded in phantom.json's config and per case; a share outside [0, 1] is refused."""
+    import json
+
+    from MMContourLib.cli.main import main
+
+    assert main(["phantom", "--n", "2", "--out", str(tmp_path / "down"), "--seed", "5", "--arms-up", "0",
+                 "--splits", "1", "0", "0", "--json"]) == 0
+    record = json.loads((tmp_path / "down" / "phantom.json").read_text())
+    assert record["config"]["arms_up_fraction"] == 0
+    assert [c["arms"] for c in record["cases"].values()] == ["down", "down"]
+    assert main(["phantom", "--n", "2", "--out", str(tmp_path / "up"), "--seed", "5", "--splits", "1", "0", "0",
+                 "--json"]) == 0
+    assert [c["arms"] for c in json.loads((tmp_path / "up" / "phantom.json").read_text())["cases"].values()] == ["up", "up"]
+    assert main(["phantom", "--n", "1", "--out", str(tmp_path / "x"), "--arms-up", "1.5"]) == 2
+    assert "--arms-up must lie in [0, 1]" in capsys.readouterr().err and not (tmp_path / "x").exists()

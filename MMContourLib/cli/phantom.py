@@ -22,6 +22,9 @@ def register(subparsers) -> None:
     p.add_argument("--bilateral-share", type=float, metavar="P",
                    help="share of bilateral notes (default 0.03, external site 0.05): more of the rarest kind of "
                         "case for training")
+    p.add_argument("--arms-up", type=float, metavar="P",
+                   help="share of patients with their arms up on a breast board (default 1, external site 0.85); "
+                        "the rest lie with their arms down, as some planning CTs are taken")
     p.add_argument("--splits", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"), default=(0.6, 0.2, 0.2),
                    help="split fractions (default 0.6 0.2 0.2; '1 0 0': every case for training)")
     p.add_argument("--json", action="store_true", help="print one JSON summary")
@@ -44,6 +47,10 @@ def run(args) -> dict:
         if not 0.0 <= args.bilateral_share <= 1.0:
             raise UsageError(f"--bilateral-share must lie in [0, 1], got {args.bilateral_share}")
         cfg = replace(cfg, p_bilateral=args.bilateral_share)
+    if args.arms_up is not None:
+        if not 0.0 <= args.arms_up <= 1.0:
+            raise UsageError(f"--arms-up must lie in [0, 1], got {args.arms_up}")
+        cfg = replace(cfg, arms_up_fraction=args.arms_up)
     t0 = time.perf_counter()
     manifest = write_dataset(args.n, args.out, seed=args.seed, config=cfg, split_fractions=args.splits,
                              progress=not args.json)
