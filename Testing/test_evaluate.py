@@ -415,6 +415,10 @@ def test_evaluate_a_real_per_structure_bundle(phantom_manifest, tmp_path, tiny_v
     assert drawn and set(k[len("uncertain_"):] for k in drawn) <= set(structure_classes())
     assert any(float(r[k]) > 0 for r in rows[:4] for k in drawn if r[k])
     assert all(r[k] == "" for r in rows[4:] for k in drawn)  # the single-CTV bundle has none
+    left_out = [k for k in rows[0] if k.startswith("left_out_CTV")]  # what the left-out check judges, per structure
+    assert {k[len("left_out_"):] for k in left_out} == {k[len("uncertain_"):] for k in drawn}
+    assert all(float(r[k]) >= 0 for r in rows[:4] for k in left_out if r[k])
+    assert all(r[k] == "" for r in rows[4:] for k in left_out)
     table = (tmp_path / "real" / "table.md").read_text()
     assert "| Structure | tiny-structures | tiny-test |" in table
     assert "tiny-test: single-CTV bundle (one output): no per-structure contours to score." in table
