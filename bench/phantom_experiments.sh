@@ -22,6 +22,12 @@ if [[ $STEP == data || $STEP == all ]]; then
   # stage 8: 24 more bilateral training cases (the internal set has 4), merged into one training manifest
   $MM phantom --n 24 --out data/bilateral --seed 2 --planning-fov --bilateral-share 1 --splits 1 0 0
   $MM merge-manifests data/phantoms/manifest.csv data/bilateral/manifest.csv --out data/train-mix.csv --overwrite
+  # stage 13: 40 more training cases, 29 of them lying with their arms down (the internal set is all arms-up;
+  # v12 lost the axilla on arms-down CTs), and 20 internal arms-down test cases
+  $MM phantom --n 40 --out data/arms --seed 4 --planning-fov --arms-up 0.3 --splits 1 0 0
+  $MM phantom --n 20 --out data/arms-down --seed 5 --planning-fov --arms-up 0 --splits 0 0 1
+  $MM merge-manifests data/phantoms/manifest.csv data/bilateral/manifest.csv data/arms/manifest.csv \
+    --out data/train-mix-arms.csv --overwrite
 fi
 if [[ $STEP == train || $STEP == all ]]; then
   run() {  # folder, bundle name, extra args...
@@ -48,8 +54,9 @@ if [[ $STEP == train || $STEP == all ]]; then
   # template table5-v2 (each side of a bilateral note read on its own; read in one pass, the right side's
   # N stage of a bilateral note hardly reached the embedding): 8 epochs at lr 2e-4 with the bilateral
   # cases visited 3 times, then 6 at lr 1e-4 without oversampling (unilateral contours had lost some Dice).
-  # Stage 12 (v12, shipped): 6 epochs at lr 1.5e-4 with the nodal weight grown 15 mm beyond the levels
+  # Stage 12 (v12): 6 epochs at lr 1.5e-4 with the nodal weight grown 15 mm beyond the levels
   # (--emphasis-margin 15): with the weight stepping at their borders, v11 drew every level too large.
+  # Stage 13 (v13, shipped): the same, 6 epochs from v12 on data/train-mix-arms.csv (arms-down patients).
   stage() {  # from folder, to folder, epochs, seed, bundle name, extra args (a later --manifest replaces the first)
     local from=$1 to=$2 epochs=$3 seed=$4 bundle=$5; shift 5
     $MM train --manifest data/phantoms/manifest.csv --out runs/$to --name "$bundle" "${COMMON[@]}" \
@@ -77,13 +84,15 @@ if [[ $STEP == train || $STEP == all ]]; then
     --warmup-epochs 0 --val-every 3 --manifest data/train-mix.csv --prompt-template table5-v2
   stage multimodal-s11 multimodal-s12 6 12 mmcontour-demo --text-encoder llm --version 12 --shift-margin 60 --lr 1.5e-4 \
     --warmup-epochs 0 --val-every 3 --manifest data/train-mix.csv --prompt-template table5-v2 --emphasis-margin 15
+  stage multimodal-s12 multimodal-s13 6 13 mmcontour-demo --text-encoder llm --version 13 --shift-margin 60 --lr 1.5e-4 \
+    --warmup-epochs 0 --val-every 3 --manifest data/train-mix-arms.csv --prompt-template table5-v2 --emphasis-margin 15
   run multimodal-40 mmcontour-multimodal-40 --text-encoder llm --fraction 0.4 --version 5 &
   run vision-40 mmcontour-vision-40 --text-encoder none --fraction 0.4 --version 5 & wait
 fi
 if [[ $STEP == eval || $STEP == all ]]; then
   for set in phantoms:test external:all; do
     data=${set%%:*}; split=${set##*:}
-    $MM evaluate --bundle runs/vision-s9/best runs/multimodal-s12/best --label vision-only MMContour \
+    $MM evaluate --bundle runs/vision-s9/best runs/multimodal-s13/best --label vision-only MMContour \
       --manifest data/$data/manifest.csv --split $split --out runs/eval-$data --json > runs/eval-$data.json &
     $MM evaluate --bundle runs/vision-40/best runs/multimodal-40/best --label vision-only-40% MMContour-40% \
       --manifest data/$data/manifest.csv --split $split --out runs/eval-$data-40 --json > runs/eval-$data-40.json &
