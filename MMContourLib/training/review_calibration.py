@@ -116,7 +116,7 @@ def left_out_references(rows: Sequence[dict], min_cases: int = MIN_REFERENCE_CAS
     """Each structure's left-out reference: the median left-out ratio of its right structures (drawn larger than
     ``min_confidence_cc``) on the right contours of ``rows``. A structure with fewer than ``min_cases`` takes its
     mirror's (the other side's) when that has enough; one with neither has no reference (measured, not flagged).
-    Returns (references, {structure: (cases, where its reference came from)})."""
+    Returns (references, {structure: {"cases": its own right cases, "from": the structure whose median it is}})."""
     from ..inference.review import ReviewConfig
 
     min_cc = ReviewConfig().min_confidence_cc
