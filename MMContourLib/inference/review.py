@@ -81,7 +81,8 @@ class ReviewConfig:
     # its right structures on the calibration cases}) flags a structure whose ratio is above this multiple of its
     # own reference: it may be drawn too small, the clinically wrong contours' failure (a region covered by less
     # than half). Each structure against its own usual: on the v12 and v13 bundles the left nodal levels leave out up
-    # to 3 times as much as the right ones on right contours, so one threshold for all flagged left level 3 for its kind.
+    # to 3 times as much as the right ones on right contours, so one threshold for all flagged left level 3 for
+    # its kind.
     # 2: a median is stable on 20-40 calibration cases where a high quantile is not (docs/results.md).
     max_left_out_factor: float = 2.0
     left_out_reference: Mapping[str, float] | None = None

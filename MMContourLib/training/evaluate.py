@@ -344,7 +344,8 @@ def _evaluate_case(contourer, case, ct, truth, regions, config: EvalConfig, out:
     row["uncertain_ratio"] = measures.get("uncertain_ratio")
     row["structure_uncertain"] = {name: m.get("uncertain_ratio")
                                   for name, m in (measures.get("structure_confidence") or {}).items()}
-    row["structure_left_out"] = {name: m["left_out_ratio"] for name, m in (measures.get("structure_confidence") or {}).items()
+    row["structure_left_out"] = {name: m["left_out_ratio"]
+                                 for name, m in (measures.get("structure_confidence") or {}).items()
                                  if m.get("left_out_ratio") is not None}
     if regions is not None:
         coverage = region_coverage(result.mask, regions)

@@ -38,7 +38,8 @@ def share_text(part: int, whole: int) -> str:
 
 
 def thresholds_text(entry: dict) -> str:
-    """The confidence thresholds of a calibration (or a bundle's review) in one line, as the command and the bench print them."""
+    """The confidence thresholds of a calibration (or a bundle's review) in one line, as the command and the
+    bench print them."""
     references = entry.get("left_out_reference")
     if references:
         return (f"max_left_out_factor {entry.get('max_left_out_factor')} over the left-out references of "
