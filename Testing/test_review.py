@@ -92,8 +92,9 @@ def test_bundle_without_a_range_gives_no_input_flag_and_says_so(tiny_vision_bund
     assert any("records no training range" in n for n in result.summary()["review"]["notes"])
 
 
-def _sphere_review(ramp_mm: float):
-    """A 40 mm-radius sphere whose probability falls from 1 to 0 over ``ramp_mm`` around its surface."""
+def _sphere_review(ramp_mm: float, config: ReviewConfig = ReviewConfig()):
+    """A 40 mm-radius sphere whose probability falls from 1 to 0 over ``ramp_mm`` around its surface, reviewed
+    with ``config``."""
     ct = make_ct(size=(48, 40, 24), spacing=(4.0, 4.0, 6.0))
     z, y, x = np.meshgrid(*(np.arange(n) * s for n, s in zip(ct.GetSize()[::-1], ct.GetSpacing()[::-1])),
                           indexing="ij")
@@ -103,7 +104,7 @@ def _sphere_review(ramp_mm: float):
     prob.CopyInformation(ct)
     mask = sitk.GetImageFromArray((p >= 0.5).astype(np.uint8))
     mask.CopyInformation(ct)
-    return review_contour(ct, prob, mask, note_from_any(NOTE), None)
+    return review_contour(ct, prob, mask, note_from_any(NOTE), None, config=config)
 
 
 def test_uncertainty_flag_on_constructed_probabilities():
@@ -321,14 +322,7 @@ def test_with_references_the_whole_contour_is_measured_not_flagged():
     per-structure bundle leaves it to the structures, and says so in the notes."""
     blurred = _sphere_review(ramp_mm=80.0)
     assert [r for r in blurred.reasons if r.kind == "confidence"]
-    ct = make_ct(size=(48, 40, 24), spacing=(4.0, 4.0, 6.0))
-    z, y, x = np.meshgrid(*(np.arange(n) * s for n, s in zip(ct.GetSize()[::-1], ct.GetSpacing()[::-1])), indexing="ij")
-    p = np.clip(0.5 - (np.sqrt((x - 96) ** 2 + (y - 80) ** 2 + (z - 72) ** 2) - 40) / 80.0, 0, 1).astype(np.float32)
-    prob, mask = sitk.GetImageFromArray(p), sitk.GetImageFromArray((p >= 0.5).astype(np.uint8))
-    prob.CopyInformation(ct)
-    mask.CopyInformation(ct)
-    config = ReviewConfig(left_out_reference={"CTVn_L1_L": 0.2})
-    review = review_contour(ct, prob, mask, note_from_any(NOTE), None, config=config)
+    review = _sphere_review(ramp_mm=80.0, config=ReviewConfig(left_out_reference={"CTVn_L1_L": 0.2}))
     assert not [r for r in review.reasons if r.kind == "confidence"]
     assert review.measures["uncertain_ratio"] == blurred.measures["uncertain_ratio"]
     assert any("judged per structure" in n for n in review.notes)

@@ -43,14 +43,12 @@ def run(args) -> dict:
         cfg = PhantomConfig.external_site(cfg)
     if args.planning_fov:
         cfg = replace(cfg, planning_fov=True)
-    if args.bilateral_share is not None:
-        if not 0.0 <= args.bilateral_share <= 1.0:
-            raise UsageError(f"--bilateral-share must lie in [0, 1], got {args.bilateral_share}")
-        cfg = replace(cfg, p_bilateral=args.bilateral_share)
-    if args.arms_up is not None:
-        if not 0.0 <= args.arms_up <= 1.0:
-            raise UsageError(f"--arms-up must lie in [0, 1], got {args.arms_up}")
-        cfg = replace(cfg, arms_up_fraction=args.arms_up)
+    for flag, value, field in (("--bilateral-share", args.bilateral_share, "p_bilateral"),
+                               ("--arms-up", args.arms_up, "arms_up_fraction")):
+        if value is not None:
+            if not 0.0 <= value <= 1.0:
+                raise UsageError(f"{flag} must lie in [0, 1], got {value}")
+            cfg = replace(cfg, **{field: value})
     t0 = time.perf_counter()
     manifest = write_dataset(args.n, args.out, seed=args.seed, config=cfg, split_fractions=args.splits,
                              progress=not args.json)

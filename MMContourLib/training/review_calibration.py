@@ -73,12 +73,25 @@ def contour_row(result, case_id: str, note, regions) -> dict:
             "drawn_cc": result.structure_volumes(), "expected": list(getattr(result, "expected", ()) or ())}
 
 
-def _structure_ratios(row: dict, min_cc: float) -> list[float]:
-    """A row's per-structure uncertain ratios, for the structures drawn larger than ``min_cc`` (the ones the
-    per-structure confidence check judges)."""
+def _judged(row: dict, key: str, min_cc: float, expected_only: bool = False) -> dict[str, float]:
+    """{structure: its ``key`` measure} (``structure_confidence``) for a row's structures drawn larger than ``min_cc``,
+    the ones the per-structure confidence check judges; ``expected_only``: only those its note's guideline calls for
+    (the left-out check; a row without ``expected`` keeps every drawn one)."""
     drawn = row.get("drawn_cc") or {}
-    return [m["uncertain_ratio"] for name, m in (row.get("structure_confidence") or {}).items()
-            if m.get("uncertain_ratio") is not None and drawn.get(name, m["volume_cc"]) > min_cc]
+    expected = set(row.get("expected") or ()) if expected_only else set()
+    return {name: m[key] for name, m in (row.get("structure_confidence") or {}).items()
+            if m.get(key) is not None and drawn.get(name, m["volume_cc"]) > min_cc
+            and (not expected or name in expected)}
+
+
+def _structure_ratios(row: dict, min_cc: float) -> list[float]:
+    """A row's per-structure uncertain ratios (the absolute check)."""
+    return list(_judged(row, "uncertain_ratio", min_cc).values())
+
+
+def _left_out(row: dict, min_cc: float) -> dict[str, float]:
+    """{structure: left-out ratio} of a row's structures that the left-out check judges."""
+    return _judged(row, "left_out_ratio", min_cc, expected_only=True)
 
 
 def _flagged(row: dict, t1: float | None, t2: float | None, min_cc: float, references: dict | None = None,
@@ -94,16 +107,6 @@ def _flagged(row: dict, t1: float | None, t2: float | None, min_cc: float, refer
                    if name in references)
     return ((t1 is not None and (row["uncertain_ratio"] or 0.0) > t1)
             or (t2 is not None and any(x > t2 for x in _structure_ratios(row, min_cc))))
-
-
-def _left_out(row: dict, min_cc: float) -> dict[str, float]:
-    """{structure: left-out ratio} of a row's structures drawn larger than ``min_cc`` that its note's guideline calls
-    for (those the review judges; a row without ``expected`` keeps every drawn one)."""
-    drawn = row.get("drawn_cc") or {}
-    expected = set(row.get("expected") or ()) or None
-    return {name: m["left_out_ratio"] for name, m in (row.get("structure_confidence") or {}).items()
-            if m.get("left_out_ratio") is not None and drawn.get(name, m["volume_cc"]) > min_cc
-            and (expected is None or name in expected)}
 
 
 #: A structure's left-out reference needs at least this many right cases of it (else its mirror's is used).
@@ -127,7 +130,7 @@ def left_out_references(rows: Sequence[dict], min_cases: int = MIN_REFERENCE_CAS
             for name, ratio in _left_out(row, min_cc).items():
                 seen.setdefault(name, []).append(ratio)
     references, provenance = {}, {}
-    for name in sorted(set(seen) | {_mirror_name(n) for n in seen if _mirror_name(n)}):
+    for name in sorted(set(seen) | {m for m in map(_mirror_name, seen) if m}):
         own = seen.get(name, [])
         other = _mirror_name(name)
         if len(own) >= min_cases:
