@@ -343,7 +343,7 @@ def test_a_flag_that_agrees_with_the_note_is_fine(ct_file, tiny_bundle, tmp_path
 
 @pytest.fixture()
 def dicom_ct(tmp_path) -> Path:
-    from test_dicomrt import Series, phantom
+    from dicom_phantoms import Series, phantom
 
     hu, _ = phantom(shape=(30, 80, 80))  # covers what the tiny bundle needs
     return Series(tmp_path / "dicom", hu).folder

@@ -119,7 +119,7 @@ def test_existing_output_is_never_overwritten_without_asking(tiny_bundle, ct_fil
 
 def test_predict_from_dicom_series_writes_rtstruct_and_dicom_seg(tiny_bundle, tmp_path, capsys):
     import pydicom
-    from test_dicomrt import Series, phantom
+    from dicom_phantoms import Series, phantom
 
     hu, _ = phantom(shape=(30, 80, 80))
     series = Series(tmp_path / "ct", hu)
@@ -271,7 +271,7 @@ def test_a_single_ctv_bundle_writes_its_ctv_in_every_mode(tiny_bundle, ct_file, 
 
 def test_predict_from_dicom_writes_one_roi_and_segment_per_structure(tiny_structure_bundle, tmp_path, capsys):
     import pydicom
-    from test_dicomrt import Series, phantom
+    from dicom_phantoms import Series, phantom
 
     from MMContourLib.note.structures import structure_for
 

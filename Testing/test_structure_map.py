@@ -16,7 +16,7 @@ from MMContourLib.cli import import_dicom as import_dicom_cli
 from MMContourLib.dicom.structure_map import (DEFAULT_RULES, default_structure_map, read_structure_map,
                                               side_in_name)
 from MMContourLib.note.targets import REGION_LABELS
-from test_dicomrt import Series, ellipse_contours, phantom, write_reference_rtstruct
+from dicom_phantoms import Series, ellipse_contours, phantom, write_reference_rtstruct
 
 #: The ROI names (StructureSetROISequence) of tests/testdata/example_data/rtss.dcm in the BSD-licensed
 #: dicompyler-core 0.5.6 sdist: a real, anonymised left breast plan. The file itself is not committed.
