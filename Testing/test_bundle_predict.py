@@ -1,4 +1,5 @@
 """Bundles on disk and the Contourer, with a tiny real LLM folder and real MONAI sliding windows."""
+import hashlib
 import json
 import shutil
 
@@ -86,6 +87,35 @@ def test_bundle_save_load_gives_identical_outputs(tiny_bundle, contourer, tmp_pa
     assert all(k.startswith(("net.", "text.")) for k in ModelBundle.load(copy).weights)
     assert not any("embed_tokens" in k or "layers." in k for k in ModelBundle.load(copy).weights), \
         "the LLM's weights must never be copied into a bundle"
+
+
+def test_a_bundle_saved_with_new_settings_keeps_its_weights_file_byte_for_byte(tiny_bundle, tmp_path):
+    """Recalibrating a shipped bundle's review rewrites config.json only: the weights file (here written by an
+    older MMContour, whose metadata a fresh write would change) keeps its bytes and checksum. Changed weights
+    are written anew."""
+    from safetensors.torch import load_file, save_file
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_bundle, old)
+    weights = old / "weights.safetensors"
+    save_file(load_file(str(weights)), str(weights), metadata={"format": "pt", "mmcontour": "0.0-older"})
+    config = json.loads((old / "config.json").read_text())
+    config["files"]["weights.safetensors"] = {"sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+                                              "bytes": weights.stat().st_size}
+    (old / "config.json").write_text(json.dumps(config))
+    bundle = ModelBundle.load(old)
+    bundle.inference.review = {**bundle.inference.review, "max_left_out_factor": 2.5}
+    kept = bundle.save(tmp_path / "recalibrated")
+    assert (kept / "weights.safetensors").read_bytes() == weights.read_bytes()
+    assert ModelBundle.load(kept).inference.review["max_left_out_factor"] == 2.5
+    assert ModelBundle.load(bundle.save(old)).path == old  # saved over itself: still reads back
+    assert (old / "weights.safetensors").read_bytes() == (kept / "weights.safetensors").read_bytes()
+    changed = ModelBundle.load(kept)
+    name = next(iter(changed.weights))
+    changed.weights[name] = changed.weights[name] + 1
+    rewritten = changed.save(tmp_path / "changed")
+    assert (rewritten / "weights.safetensors").read_bytes() != weights.read_bytes()
+    assert torch.equal(ModelBundle.load(rewritten).weights[name], changed.weights[name])
 
 
 def test_a_table5_v1_bundle_is_read_as_it_was_trained(tiny_bundle, tmp_path):

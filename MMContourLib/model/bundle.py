@@ -145,8 +145,12 @@ class ModelBundle:
         try:
             weights_file = tmp / WEIGHTS_NAME
             try:
-                save_file({k: v.contiguous() for k, v in self.weights.items()}, str(weights_file),
-                          metadata={"format": "pt", "mmcontour": __version__})
+                source = self._unchanged_weights_file()
+                if source is not None:  # new settings, same weights: the same file, byte for byte
+                    shutil.copyfile(source, weights_file)
+                else:
+                    save_file({k: v.contiguous() for k, v in self.weights.items()}, str(weights_file),
+                              metadata={"format": "pt", "mmcontour": __version__})
                 digest = _sha256(weights_file)
                 config = self.config_dict(digest, weights_file.stat().st_size)
                 (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -173,6 +177,23 @@ class ModelBundle:
                 shutil.rmtree(tmp, ignore_errors=True)
         self.path = path
         return path
+
+    def _unchanged_weights_file(self) -> Path | None:
+        """The weights file this bundle was loaded from, if it still holds exactly ``self.weights`` (names,
+        dtypes, values). A bundle saved again with new settings (review calibration) then keeps its weights
+        file and checksum; writing the same tensors anew can give other bytes (safetensors' metadata)."""
+        source = None if self.path is None else Path(self.path) / WEIGHTS_NAME
+        if source is None or not source.is_file():
+            return None
+        try:
+            old = load_file(str(source))
+        except Exception:  # unreadable now: write the weights anew
+            return None
+        if old.keys() != self.weights.keys():
+            return None
+        same = all(old[k].dtype == v.dtype and old[k].shape == v.shape and torch.equal(old[k], v.detach().cpu())
+                   for k, v in self.weights.items())
+        return source if same else None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ModelBundle":
