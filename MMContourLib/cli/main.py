@@ -8,11 +8,12 @@ import os
 import sys
 
 from .. import __version__
-from . import bench, calibrate_review, demo, evaluate, import_dicom, merge, phantom, predict, read_note, train
+from . import (bench, calibrate_review, demo, evaluate, import_dicom, merge, phantom, predict, read_note, side_flips,
+               train)
 from .common import UsageError
 
 #: The subcommand modules, in the order ``mmcontour --help`` lists them.
-COMMANDS = (predict, phantom, merge, train, evaluate, calibrate_review, demo, read_note, import_dicom, bench)
+COMMANDS = (predict, phantom, merge, side_flips, train, evaluate, calibrate_review, demo, read_note, import_dicom, bench)
 
 
 #: What each failure exit status means (printed with it under --json).
