@@ -22,11 +22,10 @@ right nor wrong; a structure is flagged when a reason names it. A single-CTV bun
 (the output says so).
 
 ``--calibrate K``: first contour K internal phantoms of another seed (``--calibration-seed``) and
-print the uncertain-voxel ratio that flags at most 20 % of their right contours (issue 11's
-false-flag budget): ``ReviewConfig.max_uncertain_ratio`` is that number, rounded; for a per-structure
-bundle also the per-structure ratio (``review.measures["structure_confidence"]``) that flags at most 20 %
-of the right structures of more than ``min_confidence_cc``: ``max_structure_uncertain_ratio``. Each
-of those spends the 20 % alone; the budget is the whole review's, so it also prints both thresholds
+print, for information, the uncertain-voxel ratio that alone would flag at most ``--budget`` of their right
+contours, and for a per-structure bundle the per-structure ratio (``review.measures["structure_confidence"]``)
+that alone would flag at most that share of the right structures of more than ``min_confidence_cc``. The
+budget is the whole review's, so it then prints the thresholds
 calibrated jointly (``calibrate_jointly``): the checks without a threshold (note, range, input) spend
 their share first and the two confidence flags get the rest. ``--save`` writes the joint pair into the
 bundle (``config.json`` ``inference.review``, with how it was found), where ``ReviewConfig.for_bundle``
@@ -237,23 +236,26 @@ def main(argv=None) -> int:
                                    args.structure_dice)
         right = [r["uncertain_ratio"] for r in rows if r["correct"]]
         wrong = [r["uncertain_ratio"] for r in rows if not r["correct"]]
-        report["calibration"] = {"seed": args.calibration_seed, "cases": len(rows), "suggested": calibrate(rows),
+        report["calibration"] = {"seed": args.calibration_seed, "cases": len(rows),
+                                 "suggested": calibrate(rows, args.budget),
                                  "right_ratios": sorted(x for x in right if x is not None),
                                  "wrong_ratios": sorted(x for x in wrong if x is not None)}
         print(f"calibration (internal, seed {args.calibration_seed}, {len(rows)} cases: {len(right)} right, "
-              f"{len(wrong)} wrong): uncertain ratio flagging <= 20 % of right contours: "
+              f"{len(wrong)} wrong). For information, each threshold alone at the {100 * args.budget:g} % budget "
+              "(the 'jointly' line below is what --save writes): whole-contour uncertain ratio "
               f"{report['calibration']['suggested']}")
         print(f"  right: {[round(x, 3) for x in report['calibration']['right_ratios']]}")
         print(f"  wrong: {[round(x, 3) for x in report['calibration']['wrong_ratios']]}")
         if per_structure_bundle:
-            cal = calibrate_structures(rows, structures)
+            cal = calibrate_structures(rows, structures, args.budget)
             report["calibration"]["structures"] = cal
             if not cal["available"]:
                 print("  per structure: the review has no measures['structure_confidence'] (the contourer does not "
                       "pass the per-structure probabilities yet): no per-structure calibration")
             else:
                 print(f"  per structure (> {contourer.review_config.min_confidence_cc:g} cc; {len(cal['right_ratios'])} right, "
-                      f"{len(cal['wrong_ratios'])} wrong): ratio flagging <= 20 % of right structures: {cal['suggested']}")
+                      f"{len(cal['wrong_ratios'])} wrong): uncertain ratio {cal['suggested']} (bundles with "
+                      "left-out references judge structures by those instead)")
                 print(f"    right: {[round(x, 3) for x in cal['right_ratios']]}")
                 print(f"    wrong: {[round(x, 3) for x in cal['wrong_ratios']]}")
         if args.json:  # every calibration contour, to calibrate again (another budget) without contouring again
