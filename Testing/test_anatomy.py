@@ -266,3 +266,39 @@ def test_a_piece_of_a_structure_far_from_the_rest_of_it_goes_and_neighbours_stay
     assert not out[10:14, 15:19, 2:6].any()
     assert (out[5:25, 10:30, 35:50] == 1).all() and (out[5:25, 10:30, 50:56] == 2).all()
     assert structure_strays(cleaned, classes)[1] == []
+
+
+@pytest.mark.parametrize("config", ["planning", "oblique"])
+def test_the_ct_shows_which_side_lost_its_breast_and_a_note_naming_the_other_is_flagged(config):
+    """The breast mound per side (body in front of the skin over the sternum): a mastectomy side has a small
+    fraction of the intact side's. A note calling the intact side the mastectomy (the contradiction v13 met
+    in its side flips) is flagged in one line naming both volumes; the true note is not, and neither is a
+    conserved breast, which the CT cannot tell from an intact one."""
+    from MMContourLib.inference.review import mound_reasons, review_contour
+    from MMContourLib.note.clinical import ClinicalNote
+
+    cfg = CONFIGS[config]
+    operated = generate_case(4, cfg, note=ClinicalNote.parse("N0, total mastectomy surgery, right side"))
+    mounds = find_limits(operated.ct)["breast_mound_cc"]
+    assert mounds["right"] < 0.3 * mounds["left"] and mounds["left"] > 80, mounds
+    true_note, flipped = operated.note, operated.note.replace(side="left")
+    assert mound_reasons(mounds, true_note) == []
+    [reason] = mound_reasons(mounds, flipped)
+    assert reason.kind == "note" and "total mastectomy surgery on the left side" in reason.text
+    assert f"{mounds['left']:.0f} cc in front of the chest, {mounds['right']:.0f} cc on the right side" in reason.text
+    both = ClinicalNote.parse("N0, total mastectomy surgery, left side; N0, total mastectomy surgery, right side")
+    [left] = mound_reasons(mounds, both)  # each side on its own: the operated right one is not flagged
+    assert "on the left side" in left.text
+    conserved = generate_case(4, cfg, note=ClinicalNote.parse("N0, breast conserving surgery, left side"))
+    both_sides = find_limits(conserved.ct)["breast_mound_cc"]
+    assert 0.7 < both_sides["left"] / both_sides["right"] < 1.4, both_sides
+    assert mound_reasons(both_sides, conserved.note.replace(side="right")) == []
+    # the range step's report carries the mounds, and the review of a contour reads them from it
+    _cleaned, report = anatomical_range(operated.ct, operated.ctv)
+    assert report["breast_mound_cc"] == mounds and "breast_mound_cc" not in report["limits_mm"]
+    review = review_contour(operated.ct, sitk.Cast(operated.ctv, sitk.sitkFloat32), operated.ctv, flipped, None,
+                            anatomical_range=report)
+    assert reason.line() in [r.line() for r in review.reasons] and review.measures["breast_mound_cc"] == mounds
+    assert not any("breast mound" in r.text for r in review_contour(
+        operated.ct, sitk.Cast(operated.ctv, sitk.sitkFloat32), operated.ctv, true_note, None,
+        anatomical_range=report).reasons)

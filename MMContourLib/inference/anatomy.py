@@ -37,6 +37,9 @@ CAUDAL_MARGIN_MM = 0.0
 #: The cricoid's lower border (C6) lies about two vertebral levels above the lung apices (T1).
 APEX_TO_CRICOID_MM = 30.0
 AIRWAY_HALF_WIDTH_MM = 20.0
+#: The skin over the sternum, the plane a breast mound is measured from, is the most anterior body point
+#: within this distance of the midline.
+MIDLINE_HALF_WIDTH_MM = 10.0
 #: Largest gap between the parts of one guideline CTV (left and right breast of a bilateral case across
 #: the sternum, internal mammary nodes inside the rib cage); a component farther away is not part of it.
 FAR_MM = 40.0
@@ -44,9 +47,10 @@ FAR_MM = 40.0
 CAUDAL, CRANIAL, FAR = "caudal to the lung bases", "cranial to the cricoid", "far from the target"
 
 
-def _coordinates(image: sitk.Image, stride: tuple[int, int, int], box: tuple[slice, ...] | None = None):
-    """Physical LPS x and z (mm) of the voxels of ``image``'s array taken with ``stride`` (z, y, x), or of
-    the voxels of the array's sub-box ``box`` (slices in z, y, x)."""
+def _coordinates(image: sitk.Image, stride: tuple[int, int, int], box: tuple[slice, ...] | None = None,
+                 rows: tuple[int, ...] = (0, 2)):
+    """Physical LPS coordinates (mm; ``rows``: 0 x, 1 y, 2 z; default x and z) of the voxels of ``image``'s
+    array taken with ``stride`` (z, y, x), or of the voxels of the array's sub-box ``box`` (slices in z, y, x)."""
     n = image.GetDimension()
     matrix = np.asarray(image.GetDirection(), float).reshape(n, n) * np.asarray(image.GetSpacing(), float)
     size = image.GetSize()
@@ -54,7 +58,7 @@ def _coordinates(image: sitk.Image, stride: tuple[int, int, int], box: tuple[sli
         box = tuple(slice(0, size[2 - a]) for a in range(3))
     idx = [np.arange(box[2 - a].start, box[2 - a].stop, stride[2 - a], dtype=np.float32) for a in range(3)]  # i, j, k
     out = []
-    for row in (0, 2):
+    for row in rows:
         m, o = matrix[row], float(image.GetOrigin()[row])
         out.append(np.float32(o) + np.float32(m[0]) * idx[0][None, None, :] + np.float32(m[1]) * idx[1][None, :, None]
                    + np.float32(m[2]) * idx[2][:, None, None])
@@ -95,7 +99,7 @@ def find_limits(ct: sitk.Image) -> dict:
     if not lungs.any():
         return {"lungs": False, "reason": f"no lungs in the CT (no air-density region of >= {MIN_LUNG_CC:.0f} cc "
                                           "with lung HU inside the body): the anatomical range was not checked"}
-    x, z = _coordinates(ct, stride)
+    x, y, z = _coordinates(ct, stride, rows=(0, 1, 2))
     z_l = np.broadcast_to(z, lungs.shape)[lungs]
     caudal_k = 0 if direction[2, 2] > 0 else lungs.shape[0] - 1
     notes, limits = [], {"lungs": True}
@@ -114,7 +118,32 @@ def find_limits(ct: sitk.Image) -> dict:
         limits["lung_apex"] = round(float(np.broadcast_to(z, lungs.shape)[lateral].max()), 1)
         limits["cranial"] = round(limits["lung_apex"] + APEX_TO_CRICOID_MM, 1)
     limits["notes"] = notes
+    limits["breast_mound_cc"] = _breast_mounds(body, lungs, x, y, x_mid, voxel_cc)
     return limits
+
+
+def _breast_mounds(body, lungs, x, y, x_mid: float, voxel_cc: float) -> dict[str, float]:
+    """Per side, the body (cc) in front of the skin over the sternum, between the midline and the lung's lateral
+    edge, on the slices that show lung: a breast lying on the chest. After a mastectomy the chest wall lies
+    at or behind that plane (the 82 planning-FOV test phantoms: 4-55 cc on an operated side, 86-472 cc for
+    an intact or conserved breast). The arms lie lateral to the lungs and are left out."""
+    y_full = np.broadcast_to(y, body.shape)
+    x_full = np.broadcast_to(x, body.shape)
+    near = body & (np.abs(x_full - x_mid) < MIDLINE_HALF_WIDTH_MM)
+    skin = np.where(near, y_full, np.inf).min(axis=(1, 2))  # per slice; LPS y grows to the back
+    lung_x = np.where(lungs, x_full, np.nan)
+    shown = lungs.any(axis=(1, 2)) & np.isfinite(skin)
+    out = {"left": 0.0, "right": 0.0}
+    if not shown.any():
+        return out
+    with np.errstate(all="ignore"):
+        lo = np.nanmin(lung_x[shown], axis=(1, 2))[:, None, None]
+        hi = np.nanmax(lung_x[shown], axis=(1, 2))[:, None, None]
+    xs = x_full[shown]
+    front = body[shown] & (y_full[shown] < skin[shown][:, None, None]) & (xs >= lo) & (xs <= hi)
+    out["left"] = round(float(np.count_nonzero(front & (xs > x_mid))) * voxel_cc, 1)   # LPS x grows to the left
+    out["right"] = round(float(np.count_nonzero(front & (xs < x_mid))) * voxel_cc, 1)
+    return out
 
 
 def _far_components(labels: np.ndarray, n: int, sizes: np.ndarray, spacing_zyx) -> list[int]:
@@ -158,6 +187,7 @@ def anatomical_range(ct: sitk.Image, mask: sitk.Image, limits: dict | None = Non
     if not limits.pop("lungs"):
         report["reason"] = limits["reason"]
         return mask, report
+    report["breast_mound_cc"] = limits.pop("breast_mound_cc", None)
     report.update(applied=True, notes=limits.pop("notes"),
                   limits_mm={**limits, "caudal_margin": CAUDAL_MARGIN_MM, "apex_to_cricoid": APEX_TO_CRICOID_MM},
                   far_mm=FAR_MM)

@@ -9,7 +9,8 @@
   voxel of the contour;
 * volume: an empty contour, or one implausibly small or large for the note;
 * anatomical range: what ``inference.anatomy`` removed where no breast CTV or nodal level can lie, when
-  it is more than ``max_dropped_cc``.
+  it is more than ``max_dropped_cc``;
+* note against CT (``mound_reasons``): a side the note calls a mastectomy where the CT shows a breast mound.
 
 Per structure (per-structure bundles; the contourer adds these to the same review):
 
@@ -89,6 +90,13 @@ class ReviewConfig:
     # Removed by the anatomical range step (cc) above which the clinician is told: a few cc are partial-volume
     # crumbs at a limit; more means the model painted outside the target region and may have erred inside it.
     max_dropped_cc: float = 5.0
+    # A side the note calls a mastectomy whose CT shows a breast mound (``inference.anatomy``: body in front of
+    # the skin over the sternum) of at least this many cc and this multiple of the other side's (or of nothing,
+    # when the note calls both sides mastectomies): the note and the CT disagree on the side or the surgery.
+    # On the 82 planning-FOV test phantoms (internal 32, external 30, arms-down 20) an operated side shows
+    # 4-55 cc, at most 0.24 times the other side's; an intact or conserved breast 86-472 cc.
+    min_mound_cc: float = 70.0
+    mound_ratio: float = 2.0
 
     @classmethod
     def for_bundle(cls, review: Mapping | None) -> "ReviewConfig":
@@ -261,6 +269,13 @@ def review_contour(image: sitk.Image, probability: sitk.Image, mask: sitk.Image,
     reason = dropped_reason(anatomical_range or {}, config)
     if reason is not None:
         review.reasons.append(reason)
+    mounds = (anatomical_range or {}).get("breast_mound_cc")
+    if mounds:
+        review.measures["breast_mound_cc"] = dict(mounds)
+        review.reasons += mound_reasons(mounds, note, config)
+    else:
+        review.notes.append("no lungs found in the CT (or the range step was off): the note's surgery was not "
+                            "checked against the breast mounds the CT shows")
     if ct_stats is not None:
         stats = dict(ct_stats)
     else:
@@ -297,6 +312,27 @@ def review_contour(image: sitk.Image, probability: sitk.Image, mask: sitk.Image,
         if reason is not None:
             review.reasons.append(reason)
     return review
+
+
+def mound_reasons(mounds: Mapping[str, float], note: ClinicalNote, config: ReviewConfig = ReviewConfig()) -> list[Reason]:
+    """Note against CT (kind "note"): a side the note calls a mastectomy where the CT shows a breast mound
+    (``mounds``: cc per side, ``inference.anatomy``) of at least ``min_mound_cc`` and ``mound_ratio`` times
+    the other side's. Only this direction is checked: a conserved breast can be small or flat (phantoms:
+    0-65 cc on some), a breast left after mastectomy cannot."""
+    reasons = []
+    for s in note.sides:
+        if s.surgery != "mastectomy":
+            continue
+        other = "right" if s.side == "left" else "left"
+        here, there = float(mounds.get(s.side, 0.0)), float(mounds.get(other, 0.0))
+        compare = 0.0 if (note.findings(other) and note.findings(other).surgery == "mastectomy") else there
+        if here >= config.min_mound_cc and here >= config.mound_ratio * compare:
+            reasons.append(Reason("note", (
+                f"the note says {SURGERY_PROMPT['mastectomy']} on the {s.side} side, but the CT shows a breast mound "
+                f"there: {here:.0f} cc in front of the chest, {there:.0f} cc on the {other} side (flagged from "
+                f"{config.min_mound_cc:.0f} cc and {config.mound_ratio:g} times the other side): check the note's "
+                "side and surgery (a reconstructed breast also shows a mound)")))
+    return reasons
 
 
 # -- per structure: does the contour agree with the note? ---------------------------------------
