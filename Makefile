@@ -40,7 +40,7 @@ demo-bundle: venv
 	bench/phantom_experiments.sh data
 	bench/phantom_experiments.sh train
 	rm -rf Resources/Models/demo && mkdir -p Resources/Models
-	cp -r runs/multimodal-s13/best Resources/Models/demo
+	cp -r runs/multimodal-s14/best Resources/Models/demo
 	$(BIN)/python bench/review_flags.py --bundle Resources/Models/demo --calibrate 40 --budget 0.1 --save
 	rm -rf Resources/Models/demo-training && mkdir -p Resources/Models/demo-training
 	cp runs/multimodal/log.csv Resources/Models/demo-training/log-stage1.csv
@@ -55,7 +55,8 @@ demo-bundle: venv
 	cp runs/multimodal-s10/log.csv Resources/Models/demo-training/log-stage10.csv
 	cp runs/multimodal-s11/log.csv Resources/Models/demo-training/log-stage11.csv
 	cp runs/multimodal-s12/log.csv Resources/Models/demo-training/log-stage12.csv
-	cp runs/multimodal-s13/log.csv runs/multimodal-s13/loss_curve.png runs/multimodal-s13/train_config.json Resources/Models/demo-training/
+	cp runs/multimodal-s13/log.csv Resources/Models/demo-training/log-stage13.csv
+	cp runs/multimodal-s14/log.csv runs/multimodal-s14/loss_curve.png runs/multimodal-s14/train_config.json Resources/Models/demo-training/
 
 experiments: demo-bundle
 	bench/phantom_experiments.sh eval

@@ -10,10 +10,11 @@ from MMContourLib.data.phantom_dataset import case_seed
 
 def test_demo_phantom_was_never_a_training_case():
     cfg = json.loads((default_bundle_path() / "config.json").read_text())
-    # its last stage trained on data/train-mix-arms.csv: the recipe's phantoms of seed 0, its bilateral phantoms
-    # of seed 2 and its arms-down phantoms of seed 4, merged (the earlier stages on seeds 0 and 2 alone; the
-    # training seed is another thing: stage 2 of the v5 recipe uses 1)
-    assert cfg["training"]["manifest"] == "data/train-mix-arms.csv"
+    # its last stage trained on data/train-mix-flips.csv: the recipe's phantoms of seed 0, its bilateral phantoms
+    # of seed 2 and its arms-down phantoms of seed 4, merged, and side-flipped copies of some of their training
+    # cases (same CTs); the earlier stages on seeds 0, 2 and 4 alone. The training seed is another thing: stage 2
+    # of the v5 recipe uses 1
+    assert cfg["training"]["manifest"] == "data/train-mix-flips.csv"
     recipe = (default_bundle_path().parents[2] / "bench" / "phantom_experiments.sh").read_text()
     assert "phantom --n 160 --out data/phantoms --seed 0" in recipe
     assert "phantom --n 24 --out data/bilateral --seed 2" in recipe
@@ -21,6 +22,8 @@ def test_demo_phantom_was_never_a_training_case():
     assert "merge-manifests data/phantoms/manifest.csv data/bilateral/manifest.csv --out data/train-mix.csv" in recipe
     assert ("merge-manifests data/phantoms/manifest.csv data/bilateral/manifest.csv data/arms/manifest.csv \\\n"
             "    --out data/train-mix-arms.csv") in recipe
+    assert "side-flips data/train-mix-arms.csv --out data/side-flips" in recipe
+    assert "merge-manifests data/train-mix-arms.csv data/side-flips/manifest.csv --out data/train-mix-flips.csv" in recipe
     training_seeds = {case_seed(seed, i) for seed in (0, 2, 4) for i in range(400)}
     assert DEMO_SEED not in training_seeds
 

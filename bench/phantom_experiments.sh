@@ -28,6 +28,10 @@ if [[ $STEP == data || $STEP == all ]]; then
   $MM phantom --n 20 --out data/arms-down --seed 5 --planning-fov --arms-up 0 --splits 0 0 1
   $MM merge-manifests data/phantoms/manifest.csv data/bilateral/manifest.csv data/arms/manifest.csv \
     --out data/train-mix-arms.csv --overwrite
+  # stage 14: a quarter of the one-sided training cases again, with the other side in the note and that note's
+  # CTV (v13 kept half the operated chest wall when a flipped note contradicted a visible mastectomy)
+  $MM side-flips data/train-mix-arms.csv --out data/side-flips --share 0.25 --seed 14 --overwrite
+  $MM merge-manifests data/train-mix-arms.csv data/side-flips/manifest.csv --out data/train-mix-flips.csv --overwrite
 fi
 if [[ $STEP == train || $STEP == all ]]; then
   run() {  # folder, bundle name, extra args...
@@ -56,7 +60,9 @@ if [[ $STEP == train || $STEP == all ]]; then
   # cases visited 3 times, then 6 at lr 1e-4 without oversampling (unilateral contours had lost some Dice).
   # Stage 12 (v12): 6 epochs at lr 1.5e-4 with the nodal weight grown 15 mm beyond the levels
   # (--emphasis-margin 15): with the weight stepping at their borders, v11 drew every level too large.
-  # Stage 13 (v13, shipped): the same, 6 epochs from v12 on data/train-mix-arms.csv (arms-down patients).
+  # Stage 13 (v13): the same, 6 epochs from v12 on data/train-mix-arms.csv (arms-down patients).
+  # Stage 14 (v14, shipped): 4 epochs at lr 1e-4 from v13 on data/train-mix-flips.csv (side-flipped notes).
+  # Stages 13 and 14 ran with OMP_NUM_THREADS=2 (one run alone on the 2 cores).
   stage() {  # from folder, to folder, epochs, seed, bundle name, extra args (a later --manifest replaces the first)
     local from=$1 to=$2 epochs=$3 seed=$4 bundle=$5; shift 5
     $MM train --manifest data/phantoms/manifest.csv --out runs/$to --name "$bundle" "${COMMON[@]}" \
@@ -86,13 +92,15 @@ if [[ $STEP == train || $STEP == all ]]; then
     --warmup-epochs 0 --val-every 3 --manifest data/train-mix.csv --prompt-template table5-v2 --emphasis-margin 15
   stage multimodal-s12 multimodal-s13 6 13 mmcontour-demo --text-encoder llm --version 13 --shift-margin 60 --lr 1.5e-4 \
     --warmup-epochs 0 --val-every 3 --manifest data/train-mix-arms.csv --prompt-template table5-v2 --emphasis-margin 15
+  stage multimodal-s13 multimodal-s14 4 14 mmcontour-demo --text-encoder llm --version 14 --shift-margin 60 --lr 1e-4 \
+    --warmup-epochs 0 --val-every 2 --manifest data/train-mix-flips.csv --prompt-template table5-v2 --emphasis-margin 15
   run multimodal-40 mmcontour-multimodal-40 --text-encoder llm --fraction 0.4 --version 5 &
   run vision-40 mmcontour-vision-40 --text-encoder none --fraction 0.4 --version 5 & wait
 fi
 if [[ $STEP == eval || $STEP == all ]]; then
   for set in phantoms:test external:all; do
     data=${set%%:*}; split=${set##*:}
-    $MM evaluate --bundle runs/vision-s9/best runs/multimodal-s13/best --label vision-only MMContour \
+    $MM evaluate --bundle runs/vision-s9/best runs/multimodal-s14/best --label vision-only MMContour \
       --manifest data/$data/manifest.csv --split $split --out runs/eval-$data --json > runs/eval-$data.json &
     $MM evaluate --bundle runs/vision-40/best runs/multimodal-40/best --label vision-only-40% MMContour-40% \
       --manifest data/$data/manifest.csv --split $split --out runs/eval-$data-40 --json > runs/eval-$data-40.json &
