@@ -16,14 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..note.clinical import SIDES
+from ..note.clinical import SIDES, other_side
 from .manifest import ManifestError, note_for, read_manifest, write_manifest
 
 FLIP_SUFFIX = "-flip"
-
-
-def flipped_side(side: str) -> str:
-    return "right" if side == "left" else "left"
 
 
 def write_side_flips(manifest, out_dir, share: float, seed: int = 0, split: str = "train") -> dict:
@@ -57,7 +53,7 @@ def write_side_flips(manifest, out_dir, share: float, seed: int = 0, split: str 
     for i in picked:
         row = one_sided[i]
         note = note_for(row)
-        flipped = note.replace(side=flipped_side(note.side))
+        flipped = note.replace(side=other_side(note.side))
         regions = read_image(row["regions"])
         ctv = ctv_for_note(regions, flipped)
         if not sitk.GetArrayViewFromImage(ctv).any():
@@ -75,4 +71,4 @@ def write_side_flips(manifest, out_dir, share: float, seed: int = 0, split: str 
             "mastectomies": mastectomies, "from": str(manifest)}
 
 
-__all__ = ["FLIP_SUFFIX", "flipped_side", "write_side_flips"]
+__all__ = ["FLIP_SUFFIX", "write_side_flips"]

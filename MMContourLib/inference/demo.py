@@ -36,11 +36,11 @@ def demo_case(seed: int = DEMO_SEED, note_text: str = DEMO_NOTE, case_id: str = 
 
 def counterfactual_notes(note):
     """The true note, the other side, and the other nodal status (paper Fig. 5)."""
-    from ..note.clinical import ClinicalNote
+    from ..note.clinical import ClinicalNote, other_side
 
     variants = [("true note", note)]
     if note.side in ("left", "right"):
-        variants.append(("other side", note.replace(side="right" if note.side == "left" else "left")))
+        variants.append(("other side", note.replace(side=other_side(note.side))))
     flipped_n = "N0" if any(s.node_positive for s in note.sides) else "N2"
     label = "node-negative" if flipped_n == "N0" else "node-positive"
     variants.append((label, ClinicalNote.from_fields(**{**note.to_fields(), "n_stage": flipped_n})))

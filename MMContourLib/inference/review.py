@@ -33,7 +33,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..image.ctstats import AXES, ct_statistics
-from ..note.clinical import SURGERY_PROMPT, ClinicalNote
+from ..note.clinical import SURGERY_PROMPT, ClinicalNote, other_side
 from ..note.structures import structure_for
 from ..note.targets import is_nodal_structure
 
@@ -317,13 +317,14 @@ def review_contour(image: sitk.Image, probability: sitk.Image, mask: sitk.Image,
 def mound_reasons(mounds: Mapping[str, float], note: ClinicalNote, config: ReviewConfig = ReviewConfig()) -> list[Reason]:
     """Note against CT (kind "note"): a side the note calls a mastectomy where the CT shows a breast mound
     (``mounds``: cc per side, ``inference.anatomy``) of at least ``min_mound_cc`` and ``mound_ratio`` times
-    the other side's. Only this direction is checked: a conserved breast can be small or flat (phantoms:
-    0-65 cc on some), a breast left after mastectomy cannot."""
+    the other side's. Only this direction is checked: CT cannot tell a conserved breast from an intact one,
+    and a small one lies nearly flat; a mound where the note says mastectomy is the note's side or surgery
+    being wrong, or a reconstruction (which the line names)."""
     reasons = []
     for s in note.sides:
         if s.surgery != "mastectomy":
             continue
-        other = "right" if s.side == "left" else "left"
+        other = other_side(s.side)
         here, there = float(mounds.get(s.side, 0.0)), float(mounds.get(other, 0.0))
         compare = 0.0 if (note.findings(other) and note.findings(other).surgery == "mastectomy") else there
         if here >= config.min_mound_cc and here >= config.mound_ratio * compare:

@@ -42,6 +42,15 @@ def _side_parts(text: str) -> list[str]:
     return str(text).split(CLAUSE_SEPARATOR.strip())
 
 SIDES = ("left", "right")
+
+
+def other_side(side: str) -> str:
+    """"left" <-> "right"."""
+    if side not in SIDES:
+        raise ValueError(f"other_side: {side!r} is not one side")
+    return "right" if side == "left" else "left"
+
+
 N_STAGES = ("N0", "N1mi", "N1", "N2", "N3")
 T_STAGES = ("Tis", "T0", "T1mi", "T1a", "T1b", "T1c", "T1", "T2", "T3", "T4a", "T4b", "T4c", "T4d", "T4", "TX")
 M_STAGES = ("M0", "M1", "MX")

@@ -89,11 +89,11 @@ def note_warnings(note) -> list[str]:
 def suggest_variants(note) -> list:
     """Up to three informative alternatives to compare (paper Fig. 5): the other side, node-negative
     (or node-positive), and the other surgery."""
-    from .clinical import ClinicalNote
+    from .clinical import ClinicalNote, other_side
 
     variants = []
     if note.side in ("left", "right"):
-        variants.append(note.replace(side="right" if note.side == "left" else "left"))
+        variants.append(note.replace(side=other_side(note.side)))
     nodes = {s.side: s.node_positive for s in note.sides}
     n_values = {s.side: ("N0" if positive else "N1") for s, positive in zip(note.sides, nodes.values())}
     surgeries = {s.side: ("mastectomy" if s.surgery == "bcs" else "bcs") for s in note.sides}
@@ -266,10 +266,12 @@ def _for_side(extracted: FormFill, side: str) -> FormFill:
     """The extraction as it applies to the form's current side. A one-sided note's per-side values follow the
     side the user chooses (they describe the one cancer); with 'both', the side the note does not describe
     has no N stage or surgery from it: those are undecided."""
+    from .clinical import other_side
+
     noted = extracted.values.get("side")
     if noted not in ("left", "right") or side == noted:
         return extracted
-    other = "right" if noted == "left" else "left"
+    other = other_side(noted)
     if side == other:
         return replace(extracted, values={_moved(k, noted, other): v for k, v in extracted.values.items()},
                        tooltips={_moved(k, noted, other): v for k, v in extracted.tooltips.items()},

@@ -46,7 +46,7 @@ import torch
 
 from ..image.grid import on_grid
 from ..inference.anatomy import cc_caudal_to
-from ..note.clinical import ClinicalNote
+from ..note.clinical import ClinicalNote, other_side
 from .eval_outputs import _flat, _safe, _write_csv, _write_json, write_overlay, write_table
 
 SIDES = ("left", "right")
@@ -248,7 +248,7 @@ def counterfactual_notes(note: ClinicalNote) -> dict[str, ClinicalNote]:
     """``side``: the other side (unilateral notes only); ``nodes``: N0/N1mi -> N2, N1-N3 -> N0, per side."""
     out = {}
     if note.side in SIDES:
-        out["side"] = note.replace(side="right" if note.side == "left" else "left")
+        out["side"] = note.replace(side=other_side(note.side))
     flipped = tuple(dataclasses.replace(s, n_stage=N_FLIP[s.n_stage]) for s in note.sides)
     out["nodes"] = dataclasses.replace(note, sides=flipped)
     return out
