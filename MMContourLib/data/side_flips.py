@@ -49,6 +49,7 @@ def write_side_flips(manifest, out_dir, share: float, seed: int = 0, split: str 
     count = max(1, int(round(float(share) * len(one_sided))))
     picked = sorted(rng.choice(len(one_sided), size=count, replace=False).tolist())
     (out / "cases").mkdir(parents=True, exist_ok=True)
+    relative = lambda p: os.path.relpath(Path(p).resolve(), out.resolve())  # the new manifest's paths
     written, mastectomies = [], 0
     for i in picked:
         row = one_sided[i]
@@ -62,7 +63,6 @@ def write_side_flips(manifest, out_dir, share: float, seed: int = 0, split: str 
         case_id = row["case_id"] + FLIP_SUFFIX
         ctv_file = f"cases/{case_id}_ctv.nii.gz"
         write_image(ctv, out / ctv_file)
-        relative = lambda p: os.path.relpath(Path(p).resolve(), out.resolve())
         written.append({"case_id": case_id, "ct": relative(row["ct"]), "ctv": ctv_file, "split": split,
                         **flipped.to_fields(), "regions": relative(row["regions"])})
         mastectomies += note.sides[0].surgery == "mastectomy"

@@ -326,7 +326,8 @@ def mound_reasons(mounds: Mapping[str, float], note: ClinicalNote, config: Revie
             continue
         other = other_side(s.side)
         here, there = float(mounds.get(s.side, 0.0)), float(mounds.get(other, 0.0))
-        compare = 0.0 if (note.findings(other) and note.findings(other).surgery == "mastectomy") else there
+        other_findings = note.findings(other)
+        compare = 0.0 if other_findings is not None and other_findings.surgery == "mastectomy" else there
         if here >= config.min_mound_cc and here >= config.mound_ratio * compare:
             reasons.append(Reason("note", (
                 f"the note says {SURGERY_PROMPT['mastectomy']} on the {s.side} side, but the CT shows a breast mound "

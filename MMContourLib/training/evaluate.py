@@ -380,7 +380,7 @@ def _counterfactual(contourer, ct, kind: str, note: ClinicalNote, row: dict, reg
     # whether the review asks for a check: a note the model does not follow should not pass silently
     entry = {"prompt": note.to_prompt(), **volumes, "needs_review": bool(_review_reasons(result))}
     side_flip = kind == "side"
-    other = "left" if note.side == "right" else "right"
+    other = other_side(note.side) if side_flip else None
     if regions is None:
         entry["follows"] = bool(volumes[f"{note.side}_cc"] > volumes[f"{other}_cc"]) if side_flip else None
         return entry

@@ -146,10 +146,11 @@ def left_out_references(rows: Sequence[dict], min_cases: int = MIN_REFERENCE_CAS
 
 def _mirror_name(name: str) -> str | None:
     """The same structure on the other side (``CTVn_L3_L`` -> ``CTVn_L3_R``), or None (no side, or not in the table)."""
+    from ..note.clinical import other_side
     from ..note.structures import structure_for
 
     row, side = structure_for(name)
-    return row.name_for({"left": "right", "right": "left"}[side]) if row is not None and side else None
+    return row.name_for(other_side(side)) if row is not None and side else None
 
 
 def calibrate_jointly(rows: Sequence[dict], false_flag_budget: float = 0.2, step: float = 0.005) -> dict:
